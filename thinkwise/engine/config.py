@@ -1,0 +1,56 @@
+"""Engine settings (memory, batching, device) and their defaults per device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from thinkwise.errors import InvalidParameterError
+
+_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
+           "float32": torch.float32, "fp32": torch.float32}
+
+
+@dataclass
+class EngineConfig:
+    device: str | None = None  # None: cuda if available, else cpu
+    dtype: str | torch.dtype | None = None  # None: bfloat16
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: from the memory budget below
+    kv_cache_memory_gb: float = 1.0  # CPU: bytes for the KV cache
+    gpu_memory_utilization: float = 0.9  # CUDA: share of free memory after loading
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # None: the model's context length
+    enable_prefix_caching: bool = True
+    seed: int = 0  # draws the seeds of unseeded requests
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidParameterError(f"{name} must be >= 1", param=name)
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise InvalidParameterError("num_kv_blocks must be >= 1", param="num_kv_blocks")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise InvalidParameterError("gpu_memory_utilization must be in (0, 1]", param="gpu_memory_utilization")
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameterError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu",
+                                    param="device")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise InvalidParameterError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}", param="dtype")
+    return _DTYPES[dtype]

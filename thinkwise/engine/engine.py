@@ -1,0 +1,375 @@
+"""The engine: add requests, step, fork, force tokens, abort — one path for everything.
+
+`Engine.step()` asks the scheduler for a batch, runs it, samples every sequence whose
+pending tokens are all computed, appends the tokens, applies stop conditions and frees
+what finished. A request with `n > 1` prefills its prompt once: when that prefill
+completes, the sequence is forked n - 1 times (sharing every prompt block) and all n
+samples draw their first token from the same logits. Strategies drive sequences
+through `fork`, `force_tokens`, `extend` and `abort_sequence`; all of them are cheap,
+take effect between steps, and are accounted in the request's `TokenCounts`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from thinkwise.engine.block_manager import BlockManager
+from thinkwise.engine.config import EngineConfig, resolve_device, resolve_dtype
+from thinkwise.engine.detokenizer import IncrementalDetokenizer, find_stop_string
+from thinkwise.engine.model_runner import ModelRunner, kv_bytes_per_token
+from thinkwise.engine.outputs import CompletionOutput, RequestOutput
+from thinkwise.engine.sampler import Sampler, SamplingRow, mix_seed
+from thinkwise.engine.sampling_params import SamplingParams
+from thinkwise.engine.scheduler import Scheduler
+from thinkwise.engine.sequence import Request, Sequence, SequenceStatus, TokenCounts
+from thinkwise.errors import CapacityError, InvalidParameterError, PromptTooLongError
+from thinkwise.loading.config import LoadedModel
+
+
+@dataclass
+class TokenEvent:
+    """What one step did to one sequence: the tokens/text it gained, and whether it ended."""
+
+    request_id: str
+    sample_index: int
+    seq_id: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class StepOutput:
+    finished: list[RequestOutput] = field(default_factory=list)  # requests completed this step
+    events: list[TokenEvent] = field(default_factory=list)
+    num_scheduled_tokens: int = 0
+    num_scheduled_seqs: int = 0
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
+        from thinkwise.models import build_model
+
+        self.config = config = config or EngineConfig()
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.chat_template = loaded.chat_template
+        self.model_name = loaded.name
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        model = build_model(loaded, device=self.device, dtype=self.dtype)
+        loaded.weights.clear()  # the model holds its own copy; don't keep two
+        self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
+                                 loaded.config.max_position_embeddings)
+        num_blocks = self._num_kv_blocks(model)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+        )
+        self.runner = ModelRunner(
+            model, loaded.config, device=self.device, dtype=self.dtype, num_blocks=num_blocks, block_size=config.block_size
+        )
+        self.sampler = Sampler(self.device)
+        self.eos_token_ids = set(loaded.config.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self._request_counter = itertools.count()
+        self._rng = random.Random(config.seed)
+        self.num_steps = 0
+
+    # ------------------------------------------------------------------ set-up
+    def _num_kv_blocks(self, model: torch.nn.Module) -> int:
+        cfg = self.config
+        if cfg.num_kv_blocks:
+            return cfg.num_kv_blocks
+        per_block = kv_bytes_per_token(self.model_config, self.dtype) * cfg.block_size
+        if self.device.type == "cuda":
+            free, _total = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cfg.gpu_memory_utilization) - (512 << 20)  # room for activations
+        else:
+            budget = int(cfg.kv_cache_memory_gb * (1 << 30))
+        # Never more than every sequence at full context could use.
+        useful = cfg.max_num_seqs * self.blocks_for(self.max_model_len)
+        blocks = min(budget // per_block, useful)
+        if blocks < 1:
+            raise CapacityError("no memory is left for the KV cache; lower the model size or raise the memory budget")
+        return int(blocks)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return (num_tokens + self.config.block_size - 1) // self.config.block_size
+
+    # ------------------------------------------------------------------ requests
+    def tokenize(self, prompt: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidParameterError(
+                "this model has no tokenizer, so prompts must be token ids (a list of ints)", param="prompt"
+            )
+        return list(self.tokenizer.encode(prompt))
+
+    def add_request(
+        self,
+        prompt: str | list[int] | None,
+        params: SamplingParams | None = None,
+        *,
+        prompt_token_ids: list[int] | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        params = params or SamplingParams()
+        if prompt_token_ids is None:
+            if isinstance(prompt, str):
+                prompt_token_ids = self.tokenize(prompt)
+            elif isinstance(prompt, (list, tuple)):
+                prompt_token_ids, prompt = list(prompt), None
+            else:
+                raise InvalidParameterError("prompt must be a string or a list of token ids", param="prompt")
+        self._check_prompt(prompt_token_ids)
+        request_id = request_id if request_id is not None else str(next(self._request_counter))
+        if request_id in self.requests:
+            raise InvalidParameterError(f"request id {request_id!r} is already in use", param="request_id")
+        request = Request(request_id, prompt, prompt_token_ids, params)
+        request.counts.prompt_tokens = len(prompt_token_ids)
+        request.pending_forks = params.n - 1
+        first = self._new_sequence(request, prompt_token_ids, sample_index=0)
+        self.requests[request_id] = request
+        self.scheduler.add(first)
+        return request
+
+    def _check_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise InvalidParameterError("the prompt is empty; give at least one token", param="prompt")
+        vocab = self.model_config.vocab_size
+        if any((not isinstance(t, int)) or t < 0 or t >= vocab for t in ids):
+            raise InvalidParameterError(f"prompt token ids must be integers in [0, {vocab})", param="prompt")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens but the model's context holds {self.max_model_len} "
+                "(prompt plus at least one generated token); shorten the prompt",
+                param="prompt",
+            )
+        if self.blocks_for(len(ids) + 1) > self.block_manager.num_blocks:
+            raise CapacityError(
+                f"the prompt needs {self.blocks_for(len(ids) + 1)} KV blocks but the cache has only "
+                f"{self.block_manager.num_blocks}; raise --kv-blocks (or the KV memory budget)"
+            )
+
+    def _new_sequence(self, request: Request, token_ids: list[int], sample_index: int) -> Sequence:
+        params = request.params
+        seed = mix_seed(params.seed, sample_index) if params.seed is not None else self._rng.getrandbits(63)
+        seq = Sequence(request, token_ids, len(request.prompt_token_ids), sample_index, seed)
+        seq.max_tokens = params.max_tokens
+        if self.tokenizer is not None:
+            seq.detokenizer = IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids, params.skip_special_tokens
+            )
+        request.sequences.append(seq)
+        return seq
+
+    # ------------------------------------------------------------------ primitives
+    def fork(self, seq: Sequence, n: int) -> list[Sequence]:
+        """n new samples continuing `seq`: they share all its KV blocks (copy-on-write)."""
+        if seq.is_finished:
+            raise InvalidParameterError("cannot fork a finished sequence", param="seq")
+        request = seq.request
+        children = []
+        for _ in range(n):
+            child = self._new_sequence(request, seq.token_ids, sample_index=len(request.sequences))
+            child.max_tokens = seq.max_tokens
+            child.text = seq.text
+            child.output_logprobs = list(seq.output_logprobs)
+            child.cumulative_logprob = seq.cumulative_logprob
+            if seq.detokenizer is not None:
+                child.detokenizer = seq.detokenizer.copy()
+            if seq.status is SequenceStatus.RUNNING:
+                self.block_manager.fork(seq, child)
+                self.scheduler.add_running(child)
+            else:
+                self.scheduler.add(child)
+            children.append(child)
+        return children
+
+    def force_tokens(self, seq: Sequence, token_ids: list[int]) -> None:
+        """Append tokens the model did not sample (e.g. an end-of-thinking marker)."""
+        if seq.is_finished:
+            raise InvalidParameterError("cannot force tokens into a finished sequence", param="seq")
+        seq.token_ids.extend(token_ids)
+        seq.request.counts.forced_tokens += len(token_ids)
+        if seq.detokenizer is not None:
+            for token in token_ids:
+                seq.text += seq.detokenizer.add(token)
+
+    def extend(self, seq: Sequence, extra_tokens: int) -> None:
+        """Raise a sequence's output budget by `extra_tokens`."""
+        if seq.max_tokens is not None:
+            seq.max_tokens += extra_tokens
+
+    def abort_sequence(self, seq: Sequence, reason: str = "abort") -> None:
+        if seq.is_finished:
+            return
+        self._finish(seq, reason)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Abort every sample of a request; their blocks are free when this returns."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        request.pending_forks = 0
+        for seq in request.sequences:
+            self.abort_sequence(seq)
+        return self._finalize(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ------------------------------------------------------------------ stepping
+    def step(self) -> StepOutput:
+        batch = self.scheduler.schedule()
+        result = StepOutput(num_scheduled_tokens=batch.num_tokens, num_scheduled_seqs=len(batch))
+        if not batch.sequences:
+            if self.scheduler.waiting and not self.scheduler.running and not batch.preempted:
+                raise CapacityError("a waiting request does not fit the KV cache; raise --kv-blocks")
+            return result
+        sequences, counts = batch.sequences, batch.num_new_tokens
+        sample = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(sequences, counts)]
+        logits = self.runner.execute(sequences, counts, sample, self.block_manager.take_pending_copies())
+        self.num_steps += 1
+
+        for seq, n in zip(sequences, counts):
+            self._account_computed(seq, n)
+            self.block_manager.register_computed_blocks(seq)
+
+        targets: list[Sequence] = []
+        rows: list[int] = []
+        sampled = [seq for seq, s in zip(sequences, sample) if s]
+        for row, seq in enumerate(sampled):
+            group = [seq]
+            if seq.request.pending_forks:
+                group += self.fork(seq, seq.request.pending_forks)
+                seq.request.pending_forks = 0
+            targets += group
+            rows += [row] * len(group)
+        if not targets:
+            return result
+        if len(rows) != len(sampled):
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        drawn = self.sampler(logits, [self._sampling_row(seq) for seq in targets])
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for i, seq in enumerate(targets):
+            logprob = None
+            if drawn.logprobs is not None and seq.params.logprobs is not None:
+                logprob = {"token_id": drawn.token_ids[i], "logprob": drawn.logprobs[i], "top": drawn.top_logprobs[i]}
+            result.events.append(self._append_token(seq, drawn.token_ids[i], logprob))
+            request = seq.request
+            if request.first_token_time is None:
+                request.first_token_time = now
+            touched[request.request_id] = request
+        for request in touched.values():
+            if request.is_finished:
+                result.finished.append(self._finalize(request))
+        return result
+
+    def _account_computed(self, seq: Sequence, n: int) -> None:
+        start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+        counts = seq.request.counts
+        counts.prompt_tokens_computed += max(0, min(end, seq.num_prompt_tokens) - start)
+        counts.recomputed_tokens += max(0, min(end, seq.max_computed_tokens) - max(start, seq.num_prompt_tokens))
+        seq.num_computed_tokens = end
+        seq.max_computed_tokens = max(seq.max_computed_tokens, end)
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        p = seq.params
+        banned: tuple[int, ...] = ()
+        if seq.num_output_tokens < p.min_tokens:
+            banned = tuple(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
+        return SamplingRow(
+            temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, seed=seq.seed,
+            position=seq.num_output_tokens, logprobs=p.logprobs, banned_token_ids=banned,
+        )
+
+    def _append_token(self, seq: Sequence, token: int, logprob: dict | None) -> TokenEvent:
+        params = seq.params
+        seq.token_ids.append(token)
+        seq.request.counts.generated_tokens += 1
+        if logprob is not None:
+            seq.output_logprobs.append(logprob)
+            seq.cumulative_logprob += logprob["logprob"]
+        delta = seq.detokenizer.add(token) if seq.detokenizer is not None else ""
+        event = TokenEvent(seq.request.request_id, seq.sample_index, seq.seq_id, [token], "",
+                           logprobs=[logprob] if logprob else [])
+        text_before = len(seq.text)
+        seq.text += delta
+        reason, stop_reason = None, None
+        past_min = seq.num_output_tokens >= params.min_tokens
+        if past_min and not params.ignore_eos and token in self.eos_token_ids:
+            reason = "stop"
+        elif past_min and token in params.stop_token_ids:
+            reason, stop_reason = "stop", token
+        elif past_min and params.stop and delta:
+            found = find_stop_string(seq.text, len(delta), params.stop)
+            if found is not None:
+                index, stop = found
+                seq.text = seq.text[: index + (len(stop) if params.include_stop_str_in_output else 0)]
+                reason, stop_reason = "stop", stop
+        if reason is None:
+            if seq.max_tokens is not None and seq.num_output_tokens >= seq.max_tokens:
+                reason = "length"
+            elif seq.num_tokens >= self.max_model_len:
+                reason = "length"
+        if reason is not None:
+            if stop_reason is None or isinstance(stop_reason, int):
+                if seq.detokenizer is not None:
+                    seq.text += seq.detokenizer.flush()
+            self._finish(seq, reason, stop_reason)
+            event.finish_reason = reason
+        # The text event is what the visible text gained (a stop string may have cut it).
+        event.text = seq.text[text_before:] if len(seq.text) >= text_before else ""
+        return event
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        self.scheduler.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        seq.stop_reason = stop_reason
+
+    def _finalize(self, request: Request) -> RequestOutput:
+        output = self.request_output(request)
+        if request.finish_time is None:
+            request.finish_time = time.monotonic()
+        output.metrics["finish_time"] = request.finish_time
+        self.requests.pop(request.request_id, None)
+        return output
+
+    def request_output(self, request: Request) -> RequestOutput:
+        """A snapshot of a request: every sample's text, tokens, finish state and counts."""
+        outputs = [
+            CompletionOutput(
+                index=seq.sample_index,
+                text=seq.text,
+                token_ids=seq.output_token_ids,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                cumulative_logprob=seq.cumulative_logprob if request.params.logprobs is not None else None,
+                logprobs=list(seq.output_logprobs) if request.params.logprobs is not None else None,
+            )
+            for seq in sorted(request.sequences, key=lambda s: s.sample_index)
+        ]
+        metrics = {"arrival_time": request.arrival_time}
+        if request.first_token_time is not None:
+            metrics["first_token_time"] = request.first_token_time
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=outputs,
+            finished=request.is_finished,
+            counts=TokenCounts(**vars(request.counts)),
+            metrics=metrics,
+        )

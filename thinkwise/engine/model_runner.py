@@ -1,0 +1,109 @@
+"""Runs one engine step on the device: owns the KV cache and builds the flat batch.
+
+Given the scheduled sequences and how many pending tokens each computes, the runner
+lays their tokens out as one flat batch (single-token sequences first, which the
+attention path batches), computes cache slots and block tables, applies pending
+copy-on-write block copies, runs the model, and returns logits only for the rows that
+will be sampled: a sequence's last token, once all its pending tokens are computed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from thinkwise.engine.sequence import Sequence
+from thinkwise.kernels.paged_attention import AttentionMetadata
+from thinkwise.loading.config import ModelConfig
+
+
+def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * element
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: ModelConfig,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        num_blocks: int,
+        block_size: int,
+    ):
+        self.model = model
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        # One tensor for the whole cache: [layers, k/v, blocks, block_size, kv_heads, head_dim].
+        self.kv_cache = torch.zeros(
+            config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim,
+            dtype=dtype, device=device,
+        )
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(config.num_layers)]
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        if not copies:
+            return
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+
+    def prepare(self, sequences: list[Sequence], num_new_tokens: list[int]):
+        """Flat inputs and attention metadata; returns the permutation used (decodes first)."""
+        order = sorted(range(len(sequences)), key=lambda i: num_new_tokens[i] != 1)
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        starts = [0]
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        for i in order:
+            seq, n = sequences[i], num_new_tokens[i]
+            begin = seq.num_computed_tokens
+            end = begin + n
+            input_ids.extend(seq.token_ids[begin:end])
+            positions.extend(range(begin, end))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
+            starts.append(starts[-1] + n)
+            seq_lens.append(end)
+            tables.append(table)
+        width = max(len(t) for t in tables)
+        padded = [t + [0] * (width - len(t)) for t in tables]
+        device = self.device
+        metadata = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.long, device=device),
+            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=device),
+            query_start_loc=starts,
+            seq_lens_host=seq_lens,
+            num_decodes=sum(1 for i in order if num_new_tokens[i] == 1),
+            block_size=bs,
+        )
+        inputs = torch.tensor(input_ids, dtype=torch.long, device=device)
+        pos = torch.tensor(positions, dtype=torch.long, device=device)
+        return inputs, pos, metadata, order
+
+    @torch.inference_mode()
+    def execute(
+        self, sequences: list[Sequence], num_new_tokens: list[int], sample: list[bool], copies: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """Run the step; logits [num_sampled, vocab] (fp32) in the order of `sequences`
+        filtered by `sample`."""
+        self.copy_blocks(copies)
+        inputs, positions, metadata, order = self.prepare(sequences, num_new_tokens)
+        hidden = self.model(inputs, positions, self.kv_caches, metadata)
+        # Row of each sequence's last token in the flat (reordered) batch.
+        last_row = {}
+        for slot, i in enumerate(order):
+            last_row[i] = metadata.query_start_loc[slot + 1] - 1
+        rows = [last_row[i] for i in range(len(sequences)) if sample[i]]
+        if not rows:
+            return torch.empty(0, self.config.vocab_size, device=self.device)
+        selected = hidden.index_select(0, torch.tensor(rows, device=self.device))
+        return self.model.compute_logits(selected)

@@ -1,0 +1,119 @@
+"""Turning logits into tokens: greedy, temperature, top-k, top-p, min-p, seeded.
+
+Filters are applied batched over all rows. The random draw uses the exponential race
+(argmax of p / E with E ~ Exp(1), which picks token i with probability p_i) and each
+row's noise comes from a generator seeded by that sample's seed and its output
+position alone. So a seeded sample draws the same tokens whatever else shares its
+batch, whichever step it lands in, and after preemption and recomputation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(seed: int, salt: int) -> int:
+    """splitmix64 of (seed, salt): decorrelated 63-bit seeds for sample i / step t."""
+    x = (seed * 0x9E3779B97F4A7C15 + (salt + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+
+
+@dataclass
+class SamplingRow:
+    temperature: float
+    top_k: int
+    top_p: float
+    min_p: float
+    seed: int
+    position: int  # index of the token being sampled among the sample's outputs
+    logprobs: int | None
+    banned_token_ids: tuple[int, ...] = ()  # e.g. EOS before min_tokens
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float] | None  # log p of each sampled token under the model's distribution
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+class Sampler:
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+        logits = logits.float()
+        for i, row in enumerate(rows):
+            if row.banned_token_ids:
+                logits[i, list(row.banned_token_ids)] = float("-inf")
+        want_logprobs = any(r.logprobs is not None for r in rows)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+
+        temperatures = [r.temperature for r in rows]
+        greedy = [t == 0 for t in temperatures]
+        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+        if any(greedy):
+            idx = torch.tensor([i for i, g in enumerate(greedy) if g], device=logits.device)
+            tokens[idx] = logits[idx].argmax(dim=-1)
+        if not all(greedy):
+            idx_list = [i for i, g in enumerate(greedy) if not g]
+            idx = torch.tensor(idx_list, device=logits.device)
+            sub_rows = [rows[i] for i in idx_list]
+            probs = self._filtered_probs(logits[idx], sub_rows)
+            noise = torch.empty_like(probs)
+            for j, row in enumerate(sub_rows):
+                self.generator.manual_seed(mix_seed(row.seed, row.position))
+                noise[j].exponential_(generator=self.generator)
+            tokens[idx] = (probs / noise.clamp_min_(1e-20)).argmax(dim=-1)
+
+        token_list = tokens.tolist()
+        if not want_logprobs:
+            return SampleResult(token_list, None, None)
+        chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+        max_k = max((r.logprobs or 0) for r in rows)
+        top: list[list[tuple[int, float]]] = [[] for _ in rows]
+        if max_k:
+            values, ids = raw_logprobs.topk(max_k, dim=-1)
+            values, ids = values.tolist(), ids.tolist()
+            for i, row in enumerate(rows):
+                k = row.logprobs or 0
+                top[i] = list(zip(ids[i][:k], values[i][:k]))
+        return SampleResult(token_list, chosen, top)
+
+    @staticmethod
+    def _filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        device = logits.device
+        temps = torch.tensor([r.temperature for r in rows], device=device, dtype=logits.dtype)
+        logits = logits / temps[:, None]
+        vocab = logits.shape[-1]
+        top_ks = [r.top_k if r.top_k > 0 else vocab for r in rows]
+        if any(k < vocab for k in top_ks):
+            k_max = max(k for k in top_ks if k < vocab)
+            kth = logits.topk(k_max, dim=-1).values
+            k_index = torch.tensor([min(k, k_max) - 1 for k in top_ks], device=device)
+            threshold = kth.gather(1, k_index[:, None])
+            no_limit = torch.tensor([k >= vocab for k in top_ks], device=device)
+            threshold = torch.where(no_limit[:, None], torch.full_like(threshold, float("-inf")), threshold)
+            logits = logits.masked_fill(logits < threshold, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        if any(r.min_p > 0 for r in rows):
+            min_p = torch.tensor([r.min_p for r in rows], device=device, dtype=probs.dtype)
+            cutoff = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
+            probs = probs.masked_fill(probs < cutoff, 0.0)
+        if any(r.top_p < 1 for r in rows):
+            top_p = torch.tensor([r.top_p for r in rows], device=device, dtype=probs.dtype)
+            sorted_probs, order = probs.sort(dim=-1, descending=True)
+            # Keep the smallest prefix whose mass reaches top_p: a token is dropped when the
+            # mass strictly before it already reaches top_p (the first token always stays).
+            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+            drop_sorted = mass_before >= top_p[:, None] * sorted_probs.sum(dim=-1, keepdim=True)
+            drop = torch.zeros_like(drop_sorted).scatter_(1, order, drop_sorted)
+            probs = probs.masked_fill(drop, 0.0)
+        return probs

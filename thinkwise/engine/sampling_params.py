@@ -1,0 +1,67 @@
+"""What to sample and when to stop, per request (the vLLM/OpenAI vocabulary).
+
+Validation happens here, at construction, so a bad value is reported with the name of
+the parameter and the accepted range before any work is queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from thinkwise.errors import InvalidParameterError
+
+
+def _fail(param: str, message: str) -> None:
+    raise InvalidParameterError(f"{param} {message}", param=param)
+
+
+@dataclass
+class SamplingParams:
+    n: int = 1  # independent samples that share one prefill of the prompt
+    max_tokens: int | None = 16  # None: until a stop condition or the context is full
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1 disables
+    min_p: float = 0.0
+    seed: int | None = None  # makes sampling reproducible whatever else is batched
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0  # suppress EOS / stop tokens before this many tokens
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token plus top-k
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if not isinstance(self.n, int) or self.n < 1:
+            _fail("n", f"must be an integer >= 1, got {self.n!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            _fail("max_tokens", f"must be an integer >= 1 (or None for 'until the context is full'), got {self.max_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            _fail("temperature", f"must be >= 0 (0 is greedy), got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
+            _fail("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            _fail("top_k", f"must be an integer >= 1, or 0/-1 to disable, got {self.top_k!r}")
+        if not isinstance(self.min_p, (int, float)) or not (0 <= self.min_p <= 1):
+            _fail("min_p", f"must be in [0, 1], got {self.min_p!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            _fail("seed", f"must be an integer or None, got {self.seed!r}")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            _fail("min_tokens", f"must be an integer >= 0, got {self.min_tokens!r}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            _fail("min_tokens", f"({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
+            _fail("logprobs", f"must be an integer in [0, 20] or None, got {self.logprobs!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            _fail("stop", "must be non-empty strings")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            _fail("stop_token_ids", "must be non-negative integers")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0

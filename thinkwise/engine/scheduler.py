@@ -1,0 +1,113 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Every step the scheduler hands out a token budget (`max_num_batched_tokens`). Running
+sequences come first, in arrival order, each with all its pending tokens (one for a
+decode step; more for a prefill chunk, forced tokens or recomputation). Then waiting
+sequences are admitted while the budget, the sequence limit and free KV blocks last;
+a long prompt is split across steps (chunked prefill). When a running sequence needs a
+block and none is free, the most recently admitted sequence is preempted: its blocks
+are freed and it goes back to the front of the queue, to be recomputed later (its
+prefix blocks often survive in the prefix cache, so recomputation is usually cheap).
+Requests join and leave between any two steps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from thinkwise.engine.block_manager import BlockManager
+from thinkwise.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    sequences: list[Sequence] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int):
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence that already holds blocks (a fork of a running one)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a finished or aborted sequence out and free its blocks at once."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            num_new = min(seq.num_pending_tokens, budget)
+            if num_new <= 0:
+                index += 1
+                continue
+            while not self.block_manager.allocate_slots(seq, num_new):
+                victim = self.running.pop()
+                self._preempt(victim)
+                batch.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                batch.sequences.append(seq)
+                batch.num_new_tokens.append(num_new)
+                budget -= num_new
+                index += 1
+        # Admitting new work right after a preemption would only thrash the cache.
+        if batch.preempted:
+            return batch
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            admitted = self.block_manager.allocate_waiting(seq, budget, keep_watermark=bool(self.running))
+            if admitted is None:
+                break
+            cached, num_new = admitted
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            if seq.num_preemptions == 0 and seq.sample_index == 0:
+                seq.request.counts.prompt_tokens_cached += min(cached, seq.num_prompt_tokens)
+            batch.sequences.append(seq)
+            batch.num_new_tokens.append(num_new)
+            budget -= num_new
+        return batch

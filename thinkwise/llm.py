@@ -1,0 +1,160 @@
+"""The offline Python API: `LLM(model).generate(...)` and `.chat(...)`.
+
+A thin synchronous wrapper over `Engine`: it queues every prompt as a request and steps
+the engine until all are done, so prompts of one call (and their `n` samples) are
+batched together exactly as concurrent server requests would be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence as SequenceABC
+from typing import Any
+
+from thinkwise.engine.config import EngineConfig
+from thinkwise.engine.engine import Engine
+from thinkwise.engine.outputs import RequestOutput
+from thinkwise.engine.sampling_params import SamplingParams
+from thinkwise.errors import InvalidParameterError
+
+Prompt = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    def __init__(self, model: str = "default", *, progress: bool = False, cache_dir: str | None = None, **engine_options):
+        from thinkwise.loading import load_model
+        from thinkwise.engine.config import resolve_device, resolve_dtype
+
+        config = EngineConfig(**engine_options)
+        dtype = resolve_dtype(config.dtype, resolve_device(config.device))
+        loaded = load_model(model, dtype=dtype, progress=progress, cache_dir=cache_dir)
+        self.engine = Engine(loaded, config)
+        self.tokenizer = self.engine.tokenizer
+
+    @classmethod
+    def from_loaded(cls, loaded, **engine_options) -> "LLM":
+        """Build from an already loaded model (tests, embedding applications)."""
+        llm = cls.__new__(cls)
+        llm.engine = Engine(loaded, EngineConfig(**engine_options))
+        llm.tokenizer = llm.engine.tokenizer
+        return llm
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        prompt_list = self._normalize_prompts(prompts)
+        params_list = self._normalize_params(sampling_params, len(prompt_list))
+        return self._run(prompt_list, params_list, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, str]] | list[list[dict[str, str]]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        use_tqdm: bool = False,
+        **template_kwargs: Any,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or a list of them."""
+        if not messages:
+            raise InvalidParameterError("messages is empty; give at least one message", param="messages")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        prompts = [
+            {"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
+                                                          chat_template=chat_template, **template_kwargs)}
+            for c in conversations
+        ]
+        params_list = self._normalize_params(sampling_params, len(prompts))
+        return self._run(prompts, params_list, use_tqdm)
+
+    def apply_chat_template(
+        self, conversation: list[dict[str, str]], *, add_generation_prompt: bool = True,
+        chat_template: str | None = None, **template_kwargs: Any,
+    ) -> list[int]:
+        if self.tokenizer is None:
+            raise InvalidParameterError("this model has no tokenizer, so chat() is unavailable", param="messages")
+        template = chat_template or self.engine.chat_template or getattr(self.tokenizer, "chat_template", None)
+        if not template:
+            raise InvalidParameterError(
+                "this model has no chat template; pass chat_template=... or use generate() with a plain prompt",
+                param="messages",
+            )
+        for message in conversation:
+            if not isinstance(message, dict) or "role" not in message or "content" not in message:
+                raise InvalidParameterError("each message must be a dict with 'role' and 'content'", param="messages")
+        text = self.tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
+            chat_template=template, **template_kwargs,
+        )
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _normalize_prompts(prompts: Prompt | list[Prompt]) -> list[Prompt]:
+        if isinstance(prompts, (str, dict)):
+            return [prompts]
+        if isinstance(prompts, SequenceABC) and prompts and all(isinstance(t, int) for t in prompts):
+            return [list(prompts)]  # one prompt given as token ids
+        return list(prompts)
+
+    @staticmethod
+    def _normalize_params(params, count: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams() for _ in range(count)]
+        if isinstance(params, SamplingParams):
+            return [params] * count
+        params = list(params)
+        if len(params) != count:
+            raise InvalidParameterError(
+                f"got {len(params)} sampling params for {count} prompts; give one, or one per prompt",
+                param="sampling_params",
+            )
+        return params
+
+    def _run(self, prompts: list[Prompt], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+        engine = self.engine
+        ids = []
+        # Validate everything before queueing anything, so a bad prompt loses no work.
+        staged = []
+        for prompt, params in zip(prompts, params_list):
+            if isinstance(prompt, dict):
+                if "prompt_token_ids" in prompt:
+                    staged.append((prompt.get("prompt"), list(prompt["prompt_token_ids"])))
+                elif "prompt" in prompt:
+                    staged.append((prompt["prompt"], engine.tokenize(prompt["prompt"])))
+                else:
+                    raise InvalidParameterError("a prompt dict needs 'prompt' or 'prompt_token_ids'", param="prompt")
+            elif isinstance(prompt, str):
+                staged.append((prompt, engine.tokenize(prompt)))
+            else:
+                staged.append((None, list(prompt)))
+        for text, token_ids in staged:
+            engine._check_prompt(token_ids)
+        for (text, token_ids), params in zip(staged, params_list):
+            ids.append(engine.add_request(text, params, prompt_token_ids=token_ids).request_id)
+        results: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="generating", unit="req")
+        try:
+            while len(results) < len(ids):
+                for output in engine.step().finished:
+                    results[output.request_id] = output
+                    if bar is not None:
+                        bar.update(1)
+        except BaseException:
+            for request_id in ids:
+                if request_id not in results:
+                    engine.abort(request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [results[i] for i in ids]
