@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny random models per architecture, loaded once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny_models import ARCHITECTURES, make_tiny_model
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session", params=ARCHITECTURES)
+def tiny(request, tmp_path_factory):
+    """(architecture, model directory, transformers reference model)."""
+    arch = request.param
+    directory = tmp_path_factory.mktemp(f"tiny-{arch}")
+    model = make_tiny_model(arch, directory)
+    return arch, directory, model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("tiny-llama-single")
+    model = make_tiny_model("llama", directory, seed=1)
+    return directory, model

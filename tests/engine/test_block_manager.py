@@ -1,0 +1,103 @@
+"""BlockManager: allocation, reference counts, prefix reuse, copy-on-write, no leaks."""
+
+from __future__ import annotations
+
+import pytest
+
+from thinkwise.engine.block_manager import BlockManager
+from thinkwise.engine.sampling_params import SamplingParams
+from thinkwise.engine.sequence import Request, Sequence
+
+
+def make_seq(tokens: list[int]) -> Sequence:
+    request = Request("r", None, list(tokens), SamplingParams())
+    return Sequence(request, tokens, len(tokens), 0, 0)
+
+
+def test_allocate_and_free_return_every_block():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    seq = make_seq(list(range(10)))
+    assert bm.allocate_waiting(seq, token_budget=100) == (0, 10)
+    assert len(seq.block_table) == 3 and bm.num_free_blocks == 7
+    seq.num_computed_tokens = 10
+    seq.token_ids.append(99)
+    assert bm.allocate_slots(seq, 1)  # position 10 still fits block 2
+    assert len(seq.block_table) == 3
+    bm.free(seq)
+    assert bm.num_free_blocks == 10 and seq.block_table == []
+
+
+def test_allocation_refuses_without_changing_anything():
+    bm = BlockManager(num_blocks=2, block_size=4, watermark=0)
+    seq = make_seq(list(range(12)))
+    assert bm.allocate_waiting(seq, 100) is None
+    assert bm.num_free_blocks == 2 and seq.block_table == []
+
+
+def test_prefix_blocks_are_reused_and_token_ids_checked():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    first = make_seq(list(range(13)))
+    bm.allocate_waiting(first, 100)
+    first.num_computed_tokens = 13
+    bm.register_computed_blocks(first)  # 3 full blocks registered
+    second = make_seq(list(range(12)) + [50, 51])
+    cached, new = bm.allocate_waiting(second, 100)
+    assert cached == 12 and new == 2
+    assert second.block_table[:3] == first.block_table[:3]
+    assert all(bm.ref_counts[b] == 2 for b in first.block_table[:3])
+    # The last token is never served from cache: its logits must be computed.
+    third = make_seq(list(range(12)))
+    assert bm.allocate_waiting(third, 100)[0] == 8
+    # A hash collision cannot alias a different prefix: token ids are compared too.
+    other = make_seq([7] * 13)
+    assert bm.allocate_waiting(other, 100)[0] == 0
+
+
+def test_freed_blocks_stay_cached_until_reused():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    seq = make_seq(list(range(9)))
+    bm.allocate_waiting(seq, 100)
+    seq.num_computed_tokens = 9
+    bm.register_computed_blocks(seq)
+    bm.free(seq)
+    assert bm.num_free_blocks == 8
+    again = make_seq(list(range(9)))
+    assert bm.allocate_waiting(again, 100)[0] == 8
+
+
+def test_fork_shares_blocks_and_copies_only_the_partial_block_on_write():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    parent = make_seq(list(range(10)))
+    bm.allocate_waiting(parent, 100)
+    parent.num_computed_tokens = 10
+    children = [make_seq(list(range(10))) for _ in range(3)]
+    for child in children:
+        bm.fork(parent, child)
+    assert bm.num_used_blocks == 3
+    assert all(bm.ref_counts[b] == 4 for b in parent.block_table)
+    shared_partial = parent.block_table[2]
+    for seq in [parent] + children:
+        seq.token_ids.append(1)
+        assert bm.allocate_slots(seq, 1)
+    # The two full blocks stay shared; each writer got its own copy of the partial one,
+    # except the last, which found itself the sole owner.
+    copies = bm.take_pending_copies()
+    assert len(copies) == 3
+    assert all(src == shared_partial for src, _ in copies)
+    assert children[-1].block_table[2] == shared_partial
+    assert len({s.block_table[2] for s in [parent] + children}) == 4
+    assert bm.ref_counts[parent.block_table[0]] == 4
+    for seq in [parent] + children:
+        bm.free(seq)
+    assert bm.num_free_blocks == 16
+
+
+def test_release_more_than_acquired_is_caught():
+    bm = BlockManager(num_blocks=4, block_size=4)
+    seq = make_seq([1, 2, 3])
+    bm.allocate_waiting(seq, 10)
+    table = list(seq.block_table)
+    bm.free(seq)
+    seq.block_table = table
+    with pytest.raises(AssertionError):
+        bm.free(seq)

@@ -1,0 +1,94 @@
+"""Command line: `thinkwise generate ...` (and later `serve`, `solve`, `bench`).
+
+Parses arguments, builds the engine through the same `LLM` API users call, and prints
+completions (or JSON with token counts). Mistakes a user can make end with a one-line
+`error:` message and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from thinkwise.errors import ThinkwiseError
+
+
+def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="default", help="'default', a Hugging Face model directory, or a .gguf file")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--dtype", default=None, help="bfloat16 (default), float16 or float32")
+    parser.add_argument("--kv-blocks", type=int, default=None, help="number of KV cache blocks")
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="most sequences batched at once")
+    parser.add_argument("--max-model-len", type=int, default=None, help="cap on prompt + output tokens")
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    return dict(
+        device=args.device, dtype=args.dtype, num_kv_blocks=args.kv_blocks, block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="thinkwise", description="thinkwise inference engine")
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="complete a prompt")
+    _add_engine_arguments(gen)
+    gen.add_argument("--max-tokens", type=int, default=256)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--n", type=int, default=1, help="samples sharing one prefill")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
+    gen.add_argument("--system", default=None, help="system message (with --chat)")
+    gen.add_argument("--json", action="store_true", help="print outputs with token counts as JSON")
+    gen.add_argument("prompt", help="the prompt text ('-' reads standard input)")
+    return parser
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from thinkwise import LLM, SamplingParams
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    params = SamplingParams(
+        n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
+    )
+    llm = LLM(args.model, progress=True, **_engine_options(args))
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages.append({"role": "user", "content": prompt})
+        output = llm.chat(messages, params)[0]
+    else:
+        output = llm.generate(prompt, params)[0]
+    if args.json:
+        print(json.dumps(output.to_dict(), indent=2))
+        return 0
+    for completion in output.outputs:
+        if len(output.outputs) > 1:
+            print(f"--- sample {completion.index} ({completion.finish_reason}) ---")
+        print(completion.text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+    except ThinkwiseError as error:
+        print(f"error: {error.message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
