@@ -25,6 +25,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True
     seed: int = 0  # draws the seeds of unseeded requests
+    cpu_gemm_dispatch: bool = True  # CPU: profile torch vs fp32 BLAS per weight shape at start-up
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

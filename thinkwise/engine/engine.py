@@ -28,6 +28,7 @@ from thinkwise.engine.sampler import Sampler, SamplingRow, mix_seed
 from thinkwise.engine.sampling_params import SamplingParams
 from thinkwise.engine.scheduler import Scheduler
 from thinkwise.engine.sequence import Request, Sequence, SequenceStatus, TokenCounts
+from thinkwise.kernels.linear_dispatch import LinearDispatcher
 from thinkwise.errors import CapacityError, InvalidParameterError, PromptTooLongError
 from thinkwise.loading.config import LoadedModel
 
@@ -66,6 +67,12 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.device)
         model = build_model(loaded, device=self.device, dtype=self.dtype)
         loaded.weights.clear()  # the model holds its own copy; don't keep two
+        self.run_metadata: dict[str, Any] = {"device": str(self.device), "dtype": str(self.dtype)}
+        if self.device.type == "cpu" and config.cpu_gemm_dispatch:
+            dispatcher = LinearDispatcher()
+            dispatcher.profile(model, self.dtype)
+            self.run_metadata["gemm_dispatch"] = {"blas_from_rows": dispatcher.describe(),
+                                                  "timings_ms": dispatcher.timings_ms}
         self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
                                  loaded.config.max_position_embeddings)
         num_blocks = self._num_kv_blocks(model)

