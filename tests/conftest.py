@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import thinkwise  # noqa: F401  (its thread settings must precede the first torch import)
 import pytest
 import torch
 
