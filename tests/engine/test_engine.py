@@ -225,13 +225,15 @@ def test_force_tokens_and_extend(llm):
     request = engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     engine.step()
     seq = request.sequences[0]
-    engine.force_tokens(seq, [65, 66, 67])
+    forced = llm.tokenizer.encode("ABC", add_special_tokens=False)
+    assert len(forced) == 3
+    engine.force_tokens(seq, forced)
     engine.extend(seq, 10)
     finished = []
     while engine.has_unfinished_requests():
         finished += engine.step().finished
     out = finished[0]
-    assert out.outputs[0].token_ids[1:4] == [65, 66, 67]
+    assert out.outputs[0].token_ids[1:4] == forced
     assert len(out.outputs[0].token_ids) == 14
     assert out.counts.forced_tokens == 3
     assert "ABC" in out.outputs[0].text

@@ -48,6 +48,7 @@ class Sampler:
         self.device = torch.device(device)
         self.generator = torch.Generator(device=self.device)
 
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         logits = logits.float()
         for i, row in enumerate(rows):
