@@ -55,3 +55,12 @@ def test_seed_and_position_determine_the_draw():
 
 def test_banned_tokens_never_drawn():
     assert 0 not in draws(200, banned_token_ids=(0,))
+
+
+def test_top_p_with_a_nucleus_wider_than_the_candidate_window():
+    sampler = Sampler("cpu")
+    logits = torch.zeros(1, 5000)  # uniform: a 0.9 nucleus holds 4,500 tokens
+    rows = [row(seed=s, top_p=0.9) for s in range(3000)]
+    tokens = sampler(logits.repeat(len(rows), 1), rows).token_ids
+    assert max(tokens) > 1024  # reached beyond the first-pass window
+    assert len(set(tokens)) > 1500

@@ -26,6 +26,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # draws the seeds of unseeded requests
     cpu_gemm_dispatch: bool = True  # CPU: profile torch vs fp32 BLAS per weight shape at start-up
+    cpu_torch_threads: int | None = 1  # with dispatch on: PyTorch threads during engine work (BLAS keeps its own)
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

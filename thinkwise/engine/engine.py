@@ -28,7 +28,7 @@ from thinkwise.engine.sampler import Sampler, SamplingRow, mix_seed
 from thinkwise.engine.sampling_params import SamplingParams
 from thinkwise.engine.scheduler import Scheduler
 from thinkwise.engine.sequence import Request, Sequence, SequenceStatus, TokenCounts
-from thinkwise.kernels.linear_dispatch import LinearDispatcher
+from thinkwise.kernels.linear_dispatch import LinearDispatcher, torch_threads
 from thinkwise.errors import CapacityError, InvalidParameterError, PromptTooLongError
 from thinkwise.loading.config import LoadedModel
 
@@ -68,9 +68,12 @@ class Engine:
         model = build_model(loaded, device=self.device, dtype=self.dtype)
         loaded.weights.clear()  # the model holds its own copy; don't keep two
         self.run_metadata: dict[str, Any] = {"device": str(self.device), "dtype": str(self.dtype)}
+        self.cpu_threads = None
         if self.device.type == "cpu" and config.cpu_gemm_dispatch:
+            self.cpu_threads = config.cpu_torch_threads
             dispatcher = LinearDispatcher()
-            dispatcher.profile(model, self.dtype)
+            with torch_threads(self.cpu_threads):
+                dispatcher.profile(model, self.dtype)
             self.run_metadata["gemm_dispatch"] = {"blas_from_rows": dispatcher.describe(),
                                                   "timings_ms": dispatcher.timings_ms}
         self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
@@ -245,7 +248,8 @@ class Engine:
             return result
         sequences, counts = batch.sequences, batch.num_new_tokens
         sample = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(sequences, counts)]
-        logits = self.runner.execute(sequences, counts, sample, self.block_manager.take_pending_copies())
+        with torch_threads(self.cpu_threads):
+            logits = self.runner.execute(sequences, counts, sample, self.block_manager.take_pending_copies())
         self.num_steps += 1
 
         for seq, n in zip(sequences, counts):
@@ -266,7 +270,8 @@ class Engine:
             return result
         if len(rows) != len(sampled):
             logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
-        drawn = self.sampler(logits, [self._sampling_row(seq) for seq in targets])
+        with torch_threads(self.cpu_threads):
+            drawn = self.sampler(logits, [self._sampling_row(seq) for seq in targets])
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for i, seq in enumerate(targets):

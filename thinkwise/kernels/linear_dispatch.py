@@ -15,6 +15,7 @@ copy costs memory, so it is only made where a candidate needs it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,6 +26,26 @@ from torch import nn
 
 PROFILE_ROWS = (1, 2, 4, 8, 16)  # above 16 rows, the decision at 16 holds
 PROFILE_LAYERS = 4  # weights swept per shape: enough to spill the last-level cache for big shapes
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None):
+    """Run PyTorch's CPU ops on `count` threads inside the block (None: unchanged).
+
+    PyTorch's OpenMP workers and OpenBLAS's workers spin-wait after their work; on a
+    machine with few cores each pool then starves the other, and small element-wise
+    ops measured 100x slower. Keeping PyTorch to one thread while BLAS uses the cores
+    avoids that, and is restored on exit so other code in the process is unaffected.
+    """
+    if count is None or count == torch.get_num_threads():
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class DispatchLinear(nn.Module):
