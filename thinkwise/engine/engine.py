@@ -141,16 +141,35 @@ class Engine:
             else:
                 raise InvalidParameterError("prompt must be a string or a list of token ids", param="prompt")
         self._check_prompt(prompt_token_ids)
+        thinking = self._thinking_markers(params)
         request_id = request_id if request_id is not None else str(next(self._request_counter))
         if request_id in self.requests:
             raise InvalidParameterError(f"request id {request_id!r} is already in use", param="request_id")
         request = Request(request_id, prompt, prompt_token_ids, params)
+        request.thinking = thinking
         request.counts.prompt_tokens = len(prompt_token_ids)
         request.pending_forks = params.n - 1
         first = self._new_sequence(request, prompt_token_ids, sample_index=0)
         self.requests[request_id] = request
         self.scheduler.add(first)
         return request
+
+    def _thinking_markers(self, params: SamplingParams) -> tuple[list[int], list[int]] | None:
+        """Token ids of the end-of-thinking marker and of what is forced after it."""
+        if params.thinking_budget is None and params.min_thinking_tokens == 0:
+            return None
+        if self.tokenizer is None:
+            raise InvalidParameterError("thinking budgets need a tokenizer to find the end-of-thinking marker",
+                                        param="thinking_budget")
+        end = list(self.tokenizer.encode(params.thinking_end, add_special_tokens=False))
+        forced = end + list(self.tokenizer.encode(params.answer_prefix, add_special_tokens=False))
+        if params.min_thinking_tokens and len(end) != 1:
+            raise InvalidParameterError(
+                f"min_thinking_tokens needs an end-of-thinking marker that is one token; {params.thinking_end!r} "
+                f"is {len(end)} tokens for this tokenizer",
+                param="min_thinking_tokens",
+            )
+        return end, forced
 
     def _check_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -301,6 +320,10 @@ class Engine:
         banned: tuple[int, ...] = ()
         if seq.num_output_tokens < p.min_tokens:
             banned = tuple(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
+        thinking = seq.request.thinking
+        if thinking and seq.thinking_tokens is None and seq.num_output_tokens < p.min_thinking_tokens:
+            # The marker, and anything that would end the sample, cannot come before the minimum.
+            banned = tuple(set(banned) | {thinking[0][0]} | (set() if p.ignore_eos else self.eos_token_ids))
         return SamplingRow(
             temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, seed=seq.seed,
             position=seq.num_output_tokens, logprobs=p.logprobs, banned_token_ids=banned,
@@ -335,6 +358,8 @@ class Engine:
                 reason = "length"
             elif seq.num_tokens >= self.max_model_len:
                 reason = "length"
+        if reason is None and seq.request.thinking and seq.thinking_tokens is None:
+            event.token_ids += self._apply_thinking_budget(seq)
         if reason is not None:
             if stop_reason is None or isinstance(stop_reason, int):
                 if seq.detokenizer is not None:
@@ -344,6 +369,19 @@ class Engine:
         # The text event is what the visible text gained (a stop string may have cut it).
         event.text = seq.text[text_before:] if len(seq.text) >= text_before else ""
         return event
+
+    def _apply_thinking_budget(self, seq: Sequence) -> list[int]:
+        """Note where thinking ended, or force its end at the budget; returns forced ids."""
+        end, forced = seq.request.thinking
+        output = seq.token_ids[seq.num_prompt_tokens :]
+        if len(output) >= len(end) and output[-len(end) :] == end:
+            seq.thinking_tokens = len(output) - len(end)
+        elif seq.params.thinking_budget is not None and len(output) >= seq.params.thinking_budget:
+            seq.thinking_tokens = len(output)
+            seq.thinking_forced = True
+            self.force_tokens(seq, forced)
+            return list(forced)
+        return []
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
         self.scheduler.remove(seq)

@@ -31,6 +31,13 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token plus top-k
     skip_special_tokens: bool = True
+    # Thinking budget (s1-style budget forcing) for models that reason before `thinking_end`:
+    # at `thinking_budget` output tokens without the marker, the marker and `answer_prefix`
+    # are forced; before `min_thinking_tokens` the marker (a single token) cannot be sampled.
+    thinking_budget: int | None = None
+    min_thinking_tokens: int = 0
+    thinking_end: str = "</think>"
+    answer_prefix: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -57,6 +64,14 @@ class SamplingParams:
             _fail("min_tokens", f"({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= 20):
             _fail("logprobs", f"must be an integer in [0, 20] or None, got {self.logprobs!r}")
+        if self.thinking_budget is not None and (not isinstance(self.thinking_budget, int) or self.thinking_budget < 1):
+            _fail("thinking_budget", f"must be an integer >= 1 or None, got {self.thinking_budget!r}")
+        if not isinstance(self.min_thinking_tokens, int) or self.min_thinking_tokens < 0:
+            _fail("min_thinking_tokens", f"must be an integer >= 0, got {self.min_thinking_tokens!r}")
+        if self.thinking_budget is not None and self.min_thinking_tokens > self.thinking_budget:
+            _fail("min_thinking_tokens", "must not exceed thinking_budget")
+        if not self.thinking_end:
+            _fail("thinking_end", "must be a non-empty marker such as '</think>'")
         if any(not isinstance(s, str) or not s for s in self.stop):
             _fail("stop", "must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

@@ -59,6 +59,8 @@ class Sequence:
         self.output_logprobs: list[dict[str, Any]] = []
         self.cumulative_logprob = 0.0
         self.text = ""  # detokenized output, maintained by the engine
+        self.thinking_tokens: int | None = None  # output tokens spent thinking, once thinking ended
+        self.thinking_forced = False  # the end-of-thinking marker was forced by the budget
         self.detokenizer: Any = None
 
     @property
@@ -102,6 +104,7 @@ class Request:
     sequences: list[Sequence] = field(default_factory=list)
     counts: TokenCounts = field(default_factory=TokenCounts)
     pending_forks: int = 0  # samples still to fork off when the prompt's prefill completes
+    thinking: tuple[list[int], list[int]] | None = None  # (end marker ids, ids forced at the budget)
     first_token_time: float | None = None
     finish_time: float | None = None
 

@@ -1,0 +1,133 @@
+"""GPU decode throughput: thinkwise vs transformers vs the HBM roofline, one run, random weights.
+
+Random bf16 weights of real shapes (speed does not depend on the values), 128-token
+prompts, every request forced to its length (EOS ignored). For each shape and batch size
+it measures thinkwise's decode tokens/s, transformers' `generate` on the same shapes in
+the same process, and the roofline: measured device-copy bandwidth over the bytes one
+decode step must read (all weights once + every sequence's KV). Prints ratios and writes
+JSON to $OUT (or --out).
+
+    python benchmarks/gpu_throughput.py [--shapes qwen3-0.6b,llama3-8b] [--batches 1,64] [--new-tokens 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {
+    "qwen3-0.6b": dict(architecture="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28,
+                       num_heads=16, num_kv_heads=8, head_dim=128, rope_theta=1e6, qk_norm=True,
+                       tie_word_embeddings=True),
+    "llama3-8b": dict(architecture="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=5e5,
+                      tie_word_embeddings=False),
+}
+
+
+def copy_bandwidth() -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    src = torch.randn(512 * 1024 * 1024 // 4, device="cuda")
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    seconds = start.elapsed_time(end) / 1e3 / 20
+    return 2 * src.numel() * 4 / seconds
+
+
+def hf_config(shape: dict):
+    from transformers import LlamaConfig, Qwen3Config
+
+    common = dict(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+                  intermediate_size=shape["intermediate_size"], num_hidden_layers=shape["num_layers"],
+                  num_attention_heads=shape["num_heads"], num_key_value_heads=shape["num_kv_heads"],
+                  max_position_embeddings=4096, rope_theta=shape["rope_theta"],
+                  tie_word_embeddings=shape["tie_word_embeddings"], rms_norm_eps=1e-6)
+    if shape["architecture"] == "qwen3":
+        return Qwen3Config(head_dim=shape["head_dim"], **common)
+    return LlamaConfig(**common)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shapes", default="qwen3-0.6b,llama3-8b")
+    parser.add_argument("--batches", default="1,64")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "gpu_throughput.json"))
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM
+
+    from thinkwise import LLM, SamplingParams
+    from thinkwise.loading.config import LoadedModel, ModelConfig
+
+    bandwidth = copy_bandwidth()
+    report = {"device": torch.cuda.get_device_name(), "copy_bandwidth_GBps": round(bandwidth / 1e9, 1),
+              "torch": torch.__version__, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+              "results": []}
+    print(f"{report['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    batches = [int(b) for b in args.batches.split(",")]
+    for shape_name in args.shapes.split(","):
+        shape = SHAPES[shape_name]
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            hf = AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.bfloat16).eval()
+        config = ModelConfig(rms_norm_eps=1e-6, max_position_embeddings=4096, **shape)
+        weights = dict(hf.state_dict())
+        loaded = LoadedModel(config, weights, None, None, "random", shape_name)
+        blocks = max(batches) * ((args.prompt_tokens + args.new_tokens) // 16 + 2) + 64
+        llm = LLM.from_loaded(loaded, device="cuda", dtype="bfloat16", num_kv_blocks=blocks,
+                              max_num_seqs=max(batches), enable_prefix_caching=False)
+        weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
+        kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
+        for batch in batches:
+            prompts = [[int(t) for t in torch.randint(0, config.vocab_size, (args.prompt_tokens,))] for _ in range(batch)]
+            params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+            llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params)
+            torch.cuda.synchronize()
+            ours = batch * args.new_tokens / (time.perf_counter() - start)
+            assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outputs)
+            mean_context = args.prompt_tokens + args.new_tokens / 2
+            step_bytes = weight_bytes + batch * mean_context * kv_per_token
+            roofline = batch * bandwidth / step_bytes
+            row = {"shape": shape_name, "batch": batch, "thinkwise_tok_s": round(ours, 1),
+                   "roofline_tok_s": round(roofline, 1), "thinkwise_vs_roofline": round(ours / roofline, 3)}
+            if not args.skip_hf:
+                ids = torch.tensor(prompts, device="cuda")
+                with torch.inference_mode():
+                    hf.generate(ids[:1], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                                min_new_tokens=args.new_tokens, do_sample=False)
+                    torch.cuda.synchronize()
+                hf_rate = batch * args.new_tokens / (time.perf_counter() - start)
+                row.update(transformers_tok_s=round(hf_rate, 1), thinkwise_vs_transformers=round(ours / hf_rate, 2))
+            report["results"].append(row)
+            print(json.dumps(row))
+        del llm, hf, weights, loaded
+        torch.cuda.empty_cache()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
