@@ -21,7 +21,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/thinkwise generate --chat --max-tokens 200 \
-		"A train leaves at 3:40 pm and the trip takes 2 hours 35 minutes. When does it arrive? Think step by step."
+		"Write a short Python function that returns the n-th Fibonacci number, and explain it in one sentence."
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
