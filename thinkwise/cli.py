@@ -1,4 +1,4 @@
-"""Command line: `thinkwise generate ...` (and later `serve`, `solve`, `bench`).
+"""Command line: `thinkwise generate ...`, `thinkwise solve ...` (and `serve`).
 
 Parses arguments, builds the engine through the same `LLM` API users call, and prints
 completions (or JSON with token counts). Mistakes a user can make end with a one-line
@@ -48,6 +48,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", default=None, help="system message (with --chat)")
     gen.add_argument("--json", action="store_true", help="print outputs with token counts as JSON")
     gen.add_argument("prompt", help="the prompt text ('-' reads standard input)")
+
+    solve = commands.add_parser("solve", help="answer a question with a test-time strategy")
+    _add_engine_arguments(solve)
+    solve.add_argument("--strategy", default="majority@k",
+                       help="greedy, majority@k, short-m@k, best-of-n, weighted-best-of-n, adaptive:N, budget:N")
+    solve.add_argument("--k", type=int, default=8, help="samples (k)")
+    solve.add_argument("--m", type=int, default=None, help="short-m@k: vote among the first m to finish")
+    solve.add_argument("--budget", type=int, default=None, help="budget: thinking tokens")
+    solve.add_argument("--max-tokens", type=int, default=512)
+    solve.add_argument("--temperature", type=float, default=0.7)
+    solve.add_argument("--top-p", type=float, default=0.95)
+    solve.add_argument("--seed", type=int, default=None)
+    solve.add_argument("--extract", default="auto", help="auto, last_number, boxed, answer_line, choice, code")
+    solve.add_argument("--answer", default=None, help="reference answer: enables best-of-n with an exact checker")
+    solve.add_argument("--raw", action="store_true", help="do not wrap the question in the chat template")
+    solve.add_argument("--json", action="store_true", help="print the whole Answer as JSON")
+    solve.add_argument("question", help="the question ('-' reads standard input)")
     return parser
 
 
@@ -76,11 +93,41 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _solve(args: argparse.Namespace) -> int:
+    from thinkwise import LLM, SamplingParams
+    from thinkwise.strategies import parse_strategy
+
+    question = sys.stdin.read() if args.question == "-" else args.question
+    parse_strategy(args.strategy, k=args.k, m=args.m, budget=args.budget)  # fail fast, before loading
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    verifier = None
+    if args.answer is not None:
+        from thinkwise.strategies.verifiers import ExactChecker
+
+        verifier = ExactChecker(args.answer)
+    llm = LLM(args.model, progress=True, **_engine_options(args))
+    answer = llm.solve(question, args.strategy, k=args.k, m=args.m, budget=args.budget, sampling_params=params,
+                       extract=args.extract, verifier=verifier, use_chat_template=not args.raw)
+    if args.json:
+        print(json.dumps(answer.to_dict(), indent=2))
+        return 0
+    cost = answer.cost
+    print(f"answer: {answer.answer}")
+    print("votes: " + (", ".join(f"{a!r}: {v:g}" for a, v in sorted(answer.votes.items(), key=lambda x: -x[1])) or "none"))
+    finished = sum(1 for s in answer.samples if s.finish_reason == "stop")
+    print(f"samples: {len(answer.samples)} ({finished} finished, {cost.aborted_samples} aborted)")
+    print(f"cost: {cost.prompt_tokens_computed} prompt tokens computed, {cost.prompt_tokens_cached} cached, "
+          f"{cost.decode_tokens} decoded, {cost.forced_tokens} forced, {cost.wall_time_s:.1f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "solve":
+            return _solve(args)
     except ThinkwiseError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2

@@ -93,6 +93,65 @@ class LLM:
         )
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
+    # ------------------------------------------------------------------ strategies
+    def solve(self, prompt: Prompt | list[dict[str, str]], strategy: str = "majority@k", *, k: int | None = None,
+              m: int | None = None, budget: int | None = None, sampling_params: SamplingParams | None = None,
+              extract: str = "auto", verifier=None, use_chat_template: bool | None = None):
+        """Answer one question with a test-time strategy; returns a `strategies.Answer`."""
+        return self.solve_many([prompt], strategy, k=k, m=m, budget=budget, sampling_params=sampling_params,
+                               extract=extract, verifier=verifier, use_chat_template=use_chat_template)[0]
+
+    def solve_many(self, prompts: list, strategy: str = "majority@k", *, k: int | None = None, m: int | None = None,
+                   budget: int | None = None, sampling_params: SamplingParams | None = None, extract: str = "auto",
+                   verifier=None, use_chat_template: bool | None = None) -> list:
+        """Run a strategy on many prompts at once; all their samples share the engine's batches.
+
+        A string prompt is sent through the chat template as a user message when the model
+        has one (pass use_chat_template=False for raw completion); a list of messages
+        always is; token ids never are. `verifier` is one object or one per prompt.
+        """
+        import asyncio
+
+        from thinkwise.engine.async_engine import AsyncEngine
+        from thinkwise.strategies import LocalBackend, parse_strategy, run_strategy
+
+        spec = parse_strategy(strategy, k=k, m=m, budget=budget)
+        params = sampling_params or SamplingParams(temperature=0.7, top_p=0.95, max_tokens=512)
+        verifiers = verifier if isinstance(verifier, (list, tuple)) else [verifier] * len(prompts)
+        if len(verifiers) != len(prompts):
+            raise InvalidParameterError("give one verifier, or one per prompt", param="verifier")
+        staged = [self._strategy_prompt(p, use_chat_template) for p in prompts]
+        for _, ids in staged:
+            self.engine._check_prompt(ids)
+        async_engine = AsyncEngine(self.engine).start()
+        try:
+            async def main():
+                backend = LocalBackend(async_engine)
+                return await asyncio.gather(*(
+                    run_strategy(backend, spec, ids, params, prompt_text=text, extract=extract, verifier=v)
+                    for (text, ids), v in zip(staged, verifiers)
+                ))
+
+            return asyncio.run(main())
+        finally:
+            async_engine.shutdown()
+
+    def _strategy_prompt(self, prompt, use_chat_template: bool | None) -> tuple[str, list[int]]:
+        has_template = bool(self.tokenizer is not None and (self.engine.chat_template or
+                                                            getattr(self.tokenizer, "chat_template", None)))
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            return prompt[-1].get("content", ""), self.apply_chat_template(prompt)
+        if isinstance(prompt, str):
+            if use_chat_template if use_chat_template is not None else has_template:
+                return prompt, self.apply_chat_template([{"role": "user", "content": prompt}])
+            return prompt, self.engine.tokenize(prompt)
+        if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            return prompt.get("prompt") or "", list(prompt["prompt_token_ids"])
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return "", list(prompt)
+        raise InvalidParameterError("a prompt is a string, a list of chat messages or a list of token ids",
+                                    param="prompt")
+
     # ------------------------------------------------------------------ internals
     @staticmethod
     def _normalize_prompts(prompts: Prompt | list[Prompt]) -> list[Prompt]:

@@ -1,0 +1,131 @@
+"""Voting strategies: majority@k (self-consistency), short-m@k, and adaptive sampling.
+
+All three vote over the extracted answers of samples that *finished* (stopped on their
+own): a sample cut off by its token budget usually holds a truncated chain whose last
+number is noise, and letting those vote was measured to erase self-consistency's gain
+on the default model. majority@k waits for all k; short-m@k (Hassid et al.) aborts the
+rest as soon as m have finished — their KV blocks are freed at once — and votes among
+those m, ties going to the shortest chain; adaptive samples in rounds and stops as
+soon as the vote is decided (Snell et al.'s compute-optimal allocation per prompt).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from math import comb
+
+from thinkwise.engine.sampling_params import SamplingParams
+from thinkwise.strategies.base import (
+    Answer, LocalBackend, SampleOutcome, StrategyCost, Stopwatch, outcomes, sample_to_completion,
+)
+from thinkwise.strategies.extraction import answer_key
+
+
+def vote(samples: list[SampleOutcome], tie_break: str = "mean_length") -> tuple[SampleOutcome | None, dict[str, float]]:
+    """Plurality over finished samples' answers. Ties go to the answer whose chains are
+    shorter on average ("mean_length") or to the single shortest chain ("shortest").
+    Returns the representative sample of the winning answer and the vote table."""
+    groups: dict[str, list[SampleOutcome]] = {}
+    labels: dict[str, str] = {}
+    for sample in samples:
+        if sample.finished and sample.answer is not None:
+            key = answer_key(sample.answer)
+            groups.setdefault(key, []).append(sample)
+            labels.setdefault(key, sample.answer)
+    if not groups:
+        return None, {}
+
+    def rank(key: str):
+        members = groups[key]
+        lengths = [m.num_tokens for m in members]
+        tie = sum(lengths) / len(lengths) if tie_break == "mean_length" else min(lengths)
+        return (-len(members), tie)
+
+    winner = min(groups, key=rank)
+    representative = min(groups[winner], key=lambda s: s.num_tokens)
+    return representative, {labels[k]: float(len(v)) for k, v in groups.items()}
+
+
+def _answer(strategy: str, samples, cost, chosen, votes) -> Answer:
+    return Answer(
+        strategy=strategy, answer=chosen.answer if chosen else None, text=chosen.text if chosen else "",
+        votes=votes, samples=samples, cost=cost,
+    )
+
+
+async def majority(backend: LocalBackend, prompt_ids: list[int], params: SamplingParams, k: int,
+                   extract: Callable[[str], str | None]) -> Answer:
+    clock = Stopwatch()
+    samples, cost = await sample_to_completion(backend, prompt_ids, replace(params, n=k), extract)
+    chosen, votes = vote(samples, "mean_length")
+    cost.wall_time_s = clock.seconds()
+    return _answer(f"majority@{k}", samples, cost, chosen, votes)
+
+
+async def short_m_of_k(backend: LocalBackend, prompt_ids: list[int], params: SamplingParams, k: int, m: int,
+                       extract: Callable[[str], str | None]) -> Answer:
+    if not 1 <= m <= k:
+        from thinkwise.errors import InvalidParameterError
+
+        raise InvalidParameterError(f"short-m@k needs 1 <= m <= k, got m={m}, k={k}", param="m")
+    clock = Stopwatch()
+    group = await backend.start(prompt_ids, replace(params, n=k))
+    finished_order: list[int] = []
+    while not group.done:
+        for index, reason in await group.next_events():
+            if reason == "stop" and index not in finished_order:
+                finished_order.append(index)
+        if len(finished_order) >= m and not group.done:
+            await group.abort_rest(f"short-{m}@{k}: {m} samples had already finished")
+    cost = StrategyCost(samples=k)
+    cost.add(group.final.counts)
+    samples = outcomes(group, extract)
+    cost.aborted_samples = sum(1 for s in samples if s.finish_reason == "abort")
+    first_m = {i for i in finished_order[:m]}
+    chosen, votes = vote([s for s in samples if s.index in first_m], "shortest")
+    cost.wall_time_s = clock.seconds()
+    return _answer(f"short-{m}@{k}", samples, cost, chosen, votes)
+
+
+def leader_is_decided(counts: list[int], remaining: int, threshold: float) -> bool:
+    """True when more samples cannot change the winner, or when the posterior probability
+    that the leader holds a majority share (Beta(1 + c, 1 + n - c) > 1/2) passes
+    `threshold`. For integers, P(Beta(a, b) <= x) = P(Binomial(a + b - 1, x) >= a), so
+    the tail is an exact binomial sum: P(share > 1/2) = P(Binomial(n, 1/2) < a)."""
+    if not counts:
+        return False
+    ordered = sorted(counts, reverse=True)
+    leader, runner_up = ordered[0], (ordered[1] if len(ordered) > 1 else 0)
+    if leader > runner_up + remaining:
+        return True
+    total = sum(counts)
+    a, b = 1 + leader, 1 + total - leader
+    n = a + b - 1
+    p_majority = sum(comb(n, j) for j in range(a)) / 2**n
+    return p_majority >= threshold
+
+
+async def adaptive(backend: LocalBackend, prompt_ids: list[int], params: SamplingParams, max_samples: int,
+                   extract: Callable[[str], str | None], round_size: int = 4, threshold: float = 0.95) -> Answer:
+    clock = Stopwatch()
+    cost = StrategyCost()
+    samples: list[SampleOutcome] = []
+    base_seed = params.seed
+    round_index = 0
+    while len(samples) < max_samples:
+        size = min(round_size, max_samples - len(samples))
+        seed = None if base_seed is None else base_seed + 1_000_003 * round_index
+        group = await backend.start(prompt_ids, replace(params, n=size, seed=seed))
+        cost.add((await group.wait()).counts)
+        for sample in outcomes(group, extract):
+            sample.index = len(samples)
+            samples.append(sample)
+        cost.samples = len(samples)
+        round_index += 1
+        _, votes = vote(samples)
+        if leader_is_decided([int(v) for v in votes.values()], max_samples - len(samples), threshold):
+            break
+    chosen, votes = vote(samples)
+    cost.wall_time_s = clock.seconds()
+    return _answer(f"adaptive:{max_samples}", samples, cost, chosen, votes)
