@@ -40,3 +40,22 @@ def test_errors_are_one_line_not_tracebacks(tmp_path, tiny_llama):
     assert bad.returncode == 2 and "temperature" in bad.stderr and "Traceback" not in bad.stderr
     bad_p = run_cli("generate", "--model", str(directory), "--top-p", "0", "hi")
     assert bad_p.returncode == 2 and "top_p" in bad_p.stderr
+
+
+def test_solve_prints_answer_votes_and_cost(tiny_llama):
+    directory, _ = tiny_llama
+    result = run_cli("solve", "--model", str(directory), "--dtype", "float32", "--strategy", "short-m@k", "--k", "4",
+                     "--m", "2", "--max-tokens", "8", "--seed", "1", "--raw", "--json", "what is 1+1?")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["strategy"] == "short-2@4" and len(data["samples"]) == 4
+    assert data["cost"]["decode_tokens"] == sum(s["num_tokens"] for s in data["samples"])
+    text = run_cli("solve", "--model", str(directory), "--strategy", "majority@k", "--k", "2", "--max-tokens", "4",
+                   "--raw", "hi")
+    assert text.returncode == 0, text.stderr
+    assert "answer:" in text.stdout and "cost:" in text.stdout
+
+
+def test_solve_rejects_unknown_strategy_before_loading(tmp_path):
+    result = run_cli("solve", "--model", str(tmp_path / "missing"), "--strategy", "telepathy@3", "hi")
+    assert result.returncode == 2 and "unknown strategy" in result.stderr
