@@ -25,6 +25,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     enable_prefix_caching: bool = True
     seed: int = 0  # draws the seeds of unseeded requests
+    cuda_graphs: bool = True  # CUDA: replay decode steps as captured graphs
     cpu_gemm_dispatch: bool = True  # CPU: profile torch vs fp32 BLAS per weight shape at start-up
     cpu_torch_threads: int | None = 1  # with dispatch on: PyTorch threads during engine work (BLAS keeps its own)
 

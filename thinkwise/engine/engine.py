@@ -86,7 +86,9 @@ class Engine:
             max_num_batched_tokens=config.max_num_batched_tokens,
         )
         self.runner = ModelRunner(
-            model, loaded.config, device=self.device, dtype=self.dtype, num_blocks=num_blocks, block_size=config.block_size
+            model, loaded.config, device=self.device, dtype=self.dtype, num_blocks=num_blocks,
+            block_size=config.block_size, max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs,
+            max_num_seqs=config.max_num_seqs,
         )
         self.sampler = Sampler(self.device)
         self.eos_token_ids = set(loaded.config.eos_token_ids)

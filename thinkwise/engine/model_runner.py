@@ -31,6 +31,9 @@ class ModelRunner:
         dtype: torch.dtype,
         num_blocks: int,
         block_size: int,
+        max_model_len: int = 0,
+        cuda_graphs: bool = True,
+        max_num_seqs: int = 256,
     ):
         self.model = model
         self.config = config
@@ -38,12 +41,22 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
-        # One tensor for the whole cache: [layers, k/v, blocks, block_size, kv_heads, head_dim].
+        # One tensor for the whole cache: [layers, k/v, blocks, block_size, kv_heads, head_dim],
+        # plus one scratch block past the end that padded CUDA-graph rows may write into.
         self.kv_cache = torch.zeros(
-            config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim,
+            config.num_layers, 2, num_blocks + 1, block_size, config.num_kv_heads, config.head_dim,
             dtype=dtype, device=device,
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(config.num_layers)]
+        self.graph_decoder = None
+        if cuda_graphs and device.type == "cuda":
+            from thinkwise.engine.cuda_graphs import CudaGraphDecoder
+
+            self.graph_decoder = CudaGraphDecoder(
+                model, self.kv_caches, block_size=block_size, scratch_block=num_blocks,
+                max_blocks_per_seq=max(1, (max_model_len + block_size - 1) // block_size), device=device,
+                max_batch=max_num_seqs,
+            )
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -96,6 +109,10 @@ class ModelRunner:
         """Run the step; logits [num_sampled, vocab] (fp32) in the order of `sequences`
         filtered by `sample`."""
         self.copy_blocks(copies)
+        decoder = self.graph_decoder
+        if (decoder is not None and all(n == 1 for n in num_new_tokens) and all(sample)
+                and decoder.supports(len(sequences), max(len(s.block_table) for s in sequences))):
+            return decoder.run(sequences)
         inputs, positions, metadata, order = self.prepare(sequences, num_new_tokens)
         hidden = self.model(inputs, positions, self.kv_caches, metadata)
         # Row of each sequence's last token in the flat (reordered) batch.

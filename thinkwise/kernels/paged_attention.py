@@ -33,6 +33,9 @@ class AttentionMetadata:
     seq_lens_host: list[int]  # seq_lens as Python ints, to avoid device syncs
     num_decodes: int  # leading sequences with a single query token
     block_size: int
+    # Static context width for decode attention (CUDA graphs need fixed shapes); None: the
+    # longest decode context in this batch.
+    decode_max_seq_len: int | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -123,7 +126,7 @@ def paged_attention(
     if nd:
         output[:nd] = decode_attention(
             query[:nd], k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
-            max(metadata.seq_lens_host[:nd]), scale,
+            metadata.decode_max_seq_len or max(metadata.seq_lens_host[:nd]), scale,
         )
     starts = metadata.query_start_loc
     for i in range(nd, metadata.num_seqs):
