@@ -97,7 +97,9 @@ def main() -> None:
         for batch in batches:
             prompts = [[int(t) for t in torch.randint(0, config.vocab_size, (args.prompt_tokens,))] for _ in range(batch)]
             params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-            llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))  # warm-up
+            # Warm-up with the same shapes, so CUDA graphs of every batch/context bucket are
+            # captured before timing (capture is a one-time cost per bucket).
+            llm.generate(prompts, params)
             torch.cuda.synchronize()
             start = time.perf_counter()
             outputs = llm.generate(prompts, params)
@@ -112,7 +114,8 @@ def main() -> None:
             if not args.skip_hf:
                 ids = torch.tensor(prompts, device="cuda")
                 with torch.inference_mode():
-                    hf.generate(ids[:1], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+                    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                                do_sample=False)
                     torch.cuda.synchronize()
                     start = time.perf_counter()
                     hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,

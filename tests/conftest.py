@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import thinkwise  # noqa: F401  (its thread settings must precede the first torch import)
+import os
+
 import pytest
 import torch
 
 from tests.tiny_models import ARCHITECTURES, make_tiny_model
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU through its interpreter, so CI checks them against their twins.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session", params=ARCHITECTURES)

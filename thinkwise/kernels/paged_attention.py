@@ -12,10 +12,14 @@ batch, because that is the hot loop of generation even on CPU.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+# "torch" forces the reference everywhere (for debugging a kernel); "auto" uses Triton on CUDA.
+ATTENTION_BACKEND = os.environ.get("THINKWISE_ATTENTION", "auto")
 
 
 @dataclass
@@ -110,6 +114,20 @@ def prefill_attention(
     return out.squeeze(0).transpose(0, 1)
 
 
+def _is_power_of_two(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def _decode_backend(query: torch.Tensor, k_cache: torch.Tensor):
+    """The Triton split-KV kernel on CUDA when it applies, else the PyTorch reference."""
+    if ATTENTION_BACKEND != "torch" and query.is_cuda:
+        from thinkwise.kernels.triton_decode_attention import HAVE_TRITON, triton_decode_attention
+
+        if HAVE_TRITON and _is_power_of_two(query.shape[-1]) and _is_power_of_two(k_cache.shape[1]):
+            return triton_decode_attention
+    return decode_attention
+
+
 def paged_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,
@@ -124,7 +142,7 @@ def paged_attention(
     output = torch.empty_like(query)
     nd = metadata.num_decodes
     if nd:
-        output[:nd] = decode_attention(
+        output[:nd] = _decode_backend(query, k_cache)(
             query[:nd], k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
             metadata.decode_max_seq_len or max(metadata.seq_lens_host[:nd]), scale,
         )
