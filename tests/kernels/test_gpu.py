@@ -37,3 +37,28 @@ def test_cuda_graphs_with_forks_and_seeds(tiny_llama):
     assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
     bm = graphed.engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_batched_prefill_matches_per_sequence_prefill(tiny_llama):
+    directory, reference = tiny_llama
+    from thinkwise.engine.model_runner import ModelRunner
+
+    llm = LLM(str(directory), device="cuda", dtype="float32", block_size=4, num_kv_blocks=512)
+    params = SamplingParams(temperature=0, max_tokens=20)
+    # A shared prefix makes later prompts start from cached blocks (queries start mid-context).
+    prompts = [PROMPTS[2] + [7, 8, 9], PROMPTS[2] + [1], PROMPTS[0], PROMPTS[1] * 3]
+    llm.generate([PROMPTS[2]], params)
+    outputs = llm.generate(prompts, params)
+    assert outputs[0].counts.prompt_tokens_cached > 0
+    batched = [o.outputs[0].token_ids for o in outputs]
+    original = ModelRunner.MAX_PREFILL_MASK
+    ModelRunner.MAX_PREFILL_MASK = 0  # force the per-sequence loop
+    try:
+        looped = [o.outputs[0].token_ids for o in
+                  LLM(str(directory), device="cuda", dtype="float32", block_size=4, num_kv_blocks=512,
+                      enable_prefix_caching=False).generate(prompts, params)]
+    finally:
+        ModelRunner.MAX_PREFILL_MASK = original
+    assert batched == looped
+    for prompt, tokens in zip(prompts, batched):
+        assert tokens == reference_greedy(reference, prompt, 20)

@@ -100,7 +100,38 @@ class ModelRunner:
         )
         inputs = torch.tensor(input_ids, dtype=torch.long, device=device)
         pos = torch.tensor(positions, dtype=torch.long, device=device)
+        if device.type == "cuda":
+            self._add_batched_prefill(metadata, pos)
         return inputs, pos, metadata, order
+
+    # The mask is [prefill tokens x context tokens]; past this many elements the per-sequence
+    # loop is cheaper than materialising it.
+    MAX_PREFILL_MASK = 1 << 28
+
+    def _add_batched_prefill(self, metadata: AttentionMetadata, positions: torch.Tensor) -> None:
+        nd, count = metadata.num_decodes, metadata.num_seqs
+        if count - nd < 2:
+            return  # one prefill sequence: the per-sequence path is already a single call
+        starts = metadata.query_start_loc
+        lens = metadata.seq_lens_host[nd:]
+        num_queries = starts[-1] - starts[nd]
+        if num_queries * sum(lens) > self.MAX_PREFILL_MASK:
+            return
+        device = self.device
+        bs = self.block_size
+        slots = []
+        for row, length in zip(range(nd, count), lens):
+            blocks = metadata.block_tables[row, : (length + bs - 1) // bs]
+            slots.append((blocks[:, None] * bs + torch.arange(bs, device=device)).reshape(-1)[:length])
+        query_seq = torch.repeat_interleave(
+            torch.arange(count - nd, device=device),
+            torch.tensor([starts[i + 1] - starts[i] for i in range(nd, count)], device=device),
+        )
+        key_seq = torch.repeat_interleave(torch.arange(count - nd, device=device), torch.tensor(lens, device=device))
+        key_pos = torch.cat([torch.arange(length, device=device) for length in lens])
+        query_pos = positions[starts[nd]:]
+        metadata.prefill_context_slots = torch.cat(slots)
+        metadata.prefill_mask = (query_seq[:, None] == key_seq[None, :]) & (key_pos[None, :] <= query_pos[:, None])
 
     @torch.inference_mode()
     def execute(

@@ -40,6 +40,10 @@ class AttentionMetadata:
     # Static context width for decode attention (CUDA graphs need fixed shapes); None: the
     # longest decode context in this batch.
     decode_max_seq_len: int | None = None
+    # Batched prefill (GPU): the cache slots of every prefill sequence's whole context,
+    # concatenated, and the [prefill query tokens, context tokens] mask of who sees whom.
+    prefill_context_slots: torch.Tensor | None = None
+    prefill_mask: torch.Tensor | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -114,6 +118,26 @@ def prefill_attention(
     return out.squeeze(0).transpose(0, 1)
 
 
+def batched_prefill_attention(
+    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_slots: torch.Tensor,
+    mask: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """All prefill chunks of a step in one attention call: the contexts are gathered into
+    one flat sequence and a mask keeps each query to its own sequence, causally."""
+    num_heads = query.shape[1]
+    keys = k_cache.reshape(-1, *k_cache.shape[2:]).index_select(0, context_slots).to(query.dtype)
+    values = v_cache.reshape(-1, *v_cache.shape[2:]).index_select(0, context_slots).to(query.dtype)
+    group = num_heads // keys.shape[1]
+    if group > 1:  # expand K/V heads so the memory-efficient kernel (which takes a mask) applies
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    out = F.scaled_dot_product_attention(
+        query.transpose(0, 1).unsqueeze(0), keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask, scale=scale,
+    )
+    return out.squeeze(0).transpose(0, 1)
+
+
 def _is_power_of_two(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
@@ -147,6 +171,12 @@ def paged_attention(
             metadata.decode_max_seq_len or max(metadata.seq_lens_host[:nd]), scale,
         )
     starts = metadata.query_start_loc
+    if metadata.prefill_context_slots is not None and nd < metadata.num_seqs:
+        begin = starts[nd]
+        output[begin:] = batched_prefill_attention(
+            query[begin:], k_cache, v_cache, metadata.prefill_context_slots, metadata.prefill_mask, scale
+        )
+        return output
     for i in range(nd, metadata.num_seqs):
         begin, end = starts[i], starts[i + 1]
         length = metadata.seq_lens_host[i]
