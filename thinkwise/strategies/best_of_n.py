@@ -30,6 +30,9 @@ async def best_of_n(backend: LocalBackend, prompt_ids: list[int], prompt_text: s
     samples, cost = await sample_to_completion(backend, prompt_ids, replace(params, n=n), extract)
 
     def score_all() -> list[float]:
+        if hasattr(verifier, "score_many"):  # sandboxes run in parallel, reward models batch
+            scores = verifier.score_many(prompt_text, [s.text for s in samples], [s.answer for s in samples])
+            return [float(x) for x in scores]
         return [float(verifier.score(prompt_text, s.text, s.answer)) for s in samples]
 
     for sample, score in zip(samples, await asyncio.to_thread(score_all)):
