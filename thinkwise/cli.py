@@ -1,4 +1,4 @@
-"""Command line: `thinkwise generate ...`, `thinkwise solve ...` (and `serve`).
+"""Command line: `thinkwise generate ...`, `thinkwise solve ...` and `thinkwise serve ...`.
 
 Parses arguments, builds the engine through the same `LLM` API users call, and prints
 completions (or JSON with token counts). Mistakes a user can make end with a one-line
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from thinkwise.errors import ThinkwiseError
@@ -65,6 +66,23 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument("--raw", action="store_true", help="do not wrap the question in the chat template")
     solve.add_argument("--json", action="store_true", help="print the whole Answer as JSON")
     solve.add_argument("question", help="the question ('-' reads standard input)")
+
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
+    _add_engine_arguments(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
+    serve.add_argument("--api-key", default=os.environ.get("THINKWISE_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 (default: $THINKWISE_API_KEY, else none)")
+    serve.add_argument("--served-model-name", action="append", default=None,
+                       help="name clients use as 'model' (repeatable; default: the model's name and --model)")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=None,
+                       help="CUDA: share of free memory for the KV cache (instead of --kv-blocks)")
+    serve.add_argument("--max-n", type=int, default=16, help="most samples (n) per prompt")
+    serve.add_argument("--max-queue", type=int, default=1024,
+                       help="sequences that may wait beyond --max-num-seqs; past that, requests get 429")
+    serve.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--no-access-log", action="store_true", help="do not log every HTTP request")
     return parser
 
 
@@ -121,6 +139,33 @@ def _solve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from thinkwise import LLM
+    from thinkwise.errors import InvalidParameterError
+    from thinkwise.server import ServerSettings, run_server
+
+    options = _engine_options(args)
+    if args.gpu_memory_utilization is not None:
+        if args.kv_blocks is not None:
+            raise InvalidParameterError("give --kv-blocks or --gpu-memory-utilization, not both",
+                                        param="gpu_memory_utilization")
+        options["gpu_memory_utilization"] = args.gpu_memory_utilization
+    for name in ("max_n", "max_body_mb"):
+        if getattr(args, name) <= 0:
+            raise InvalidParameterError(f"--{name.replace('_', '-')} must be > 0", param=name)
+    if args.max_queue < 0:
+        raise InvalidParameterError("--max-queue must be >= 0", param="max_queue")
+    llm = LLM(args.model, progress=True, **options)
+    names = args.served_model_name
+    if not names:
+        names = list(dict.fromkeys([llm.engine.model_name, args.model]))
+    settings = ServerSettings(served_model_names=names, api_key=args.api_key or None, max_n=args.max_n,
+                              max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    run_server(llm, settings, host=args.host, port=args.port, log_level=args.log_level,
+               access_log=not args.no_access_log)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -128,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             return _generate(args)
         if args.command == "solve":
             return _solve(args)
+        if args.command == "serve":
+            return _serve(args)
     except ThinkwiseError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2

@@ -181,14 +181,29 @@ class AsyncEngine:
                 by_request.setdefault(event.request_id, StreamItem(event.request_id)).events.append(event)
             for output in result.finished:
                 by_request.setdefault(output.request_id, StreamItem(output.request_id)).final = output
+            # One wake-up per consumer loop per step, not one per request: with many
+            # streams, per-request call_soon_threadsafe costs the serving loop dearly.
+            batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StreamItem]]] = {}
             for request_id, item in by_request.items():
-                self._deliver(request_id, item, close=item.final is not None)
+                target = self._streams.pop(request_id, None) if item.final is not None else self._streams.get(request_id)
+                if target is not None:
+                    batches.setdefault(target[0], []).append((target[1], item))
+            for loop, batch in batches.items():
+                try:
+                    loop.call_soon_threadsafe(_put_all, batch)
+                except RuntimeError:  # the consumer's event loop is closed: nobody is listening
+                    pass
         # Drain commands so no awaiting caller hangs forever.
         while True:
             try:
                 self._commands.get_nowait()()
             except queue.Empty:
                 break
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, StreamItem]]) -> None:
+    for stream, item in batch:
+        stream.put_nowait(item)
 
 
 def _set_result(future: asyncio.Future, value: Any) -> None:

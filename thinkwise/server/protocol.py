@@ -1,0 +1,295 @@
+"""The OpenAI wire format: pydantic models of what the server accepts and returns.
+
+Request models are strict (a string is not a number, a number is not a string) and
+forbid unknown fields, so a typo or an unsupported OpenAI feature is answered with a
+400 that names the field instead of being silently ignored; the same models generate
+the OpenAPI schema, so the schema states exactly what is accepted. Fields OpenAI
+defines but thinkwise cannot honour (penalties, logit bias, tools, ...) are declared
+so that their neutral values pass and anything else is refused by the serving layer
+with a message. Response models document the JSON the server writes; the hot streaming
+path builds the same shapes as plain dicts (see `streaming.py`), and tests validate
+those chunks against these models.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from annotated_types import Ge
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _integral(value: Any) -> Any:
+    # JSON Schema's "integer" includes 16.0; strict pydantic would not. Strings and bools stay refused.
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)
+    return value
+
+
+def _unsupported_unless_zero(value: float) -> float:
+    if value != 0:
+        raise ValueError("is not supported by thinkwise; leave it unset or 0")
+    return value
+
+
+def _unsupported_unless_empty(value: dict) -> dict:
+    if value:
+        raise ValueError("is not supported by thinkwise; leave it unset or empty")
+    return value
+
+
+_AS_INT = BeforeValidator(_integral)
+# OpenAI's penalties: declared so that clients sending the neutral value work; only 0 is accepted.
+ZeroOnly = Annotated[float, AfterValidator(_unsupported_unless_zero),
+                     WithJsonSchema({"type": "number", "minimum": 0, "maximum": 0,
+                                     "description": "not supported by thinkwise: only 0"})]
+EmptyOnly = Annotated[dict[str, float], AfterValidator(_unsupported_unless_empty),
+                      WithJsonSchema({"type": "object", "maxProperties": 0,
+                                      "description": "not supported by thinkwise: only {}"})]
+
+NonEmptyStr = Annotated[str, Field(min_length=1)]
+StopField = NonEmptyStr | Annotated[list[NonEmptyStr], Field(max_length=16)] | None
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool | None = False
+
+
+class TextContentPart(StrictModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(StrictModel):
+    """One message of a conversation; content is text or a list of text parts."""
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+    # What OpenAI returns on an assistant message, so a response can be sent back as
+    # history; only their empty values are accepted (thinkwise has no tool calls).
+    refusal: str | None = None
+    tool_calls: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
+    tool_call_id: str | None = None
+    function_call: None = None
+    audio: None = None
+    annotations: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text"]
+
+
+class _SamplingFields(StrictModel):
+    """Fields shared by chat and completions requests."""
+
+    model: str
+    max_tokens: Annotated[int, Field(ge=1), _AS_INT] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
+    n: Annotated[int, Field(ge=1), _AS_INT] | None = None
+    stop: StopField = None
+    seed: Annotated[int, Field(ge=_INT64_MIN, le=_INT64_MAX), _AS_INT] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    presence_penalty: ZeroOnly | None = None
+    frequency_penalty: ZeroOnly | None = None
+    logit_bias: EmptyOnly | None = None
+    # Extensions in the vLLM vocabulary.
+    top_k: Annotated[int, Field(ge=-1), _AS_INT] | None = None
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    min_tokens: Annotated[int, Field(ge=0), _AS_INT] | None = None
+    ignore_eos: bool | None = False
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1), _AS_INT] | None = None
+    logprobs: bool | None = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20), _AS_INT] | None = None
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+
+PromptField = (
+    str
+    | Annotated[list[str], Field(min_length=1, max_length=64)]
+    | Annotated[list[Annotated[int, Ge(0), _AS_INT]], Field(min_length=1)]
+    | Annotated[list[Annotated[list[Annotated[int, Ge(0), _AS_INT]], Field(min_length=1)]], Field(min_length=1, max_length=64)]
+)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: PromptField
+    logprobs: Annotated[int, Field(ge=0, le=20), _AS_INT] | None = None
+    echo: bool | None = False
+    best_of: Annotated[int, Field(ge=1, le=1, description="only 1: use n, or thinkwise's strategies"), _AS_INT] | None = None
+    suffix: None = None
+
+
+# ---------------------------------------------------------------------- responses
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None  # "stop", "length" (or "abort" if the server shut down mid-way)
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None = None
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """A completion; streamed, each `data:` event has this shape with partial text and usage null."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "thinkwise"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class EngineHealth(BaseModel):
+    running_sequences: int
+    waiting_sequences: int
+    kv_blocks_total: int
+    kv_blocks_free: int
+    kv_blocks_used: int
+    steps: int
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "error"]
+    model: str
+    requests_in_flight: int
+    sequences_in_flight: int
+    engine: EngineHealth | None = None
+    error: str | None = None
