@@ -40,9 +40,14 @@ def test_majority_and_short_m_on_arithmetic(llm):
         voters = [s for s in sh.samples if s.finish_reason == "stop"]
         assert sum(sh.votes.values()) == min(2, len(voters))
         assert sh.cost.decode_tokens == sum(s.num_tokens for s in sh.samples)
-    aborted = sum(a.cost.aborted_samples for a in short)
-    assert aborted > 0
-    assert sum(a.cost.decode_tokens for a in short) < sum(a.cost.decode_tokens for a in majority)
+    # short-2@4 stopped samples early. (Comparing its token total with majority's across two
+    # runs is not meaningful here: in bf16 the samples themselves differ between runs, since
+    # batch composition depends on timing and GEMM rounding on batch size. The fp32 tiny-model
+    # test compares the same samples and asserts the saving.)
+    assert sum(a.cost.aborted_samples for a in short) > 0
+    for sh in short:
+        aborted = [s for s in sh.samples if s.finish_reason == "abort"]
+        assert all(s.num_tokens < params.max_tokens for s in aborted)
     assert any(a.answer in ("14", "27") for a in majority)
 
 
