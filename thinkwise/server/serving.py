@@ -154,7 +154,8 @@ class EngineRun:
             task.cancel()
         unfinished = [rid for rid, final in zip(self.engine_ids, self.finals) if final is None]
         if unfinished:
-            self.metrics.aborted.inc()
+            if self.async_engine.is_running:  # else the engine died, which is not the client's doing
+                self.metrics.aborted.inc()
             for rid in unfinished:
                 try:
                     await self.async_engine.abort(rid)

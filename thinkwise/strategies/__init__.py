@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from functools import partial
+from typing import Callable
 
 from thinkwise.engine.sampling_params import SamplingParams
 from thinkwise.errors import InvalidParameterError
@@ -72,12 +73,14 @@ async def run_strategy(
     params: SamplingParams,
     *,
     prompt_text: str = "",
-    extract: str = "auto",
+    extract: str | Callable[[str], str | None] = "auto",
     verifier=None,
 ) -> Answer:
+    """Run one strategy; `extract` is a method name of `extract_answer` or a callable
+    (e.g. a task family's canonical-answer extractor) mapping a sample's text to its vote."""
     from thinkwise.strategies import best_of_n, budget, voting
 
-    extractor = partial(extract_answer, method=extract)
+    extractor = extract if callable(extract) else partial(extract_answer, method=extract)
     if spec.kind == "greedy":
         clock = Stopwatch()
         samples, cost = await sample_to_completion(backend, prompt_ids, replace(params, n=1, temperature=0.0), extractor)
