@@ -62,3 +62,20 @@ def test_batched_prefill_matches_per_sequence_prefill(tiny_llama):
     assert batched == looped
     for prompt, tokens in zip(prompts, batched):
         assert tokens == reference_greedy(reference, prompt, 20)
+
+
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_cascade_and_unified_max_do_not_change_outputs(tiny_llama, cuda_graphs):
+    directory, _ = tiny_llama
+    prompt = [256] + list(range(10, 80))
+    params = SamplingParams(n=6, temperature=1.0, seed=11, max_tokens=40, ignore_eos=True)
+    common = dict(device="cuda", dtype="float32", block_size=4, num_kv_blocks=512, cuda_graphs=cuda_graphs)
+    plain = LLM(str(directory), unified_max_softmax=False, cascade_min_shared_tokens=None, **common)
+    fast = LLM(str(directory), cascade_min_shared_tokens=8, **common)
+    assert fast.engine.runner.unified_max is not None
+    assert "phi" in fast.engine.run_metadata["unified_max_softmax"]
+    expected = [o.token_ids for o in plain.generate(prompt, params)[0].outputs]
+    got = [o.token_ids for o in fast.generate(prompt, params)[0].outputs]
+    assert got == expected
+    if cuda_graphs:
+        assert any(key[2] for key in fast.engine.runner.graph_decoder.graphs)  # cascade graphs were used

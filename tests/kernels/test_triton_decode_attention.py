@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from thinkwise.kernels.paged_attention import decode_attention
+from thinkwise.kernels.paged_attention import decode_attention, pack_prefix_groups
 from thinkwise.kernels import triton_decode_attention as tda
 
 pytestmark = pytest.mark.skipif(not tda.HAVE_TRITON, reason="triton is not installed")
@@ -61,3 +61,98 @@ def test_matches_reference_on_gpu(case, dtype):
     got = tda.triton_decode_attention(q, k, v, tables, seq_lens, max(lens), head_dim**-0.5).float()
     rel = ((got - expected).norm() / expected.norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def shared_prefix_case(members, prefix_len, suffix_lens, heads, kv_heads, head_dim, block_size, dtype, device, seed=1):
+    """Rows 0..members-1 share the first prefix_len tokens' blocks (as forked samples do);
+    row `members` is an unrelated sequence."""
+    g = torch.Generator().manual_seed(seed)
+    prefix_blocks = prefix_len // block_size
+    lens = [prefix_len + s for s in suffix_lens] + [prefix_len // 2 + 5]
+    own = [(n - prefix_len + block_size - 1) // block_size for n in lens[:-1]] + [(lens[-1] + block_size - 1) // block_size]
+    num_blocks = prefix_blocks + sum(own) + 2
+    order = torch.randperm(num_blocks, generator=g).tolist()
+    shared, cursor = order[:prefix_blocks], prefix_blocks
+    width = max(prefix_blocks + o for o in own)
+    tables = torch.zeros(members + 1, width, dtype=torch.long)
+    for row in range(members + 1):
+        table = (shared if row < members else []) + order[cursor:cursor + own[row]]
+        cursor += own[row]
+        tables[row, :len(table)] = torch.tensor(table)
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype).to(device)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype).to(device)
+    query = torch.randn(members + 1, heads, head_dim, generator=g).to(dtype).to(device)
+    prefix = pack_prefix_groups([list(range(members))], [prefix_len], members + 1, device)
+    return query, k_cache, v_cache, tables.to(device), torch.tensor(lens, device=device), prefix
+
+
+def interpreter_only():
+    if torch.cuda.is_available():
+        pytest.skip("the GPU module covers CUDA")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("set TRITON_INTERPRET=1 (the test suite's conftest does) to run Triton on CPU")
+
+
+def test_cascade_reference_equals_plain_attention():
+    q, k, v, tables, lens, prefix = shared_prefix_case(3, 32, [1, 9, 17], 4, 2, 16, 4, torch.float32, "cpu")
+    scale = 0.25
+    plain = decode_attention(q, k, v, tables, lens, int(lens.max()), scale)
+    cascade = decode_attention(q, k, v, tables, lens, int(lens.max()), scale, prefix=prefix)
+    assert (plain - cascade).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("unified", [False, True])
+def test_cascade_kernel_matches_reference_in_interpreter(unified):
+    interpreter_only()
+    q, k, v, tables, lens, prefix = shared_prefix_case(3, 32, [1, 9, 17], 4, 2, 16, 4, torch.float32, "cpu")
+    scale = 0.25
+    expected = decode_attention(q, k, v, tables, lens, int(lens.max()), scale)
+    got = tda.triton_decode_attention(q, k, v, tables, lens, int(lens.max()), scale, prefix=prefix,
+                                      unified_max=0.0 if unified else None)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_unified_max_matches_and_falls_back_in_interpreter():
+    interpreter_only()
+    batch, heads, kv_heads, head_dim, block_size, lens = 4, 4, 2, 16, 4, [5, 37, 70, 20]
+    q, k, v, tables, seq_lens = make_case(batch, heads, kv_heads, head_dim, block_size, lens, torch.float32, "cpu")
+    scale = head_dim**-0.5
+    q[1] *= 200.0  # row 1's scores rise far above phi: exp would overflow, so it must fall back
+    expected = decode_attention(q, k, v, tables, seq_lens, max(lens), scale)
+    flags = torch.zeros(batch, heads, dtype=torch.int32)
+    got = tda.triton_decode_attention(q, k, v, tables, seq_lens, max(lens), scale, unified_max=0.0,
+                                      fallback_flags=flags)
+    assert torch.isfinite(got).all()
+    assert (got - expected).abs().max().item() < 1e-4
+    assert flags[1].all() and not flags[[0, 2, 3]].any()
+    # phi far above the ordinary rows' scores: they would underflow, so they take the exact path.
+    got = tda.triton_decode_attention(q, k, v, tables, seq_lens, max(lens), scale, unified_max=500.0,
+                                      fallback_flags=flags)
+    assert (got - expected).abs().max().item() < 1e-4
+    assert flags[[0, 2, 3]].all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("members,prefix_len,group", [(16, 4096, 4), (5, 512, 2), (20, 1024, 1)])
+def test_cascade_and_unified_on_gpu(dtype, members, prefix_len, group):
+    kv_heads = 8 if group > 1 else 4
+    q, k, v, tables, lens, prefix = shared_prefix_case(members, prefix_len, [1 + 7 * i for i in range(members)],
+                                                      kv_heads * group, kv_heads, 128, 16, dtype, "cuda")
+    scale = 128**-0.5
+    expected = decode_attention(q.float(), k.float(), v.float(), tables, lens, int(lens.max()), scale)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    for unified in (None, 0.0):
+        flags = torch.zeros(q.shape[0], q.shape[1], dtype=torch.int32, device="cuda")
+        for groups in (None, prefix):
+            got = tda.triton_decode_attention(q, k, v, tables, lens, int(lens.max()), scale, unified_max=unified,
+                                              prefix=groups, fallback_flags=flags).float()
+            assert ((got - expected).norm() / expected.norm()).item() < tolerance
+        if unified is not None:
+            q_hot = q.clone()
+            q_hot[0] *= 300  # scores far above phi: row 0 takes the exact fallback
+            hot_expected = decode_attention(q_hot.float(), k.float(), v.float(), tables, lens, int(lens.max()), scale)
+            got = tda.triton_decode_attention(q_hot, k, v, tables, lens, int(lens.max()), scale, unified_max=unified,
+                                              prefix=prefix, fallback_flags=flags).float()
+            assert ((got - hot_expected).norm() / hot_expected.norm()).item() < tolerance
+            assert flags[0].all() and not flags[1:].any()

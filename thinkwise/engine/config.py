@@ -26,6 +26,11 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # draws the seeds of unseeded requests
     cuda_graphs: bool = True  # CUDA: replay decode steps as captured graphs
+    # CUDA: FlashDecoding++ unified-max softmax in decode attention, phi calibrated at load.
+    unified_max_softmax: bool = True
+    # CUDA: cascade attention for decode samples sharing at least this many prompt tokens
+    # (None: off). Below it the extra kernel costs more than the saved reads.
+    cascade_min_shared_tokens: int | None = 256
     cpu_gemm_dispatch: bool = True  # CPU: profile torch vs fp32 BLAS per weight shape at start-up
     cpu_torch_threads: int | None = 1  # with dispatch on: PyTorch threads during engine work (BLAS keeps its own)
 

@@ -7,6 +7,8 @@ shapes, so the batch is padded up a ladder of sizes (1, 2, 4, ... 256) and the b
 tables up a ladder of context widths; padding rows write their KV into a scratch block
 that no sequence owns and attend only to it, so they cannot disturb real sequences.
 Graphs are captured lazily the first time a shape is needed and share one memory pool.
+Steps with shared-prefix (cascade) groups use their own graphs, whose group tables are
+sized for the worst case (every group of two) and padded with empty groups.
 """
 
 from __future__ import annotations
@@ -15,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from thinkwise.engine.scheduler import PrefixGroup
 from thinkwise.engine.sequence import Sequence
-from thinkwise.kernels.paged_attention import AttentionMetadata
+from thinkwise.kernels.paged_attention import AttentionMetadata, PrefixGroups, pack_prefix_groups
 
 BATCH_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -37,12 +40,14 @@ class _Graph:
     block_tables: torch.Tensor
     seq_lens: torch.Tensor
     logits: torch.Tensor
+    prefix: PrefixGroups | None = None
 
 
 class CudaGraphDecoder:
     def __init__(self, model, kv_caches, *, block_size: int, scratch_block: int, max_blocks_per_seq: int,
-                 device: torch.device, max_batch: int = 256):
+                 device: torch.device, max_batch: int = 256, unified_max: float | None = None):
         self.model = model
+        self.unified_max = unified_max
         self.kv_caches = kv_caches
         self.block_size = block_size
         self.scratch_block = scratch_block
@@ -55,13 +60,13 @@ class CudaGraphDecoder:
             width *= 2
         widths.append(max_blocks_per_seq)
         self.width_ladder = tuple(widths)
-        self.graphs: dict[tuple[int, int], _Graph] = {}
+        self.graphs: dict[tuple[int, int, bool], _Graph] = {}
         self.pool = None
 
     def supports(self, num_seqs: int, max_blocks: int) -> bool:
         return round_up(num_seqs, self.batch_ladder) is not None and round_up(max_blocks, self.width_ladder) is not None
 
-    def _capture(self, batch: int, width: int) -> _Graph:
+    def _capture(self, batch: int, width: int, cascade: bool) -> _Graph:
         device = self.device
         scratch_slot = self.scratch_block * self.block_size
         input_ids = torch.zeros(batch, dtype=torch.long, device=device)
@@ -72,8 +77,11 @@ class CudaGraphDecoder:
         metadata = AttentionMetadata(
             slot_mapping=slot_mapping, block_tables=block_tables, seq_lens=seq_lens,
             query_start_loc=list(range(batch + 1)), seq_lens_host=[1] * batch, num_decodes=batch,
-            block_size=self.block_size, decode_max_seq_len=width * self.block_size,
+            block_size=self.block_size, decode_max_seq_len=width * self.block_size, unified_max=self.unified_max,
         )
+        if cascade:
+            metadata.prefix_groups = pack_prefix_groups([], [], batch, device, num_groups=max(1, batch // 2),
+                                                        max_prefix_len=width * self.block_size)
 
         def forward() -> torch.Tensor:
             hidden = self.model(input_ids, positions, self.kv_caches, metadata)
@@ -90,14 +98,14 @@ class CudaGraphDecoder:
             logits = forward()
         if self.pool is None:
             self.pool = graph.pool()
-        return _Graph(graph, input_ids, positions, slot_mapping, block_tables, seq_lens, logits)
+        return _Graph(graph, input_ids, positions, slot_mapping, block_tables, seq_lens, logits, metadata.prefix_groups)
 
     @torch.inference_mode()
-    def run(self, sequences: list[Sequence]) -> torch.Tensor:
+    def run(self, sequences: list[Sequence], prefix_groups: list[PrefixGroup] | None = None) -> torch.Tensor:
         """Logits [len(sequences), vocab] for a batch where every sequence computes one token."""
         n = len(sequences)
         max_blocks = max(len(s.block_table) for s in sequences)
-        key = (round_up(n, self.batch_ladder), round_up(max_blocks, self.width_ladder))
+        key = (round_up(n, self.batch_ladder), round_up(max_blocks, self.width_ladder), bool(prefix_groups))
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(*key)
@@ -123,5 +131,11 @@ class CudaGraphDecoder:
         entry.slot_mapping.copy_(staged[2])
         entry.seq_lens.copy_(staged[3])
         entry.block_tables.copy_(host_table.to(self.device, non_blocking=True))
+        if entry.prefix is not None:
+            packed = pack_prefix_groups([g.members for g in prefix_groups], [g.shared_tokens for g in prefix_groups],
+                                        key[0], "cpu", num_groups=entry.prefix.rows.shape[0])
+            entry.prefix.rows.copy_(packed.rows.to(self.device, non_blocking=True))
+            entry.prefix.prefix_lens.copy_(packed.prefix_lens.to(self.device, non_blocking=True))
+            entry.prefix.row_starts.copy_(packed.row_starts.to(self.device, non_blocking=True))
         entry.graph.replay()
         return entry.logits[:n]

@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from thinkwise.engine.scheduler import PrefixGroup
 from thinkwise.engine.sequence import Sequence
-from thinkwise.kernels.paged_attention import AttentionMetadata
+from thinkwise.kernels import paged_attention
+from thinkwise.kernels.paged_attention import AttentionMetadata, pack_prefix_groups
 from thinkwise.loading.config import ModelConfig
+
+CALIBRATION_PROMPTS = 4
+CALIBRATION_TOKENS = 256
 
 
 def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
@@ -34,6 +39,7 @@ class ModelRunner:
         max_model_len: int = 0,
         cuda_graphs: bool = True,
         max_num_seqs: int = 256,
+        unified_max_softmax: bool = False,
     ):
         self.model = model
         self.config = config
@@ -48,6 +54,11 @@ class ModelRunner:
             dtype=dtype, device=device,
         )
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(config.num_layers)]
+        # Only the Triton decode kernel uses phi; the PyTorch path is exact without it.
+        self.unified_max: float | None = None
+        self.unified_max_stats: dict | None = None
+        if unified_max_softmax and device.type == "cuda":
+            self.unified_max, self.unified_max_stats = self.calibrate_unified_max()
         self.graph_decoder = None
         if cuda_graphs and device.type == "cuda":
             from thinkwise.engine.cuda_graphs import CudaGraphDecoder
@@ -55,8 +66,51 @@ class ModelRunner:
             self.graph_decoder = CudaGraphDecoder(
                 model, self.kv_caches, block_size=block_size, scratch_block=num_blocks,
                 max_blocks_per_seq=max(1, (max_model_len + block_size - 1) // block_size), device=device,
-                max_batch=max_num_seqs,
+                max_batch=max_num_seqs, unified_max=self.unified_max,
             )
+
+    @torch.inference_mode()
+    def calibrate_unified_max(self, seed: int = 0) -> tuple[float, dict]:
+        """FlashDecoding++'s phi for this model: the median of the per-row maximum attention
+        scores over calibration prompts (random token ids, so nothing is downloaded).
+
+        Rows whose maximum lands more than the kernel's window away from phi are recomputed
+        exactly at run time, so phi only has to be typical, not a bound. The cache is empty
+        at load time; the calibration writes into its first blocks, which are later reused.
+        """
+        from thinkwise.kernels.triton_decode_attention import UNIFIED_WINDOW
+
+        generator = torch.Generator().manual_seed(seed)
+        tokens = min(CALIBRATION_TOKENS, self.num_blocks * self.block_size // CALIBRATION_PROMPTS)
+        if tokens < 2:
+            return None, None
+        blocks_per_prompt = (tokens + self.block_size - 1) // self.block_size
+        paged_attention.score_recorder = recorded = []
+        try:
+            for prompt in range(CALIBRATION_PROMPTS):
+                ids = torch.randint(0, self.config.vocab_size, (tokens,), generator=generator)
+                table = list(range(prompt * blocks_per_prompt, (prompt + 1) * blocks_per_prompt))
+                positions = torch.arange(tokens)
+                metadata = AttentionMetadata(
+                    slot_mapping=torch.tensor([table[p // self.block_size] * self.block_size + p % self.block_size
+                                               for p in range(tokens)], device=self.device),
+                    block_tables=torch.tensor([table], device=self.device),
+                    seq_lens=torch.tensor([tokens], device=self.device),
+                    query_start_loc=[0, tokens], seq_lens_host=[tokens], num_decodes=0, block_size=self.block_size,
+                )
+                self.model(ids.to(self.device), positions.to(self.device), self.kv_caches, metadata)
+        finally:
+            paged_attention.score_recorder = None
+        row_max = torch.cat(recorded)
+        phi = float(row_max.median())
+        low, high = UNIFIED_WINDOW.get(self.dtype, (-8.0, 10.0))
+        outside = ((row_max - phi < low) | (row_max - phi > high)).float().mean().item()
+        quantiles = torch.quantile(row_max[:: max(1, row_max.numel() // 100_000)],
+                                   torch.tensor([0.0001, 0.5, 0.9999])).tolist()
+        stats = {"phi": round(phi, 4), "window": [low, high], "calibration_rows": row_max.numel(),
+                 "row_max_q0.0001_q0.5_q0.9999": [round(q, 3) for q in quantiles],
+                 "calibration_rows_outside_window": outside}
+        return phi, stats
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
@@ -65,7 +119,8 @@ class ModelRunner:
         dst = torch.tensor([d for _, d in copies], device=self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
-    def prepare(self, sequences: list[Sequence], num_new_tokens: list[int]):
+    def prepare(self, sequences: list[Sequence], num_new_tokens: list[int],
+                prefix_groups: list[PrefixGroup] | None = None):
         """Flat inputs and attention metadata; returns the permutation used (decodes first)."""
         order = sorted(range(len(sequences)), key=lambda i: num_new_tokens[i] != 1)
         bs = self.block_size
@@ -97,7 +152,13 @@ class ModelRunner:
             seq_lens_host=seq_lens,
             num_decodes=sum(1 for i in order if num_new_tokens[i] == 1),
             block_size=bs,
+            unified_max=self.unified_max,
         )
+        if prefix_groups:
+            row_of = {index: row for row, index in enumerate(order)}
+            metadata.prefix_groups = pack_prefix_groups(
+                [[row_of[i] for i in group.members] for group in prefix_groups],
+                [group.shared_tokens for group in prefix_groups], metadata.num_decodes, device)
         inputs = torch.tensor(input_ids, dtype=torch.long, device=device)
         pos = torch.tensor(positions, dtype=torch.long, device=device)
         if device.type == "cuda":
@@ -135,16 +196,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(
-        self, sequences: list[Sequence], num_new_tokens: list[int], sample: list[bool], copies: list[tuple[int, int]]
+        self, sequences: list[Sequence], num_new_tokens: list[int], sample: list[bool], copies: list[tuple[int, int]],
+        prefix_groups: list[PrefixGroup] | None = None,
     ) -> torch.Tensor:
         """Run the step; logits [num_sampled, vocab] (fp32) in the order of `sequences`
-        filtered by `sample`."""
+        filtered by `sample`. `prefix_groups` (decode rows sharing prompt blocks) turn on
+        cascade attention for them."""
         self.copy_blocks(copies)
         decoder = self.graph_decoder
         if (decoder is not None and all(n == 1 for n in num_new_tokens) and all(sample)
                 and decoder.supports(len(sequences), max(len(s.block_table) for s in sequences))):
-            return decoder.run(sequences)
-        inputs, positions, metadata, order = self.prepare(sequences, num_new_tokens)
+            return decoder.run(sequences, prefix_groups)
+        inputs, positions, metadata, order = self.prepare(sequences, num_new_tokens, prefix_groups)
         hidden = self.model(inputs, positions, self.kv_caches, metadata)
         # Row of each sequence's last token in the flat (reordered) batch.
         last_row = {}

@@ -22,6 +22,51 @@ import torch.nn.functional as F
 ATTENTION_BACKEND = os.environ.get("THINKWISE_ATTENTION", "auto")
 
 
+MAX_GROUP_MEMBERS = 16  # rows of one cascade group (more samples form more groups)
+
+
+@dataclass
+class PrefixGroups:
+    """Decode rows grouped by a shared, block-aligned prompt prefix (cascade attention).
+
+    `rows[g]` lists group g's rows of the decode batch (padded with -1, at most
+    MAX_GROUP_MEMBERS); `prefix_lens[g]` is its shared prefix in tokens; `row_starts[b]` is
+    where row b's own suffix begins (0 for rows in no group). `max_prefix_len` is a host
+    bound on the prefix lengths (static under CUDA graphs) that sizes the kernel's grid.
+    """
+
+    rows: torch.Tensor  # [G, MAX_GROUP_MEMBERS] int64
+    prefix_lens: torch.Tensor  # [G] int64
+    row_starts: torch.Tensor  # [B] int64
+    max_prefix_len: int
+
+
+def pack_prefix_groups(groups: list[list[int]], prefix_lens: list[int], batch: int, device,
+                       num_groups: int | None = None, max_prefix_len: int | None = None) -> PrefixGroups:
+    """Tensors for `PrefixGroups` from host lists: the decode rows of each group and its shared
+    prefix length (tokens). Groups longer than MAX_GROUP_MEMBERS are split. `num_groups` and
+    `max_prefix_len` pad to static sizes (CUDA graphs)."""
+    rows: list[list[int]] = []
+    lens: list[int] = []
+    starts = [0] * batch
+    for members, length in zip(groups, prefix_lens):
+        for i in range(0, len(members), MAX_GROUP_MEMBERS):
+            chunk = members[i:i + MAX_GROUP_MEMBERS]
+            rows.append(chunk + [-1] * (MAX_GROUP_MEMBERS - len(chunk)))
+            lens.append(length)
+            for row in chunk:
+                starts[row] = length
+    total = max(num_groups or 0, len(rows), 1)
+    rows += [[-1] * MAX_GROUP_MEMBERS] * (total - len(rows))
+    lens += [0] * (total - len(lens))
+    return PrefixGroups(
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        prefix_lens=torch.tensor(lens, dtype=torch.long, device=device),
+        row_starts=torch.tensor(starts, dtype=torch.long, device=device),
+        max_prefix_len=max_prefix_len if max_prefix_len is not None else max(lens),
+    )
+
+
 @dataclass
 class AttentionMetadata:
     """Where each sequence's tokens sit in the flat batch and in the paged cache.
@@ -44,6 +89,10 @@ class AttentionMetadata:
     # concatenated, and the [prefill query tokens, context tokens] mask of who sees whom.
     prefill_context_slots: torch.Tensor | None = None
     prefill_mask: torch.Tensor | None = None
+    # FlashDecoding++ unified max (phi) for decode attention, calibrated per model; None: the
+    # synchronized softmax. Decode rows sharing a prompt prefix, for cascade attention.
+    unified_max: float | None = None
+    prefix_groups: PrefixGroups | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -74,11 +123,16 @@ def decode_attention(
     seq_lens: torch.Tensor,
     max_seq_len: int,
     scale: float,
+    unified_max: float | None = None,
+    prefix: PrefixGroups | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: `query` [B, H, D] -> [B, H, D].
 
     Contexts are gathered into a padded [B, L, Hkv, D] batch and masked past each
-    sequence's length; grouped-query heads attend without repeating K/V.
+    sequence's length; grouped-query heads attend without repeating K/V. The exact
+    softmax is what the kernel's unified max must reproduce, so `unified_max` changes
+    nothing here; with `prefix`, the shared prefix and each row's suffix are attended
+    separately and merged by log-sum-exp, the cascade kernel's math.
     """
     batch, num_heads, head_dim = query.shape
     block_size = k_cache.shape[1]
@@ -93,15 +147,52 @@ def decode_attention(
     positions = torch.arange(num_blocks * block_size, device=query.device)
     invalid = positions[None, :] >= seq_lens[:batch, None]
     scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
+    if prefix is not None:
+        return _cascade_merge(scores, values.to(query.dtype), prefix.row_starts[:batch], positions).reshape(
+            batch, num_heads, head_dim).to(query.dtype)
     probs = torch.softmax(scores, dim=-1).to(query.dtype)
     out = torch.einsum("bhgl,blhd->bhgd", probs, values.to(query.dtype))
     return out.reshape(batch, num_heads, head_dim)
+
+
+def _cascade_merge(scores: torch.Tensor, values: torch.Tensor, starts: torch.Tensor, positions: torch.Tensor):
+    """Attend the prefix [0, start) and the suffix [start, len) apart, merge by log-sum-exp."""
+    in_prefix = (positions[None, :] < starts[:, None])[:, None, None, :]
+    parts = []
+    for mask in (in_prefix, ~in_prefix):
+        part = scores.masked_fill(~mask, float("-inf"))
+        lse = torch.logsumexp(part, dim=-1)  # -inf where a row has no prefix
+        probs = torch.exp(part - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+        parts.append((lse, torch.einsum("bhgl,blhd->bhgd", probs.to(values.dtype), values).float()))
+    (lse_a, out_a), (lse_b, out_b) = parts
+    total = torch.logaddexp(lse_a, lse_b)
+    weight_a = torch.exp(lse_a - total)[..., None]
+    weight_b = torch.exp(lse_b - total)[..., None]
+    return weight_a * out_a + weight_b * out_b
+
+
+# While a list, prefill attention appends each query row's maximum score to it: the
+# statistics `calibrate_unified_max` picks the unified max (phi) from.
+score_recorder: list[torch.Tensor] | None = None
+
+
+def _record_row_max_scores(query: torch.Tensor, keys: torch.Tensor, scale: float) -> None:
+    n, num_heads, head_dim = query.shape
+    length, num_kv_heads = keys.shape[:2]
+    q = query.float().view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    scores = torch.einsum("nhgd,lhd->nhgl", q, keys.float()) * scale
+    query_pos = torch.arange(length - n, length, device=query.device)
+    future = torch.arange(length, device=query.device)[None, :] > query_pos[:, None]
+    scores.masked_fill_(future[:, None, None, :], float("-inf"))
+    score_recorder.append(scores.amax(-1).flatten().cpu())
 
 
 def prefill_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Queries are the last `n` of `L` context tokens: [n, H, D] x [L, Hkv, D] -> [n, H, D]."""
+    if score_recorder is not None:
+        _record_row_max_scores(query, keys, scale)
     n, num_heads, _ = query.shape
     length = keys.shape[0]
     q = query.transpose(0, 1).unsqueeze(0)
@@ -169,6 +260,7 @@ def paged_attention(
         output[:nd] = _decode_backend(query, k_cache)(
             query[:nd], k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
             metadata.decode_max_seq_len or max(metadata.seq_lens_host[:nd]), scale,
+            unified_max=metadata.unified_max, prefix=metadata.prefix_groups,
         )
     starts = metadata.query_start_loc
     if metadata.prefill_context_slots is not None and nd < metadata.num_seqs:

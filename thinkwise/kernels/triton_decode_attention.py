@@ -1,18 +1,35 @@
-"""Paged decode attention in Triton, split-KV (FlashDecoding); twin of `decode_attention`.
+"""Paged decode attention in Triton: split-KV (FlashDecoding), FlashDecoding++'s unified max, cascade.
 
-One program handles one sequence, one KV head (all the query heads of its group at
-once, so grouped-query attention reads each K/V tile once) and one split of the
-context. It walks the split in tiles of at least 16 tokens, gathering each token's
-cache slot through the block table, keeps an online softmax (running max, running sum,
-unnormalised accumulator) and writes its partial result; a second small kernel merges
-the splits by log-sum-exp. Splitting the context gives a single long sequence enough
-programs to fill the GPU. The signature equals the PyTorch reference's, which tests
-compare against (on CPU under TRITON_INTERPRET=1, on the GPU for speed).
+One program of the split kernel handles one sequence, one KV head (all the query heads
+of its group at once, so grouped-query attention reads each K/V tile once) and one
+split of the context, gathering each token's cache slot through the block table; a
+merge kernel combines the splits. Splitting the context gives a single long sequence
+enough programs to fill the GPU.
+
+Two softmax modes. Synchronized: each split keeps a running max, rescales its
+accumulator whenever the max grows, and the merge weights splits by exp(max - top).
+Unified (FlashDecoding++'s asynchronized softmax): softmax is unchanged by subtracting
+any constant, so every split subtracts one per-model value phi, found by profiling
+scores on calibration prompts at load time (`calibrate_unified_max`); splits then
+accumulate sum(exp(s - phi) v) and sum(exp(s - phi)) with no rescaling, and the merge
+just adds them. If a row's scores leave the safe window phi + [LOW, HIGH] (where fp32
+could overflow or everything underflow), the merge kernel recomputes that row exactly
+with the synchronized softmax in the same launch, so no host sync and no extra kernel.
+
+Cascade (shared-prefix) attention for sample groups: forked samples share their
+prompt's KV blocks. `prefix` kernel programs take one group, one KV head and one split
+of the shared prefix, and attend *all* the group's queries to it with one tensor-core
+matmul per tile, so the prefix is read once per group per step; the split kernel then
+covers each sequence's own suffix; the merge combines both by log-sum-exp. Every entry
+point has the signature of its PyTorch twin in `paged_attention`, which tests compare
+against (on CPU under TRITON_INTERPRET=1, on the GPU for speed).
 """
 
 from __future__ import annotations
 
 import torch
+
+from thinkwise.kernels.paged_attention import MAX_GROUP_MEMBERS, PrefixGroups  # noqa: F401
 
 try:
     import triton
@@ -23,82 +40,192 @@ except ImportError:  # CPU-only installs: the PyTorch reference runs instead
 
 HAVE_TRITON = triton is not None
 
+# The unified-max safe window (scores minus phi): within it, exp() neither overflows fp32
+# when summed over a long context nor underflows to nothing; outside it, the exact fallback.
+UNIFIED_WINDOW = {torch.float32: (-60.0, 60.0), torch.bfloat16: (-60.0, 60.0), torch.float16: (-8.0, 10.0)}
+
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _decode_split_kernel(
-        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, acc_ptr, max_ptr, sum_ptr,
-        scale, tiles_per_split,
-        stride_qb, stride_qh,
-        stride_kblock, stride_ktok, stride_khead,
-        stride_tb,
-        stride_ab, stride_ah, stride_as,
-        stride_mb, stride_mh,
-        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-        BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr,
-    ):
-        b = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        split = tl.program_id(2)
-        seq_len = tl.load(lens_ptr + b)
-        g = tl.arange(0, GROUP_PAD)
+    def _attend_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table_row_ptr, first_pos, end_pos, phi,
+                      stride_kblock, stride_ktok, kv_head_offset, scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+                      IEEE: tl.constexpr, UNIFIED: tl.constexpr):
+        """Online softmax of queries `q` [R, D] over context positions [first_pos, end_pos)."""
         d = tl.arange(0, HEAD_DIM)
         t = tl.arange(0, TILE)
-        heads = kv_head * GROUP + g
-        head_ok = g < GROUP
-        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=head_ok[:, None], other=0.0)
-        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        num_tiles = tl.cdiv(seq_len, TILE)
-        first = split * tiles_per_split
-        last = tl.minimum(first + tiles_per_split, num_tiles)
-        for tile in range(first, last):
-            pos = tile * TILE + t
-            valid = pos < seq_len
-            block_ids = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0)
-            offsets = block_ids * stride_kblock + (pos % BLOCK_SIZE) * stride_ktok + kv_head * stride_khead
+        for start in range(first_pos, end_pos, TILE):
+            pos = start + t
+            valid = pos < end_pos
+            block_ids = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
+            offsets = block_ids * stride_kblock + (pos % BLOCK_SIZE) * stride_ktok + kv_head_offset
             k = tl.load(k_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
             if IEEE:
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 scores = tl.dot(q, tl.trans(k))
             scores = tl.where(valid[None, :], scores * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            p = tl.exp(scores - m_new[:, None])
-            alpha = tl.exp(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            if UNIFIED:
+                # No rescaling: every tile of every split subtracts the same phi. The max is
+                # kept only to detect rows that leave the safe window.
+                m_i = tl.maximum(m_i, tl.max(scores, 1))
+                p = tl.exp(scores - phi)
+                l_i += tl.sum(p, 1)
+                if IEEE:
+                    acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                else:
+                    acc += tl.dot(p.to(v.dtype), v)
             else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
-        out = acc_ptr + b * stride_ab + heads[:, None] * stride_ah + split * stride_as + d[None, :]
+                m_new = tl.maximum(m_i, tl.max(scores, 1))
+                # A row that has seen only masked positions keeps max -inf; use 0 to avoid inf - inf.
+                m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+                p = tl.exp(scores - m_safe[:, None])
+                alpha = tl.exp(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                if IEEE:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                else:
+                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, starts_ptr, acc_ptr, max_ptr, sum_ptr,
+        scale, phi, tiles_per_split, split_offset,
+        stride_qb, stride_qh,
+        stride_kblock, stride_ktok, stride_khead,
+        stride_tb,
+        stride_ab, stride_ah, stride_as,
+        stride_mb, stride_mh,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, UNIFIED: tl.constexpr,
+        HAS_STARTS: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        seq_len = tl.load(lens_ptr + b)
+        # Cascade: the shared prefix [0, start) is attended by the prefix kernel.
+        seq_start = tl.load(starts_ptr + b) if HAS_STARTS else 0
+        g = tl.arange(0, GROUP_PAD)
+        d = tl.arange(0, HEAD_DIM)
+        heads = kv_head * GROUP + g
+        head_ok = g < GROUP
+        q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=head_ok[:, None], other=0.0)
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        first = seq_start + split * tiles_per_split * TILE
+        last = tl.minimum(first + tiles_per_split * TILE, seq_len)
+        m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, tables_ptr + b * stride_tb, first, last, phi,
+                                      stride_kblock, stride_ktok, kv_head * stride_khead, scale,
+                                      HEAD_DIM, BLOCK_SIZE, TILE, IEEE, UNIFIED)
+        slot = split_offset + split
+        out = acc_ptr + b * stride_ab + heads[:, None] * stride_ah + slot * stride_as + d[None, :]
         tl.store(out, acc, mask=head_ok[:, None])
-        tl.store(max_ptr + b * stride_mb + heads * stride_mh + split, m_i, mask=head_ok)
-        tl.store(sum_ptr + b * stride_mb + heads * stride_mh + split, l_i, mask=head_ok)
+        tl.store(max_ptr + b * stride_mb + heads * stride_mh + slot, m_i, mask=head_ok)
+        tl.store(sum_ptr + b * stride_mb + heads * stride_mh + slot, l_i, mask=head_ok)
+
+    @triton.jit
+    def _prefix_kernel(
+        q_ptr, k_ptr, v_ptr, tables_ptr, group_rows_ptr, group_lens_ptr, acc_ptr, max_ptr, sum_ptr,
+        scale, phi, tiles_per_split,
+        stride_qb, stride_qh,
+        stride_kblock, stride_ktok, stride_khead,
+        stride_tb, stride_gr,
+        stride_ab, stride_ah, stride_as,
+        stride_mb, stride_mh,
+        GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MEMBERS: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, UNIFIED: tl.constexpr,
+    ):
+        """All queries of one sample group against its shared prefix: one read of the prefix."""
+        group_id = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        prefix_len = tl.load(group_lens_ptr + group_id)
+        i = tl.arange(0, MEMBERS * GROUP_PAD)
+        member = i // GROUP_PAD
+        head = kv_head * GROUP + i % GROUP_PAD
+        rows = tl.load(group_rows_ptr + group_id * stride_gr + member)
+        ok = (rows >= 0) & (i % GROUP_PAD < GROUP)
+        rows = tl.where(ok, rows, 0)
+        d = tl.arange(0, HEAD_DIM)
+        q = tl.load(q_ptr + rows[:, None] * stride_qb + head[:, None] * stride_qh + d[None, :], mask=ok[:, None],
+                    other=0.0)
+        m_i = tl.full([MEMBERS * GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([MEMBERS * GROUP_PAD], tl.float32)
+        acc = tl.zeros([MEMBERS * GROUP_PAD, HEAD_DIM], tl.float32)
+        first = split * tiles_per_split * TILE
+        last = tl.minimum(first + tiles_per_split * TILE, prefix_len)
+        # Every member's table starts with the same prefix blocks; read them through the first.
+        first_row = tl.load(group_rows_ptr + group_id * stride_gr)
+        m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, tables_ptr + first_row * stride_tb, first, last,
+                                      phi, stride_kblock, stride_ktok, kv_head * stride_khead, scale,
+                                      HEAD_DIM, BLOCK_SIZE, TILE, IEEE, UNIFIED)
+        out = acc_ptr + rows[:, None] * stride_ab + head[:, None] * stride_ah + split * stride_as + d[None, :]
+        tl.store(out, acc, mask=ok[:, None])
+        tl.store(max_ptr + rows * stride_mb + head * stride_mh + split, m_i, mask=ok)
+        tl.store(sum_ptr + rows * stride_mb + head * stride_mh + split, l_i, mask=ok)
 
     @triton.jit
     def _merge_splits_kernel(
-        acc_ptr, max_ptr, sum_ptr, out_ptr, num_splits,
+        acc_ptr, max_ptr, sum_ptr, out_ptr, num_splits, num_prefix_splits, starts_ptr, flags_ptr,
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, scale, phi, window_low, window_high,
         stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ob, stride_oh,
-        HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+        stride_qb, stride_qh, stride_kblock, stride_ktok, stride_khead, stride_tb,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+        TILE: tl.constexpr, UNIFIED: tl.constexpr, HAS_STARTS: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.arange(0, SPLITS_PAD)
         d = tl.arange(0, HEAD_DIM)
         used = s < num_splits
+        if HAS_STARTS:
+            # Prefix partials exist only for rows in a sample group (start > 0).
+            first_used = tl.where(tl.load(starts_ptr + b) > 0, 0, num_prefix_splits)
+            used = used & (s >= first_used)
         m = tl.load(max_ptr + b * stride_mb + h * stride_mh + s, mask=used, other=float("-inf"))
         l = tl.load(sum_ptr + b * stride_mb + h * stride_mh + s, mask=used, other=0.0)
-        top = tl.max(m, 0)
-        weight = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
-        total = tl.sum(l * weight, 0)
         acc = tl.load(acc_ptr + b * stride_ab + h * stride_ah + s[:, None] * stride_as + d[None, :],
                       mask=used[:, None], other=0.0)
-        out = tl.sum(acc * weight[:, None], 0) / total
+        top = tl.max(m, 0)
+        if UNIFIED:
+            out = tl.sum(acc, 0) / tl.sum(l, 0)
+            escaped = (top - phi > window_high) | (top - phi < window_low)
+            tl.store(flags_ptr + b * tl.num_programs(1) + h, escaped.to(tl.int32))
+            if escaped:
+                # Exact fallback for this row: the synchronized online softmax over its whole
+                # context (one query row, so plain multiply-adds instead of a matmul).
+                seq_len = tl.load(lens_ptr + b)
+                q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32)
+                t = tl.arange(0, TILE)
+                kv_offset = (h // GROUP) * stride_khead
+                m_run = tl.max(tl.full([TILE], float("-inf"), tl.float32), 0)
+                l_run = tl.sum(tl.zeros([TILE], tl.float32), 0)
+                acc_run = tl.zeros([HEAD_DIM], tl.float32)
+                for start in range(0, seq_len, TILE):
+                    pos = start + t
+                    valid = pos < seq_len
+                    block_ids = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0)
+                    offsets = block_ids * stride_kblock + (pos % BLOCK_SIZE) * stride_ktok + kv_offset
+                    k = tl.load(k_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+                    scores = tl.where(valid, tl.sum(k * q[None, :], 1) * scale, float("-inf"))
+                    m_new = tl.maximum(m_run, tl.max(scores, 0))
+                    p = tl.exp(scores - m_new)
+                    alpha = tl.exp(m_run - m_new)
+                    v = tl.load(v_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+                    l_run = l_run * alpha + tl.sum(p, 0)
+                    acc_run = acc_run * alpha + tl.sum(p[:, None] * v, 0)
+                    m_run = m_new
+                out = acc_run / l_run
+        else:
+            weight = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
+            total = tl.sum(l * weight, 0)
+            out = tl.sum(acc * weight[:, None], 0) / total
         tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
@@ -106,14 +233,19 @@ def _next_power_of_two(x: int) -> int:
     return 1 << (max(1, x) - 1).bit_length()
 
 
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def choose_splits(batch: int, num_kv_heads: int, num_tiles: int, device: torch.device) -> int:
     """Enough splits that batch x kv_heads x splits fills the GPU about twice."""
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        sms = 4
-    wanted = max(1, (2 * sms) // max(1, batch * num_kv_heads))
+    wanted = max(1, (2 * _sm_count(device)) // max(1, batch * num_kv_heads))
     return max(1, min(wanted, num_tiles, 64))
+
+
+def _split_plan(num_tiles: int, splits: int) -> tuple[int, int]:
+    tiles_per_split = (num_tiles + splits - 1) // splits
+    return tiles_per_split, (num_tiles + tiles_per_split - 1) // tiles_per_split
 
 
 def triton_decode_attention(
@@ -124,36 +256,80 @@ def triton_decode_attention(
     seq_lens: torch.Tensor,
     max_seq_len: int,
     scale: float,
+    unified_max: float | None = None,
+    prefix: PrefixGroups | None = None,
+    fallback_flags: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as `paged_attention.decode_attention`: query [B, H, D] -> [B, H, D]."""
+    """Same contract as `paged_attention.decode_attention`: query [B, H, D] -> [B, H, D].
+
+    `unified_max` switches to FlashDecoding++'s unified-max softmax (exact fallback per
+    row); `prefix` adds cascade attention over shared prefixes; `fallback_flags` ([B, H]
+    int32), if given, receives 1 for the rows that took the fallback (for tests/stats).
+    """
     batch, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
+    group_pad = max(16, _next_power_of_two(group))
     tile = max(16, block_size)
-    num_tiles = (max_seq_len + tile - 1) // tile
-    splits = choose_splits(batch, num_kv_heads, num_tiles, query.device)
-    tiles_per_split = (num_tiles + splits - 1) // splits
-    splits = (num_tiles + tiles_per_split - 1) // tiles_per_split
+    device = query.device
+    unified = unified_max is not None
+    phi = float(unified_max) if unified else 0.0
+    low, high = UNIFIED_WINDOW.get(query.dtype, (-8.0, 10.0))
+    ieee = query.dtype == torch.float32
     query = query.contiguous()
-    acc = torch.empty(batch, num_heads, splits, head_dim, dtype=torch.float32, device=query.device)
-    maxes = torch.empty(batch, num_heads, splits, dtype=torch.float32, device=query.device)
-    sums = torch.empty_like(maxes)
     tables = block_tables[:batch]
+
+    num_prefix_splits = 0
+    prefix_tiles_per_split = 0
+    if prefix is not None:
+        num_groups = prefix.rows.shape[0]
+        prefix_tiles = max(1, (prefix.max_prefix_len + tile - 1) // tile)
+        prefix_tiles_per_split, num_prefix_splits = _split_plan(
+            prefix_tiles, choose_splits(num_groups, num_kv_heads, prefix_tiles, device))
+        # Suffixes are short: size their splits by what is left after the shortest prefix.
+        suffix_tiles = max(1, (max_seq_len + tile - 1) // tile)
+    else:
+        suffix_tiles = max(1, (max_seq_len + tile - 1) // tile)
+    tiles_per_split, splits = _split_plan(suffix_tiles, choose_splits(batch, num_kv_heads, suffix_tiles, device))
+    total_splits = num_prefix_splits + splits
+    acc = torch.empty(batch, num_heads, total_splits, head_dim, dtype=torch.float32, device=device)
+    maxes = torch.empty(batch, num_heads, total_splits, dtype=torch.float32, device=device)
+    sums = torch.empty_like(maxes)
+    starts = prefix.row_starts if prefix is not None else seq_lens  # a dummy pointer when unused
+    if prefix is not None:
+        members = prefix.rows.shape[1]
+        _prefix_kernel[(prefix.rows.shape[0], num_kv_heads, num_prefix_splits)](
+            query, k_cache, v_cache, tables, prefix.rows, prefix.prefix_lens, acc, maxes, sums,
+            scale, phi, prefix_tiles_per_split,
+            query.stride(0), query.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            tables.stride(0), prefix.rows.stride(0),
+            acc.stride(0), acc.stride(1), acc.stride(2),
+            maxes.stride(0), maxes.stride(1),
+            GROUP=group, GROUP_PAD=_next_power_of_two(group), MEMBERS=members, HEAD_DIM=head_dim,
+            BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified,
+        )
     _decode_split_kernel[(batch, num_kv_heads, splits)](
-        query, k_cache, v_cache, tables, seq_lens, acc, maxes, sums,
-        scale, tiles_per_split,
+        query, k_cache, v_cache, tables, seq_lens, starts, acc, maxes, sums,
+        scale, phi, tiles_per_split, num_prefix_splits,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2),
         maxes.stride(0), maxes.stride(1),
-        GROUP=group, GROUP_PAD=max(16, _next_power_of_two(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, TILE=tile, IEEE=query.dtype == torch.float32,
+        GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, HAS_STARTS=prefix is not None,
     )
     out = torch.empty_like(query)
+    flags = fallback_flags if fallback_flags is not None else maxes  # unused unless unified
+    if unified and fallback_flags is None:
+        flags = torch.empty(batch, num_heads, dtype=torch.int32, device=device)
     _merge_splits_kernel[(batch, num_heads)](
-        acc, maxes, sums, out, splits,
+        acc, maxes, sums, out, total_splits, num_prefix_splits, starts, flags,
+        query, k_cache, v_cache, tables, seq_lens, scale, phi, low, high,
         acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=head_dim, SPLITS_PAD=max(2, _next_power_of_two(splits)),
+        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
+        GROUP=group, HEAD_DIM=head_dim, SPLITS_PAD=max(2, _next_power_of_two(total_splits)), BLOCK_SIZE=block_size,
+        TILE=tile, UNIFIED=unified, HAS_STARTS=prefix is not None,
     )
     return out
