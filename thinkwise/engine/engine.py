@@ -84,12 +84,15 @@ class Engine:
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            cascade_min_shared_tokens=config.cascade_min_shared_tokens if self.device.type == "cuda" else None,
         )
         self.runner = ModelRunner(
             model, loaded.config, device=self.device, dtype=self.dtype, num_blocks=num_blocks,
             block_size=config.block_size, max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs,
-            max_num_seqs=config.max_num_seqs,
+            max_num_seqs=config.max_num_seqs, unified_max_softmax=config.unified_max_softmax,
         )
+        if self.runner.unified_max_stats is not None:
+            self.run_metadata["unified_max_softmax"] = self.runner.unified_max_stats
         self.sampler = Sampler(self.device)
         self.eos_token_ids = set(loaded.config.eos_token_ids)
         self.requests: dict[str, Request] = {}
@@ -270,7 +273,8 @@ class Engine:
         sequences, counts = batch.sequences, batch.num_new_tokens
         sample = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(sequences, counts)]
         with torch_threads(self.cpu_threads):
-            logits = self.runner.execute(sequences, counts, sample, self.block_manager.take_pending_copies())
+            logits = self.runner.execute(sequences, counts, sample, self.block_manager.take_pending_copies(),
+                                         prefix_groups=batch.prefix_groups)
         self.num_steps += 1
 
         for seq, n in zip(sequences, counts):
