@@ -18,6 +18,8 @@ def main() -> None:
     parser.add_argument("--shape", default="qwen3-0.6b")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--cprofile", action="store_true", help="print the top host functions of the timed steps")
+    parser.add_argument("--kernels", action="store_true", help="print the GPU kernels of one graph replay")
     args = parser.parse_args()
     from transformers import AutoModelForCausalLM
 
@@ -41,7 +43,7 @@ def main() -> None:
         engine.step()
     for _ in range(8):
         engine.step()  # capture graphs for these shapes
-    timings = {"schedule": 0.0, "forward": 0.0, "sample+rest": 0.0}
+    timings = {"schedule": 0.0, "forward": 0.0}
     runner = engine.runner
     original_execute = runner.execute
 
@@ -63,13 +65,52 @@ def main() -> None:
         return out
 
     engine.scheduler.schedule = timed_schedule
+    original_sampler = engine.sampler
+
+    def timed_sampler(*a, **k):
+        start = time.perf_counter()
+        out = original_sampler(*a, **k)
+        timings["sampler"] = timings.get("sampler", 0.0) + time.perf_counter() - start
+        return out
+
+    engine.sampler = timed_sampler
+    profiler = None
+    if args.cprofile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(args.steps):
         engine.step()
     torch.cuda.synchronize()
     total = time.perf_counter() - start
-    timings["sample+rest"] = total - timings["forward"] - timings["schedule"]
+    if profiler is not None:
+        import pstats
+
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(18)
+    # The forward alone: replay the captured graph of this batch back to back (GPU time only).
+    decoder = runner.graph_decoder
+    if decoder is not None and decoder.graphs:
+        entry = max(decoder.graphs.items(), key=lambda kv: kv[0])[1]
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        for _ in range(32):
+            entry.graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        print(f"graph replay alone: {begin.elapsed_time(end) / 32:.3f} ms")
+        if args.kernels:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CUDA]) as trace:
+                for _ in range(4):
+                    entry.graph.replay()
+                torch.cuda.synchronize()
+            print(trace.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+    timings["rest"] = total - timings["forward"] - timings["schedule"] - timings.get("sampler", 0.0)
     print(f"{args.shape} batch {args.batch}: {1e3 * total / args.steps:.2f} ms/step, "
           f"{args.batch * args.steps / total:.0f} tok/s decode-only; per step: "
           + ", ".join(f"{k} {1e3 * v / args.steps:.2f} ms" for k, v in timings.items()))

@@ -94,7 +94,7 @@ if HAVE_TRITON:
     @triton.jit
     def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, starts_ptr, acc_ptr, max_ptr, sum_ptr,
-        scale, phi, tiles_per_split, split_offset,
+        scale, phi, split_offset,
         stride_qb, stride_qh,
         stride_kblock, stride_ktok, stride_khead,
         stride_tb,
@@ -118,6 +118,9 @@ if HAVE_TRITON:
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        # Each row divides its own context among the splits, so padding the grid for a
+        # longer bucket (CUDA graphs) or a longer neighbour costs no parallelism.
+        tiles_per_split = tl.cdiv(tl.cdiv(seq_len - seq_start, TILE), tl.num_programs(2))
         first = seq_start + split * tiles_per_split * TILE
         last = tl.minimum(first + tiles_per_split * TILE, seq_len)
         m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, tables_ptr + b * stride_tb, first, last, phi,
@@ -132,7 +135,7 @@ if HAVE_TRITON:
     @triton.jit
     def _prefix_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, group_rows_ptr, group_lens_ptr, acc_ptr, max_ptr, sum_ptr,
-        scale, phi, tiles_per_split,
+        scale, phi,
         stride_qb, stride_qh,
         stride_kblock, stride_ktok, stride_khead,
         stride_tb, stride_gr,
@@ -158,6 +161,7 @@ if HAVE_TRITON:
         m_i = tl.full([MEMBERS * GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([MEMBERS * GROUP_PAD], tl.float32)
         acc = tl.zeros([MEMBERS * GROUP_PAD, HEAD_DIM], tl.float32)
+        tiles_per_split = tl.cdiv(tl.cdiv(prefix_len, TILE), tl.num_programs(2))
         first = split * tiles_per_split * TILE
         last = tl.minimum(first + tiles_per_split * TILE, prefix_len)
         # Every member's table starts with the same prefix blocks; read them through the first.
@@ -238,14 +242,10 @@ def _sm_count(device: torch.device) -> int:
 
 
 def choose_splits(batch: int, num_kv_heads: int, num_tiles: int, device: torch.device) -> int:
-    """Enough splits that batch x kv_heads x splits fills the GPU about twice."""
-    wanted = max(1, (2 * _sm_count(device)) // max(1, batch * num_kv_heads))
-    return max(1, min(wanted, num_tiles, 64))
-
-
-def _split_plan(num_tiles: int, splits: int) -> tuple[int, int]:
-    tiles_per_split = (num_tiles + splits - 1) // splits
-    return tiles_per_split, (num_tiles + tiles_per_split - 1) // tiles_per_split
+    """Enough splits that batch x kv_heads x splits fills the GPU about four times (several
+    programs per SM keep loads in flight); each split gets at least a few tiles."""
+    wanted = max(1, (4 * _sm_count(device)) // max(1, batch * num_kv_heads))
+    return max(1, min(wanted, (num_tiles + 3) // 4, 64))
 
 
 def triton_decode_attention(
@@ -280,17 +280,13 @@ def triton_decode_attention(
     tables = block_tables[:batch]
 
     num_prefix_splits = 0
-    prefix_tiles_per_split = 0
     if prefix is not None:
-        num_groups = prefix.rows.shape[0]
+        # Sized as if there were one group (the usual case; padded groups of a CUDA graph
+        # exit at once), so a single group's prefix still spreads over the whole GPU.
         prefix_tiles = max(1, (prefix.max_prefix_len + tile - 1) // tile)
-        prefix_tiles_per_split, num_prefix_splits = _split_plan(
-            prefix_tiles, choose_splits(num_groups, num_kv_heads, prefix_tiles, device))
-        # Suffixes are short: size their splits by what is left after the shortest prefix.
-        suffix_tiles = max(1, (max_seq_len + tile - 1) // tile)
-    else:
-        suffix_tiles = max(1, (max_seq_len + tile - 1) // tile)
-    tiles_per_split, splits = _split_plan(suffix_tiles, choose_splits(batch, num_kv_heads, suffix_tiles, device))
+        num_prefix_splits = choose_splits(1, num_kv_heads, prefix_tiles, device)
+    context_tiles = max(1, (max_seq_len + tile - 1) // tile)
+    splits = choose_splits(batch, num_kv_heads, context_tiles, device)
     total_splits = num_prefix_splits + splits
     acc = torch.empty(batch, num_heads, total_splits, head_dim, dtype=torch.float32, device=device)
     maxes = torch.empty(batch, num_heads, total_splits, dtype=torch.float32, device=device)
@@ -300,7 +296,7 @@ def triton_decode_attention(
         members = prefix.rows.shape[1]
         _prefix_kernel[(prefix.rows.shape[0], num_kv_heads, num_prefix_splits)](
             query, k_cache, v_cache, tables, prefix.rows, prefix.prefix_lens, acc, maxes, sums,
-            scale, phi, prefix_tiles_per_split,
+            scale, phi,
             query.stride(0), query.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             tables.stride(0), prefix.rows.stride(0),
@@ -311,7 +307,7 @@ def triton_decode_attention(
         )
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         query, k_cache, v_cache, tables, seq_lens, starts, acc, maxes, sums,
-        scale, phi, tiles_per_split, num_prefix_splits,
+        scale, phi, num_prefix_splits,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         tables.stride(0),

@@ -1,0 +1,122 @@
+"""Decode attention alone: the Triton split-KV kernel vs PyTorch SDPA on the same paged data.
+
+For each (batch, context) it builds a paged bf16 KV cache with shuffled blocks (as a
+running engine has) for a Llama-3-8B layer (32 query heads, 8 KV heads, head_dim 128)
+and times, with CUDA events, one decode-attention call of:
+  - thinkwise's Triton kernel, synchronized softmax and FlashDecoding++ unified max;
+  - PyTorch SDPA as a paged-cache user must call it: gather the blocks into contiguous
+    K/V, then `scaled_dot_product_attention` (GQA);
+  - SDPA alone on pre-gathered contiguous K/V (a stricter bound: no gather at all).
+KV-read bandwidth = bytes of K and V the call must read / time (CUDA-graph replay, as in
+the engine), next to the device's copy bandwidth. Prints ratios; writes JSON to $OUT (or --out).
+
+    python benchmarks/gpu_attention.py [--batches 1,16,64] [--contexts 1024,4096,16384,32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks.gpu_throughput import copy_bandwidth
+from thinkwise.kernels.triton_decode_attention import triton_decode_attention
+
+HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
+
+
+def timed(fn, repeats: int = 20) -> float:
+    """GPU seconds per call: the calls are captured in a CUDA graph and replayed, as the
+    engine runs them, so Python launch overhead does not hide the kernels' own time."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / (5 * repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--contexts", default="1024,4096,16384,32768")
+    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "gpu_attention.json"))
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    report = {"device": torch.cuda.get_device_name(), "copy_bandwidth_GBps": round(bandwidth / 1e9, 1),
+              "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK},
+              "results": []}
+    scale = HEAD_DIM**-0.5
+    for batch in (int(b) for b in args.batches.split(",")):
+        for context in (int(c) for c in args.contexts.split(",")):
+            blocks_per_seq = context // BLOCK
+            num_blocks = batch * blocks_per_seq
+            if num_blocks * BLOCK * KV_HEADS * HEAD_DIM * 2 * 2 > 24e9:
+                continue  # keep the cache under 24 GB
+            torch.manual_seed(0)
+            k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+            v_cache = torch.randn_like(k_cache)
+            tables = torch.randperm(num_blocks, device="cuda").view(batch, blocks_per_seq)
+            lens = torch.full((batch,), context, device="cuda")
+            query = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+
+            def ours(unified=None):
+                return triton_decode_attention(query, k_cache, v_cache, tables, lens, context, scale,
+                                               unified_max=unified)
+
+            def gather():
+                keys = k_cache[tables].view(batch, context, KV_HEADS, HEAD_DIM).transpose(1, 2)
+                values = v_cache[tables].view(batch, context, KV_HEADS, HEAD_DIM).transpose(1, 2)
+                return keys, values
+
+            def sdpa(keys, values):
+                return F.scaled_dot_product_attention(query.unsqueeze(2), keys, values, scale=scale, enable_gqa=True)
+
+            keys, values = gather()
+            keys, values = keys.contiguous(), values.contiguous()
+            reference = sdpa(keys, values).squeeze(2).float()
+            for unified in (None, 0.0):
+                error = ((ours(unified).float() - reference).norm() / reference.norm()).item()
+                assert error < 1e-2, error
+            kv_bytes = 2 * batch * context * KV_HEADS * HEAD_DIM * 2
+            t_sync = timed(lambda: ours(None))
+            t_unified = timed(lambda: ours(0.0))
+            t_sdpa_paged = timed(lambda: sdpa(*gather()))
+            t_sdpa_contiguous = timed(lambda: sdpa(keys, values))
+            best = min(t_sync, t_unified)
+            row = {"batch": batch, "context": context,
+                   "triton_sync_us": round(t_sync * 1e6, 1), "triton_unified_us": round(t_unified * 1e6, 1),
+                   "sdpa_paged_us": round(t_sdpa_paged * 1e6, 1), "sdpa_contiguous_us": round(t_sdpa_contiguous * 1e6, 1),
+                   "unified_vs_sync": round(t_sync / t_unified, 3),
+                   "speedup_vs_sdpa_paged": round(t_sdpa_paged / best, 2),
+                   "speedup_vs_sdpa_contiguous": round(t_sdpa_contiguous / best, 2),
+                   "kv_read_GBps": round(kv_bytes / best / 1e9, 1),
+                   "kv_read_vs_copy_bandwidth": round(kv_bytes / best / bandwidth, 3)}
+            report["results"].append(row)
+            print(json.dumps(row), flush=True)
+            del k_cache, v_cache, keys, values
+            torch.cuda.empty_cache()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
