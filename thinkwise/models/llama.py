@@ -14,10 +14,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from thinkwise.kernels.fused import add_rms_norm, qkv_rotary_cache, rms_norm_reference, silu_mul
 from thinkwise.kernels.linear_dispatch import DispatchLinear
-from thinkwise.kernels.paged_attention import AttentionMetadata, paged_attention, write_kv_cache
+from thinkwise.kernels.paged_attention import AttentionMetadata, paged_attention
 from thinkwise.loading.config import ModelConfig
-from thinkwise.models.rotary import RotaryEmbedding, apply_rotary
+from thinkwise.models.rotary import RotaryEmbedding
 
 
 class RMSNorm(nn.Module):
@@ -26,13 +27,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 and scale after casting back, exactly as Hugging Face does,
-        # so bf16 runs round the same way the reference does.
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """Without `residual`: the norm of x. With it: (norm(x + residual), x + residual),
+        one fused kernel on GPU. Normalise in fp32 and scale after casting back, exactly
+        as Hugging Face does, so bf16 runs round the same way the reference does."""
+        if residual is None:
+            return rms_norm_reference(x, self.weight, self.eps) if not x.is_cuda else \
+                add_rms_norm(x, None, self.weight, self.eps)[0]
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class Attention(nn.Module):
@@ -58,17 +60,15 @@ class Attention(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens = hidden.shape[0]
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(num_tokens, self.num_heads, self.head_dim)
-        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.q_norm(q)
-            k = self.k_norm(k)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
         k_cache, v_cache = kv_cache
-        write_kv_cache(k, v, k_cache, v_cache, metadata.slot_mapping)
+        # q/k norm (Qwen3), rotary, and the K/V cache write: one kernel on GPU.
+        q = qkv_rotary_cache(
+            self.qkv_proj(hidden), cos, sin,
+            self.q_norm.weight if self.q_norm is not None else None,
+            self.k_norm.weight if self.k_norm is not None else None,
+            self.q_norm.eps if self.q_norm is not None else 0.0,
+            k_cache, v_cache, metadata.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim,
+        )
         out = paged_attention(q, k_cache, v_cache, metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -81,8 +81,7 @@ class MLP(nn.Module):
         self.down_proj = DispatchLinear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(silu_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -93,9 +92,18 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, hidden, cos, sin, kv_cache, metadata):
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden, residual, cos, sin, kv_cache, metadata):
+        """The residual stream is carried separately (None before the first layer) so each
+        residual add fuses with the norm that follows it; the sums are the same as
+        `hidden = hidden + sublayer(norm(hidden))`."""
+        if residual is None:
+            residual = hidden
+            normed = self.input_layernorm(hidden)
+        else:
+            normed, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(normed, cos, sin, kv_cache, metadata)
+        normed, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(normed), residual
 
 
 class LlamaFamilyModel(nn.Module):
@@ -118,9 +126,10 @@ class LlamaFamilyModel(nn.Module):
         """Final-normed hidden states [num_tokens, hidden] for a flat batch of tokens."""
         hidden = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(hidden, cos, sin, kv_cache, metadata)
-        return self.norm(hidden)
+            hidden, residual = layer(hidden, residual, cos, sin, kv_cache, metadata)
+        return self.norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

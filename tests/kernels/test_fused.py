@@ -1,0 +1,85 @@
+"""Fused Triton kernels against their PyTorch twins (CPU: TRITON_INTERPRET=1; GPU: real shapes)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from thinkwise.kernels import fused
+
+pytestmark = pytest.mark.skipif(fused.triton is None, reason="triton is not installed")
+
+
+def run_triton_on(device):
+    """The kernels dispatch to Triton only for CUDA tensors; under the interpreter force it."""
+    if device == "cpu":
+        if torch.cuda.is_available():
+            pytest.skip("the GPU tests cover CUDA")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("set TRITON_INTERPRET=1 (the test suite's conftest does) to run Triton on CPU")
+
+
+@pytest.fixture()
+def force_triton(monkeypatch):
+    monkeypatch.setattr(fused, "_use_triton", lambda x: True)
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def tolerance(dtype):
+    return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cols", [(1, 64), (5, 96), (3, 896)])
+def test_add_rms_norm(force_triton, device, dtype, rows, cols):
+    run_triton_on(device)
+    g = torch.Generator().manual_seed(rows * cols)
+    x = torch.randn(rows, cols, generator=g).to(dtype).to(device)
+    residual = torch.randn(rows, cols, generator=g).to(dtype).to(device)
+    weight = (1 + 0.1 * torch.randn(cols, generator=g)).to(dtype).to(device)
+    expected, expected_residual = fused.add_rms_norm_reference(x, residual.clone(), weight, 1e-6)
+    got, got_residual = fused.add_rms_norm(x, residual.clone(), weight, 1e-6)
+    torch.testing.assert_close(got, expected, **tolerance(dtype))
+    torch.testing.assert_close(got_residual, expected_residual, **tolerance(dtype))
+    alone, _ = fused.add_rms_norm(x, None, weight, 1e-6)
+    torch.testing.assert_close(alone, fused.rms_norm_reference(x, weight, 1e-6), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("qk_norm", [False, True])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (2, 1, 64)])
+def test_qkv_rotary_cache(force_triton, device, dtype, qk_norm, heads, kv_heads, head_dim):
+    run_triton_on(device)
+    from thinkwise.models.rotary import RotaryEmbedding
+
+    g = torch.Generator().manual_seed(heads * head_dim + qk_norm)
+    tokens, block_size, blocks = 5, 4, 6
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype).to(device)
+    rotary = RotaryEmbedding(head_dim, 10000.0, None).to(device)
+    cos, sin = rotary.cos_sin(torch.tensor([0, 3, 7, 8, 30], device=device), dtype)
+    weights = [(1 + 0.1 * torch.randn(head_dim, generator=g)).to(dtype).to(device) for _ in range(2)] if qk_norm \
+        else [None, None]
+    slots = torch.tensor([2, 9, 10, 17, 23], device=device)
+    caches = [torch.zeros(blocks, block_size, kv_heads, head_dim, dtype=dtype, device=device) for _ in range(4)]
+    expected_q = fused.qkv_rotary_cache_reference(qkv, cos, sin, *weights, 1e-6, caches[0], caches[1], slots,
+                                                  heads, kv_heads, head_dim)
+    got_q = fused.qkv_rotary_cache(qkv, cos, sin, *weights, 1e-6, caches[2], caches[3], slots,
+                                   heads, kv_heads, head_dim)
+    torch.testing.assert_close(got_q, expected_q, **tolerance(dtype))
+    torch.testing.assert_close(caches[2], caches[0], **tolerance(dtype))
+    torch.testing.assert_close(caches[3], caches[1], **tolerance(dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cols", [(1, 64), (3, 1100)])
+def test_silu_mul(force_triton, device, dtype, rows, cols):
+    run_triton_on(device)
+    gate_up = torch.randn(rows, 2 * cols, generator=torch.Generator().manual_seed(cols)).to(dtype).to(device)
+    torch.testing.assert_close(fused.silu_mul(gate_up), fused.silu_mul_reference(gate_up), **tolerance(dtype))
