@@ -243,9 +243,10 @@ def _sm_count(device: torch.device) -> int:
 
 def choose_splits(batch: int, num_kv_heads: int, num_tiles: int, device: torch.device) -> int:
     """Enough splits that batch x kv_heads x splits fills the GPU about four times (several
-    programs per SM keep loads in flight); each split gets at least a few tiles."""
+    programs per SM keep loads in flight). Short contexts get one tile per split: a
+    program's tiles are sequential, so fewer, longer splits would only add latency."""
     wanted = max(1, (4 * _sm_count(device)) // max(1, batch * num_kv_heads))
-    return max(1, min(wanted, (num_tiles + 3) // 4, 64))
+    return max(1, min(wanted, num_tiles, 64))
 
 
 def triton_decode_attention(
