@@ -120,7 +120,7 @@ def _solve(args: argparse.Namespace) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
     verifier = None
     if args.answer is not None:
-        from thinkwise.strategies.verifiers import ExactChecker
+        from thinkwise.tasks.verifiers import ExactChecker
 
         verifier = ExactChecker(args.answer)
     llm = LLM(args.model, progress=True, **_engine_options(args))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from thinkwise import LLM, SamplingParams
-from thinkwise.strategies.extraction import answer_key
+from thinkwise.tasks.extraction import answer_key
 
 pytestmark = pytest.mark.slow
 

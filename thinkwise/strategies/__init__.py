@@ -17,7 +17,7 @@ from thinkwise.errors import InvalidParameterError
 from thinkwise.strategies.base import (
     Answer, LocalBackend, SampleOutcome, StrategyCost, Stopwatch, sample_to_completion,
 )
-from thinkwise.strategies.extraction import extract_answer
+from thinkwise.tasks.extraction import extract_answer
 
 __all__ = ["Answer", "SampleOutcome", "StrategyCost", "StrategySpec", "parse_strategy", "run_strategy", "LocalBackend"]
 

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from thinkwise.engine.sampling_params import SamplingParams
 from thinkwise.strategies.base import Answer, LocalBackend, Stopwatch, sample_to_completion
-from thinkwise.strategies.extraction import answer_key
+from thinkwise.tasks.extraction import answer_key
 
 
 class Verifier(Protocol):

@@ -19,7 +19,7 @@ from thinkwise.engine.sampling_params import SamplingParams
 from thinkwise.strategies.base import (
     Answer, LocalBackend, SampleOutcome, StrategyCost, Stopwatch, outcomes, sample_to_completion,
 )
-from thinkwise.strategies.extraction import answer_key
+from thinkwise.tasks.extraction import answer_key
 
 
 def vote(samples: list[SampleOutcome], tie_break: str = "mean_length") -> tuple[SampleOutcome | None, dict[str, float]]:

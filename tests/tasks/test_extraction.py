@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from thinkwise.errors import InvalidParameterError
-from thinkwise.strategies.extraction import (
+from thinkwise.tasks.extraction import (
     METHODS, answer_key, answers_equal, extract_answer, fenced_code_blocks, normalize_answer, parse_number,
 )
 

@@ -13,7 +13,7 @@ import torch
 
 from tests.tiny_models import byte_tokenizer, make_tiny_model, tiny_config
 from thinkwise.errors import InvalidParameterError, ModelNotFoundError
-from thinkwise.strategies.verifiers import (
+from thinkwise.tasks.verifiers import (
     CodeTestVerifier, ExactChecker, RewardModelVerifier, code_from_completion,
 )
 

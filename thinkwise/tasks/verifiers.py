@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from thinkwise.errors import InvalidParameterError, ModelFormatError, ModelNotFoundError
-from thinkwise.strategies.extraction import answers_equal, extract_answer, fenced_code_blocks
+from thinkwise.tasks.extraction import answers_equal, extract_answer, fenced_code_blocks
 
 __all__ = [
     "ExactChecker", "CodeTestVerifier", "CodeTestResult", "TestCaseResult", "RewardModelVerifier",

@@ -1,0 +1,17 @@
+"""Verifiable task families with a difficulty knob, exact checkers, and user JSONL loading.
+
+See `base.py` for the contract (`Problem`, `TaskFamily`) and the families in
+`arithmetic.py`, `sequences.py`, `puzzles.py` and `code.py`. Answer extraction and the
+verifiers (exact checker, sandboxed code tests, reward model) live here too, so task
+checkers and strategies share them.
+"""
+
+from thinkwise.tasks.base import (
+    FAMILIES, Problem, TaskFamily, check, extract, generate_problems, get_family, load_jsonl, parse_task_spec,
+)
+from thinkwise.tasks.base import _load_families
+
+_load_families()
+
+__all__ = ["FAMILIES", "Problem", "TaskFamily", "check", "extract", "generate_problems", "get_family", "load_jsonl",
+           "parse_task_spec"]
