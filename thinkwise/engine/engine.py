@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from thinkwise.cost.hardware import StepMeter
+from thinkwise.cost.model_cost import ModelCostSpec, attribute_step
 from thinkwise.engine.block_manager import BlockManager
 from thinkwise.engine.config import EngineConfig, resolve_device, resolve_dtype
 from thinkwise.engine.detokenizer import IncrementalDetokenizer, find_stop_string
@@ -94,6 +96,9 @@ class Engine:
         if self.runner.unified_max_stats is not None:
             self.run_metadata["unified_max_softmax"] = self.runner.unified_max_stats
         self.sampler = Sampler(self.device)
+        self.cost_spec = ModelCostSpec.from_config(loaded.config, self.dtype)
+        self.step_meter = StepMeter(self.device)
+        self.run_metadata["energy"] = "nvml" if self.step_meter.energy.available else "unavailable"
         self.eos_token_ids = set(loaded.config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._request_counter = itertools.count()
@@ -247,6 +252,7 @@ class Engine:
     def abort_sequence(self, seq: Sequence, reason: str = "abort") -> None:
         if seq.is_finished:
             return
+        seq.request.counts.aborted_tokens += seq.num_output_tokens
         self._finish(seq, reason)
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -272,9 +278,12 @@ class Engine:
             return result
         sequences, counts = batch.sequences, batch.num_new_tokens
         sample = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(sequences, counts)]
+        attribute_step(self.cost_spec, sequences, counts, sample, batch.prefix_groups)
+        self.step_meter.start()
         with torch_threads(self.cpu_threads):
             logits = self.runner.execute(sequences, counts, sample, self.block_manager.take_pending_copies(),
                                          prefix_groups=batch.prefix_groups)
+        self.step_meter.stop(sequences, counts)
         self.num_steps += 1
 
         for seq, n in zip(sequences, counts):

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from thinkwise.cost.hardware import device_intensity
 from thinkwise.engine.async_engine import AsyncEngine, EngineDeadError, StreamItem
 from thinkwise.engine.outputs import RequestOutput
 from thinkwise.engine.sampling_params import SamplingParams
@@ -48,9 +49,16 @@ class StrategyCost:
     forced_tokens: int = 0
     recomputed_tokens: int = 0
     aborted_samples: int = 0
+    aborted_tokens: int = 0  # decode tokens of aborted samples (included in decode_tokens)
     wall_time_s: float = 0.0
+    flops: float = 0.0
+    bytes_moved: float = 0.0  # weights (this strategy's share of each step) + KV read and written
+    device_time_s: float = 0.0
+    energy_j: float | None = None  # None: no energy counter on this machine
+    effective_flops: float = 0.0  # Kinetics: flops + I x bytes_moved (I of this device)
 
-    def add(self, counts: TokenCounts) -> None:
+    def add(self, counts: TokenCounts, intensity: float = 0.0) -> None:
+        """Sum one engine request's counts; `intensity` (FLOP/byte) prices its bytes."""
         self.requests += 1
         self.prompt_tokens += counts.prompt_tokens
         self.prompt_tokens_computed += counts.prompt_tokens_computed
@@ -58,6 +66,14 @@ class StrategyCost:
         self.decode_tokens += counts.generated_tokens
         self.forced_tokens += counts.forced_tokens
         self.recomputed_tokens += counts.recomputed_tokens
+        self.aborted_tokens += counts.aborted_tokens
+        moved = counts.bytes_weights + counts.bytes_kv
+        self.flops += counts.flops
+        self.bytes_moved += moved
+        self.effective_flops += counts.flops + intensity * moved
+        self.device_time_s += counts.device_time_s
+        if counts.energy_j is not None:
+            self.energy_j = (self.energy_j or 0.0) + counts.energy_j
 
 
 @dataclass
@@ -153,6 +169,8 @@ class LocalBackend:
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
         self.tokenizer = engine.engine.tokenizer
+        # FLOP per byte of this device, to price bytes moved as effective FLOPs (Kinetics).
+        self.intensity, _ = device_intensity(engine.engine.device)
 
     async def start(self, prompt_token_ids: list[int], params: SamplingParams) -> SampleGroup:
         rid, stream = await self.engine.add_request(None, params, prompt_token_ids=list(prompt_token_ids))
@@ -176,7 +194,7 @@ async def sample_to_completion(backend: "LocalBackend", prompt_ids: list[int], p
     group = await backend.start(prompt_ids, params)
     final = await group.wait()
     cost = StrategyCost(samples=params.n)
-    cost.add(final.counts)
+    cost.add(final.counts, backend.intensity)
     return outcomes(group, extract), cost
 
 

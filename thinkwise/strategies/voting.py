@@ -79,7 +79,7 @@ async def short_m_of_k(backend: LocalBackend, prompt_ids: list[int], params: Sam
         if len(finished_order) >= m and not group.done:
             await group.abort_rest(f"short-{m}@{k}: {m} samples had already finished")
     cost = StrategyCost(samples=k)
-    cost.add(group.final.counts)
+    cost.add(group.final.counts, backend.intensity)
     samples = outcomes(group, extract)
     cost.aborted_samples = sum(1 for s in samples if s.finish_reason == "abort")
     first_m = {i for i in finished_order[:m]}
@@ -117,7 +117,7 @@ async def adaptive(backend: LocalBackend, prompt_ids: list[int], params: Samplin
         size = min(round_size, max_samples - len(samples))
         seed = None if base_seed is None else base_seed + 1_000_003 * round_index
         group = await backend.start(prompt_ids, replace(params, n=size, seed=seed))
-        cost.add((await group.wait()).counts)
+        cost.add((await group.wait()).counts, backend.intensity)
         for sample in outcomes(group, extract):
             sample.index = len(samples)
             samples.append(sample)
