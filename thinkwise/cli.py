@@ -1,4 +1,4 @@
-"""Command line: `thinkwise generate ...`, `thinkwise solve ...` and `thinkwise serve ...`.
+"""Command line: `thinkwise generate ...`, `solve ...`, `bench ...` and `serve ...`.
 
 Parses arguments, builds the engine through the same `LLM` API users call, and prints
 completions (or JSON with token counts). Mistakes a user can make end with a one-line
@@ -66,6 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument("--raw", action="store_true", help="do not wrap the question in the chat template")
     solve.add_argument("--json", action="store_true", help="print the whole Answer as JSON")
     solve.add_argument("question", help="the question ('-' reads standard input)")
+
+    bench = commands.add_parser("bench", help="accuracy vs cost of strategies on verifiable tasks")
+    _add_engine_arguments(bench)
+    bench.add_argument("--tasks", default="sum:2-4,hanoi:3-4", help="families and levels, e.g. hanoi:3-6,sum:2-5")
+    bench.add_argument("--strategies", default="greedy,majority@8,short-1@8,short-3@8,adaptive:16,budget:512",
+                       help="comma-separated strategy names")
+    bench.add_argument("--n-per-level", type=int, default=20, help="problems per family and level")
+    bench.add_argument("--max-tokens", type=int, default=512)
+    bench.add_argument("--temperature", type=float, default=0.7)
+    bench.add_argument("--top-p", type=float, default=0.95)
+    bench.add_argument("--seed", type=int, default=0, help="draws the problems and every problem's sampling seed")
+    bench.add_argument("--out", required=True, help="directory for results.jsonl, summary.csv, report.html, PNGs")
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
     _add_engine_arguments(serve)
@@ -166,6 +178,41 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from thinkwise import LLM, SamplingParams
+    from thinkwise.bench import run_benchmark
+    from thinkwise.strategies import parse_strategy
+    from thinkwise.tasks import generate_problems
+
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    for name in strategies:
+        parse_strategy(name)  # fail fast, before loading the model
+    if args.n_per_level < 1:
+        from thinkwise.errors import InvalidParameterError
+
+        raise InvalidParameterError("--n-per-level must be >= 1", param="n_per_level")
+    total = len(generate_problems(args.tasks, args.n_per_level, args.seed)) * len(strategies)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+    llm = LLM(args.model, progress=True, **_engine_options(args))
+    bar = tqdm(total=total, unit="run", desc="bench")
+
+    def progress(strategy: str, count: int) -> None:
+        bar.set_postfix_str(strategy)
+        bar.update(count)
+
+    summary = run_benchmark(llm, args.tasks, strategies, args.out, n_per_level=args.n_per_level, seed=args.seed,
+                            params=params, command="thinkwise " + " ".join(sys.argv[1:]), progress=progress)
+    bar.close()
+    for row in summary:
+        if row["family"] == "all":
+            print(f"level {row['level']:>2} {row['strategy']:<12} accuracy {row['accuracy']:.3f}  "
+                  f"decode tokens {row['mean_decode_tokens']:>8}  seconds {row['mean_seconds']}")
+    print(f"wrote {args.out}/results.jsonl, summary.csv, report.html and accuracy_vs_*.png")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -175,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             return _solve(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "bench":
+            return _bench(args)
     except ThinkwiseError as error:
         print(f"error: {error.message}", file=sys.stderr)
         return 2

@@ -7,6 +7,8 @@ batched together exactly as concurrent server requests would be.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from collections.abc import Sequence as SequenceABC
 from typing import Any
 
@@ -17,6 +19,19 @@ from thinkwise.engine.sampling_params import SamplingParams
 from thinkwise.errors import InvalidParameterError
 
 Prompt = str | list[int] | dict[str, Any]
+
+
+@dataclass
+class StrategyJob:
+    """One strategy run for `LLM.run_strategy_jobs`: `spec` from `strategies.parse_strategy`,
+    `extract` a method name or a callable (text -> answer key)."""
+
+    prompt: Any
+    spec: Any
+    params: SamplingParams
+    extract: Any = "auto"
+    verifier: Any = None
+    use_chat_template: bool | None = None
 
 
 class LLM:
@@ -110,17 +125,25 @@ class LLM:
         has one (pass use_chat_template=False for raw completion); a list of messages
         always is; token ids never are. `verifier` is one object or one per prompt.
         """
-        import asyncio
-
-        from thinkwise.engine.async_engine import AsyncEngine
-        from thinkwise.strategies import LocalBackend, parse_strategy, run_strategy
+        from thinkwise.strategies import parse_strategy
 
         spec = parse_strategy(strategy, k=k, m=m, budget=budget)
         params = sampling_params or SamplingParams(temperature=0.7, top_p=0.95, max_tokens=512)
         verifiers = verifier if isinstance(verifier, (list, tuple)) else [verifier] * len(prompts)
         if len(verifiers) != len(prompts):
             raise InvalidParameterError("give one verifier, or one per prompt", param="verifier")
-        staged = [self._strategy_prompt(p, use_chat_template) for p in prompts]
+        return self.run_strategy_jobs([StrategyJob(p, spec, params, extract, v, use_chat_template)
+                                       for p, v in zip(prompts, verifiers)])
+
+    def run_strategy_jobs(self, jobs: list["StrategyJob"]) -> list:
+        """Run many (prompt, strategy, params, extractor, verifier) jobs concurrently: every
+        sample of every job shares the engine's batches. Returns one `Answer` per job."""
+        import asyncio
+
+        from thinkwise.engine.async_engine import AsyncEngine
+        from thinkwise.strategies import LocalBackend, run_strategy
+
+        staged = [self._strategy_prompt(job.prompt, job.use_chat_template) for job in jobs]
         for _, ids in staged:
             self.engine._check_prompt(ids)
         async_engine = AsyncEngine(self.engine).start()
@@ -128,8 +151,9 @@ class LLM:
             async def main():
                 backend = LocalBackend(async_engine)
                 return await asyncio.gather(*(
-                    run_strategy(backend, spec, ids, params, prompt_text=text, extract=extract, verifier=v)
-                    for (text, ids), v in zip(staged, verifiers)
+                    run_strategy(backend, job.spec, ids, job.params, prompt_text=text, extract=job.extract,
+                                 verifier=job.verifier)
+                    for job, (text, ids) in zip(jobs, staged)
                 ))
 
             return asyncio.run(main())
