@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument("--answer", default=None, help="reference answer: enables best-of-n with an exact checker")
     solve.add_argument("--raw", action="store_true", help="do not wrap the question in the chat template")
     solve.add_argument("--json", action="store_true", help="print the whole Answer as JSON")
+    solve.add_argument("--backend", choices=["local", "openai"], default="local",
+                       help="local: this process's engine; openai: any OpenAI-compatible server (--base-url)")
+    solve.add_argument("--base-url", default=None, help="with --backend openai: e.g. http://host:8000/v1")
+    solve.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                       help="with --backend openai (default: $OPENAI_API_KEY)")
     solve.add_argument("question", help="the question ('-' reads standard input)")
 
     bench = commands.add_parser("bench", help="accuracy vs cost of strategies on verifiable tasks")
@@ -135,9 +140,21 @@ def _solve(args: argparse.Namespace) -> int:
         from thinkwise.tasks.verifiers import ExactChecker
 
         verifier = ExactChecker(args.answer)
-    llm = LLM(args.model, progress=True, **_engine_options(args))
-    answer = llm.solve(question, args.strategy, k=args.k, m=args.m, budget=args.budget, sampling_params=params,
-                       extract=args.extract, verifier=verifier, use_chat_template=not args.raw)
+    if args.backend == "openai":
+        from thinkwise.errors import InvalidParameterError
+        from thinkwise.strategies.remote import RemoteBackend, solve_remote
+
+        if not args.base_url:
+            raise InvalidParameterError("--backend openai needs --base-url (e.g. http://host:8000/v1)",
+                                        param="base_url")
+        # --model names the model on the remote server.
+        backend = RemoteBackend(args.base_url, model=args.model, api_key=args.api_key)
+        answer = solve_remote(backend, question, args.strategy, k=args.k, m=args.m, sampling_params=params,
+                              extract=args.extract, verifier=verifier)
+    else:
+        llm = LLM(args.model, progress=True, **_engine_options(args))
+        answer = llm.solve(question, args.strategy, k=args.k, m=args.m, budget=args.budget, sampling_params=params,
+                           extract=args.extract, verifier=verifier, use_chat_template=not args.raw)
     if args.json:
         print(json.dumps(answer.to_dict(), indent=2))
         return 0

@@ -1,0 +1,243 @@
+"""Strategies over any OpenAI-compatible server (vLLM, SGLang, or `thinkwise serve`).
+
+`RemoteBackend` gives the strategy controllers the interface `LocalBackend` gives them:
+`start(prompt, params)` returns a group of k samples whose token events arrive as they
+are generated. A group is one streamed request with `n=k` (so the server can share the
+prompt's prefill between samples, as vLLM and thinkwise do), asking for per-token
+logprobs only to count tokens exactly. Aborting means closing the stream: servers abort
+a request whose client went away, and a thinkwise server frees its KV blocks at once.
+Costs are what the server reports in `usage` (prompt, cached and completion tokens);
+for a stream closed early, the tokens received so far — no FLOPs or bytes are known for
+remote hardware. A prompt may be chat messages (sent to /v1/chat/completions, the
+server applies its template), text or token ids (/v1/completions).
+
+    backend = RemoteBackend("http://gpu-box:8000/v1", model="Qwen/Qwen3-8B")
+    answer = solve_remote(backend, "What is 17 * 23?", "short-3@8")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass, field
+
+import httpx
+
+from thinkwise.engine.sampling_params import SamplingParams
+from thinkwise.engine.sequence import TokenCounts
+from thinkwise.errors import InvalidParameterError, ThinkwiseError
+
+
+class RemoteServerError(ThinkwiseError):
+    """The remote server refused or failed a request."""
+
+
+@dataclass
+class RemoteOutput:
+    counts: TokenCounts = field(default_factory=TokenCounts)
+    usage_reported: bool = False
+
+
+class RemoteGroup:
+    """k samples of one prompt as one streamed request; same surface as `SampleGroup`."""
+
+    def __init__(self, backend: RemoteBackend, path: str, body: dict, k: int):
+        self.backend, self.path, self.body, self.k = backend, path, body, k
+        self.texts = [""] * k
+        self.num_tokens = [0] * k
+        self.finish_reasons: list[str | None] = [None] * k
+        self.abort_reasons: list[str | None] = [None] * k
+        self.final: RemoteOutput | None = None
+        self._events: asyncio.Queue = asyncio.Queue()
+        self._reader: asyncio.Task | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.final is not None
+
+    async def open(self) -> None:
+        request = self.backend.client.build_request("POST", self.path, json=self.body)
+        response = await self.backend.client.send(request, stream=True)
+        if response.status_code != 200:
+            text = (await response.aread()).decode(errors="replace")
+            await response.aclose()
+            try:
+                message = json.loads(text)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = text[:500]
+            raise RemoteServerError(f"remote server answered {response.status_code}: {message}")
+        self._reader = asyncio.create_task(self._read(response))
+
+    async def _read(self, response: httpx.Response) -> None:
+        usage = None
+        try:
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise RemoteServerError(f"remote server error mid-stream: {chunk['error'].get('message')}")
+                usage = chunk.get("usage") or usage
+                for choice in chunk.get("choices") or []:
+                    await self._events.put(self._apply(choice))
+        except BaseException as error:  # noqa: BLE001 (handed to the consumer, which re-raises)
+            await self._events.put(error)
+            raise
+        finally:
+            await response.aclose()
+        self._finish(usage)
+        await self._events.put(None)
+
+    def _apply(self, choice: dict) -> tuple[int, str | None]:
+        index = choice["index"]
+        if "delta" in choice:  # chat
+            text = choice["delta"].get("content") or ""
+            tokens = len(((choice.get("logprobs") or {}).get("content")) or [])
+        else:
+            text = choice.get("text") or ""
+            tokens = len(((choice.get("logprobs") or {}).get("tokens")) or [])
+        self.texts[index] += text
+        self.num_tokens[index] += tokens
+        reason = choice.get("finish_reason")
+        if reason is not None:
+            self.finish_reasons[index] = reason
+        return index, reason
+
+    def _finish(self, usage: dict | None) -> None:
+        counts = TokenCounts()
+        counts.generated_tokens = sum(self.num_tokens)
+        counts.aborted_tokens = sum(n for n, r in zip(self.num_tokens, self.finish_reasons) if r in (None, "abort"))
+        if usage:
+            counts.prompt_tokens = usage.get("prompt_tokens", 0)
+            cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
+            counts.prompt_tokens_cached = cached
+            counts.prompt_tokens_computed = counts.prompt_tokens - cached
+            counts.generated_tokens = usage.get("completion_tokens", counts.generated_tokens)
+        for i, reason in enumerate(self.finish_reasons):
+            if reason is None:
+                self.finish_reasons[i] = "abort"
+        self.final = RemoteOutput(counts, usage_reported=usage is not None)
+
+    async def next_events(self) -> list[tuple[int, str | None]]:
+        if self.final is not None and self._events.empty():
+            return []
+        changes = []
+        item = await self._events.get()
+        while True:
+            if isinstance(item, BaseException):
+                if isinstance(item, ThinkwiseError):
+                    raise item
+                raise RemoteServerError(f"the stream from the remote server broke: {item!r}") from item
+            if item is not None:
+                changes.append(item)
+            if self._events.empty():
+                return changes
+            item = self._events.get_nowait()
+
+    async def wait(self) -> RemoteOutput:
+        while self.final is None:
+            await self.next_events()
+        return self.final
+
+    async def abort_rest(self, reason: str) -> RemoteOutput:
+        """Close the stream: the server aborts every unfinished sample of the request."""
+        for i in range(self.k):
+            if self.finish_reasons[i] is None:
+                self.abort_reasons[i] = reason
+        if self.final is None and self._reader is not None:
+            self._reader.cancel()
+            try:
+                await self._reader
+            except asyncio.CancelledError:
+                pass
+            except ThinkwiseError:
+                raise
+            if self.final is None:
+                self._finish(None)
+        return self.final
+
+    async def abort_sample(self, index: int, reason: str) -> None:
+        raise InvalidParameterError("a remote group's samples share one stream; abort them together "
+                                    "(abort_rest)", param="strategy")
+
+
+class RemoteBackend:
+    """Sample groups on an OpenAI-compatible server at `base_url` (ending in /v1)."""
+
+    intensity = 0.0  # the remote hardware is unknown: no effective FLOPs
+    tokenizer = None
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 600.0):
+        self.base_url = base_url.rstrip("/")
+        if not self.base_url.endswith("/v1"):
+            self.base_url += "/v1"
+        self.model = model
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = httpx.Timeout(timeout_s, connect=30.0)
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        # Made on first use inside the running event loop (an httpx client belongs to one loop).
+        if self._client is None:
+            self._client = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout)
+        return self._client
+
+    def request_body(self, prompt, params: SamplingParams) -> tuple[str, dict]:
+        if params.thinking_budget is not None:
+            raise InvalidParameterError("thinking budgets are enforced inside thinkwise's engine; they cannot run "
+                                        "over a remote server", param="strategy")
+        body = {"model": self.model, "n": params.n, "max_tokens": params.max_tokens, "temperature": params.temperature,
+                "top_p": params.top_p, "stream": True, "stream_options": {"include_usage": True}}
+        if params.seed is not None:
+            body["seed"] = params.seed
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if params.top_k and params.top_k > 0:
+            body["top_k"] = params.top_k
+        if params.min_p:
+            body["min_p"] = params.min_p
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+            body.update(messages=prompt, logprobs=True, top_logprobs=0)
+            return "/chat/completions", body
+        if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+            body.update(prompt=prompt, logprobs=0)
+            return "/completions", body
+        raise InvalidParameterError("a remote prompt is chat messages, text or token ids", param="prompt")
+
+    async def start(self, prompt, params: SamplingParams) -> RemoteGroup:
+        path, body = self.request_body(prompt, params)
+        group = RemoteGroup(self, path, body, params.n)
+        try:
+            await group.open()
+        except httpx.HTTPError as error:
+            raise RemoteServerError(f"cannot reach the remote server at {self.base_url}: {error}") from None
+        return group
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+def solve_remote(backend: RemoteBackend, question, strategy: str, *, k: int | None = None, m: int | None = None,
+                 sampling_params: SamplingParams | None = None, extract="auto", verifier=None):
+    """Run one strategy on a remote server; `question` is text (sent as a user message) or messages."""
+    from thinkwise.strategies import parse_strategy, run_strategy
+
+    spec = parse_strategy(strategy, k=k, m=m)
+    params = sampling_params or SamplingParams(temperature=0.7, top_p=0.95, max_tokens=512)
+    messages = [{"role": "user", "content": question}] if isinstance(question, str) else question
+    text = messages[-1].get("content", "")
+
+    async def main():
+        try:
+            return await run_strategy(backend, spec, messages, params, prompt_text=text, extract=extract,
+                                      verifier=verifier)
+        finally:
+            await backend.aclose()
+
+    return asyncio.run(main())
