@@ -122,8 +122,24 @@ class _SamplingFields(StrictModel):
         return self
 
 
+class ThinkwiseOptions(BaseModel):
+    """`extra_body={"thinkwise": {...}}`: run a test-time strategy on this chat request."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    strategy: Annotated[str, Field(min_length=1, max_length=64, description=(
+        "greedy, majority@K, short-M@K (or short-m@k with k and m), best-of-K, weighted-best-of-K, "
+        "adaptive:MAX, budget:TOKENS"))]
+    k: Annotated[int, Field(ge=1, le=256), _AS_INT] | None = None
+    m: Annotated[int, Field(ge=1, le=256), _AS_INT] | None = None
+    budget: Annotated[int, Field(ge=1), _AS_INT] | None = None
+    extract: Literal["auto", "boxed", "answer_line", "last_number", "choice", "code"] = "auto"
+    answer: Annotated[str, Field(max_length=10_000, description="reference answer: an exact checker for best-of-n")] \
+        | None = None
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    thinkwise: ThinkwiseOptions | None = None
     max_completion_tokens: Annotated[int, Field(ge=1), _AS_INT] | None = None
     logprobs: bool | None = False
     top_logprobs: Annotated[int, Field(ge=0, le=20), _AS_INT] | None = None

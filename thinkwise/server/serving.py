@@ -31,6 +31,7 @@ from thinkwise.engine.outputs import RequestOutput
 from thinkwise.engine.sampling_params import SamplingParams
 from thinkwise.errors import InvalidParameterError, ModelNotFoundError, PromptTooLongError
 from thinkwise.server.errors import QueueFullError
+from thinkwise.server.strategy_serving import chat_with_strategy, requested_strategy
 from thinkwise.server.metrics import ServerMetrics
 from thinkwise.server.protocol import ChatCompletionRequest, CompletionRequest
 from thinkwise.server.streaming import chat_stream, completion_stream, dumps
@@ -380,6 +381,9 @@ class OpenAIServing:
     # ------------------------------------------------------------------ endpoints
     async def chat(self, req: ChatCompletionRequest, http: Request) -> Response:
         arrival = time.monotonic()
+        strategy = requested_strategy(self, req)
+        if strategy is not None:
+            return await chat_with_strategy(self, req, http, *strategy)
         self.check_model(req.model)
         n = req.n or 1
         self._check_n(n)

@@ -1,0 +1,127 @@
+"""Test-time strategies through the chat completions endpoint.
+
+A request asks for a strategy in one of two ways: a top-level `thinkwise` object
+(`extra_body={"thinkwise": {"strategy": "short-m@k", "k": 8, "m": 3}}` with the openai
+client), or a model-name prefix — `short-m@k-8-3/default`, `short-3@8/default`,
+`majority@8/<model>`, `adaptive:16/<model>`, `budget:512/<model>`, `best-of-4/<model>`
+(best-of-n needs `thinkwise.answer`, the reference for an exact checker). The strategy
+runs on the server's engine, batched with every other request; the response is an
+ordinary chat completion whose message is the chosen sample's text, plus a `thinkwise`
+object with the extracted answer, the votes, every sample's outcome and the cost, and a
+`usage` that counts every token the strategy computed (prompt once per engine request,
+cached prompt tokens, all decoded tokens, aborted samples included). Streaming is refused
+with a 400: the answer exists only once the samples are decided. A client that
+disconnects aborts every sample at once.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import asdict
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from thinkwise.errors import InvalidParameterError
+from thinkwise.strategies import LocalBackend, StrategySpec, parse_strategy, run_strategy
+
+_PREFIX_SHORT = re.compile(r"short-m@k-(\d+)-(\d+)")
+
+
+def requested_strategy(serving, req) -> tuple[StrategySpec, str] | None:
+    """(strategy, served model name) if the request asks for a strategy, else None."""
+    options = req.thinkwise
+    model = req.model
+    if options is None and "/" in model and model not in serving.settings.served_model_names:
+        prefix, rest = model.split("/", 1)
+        match = _PREFIX_SHORT.fullmatch(prefix)
+        try:
+            spec = (parse_strategy("short-m@k", k=int(match[1]), m=int(match[2])) if match
+                    else parse_strategy(prefix))
+        except InvalidParameterError:
+            return None  # not a strategy: an ordinary (unknown) model name, reported as such later
+        serving.check_model(rest)
+        return spec, rest
+    if options is None:
+        return None
+    serving.check_model(model)
+    try:
+        spec = parse_strategy(options.strategy, k=options.k, m=options.m, budget=options.budget)
+    except InvalidParameterError as error:
+        raise InvalidParameterError(error.message, param="thinkwise.strategy") from None
+    return spec, model
+
+
+class _TrackingBackend(LocalBackend):
+    """A LocalBackend that remembers its groups, so a cancelled strategy can abort them."""
+
+    def __init__(self, engine):
+        super().__init__(engine)
+        self.groups = []
+
+    async def start(self, prompt_token_ids, params):
+        group = await super().start(prompt_token_ids, params)
+        self.groups.append(group)
+        return group
+
+    async def abort_all(self) -> None:
+        for group in self.groups:
+            if not group.done:
+                await self.engine.abort(group.request_id)
+
+
+async def chat_with_strategy(serving, req, http: Request, spec: StrategySpec, model: str) -> Response:
+    from thinkwise.server.serving import _unless_disconnected
+    from thinkwise.server.streaming import dumps
+
+    if req.stream:
+        raise InvalidParameterError("stream=true is not supported with a thinkwise strategy: the answer is decided "
+                                    "only when the samples are; send stream=false", param="stream")
+    if req.n not in (None, 1):
+        raise InvalidParameterError("n must be 1 with a thinkwise strategy (the strategy's k sets the samples)",
+                                    param="n")
+    samples = max(spec.k, 1)
+    serving._check_n(samples)
+    prompt = serving.chat_prompt(req)
+    requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    max_tokens = serving._max_tokens(requested, "max_tokens", [prompt], default=512)
+    params = serving._sampling_params(req, n=1, max_tokens=max_tokens, logprobs=None)
+    options = req.thinkwise
+    verifier = None
+    if options is not None and options.answer is not None:
+        from thinkwise.tasks.verifiers import ExactChecker
+
+        verifier = ExactChecker(options.answer)
+    extract = options.extract if options is not None else "auto"
+    serving._admit(samples)
+    backend = _TrackingBackend(serving.async_engine)
+    started = time.time()
+    try:
+        work = run_strategy(backend, spec, prompt, params, prompt_text=req.messages[-1].text(), extract=extract,
+                            verifier=verifier)
+        answer = await _unless_disconnected(http, work)
+    finally:
+        await backend.abort_all()  # a cancelled or failed strategy leaves nothing running
+        serving._release(samples)
+    if answer is None:  # the client went away
+        serving.metrics.aborted.inc()
+        return Response(status_code=499)
+    cost = answer.cost
+    serving.metrics.prompt_tokens.inc(cost.prompt_tokens)
+    serving.metrics.prompt_tokens_cached.inc(cost.prompt_tokens_cached)
+    serving.metrics.generation_tokens.inc(cost.decode_tokens)
+    completion_tokens = cost.decode_tokens + cost.forced_tokens
+    body: dict[str, Any] = {
+        "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(started), "model": req.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
+                     "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": cost.prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": cost.prompt_tokens + completion_tokens,
+                  "prompt_tokens_details": {"cached_tokens": cost.prompt_tokens_cached}},
+        "thinkwise": {"strategy": answer.strategy, "answer": answer.answer, "votes": answer.votes,
+                      "samples": [asdict(s) for s in answer.samples], "cost": asdict(cost), "served_model": model},
+    }
+    return Response(dumps(body), media_type="application/json")
