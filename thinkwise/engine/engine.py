@@ -98,7 +98,7 @@ class Engine:
         self.sampler = Sampler(self.device)
         self.cost_spec = ModelCostSpec.from_config(loaded.config, self.dtype)
         self.step_meter = StepMeter(self.device)
-        self.run_metadata["energy"] = "nvml" if self.step_meter.energy.available else "unavailable"
+        self.run_metadata["energy"] = "nvml" if self.step_meter.energy_available else "unavailable"
         self.eos_token_ids = set(loaded.config.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self._request_counter = itertools.count()
@@ -283,7 +283,6 @@ class Engine:
         with torch_threads(self.cpu_threads):
             logits = self.runner.execute(sequences, counts, sample, self.block_manager.take_pending_copies(),
                                          prefix_groups=batch.prefix_groups)
-        self.step_meter.stop(sequences, counts)
         self.num_steps += 1
 
         for seq, n in zip(sequences, counts):
@@ -301,11 +300,13 @@ class Engine:
             targets += group
             rows += [row] * len(group)
         if not targets:
+            self.step_meter.stop(sequences, counts)  # cost: GPU time and energy of this step
             return result
         if len(rows) != len(sampled):
             logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
         with torch_threads(self.cpu_threads):
             drawn = self.sampler(logits, [self._sampling_row(seq) for seq in targets])
+        self.step_meter.stop(sequences, counts)  # after the sampler's host copy: adds no sync
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for i, seq in enumerate(targets):
