@@ -2,21 +2,36 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+from tests.tiny_models import make_tiny_model
 from thinkwise import LLM, SamplingParams
-from thinkwise.cost import ModelCostSpec, ProfiledRun, RuntimeModel, effective_flops
-from thinkwise.cost.hardware import EnergyMeter, device_intensity
-from thinkwise.strategies.base import StrategyCost
+from thinkwise.cost import ModelCostSpec, attribute_step
+from thinkwise.engine.scheduler import PrefixGroup
+from thinkwise.engine.sequence import TokenCounts
+from thinkwise.loading.hf_dir import load_hf_dir
+from thinkwise.models import build_model
 
-# tests/tiny_models.py: vocab 260, hidden 64, intermediate 128, 2 layers, 4 heads, 2 KV heads,
-# head_dim 16, untied lm_head; fp32 here.
-DENSE = 2 * (64 * (64 + 2 * 32) + 64 * 64 + 3 * 64 * 128)  # qkv + o + gate/up/down, both layers = 73,728
-LM_HEAD_FLOPS = 2 * 64 * 260
-ATTENTION_PER_PAIR = 4 * 2 * 4 * 16  # QK^T + PV, 2 layers x 4 heads x head_dim 16
-WEIGHT_BYTES = 4 * (DENSE + 2 * 2 * 64 + 64 + 2 * 260 * 64)  # + norms + embedding + lm_head
-KV_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 KV heads, fp32
+# tests/tiny_models.py, llama: vocab 260, hidden 64, intermediate 128, 2 layers, 4 heads,
+# 2 KV heads, head_dim 16, untied lm_head; the engine runs it in fp32 (4 bytes).
+LAYERS, HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM, VOCAB, ELEMENT = 2, 64, 128, 4, 2, 16, 260, 4
+# per layer: q/k/v 64 x (64 + 32 + 32) = 8,192; o 64 x 64 = 4,096; gate/up/down 3 x 64 x 128 = 24,576
+DENSE = 2 * (8_192 + 4_096 + 24_576)  # = 73,728 weights a token passes through
+LM_HEAD_FLOPS = 2 * 64 * 260  # = 33,280 per sampled row
+ATTENTION_PER_PAIR = 2 * 2 * 2 * 4 * 16  # (QK^T + PV) x 2 FLOPs x 2 layers x 4 heads x 16 = 512
+BODY_BYTES = 4 * (DENSE + 2 * (64 + 64) + 64)  # layers + their 2 norms each + final norm = 296,192
+LM_HEAD_BYTES = 4 * 260 * 64  # = 66,560, read in steps that sample
+ROW_BYTES = 4 * 64  # one embedding row per computed token
+KV_PER_TOKEN = 2 * 2 * 2 * 16 * 4  # K and V x 2 layers x 2 KV heads x 16 x 4 bytes = 512
+
+
+def step_flops(new_tokens: int, end: int, sampled: bool = True) -> int:
+    """One sequence's FLOPs for computing positions end - new_tokens .. end - 1 (causal)."""
+    pairs = sum(range(end - new_tokens + 1, end + 1))  # position i attends to i + 1 keys
+    return 2 * DENSE * new_tokens + ATTENTION_PER_PAIR * pairs + (LM_HEAD_FLOPS if sampled else 0)
 
 
 @pytest.fixture()
@@ -26,66 +41,124 @@ def llm(tiny_llama):
                enable_prefix_caching=False)
 
 
-def test_spec_matches_the_model(llm, tiny_llama):
-    _, reference = tiny_llama
-    spec = ModelCostSpec.from_config(llm.engine.runner.config, torch.float32)
+def greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def test_spec_is_the_hand_computation(llm):
+    spec = ModelCostSpec.from_config(llm.engine.model_config, torch.float32)
     assert spec.dense_params == DENSE
-    assert spec.weight_bytes == WEIGHT_BYTES == 4 * sum(p.numel() for p in reference.parameters())
-    assert spec.kv_bytes_per_token == KV_PER_TOKEN
+    assert spec.body_weight_bytes == BODY_BYTES and spec.lm_head_bytes == LM_HEAD_BYTES
+    assert spec.embedding_row_bytes == ROW_BYTES and spec.kv_bytes_per_token == KV_PER_TOKEN
+    assert spec.attention_flops(0, 1) == ATTENTION_PER_PAIR and spec.lm_head_flops() == LM_HEAD_FLOPS
 
 
-def step(new_tokens: int, end: int, sampled: bool = True) -> float:
-    pairs = sum(range(end - new_tokens + 1, end + 1))
-    return 2 * DENSE * new_tokens + ATTENTION_PER_PAIR * pairs + (LM_HEAD_FLOPS if sampled else 0)
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", False), ("qwen3", False), ("qwen2", True)])
+def test_weight_bytes_are_the_model_parameters(arch, tied, tmp_path):
+    """Biases (Qwen2), q/k norms (Qwen3) and a tied lm_head are counted as the model stores them."""
+    make_tiny_model(arch, tmp_path, tie_word_embeddings=tied)
+    loaded = load_hf_dir(tmp_path, dtype=torch.bfloat16)
+    spec = ModelCostSpec.from_config(loaded.config, torch.bfloat16)
+    model = build_model(loaded, device=torch.device("cpu"), dtype=torch.bfloat16)
+    stored = sum(p.numel() for p in model.parameters())  # a tied matrix is one parameter
+    assert spec.weight_bytes == 2 * stored
+    table = 2 * loaded.config.vocab_size * loaded.config.hidden_size
+    assert spec.body_weight_bytes + spec.lm_head_bytes + (0 if tied else table) == spec.weight_bytes
 
 
-def test_one_request_by_hand(llm):
-    out = llm.generate([256, 1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
-    counts = out.counts
-    # Step 1: prefill of 5 tokens (sampled); steps 2-4: one token each at contexts 6, 7, 8.
-    assert counts.flops == step(5, 5) + step(1, 6) + step(1, 7) + step(1, 8)
-    assert counts.bytes_weights == 4 * WEIGHT_BYTES
+def test_one_request_prefill_and_three_decodes(llm):
+    counts = llm.generate([256, 1, 2, 3, 4], greedy(4))[0].counts
+    # Step 1: prefill positions 0-4 (samples token 1); steps 2-4 decode at contexts 6, 7, 8.
+    assert counts.flops == step_flops(5, 5) + step_flops(1, 6) + step_flops(1, 7) + step_flops(1, 8)
+    assert counts.bytes_weights == 4 * (BODY_BYTES + LM_HEAD_BYTES) + (5 + 3) * ROW_BYTES
+    # Each step reads K/V of the whole context (the new tokens' included) and writes the new tokens.
     assert counts.bytes_kv == KV_PER_TOKEN * ((5 + 5) + (6 + 1) + (7 + 1) + (8 + 1))
     assert counts.device_time_s == 0.0 and counts.energy_j is None  # CPU: no GPU timer or energy counter
 
 
-def test_weights_split_over_the_batch(llm):
-    outs = llm.generate([[256, 1, 2], [256, 5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+def test_batch_of_two_splits_the_weights(llm):
+    outs = llm.generate([[256, 1, 2], [256, 5, 6, 7]], greedy(3))
     a, b = (o.counts for o in outs)
-    # Both run in the same three steps: each carries half the weights of each step.
-    assert a.bytes_weights == b.bytes_weights == 3 * WEIGHT_BYTES / 2
-    assert a.flops == step(3, 3) + step(1, 4) + step(1, 5)
-    assert b.flops == step(4, 4) + step(1, 5) + step(1, 6)
+    # Both run in the same three steps, both sampled each time: each carries half of every read.
+    assert a.bytes_weights == 3 * (BODY_BYTES + LM_HEAD_BYTES) / 2 + (3 + 2) * ROW_BYTES
+    assert b.bytes_weights == 3 * (BODY_BYTES + LM_HEAD_BYTES) / 2 + (4 + 2) * ROW_BYTES
+    assert a.flops == step_flops(3, 3) + step_flops(1, 4) + step_flops(1, 5)
+    assert b.flops == step_flops(4, 4) + step_flops(1, 5) + step_flops(1, 6)
+    assert a.bytes_kv == KV_PER_TOKEN * ((3 + 3) + (4 + 1) + (5 + 1))
+    assert b.bytes_kv == KV_PER_TOKEN * ((4 + 4) + (5 + 1) + (6 + 1))
+
+
+def test_chunked_prefill_reads_the_lm_head_only_when_it_samples(tiny_llama):
+    directory, _ = tiny_llama
+    llm = LLM(str(directory), dtype="float32", device="cpu", block_size=4, num_kv_blocks=64,
+              enable_prefix_caching=False, max_num_batched_tokens=4)
+    counts = llm.generate([[256] + list(range(1, 10))], greedy(2))[0].counts
+    # A 10-token prompt in chunks 0-3, 4-7, 8-9 (the last samples), then one decode at context 11.
+    assert counts.flops == (step_flops(4, 4, sampled=False) + step_flops(4, 8, sampled=False)
+                            + step_flops(2, 10) + step_flops(1, 11))
+    assert counts.bytes_weights == 4 * BODY_BYTES + 2 * LM_HEAD_BYTES + (10 + 1) * ROW_BYTES
+    assert counts.bytes_kv == KV_PER_TOKEN * ((4 + 4) + (8 + 4) + (10 + 2) + (11 + 1))
+
+
+def test_prefix_cache_hit_costs_no_prompt_flops(tiny_llama):
+    directory, _ = tiny_llama
+    llm = LLM(str(directory), dtype="float32", device="cpu", block_size=4, num_kv_blocks=64)
+    prompt = [256, 1, 2, 3, 4, 5, 6, 7, 8]
+    llm.generate([prompt], greedy(1))
+    counts = llm.generate([prompt], greedy(2))[0].counts
+    # Two full blocks (8 tokens) come from the cache: only position 8 is computed, then one decode.
+    assert counts.prompt_tokens_cached == 8
+    assert counts.flops == step_flops(1, 9) + step_flops(1, 10)
+    assert counts.bytes_kv == KV_PER_TOKEN * ((9 + 1) + (10 + 1))
 
 
 def test_forked_samples_count_the_prompt_once(llm):
     out = llm.generate([256, 1, 2, 3, 4, 5, 6, 7], SamplingParams(n=3, temperature=1.0, seed=2, max_tokens=2,
                                                                    ignore_eos=True))[0]
-    # One prefill (8 tokens, sampled), then three samples decode one token each at context 9.
-    assert out.counts.flops == step(8, 8) + 3 * step(1, 9)
+    counts = out.counts
+    # One prefill (8 tokens, sampled once: the three samples draw from the same logits), then
+    # the three samples decode one token each at context 9, in one step.
+    assert counts.flops == step_flops(8, 8) + 3 * step_flops(1, 9)
+    # (the decode step's reads are split in thirds, so equal up to float rounding)
+    assert counts.bytes_weights == pytest.approx(2 * (BODY_BYTES + LM_HEAD_BYTES) + (8 + 3) * ROW_BYTES, rel=1e-12)
+    # On CPU every sample reads its own context (no cascade groups): the prompt's KV 3 times.
+    assert counts.bytes_kv == KV_PER_TOKEN * ((8 + 8) + 3 * (9 + 1))
 
 
-def test_effective_flops_and_strategy_sum(llm):
-    assert effective_flops(10.0, 4.0, 2.5) == 20.0
-    intensity, source = device_intensity("cpu")
-    assert intensity > 0 and source == "measured on this CPU"
-    assert not EnergyMeter("cpu").available
-    out = llm.generate([256, 1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
-    cost = StrategyCost()
-    cost.add(out.counts, 2.0)
-    cost.add(out.counts, 2.0)
-    moved = out.counts.bytes_weights + out.counts.bytes_kv
-    assert cost.flops == 2 * out.counts.flops and cost.bytes_moved == 2 * moved
-    assert cost.effective_flops == 2 * (out.counts.flops + 2.0 * moved)
-    assert cost.energy_j is None
+def test_aborted_samples_count_their_tokens(llm):
+    engine = llm.engine
+    request = engine.add_request([256, 1, 2], SamplingParams(n=2, temperature=1.0, seed=0, max_tokens=50,
+                                                             ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    first, second = request.sequences
+    engine.abort_sequence(first)
+    engine.step()
+    engine.abort_sequence(second)
+    assert request.counts.aborted_tokens == 4 + 5
+    assert request.counts.generated_tokens == 4 + 5
 
 
-def test_runtime_model_recovers_a_known_law():
-    truth = RuntimeModel(0.05, 0.001, 0.02)
-    runs = [ProfiledRun(p, o, truth.predict(p, o)) for p in (10, 50, 200) for o in (1, 8, 32)]
-    fitted = RuntimeModel.fit(runs)
-    assert fitted.per_output_token_s == pytest.approx(0.02) and fitted.per_prompt_token_s == pytest.approx(0.001)
-    noisy = [ProfiledRun(r.prompt_tokens, r.output_tokens, r.seconds * 1.1) for r in runs]
-    assert fitted.error_on(noisy) == pytest.approx(100 * (1 - 1 / 1.1), rel=1e-6)
-    with pytest.raises(ValueError):
-        RuntimeModel.fit(runs[:2])
+def fake_sequence(num_computed: int) -> SimpleNamespace:
+    return SimpleNamespace(num_computed_tokens=num_computed, request=SimpleNamespace(counts=TokenCounts()))
+
+
+def test_a_shared_prefix_group_reads_its_prefix_once():
+    """What the cascade-attention path reports: three samples sharing 8 prompt tokens, plus
+    one unrelated decode row, in one step."""
+    spec = ModelCostSpec.from_config(SimpleNamespace(
+        hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+        intermediate_size=INTER, vocab_size=VOCAB, attention_bias=False, qk_norm=False,
+        tie_word_embeddings=False), torch.float32)
+    samples = [fake_sequence(10) for _ in range(3)]
+    other = fake_sequence(6)
+    sequences = [samples[0], other, samples[1], samples[2]]
+    attribute_step(spec, sequences, [1, 1, 1, 1], [True] * 4, [PrefixGroup(members=[0, 2, 3], shared_tokens=8)])
+    for seq in samples:
+        # a third of the shared 8 tokens, its own 3 (positions 8-10) read, 1 written
+        assert seq.request.counts.bytes_kv == pytest.approx(KV_PER_TOKEN * (8 / 3 + 3 + 1), rel=1e-12)
+        assert seq.request.counts.flops == step_flops(1, 11)
+    assert other.request.counts.bytes_kv == KV_PER_TOKEN * (7 + 1)
+    assert sum(s.request.counts.bytes_kv for s in sequences) == pytest.approx(KV_PER_TOKEN * (8 + 3 * 4 + 8))
+    for seq in sequences:
+        assert seq.request.counts.bytes_weights == (BODY_BYTES + LM_HEAD_BYTES) / 4 + ROW_BYTES

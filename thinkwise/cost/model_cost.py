@@ -1,16 +1,24 @@
 """Analytic cost of the work an engine step really did: FLOPs and bytes moved, per request.
 
-From the model config: the dense matmul parameters a token passes through (q/k/v, o,
-gate/up, down in every layer), the lm_head (applied only to rows that are sampled), the
-attention work per (query, key) pair, all weight bytes (read once per step, shared by
-every sequence in it) and KV bytes per token. `attribute_step` charges one step to the
-requests it served:
-- FLOPs: 2 x dense params per computed token; 4 x layers x heads x head_dim per (query
-  token, visible key) for QK^T and PV, over the actual causal context; 2 x hidden x
-  vocab per sampled row;
-- bytes: the step's weight bytes split evenly over its sequences; each sequence's KV read
-  over its context (its own prefix, and a shared prefix read once per group when cascade
-  attention reads it once — split over the group's members) plus the KV it writes.
+`ModelCostSpec` holds what the model config fixes; `attribute_step` charges one step (the
+sequences the scheduler picked, the tokens each computes, which rows are sampled) to the
+`TokenCounts` of the requests it served. FLOPs count matmuls only, 2 per multiply-add
+(norms, rotary, softmax, SiLU and bias adds are a fraction of a percent and left out):
+- dense: 2 x (q/k/v + o + gate/up/down parameters of every layer) per computed token;
+- attention: QK^T and PV, 2 x 2 x heads x head_dim per layer per (query token, visible
+  key); a token at position i sees keys 0..i, so a chunk computing positions a..b-1
+  costs the causal sum over exactly those positions (a cached prefix costs nothing);
+- lm_head: 2 x hidden x vocab per sampled row only, as the runner computes logits only
+  for a sequence's last token once all its pending tokens are computed.
+Bytes:
+- weights: the layers' weights and the final norm are read once per step and split
+  evenly over the step's sequences; the lm_head matrix is read once in a step that
+  samples any row and split over the sampled sequences; an embedding lookup reads one
+  row per computed token (charged to its sequence), not the whole table;
+- KV: each sequence reads K and V of its whole context (cached prefix, earlier chunks
+  and the tokens it writes this step) and writes its new tokens. When the step reports a
+  shared-prefix group (cascade attention, see `thinkwise.engine.scheduler.PrefixGroup`)
+  the group's shared tokens are read once for all members, split evenly over them.
 """
 
 from __future__ import annotations
@@ -27,8 +35,11 @@ class ModelCostSpec:
     head_dim: int
     hidden_size: int
     vocab_size: int
+    element_bytes: int  # bytes of one weight / KV element at the engine's dtype
     dense_params: int  # matmul weights a token passes through (all layers, lm_head excluded)
-    weight_bytes: int  # every weight tensor, read once per step
+    body_weight_bytes: int  # per-layer weights, biases and norms, and the final norm: read every step
+    lm_head_bytes: int  # vocab x hidden: read in a step that samples any row
+    weight_bytes: int  # every weight tensor stored (a tied lm_head counted once)
     kv_bytes_per_token: int  # K and V of one position, all layers
 
     @classmethod
@@ -37,16 +48,24 @@ class ModelCostSpec:
         h, layers = config.hidden_size, config.num_layers
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         per_layer = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
-        norms = layers * (2 * h + (2 * config.head_dim if config.qk_norm else 0)) + h
-        embedding = config.vocab_size * h
-        lm_head = 0 if config.tie_word_embeddings else config.vocab_size * h
-        bias = layers * (q + 2 * kv) if config.attention_bias else 0
+        bias = q + 2 * kv if config.attention_bias else 0
+        norms = 2 * h + (2 * config.head_dim if config.qk_norm else 0)
+        body = layers * (per_layer + bias + norms) + h
+        table = config.vocab_size * h
         return cls(
             num_layers=layers, num_heads=config.num_heads, head_dim=config.head_dim, hidden_size=h,
-            vocab_size=config.vocab_size, dense_params=layers * per_layer,
-            weight_bytes=(layers * per_layer + norms + embedding + lm_head + bias) * element,
+            vocab_size=config.vocab_size, element_bytes=element, dense_params=layers * per_layer,
+            body_weight_bytes=body * element, lm_head_bytes=table * element,
+            weight_bytes=(body + table * (1 if config.tie_word_embeddings else 2)) * element,
             kv_bytes_per_token=2 * layers * config.num_kv_heads * config.head_dim * element,
         )
+
+    @property
+    def embedding_row_bytes(self) -> int:
+        return self.hidden_size * self.element_bytes
+
+    def dense_flops(self, num_tokens: int) -> float:
+        return 2.0 * self.dense_params * num_tokens
 
     def attention_flops(self, first: int, end: int) -> float:
         """QK^T and PV for query positions first..end-1, each seeing keys 0..itself."""
@@ -58,7 +77,15 @@ class ModelCostSpec:
 
 
 def attribute_step(spec: ModelCostSpec, sequences, num_new_tokens, sample, prefix_groups=()) -> None:
-    """Add one step's FLOPs and bytes to the `TokenCounts` of the requests it served."""
+    """Add one step's FLOPs and bytes to the `TokenCounts` of the requests it served.
+
+    Call it before the runner advances `num_computed_tokens`: sequence i computes positions
+    num_computed_tokens .. num_computed_tokens + num_new_tokens[i] - 1, and `sample[i]` says
+    whether its last row goes through the lm_head. `prefix_groups` (objects with `members`,
+    indices into `sequences`, and `shared_tokens`) name the decode rows whose leading
+    `shared_tokens` of KV the attention reads once for the whole group; leave it empty
+    where every sequence reads its own context (the CPU path, plain paged attention).
+    """
     if not sequences:
         return
     shared_read: dict[int, float] = {}  # index in the step -> its share of a group's prefix read
@@ -68,13 +95,16 @@ def attribute_step(spec: ModelCostSpec, sequences, num_new_tokens, sample, prefi
         for index in group.members:
             shared_read[index] = share
             shared_tokens[index] = group.shared_tokens
-    weight_share = spec.weight_bytes / len(sequences)
+    body_share = spec.body_weight_bytes / len(sequences)
+    num_sampled = sum(1 for s in sample if s)
+    lm_head_share = spec.lm_head_bytes / num_sampled if num_sampled else 0.0
     for index, (seq, n) in enumerate(zip(sequences, num_new_tokens)):
         counts = seq.request.counts
-        end = seq.num_computed_tokens + n  # context after this step (called before the runner advances it)
-        counts.flops += 2.0 * spec.dense_params * n + spec.attention_flops(end - n, end)
+        end = seq.num_computed_tokens + n  # context after this step
+        counts.flops += spec.dense_flops(n) + spec.attention_flops(end - n, end)
+        counts.bytes_weights += body_share + n * spec.embedding_row_bytes
         if sample[index]:
             counts.flops += spec.lm_head_flops()
+            counts.bytes_weights += lm_head_share
         own_context = end - shared_tokens.get(index, 0)
-        counts.bytes_weights += weight_share
         counts.bytes_kv += shared_read.get(index, 0.0) + (own_context + n) * spec.kv_bytes_per_token

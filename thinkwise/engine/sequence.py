@@ -37,11 +37,11 @@ class TokenCounts:
     generated_tokens: int = 0  # tokens sampled, over all samples
     recomputed_tokens: int = 0  # generated tokens whose KV was computed again after preemption
     forced_tokens: int = 0  # tokens appended by a caller rather than sampled
-    aborted_tokens: int = 0  # generated tokens of samples that were aborted (spent, then thrown away)
+    aborted_tokens: int = 0  # output tokens (sampled or forced) of samples aborted before they finished
     # Analytic work charged by `cost.attribute_step` from the steps that served this request.
     flops: float = 0.0
-    bytes_weights: float = 0.0  # this request's share of the weights read each step
-    bytes_kv: float = 0.0  # KV cache read and written for this request
+    bytes_weights: float = 0.0  # its share of the weights read each step, plus its embedding rows
+    bytes_kv: float = 0.0  # KV cache read and written for it (a cascade-shared prefix split over its readers)
     device_time_s: float = 0.0  # GPU time of its steps, split by token share (CUDA only)
     energy_j: float | None = None  # NVML energy of its steps, split by token share; None: unavailable
 

@@ -49,10 +49,12 @@ class StrategyCost:
     forced_tokens: int = 0
     recomputed_tokens: int = 0
     aborted_samples: int = 0
-    aborted_tokens: int = 0  # decode tokens of aborted samples (included in decode_tokens)
+    aborted_tokens: int = 0  # output tokens of aborted samples (already in decode_tokens / forced_tokens)
     wall_time_s: float = 0.0
     flops: float = 0.0
-    bytes_moved: float = 0.0  # weights (this strategy's share of each step) + KV read and written
+    bytes_moved: float = 0.0  # bytes_weights + bytes_kv
+    bytes_weights: float = 0.0  # this strategy's share of the weights read in each step it took part in
+    bytes_kv: float = 0.0  # KV read and written
     device_time_s: float = 0.0
     energy_j: float | None = None  # None: no energy counter on this machine
     effective_flops: float = 0.0  # Kinetics: flops + I x bytes_moved (I of this device)
@@ -70,6 +72,8 @@ class StrategyCost:
         moved = counts.bytes_weights + counts.bytes_kv
         self.flops += counts.flops
         self.bytes_moved += moved
+        self.bytes_weights += counts.bytes_weights
+        self.bytes_kv += counts.bytes_kv
         self.effective_flops += counts.flops + intensity * moved
         self.device_time_s += counts.device_time_s
         if counts.energy_j is not None:
