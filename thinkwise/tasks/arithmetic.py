@@ -13,9 +13,10 @@ import bisect
 import random
 import re
 import statistics
+from collections import Counter
 from fractions import Fraction
 
-from thinkwise.tasks.base import ANSWER_FORMAT, Problem, TaskFamily, answer_line, register
+from thinkwise.tasks.base import ANSWER_FORMAT, NumericFamily, Problem, TaskFamily, answer_line, register
 from thinkwise.tasks.extraction import parse_number
 
 
@@ -28,7 +29,7 @@ def _list_text(values) -> str:
 
 
 @register
-class SumFamily(TaskFamily):
+class SumFamily(NumericFamily):
     name, description = "sum", "add three multi-digit numbers (level = digits)"
     min_level, max_level, default_levels = 1, 12, (2, 4, 6)
 
@@ -38,7 +39,7 @@ class SumFamily(TaskFamily):
 
 
 @register
-class ProductFamily(TaskFamily):
+class ProductFamily(NumericFamily):
     name, description = "product", "multiply two multi-digit numbers (level = digits)"
     min_level, max_level, default_levels = 1, 10, (2, 3, 4)
 
@@ -48,7 +49,7 @@ class ProductFamily(TaskFamily):
 
 
 @register
-class MeanFamily(TaskFamily):
+class MeanFamily(NumericFamily):
     name, description = "mean", "mean of a list (level = length); integer mean by construction"
     min_level, max_level, default_levels = 2, 40, (4, 8, 16)
 
@@ -60,7 +61,7 @@ class MeanFamily(TaskFamily):
 
 
 @register
-class MedianFamily(TaskFamily):
+class MedianFamily(NumericFamily):
     name, description = "median", "median of an odd-length list (level = length 2*level+1)"
     min_level, max_level, default_levels = 1, 20, (2, 4, 8)
 
@@ -71,22 +72,25 @@ class MedianFamily(TaskFamily):
 
 
 @register
-class ModeFamily(TaskFamily):
-    name, description = "mode", "the most frequent value (unique by construction; level = length)"
+class ModeFamily(NumericFamily):
+    name, description = "mode", "the most frequent value (unique by construction; level = list length)"
     min_level, max_level, default_levels = 3, 40, (6, 12, 24)
 
     def make(self, level, rng):
         pool = rng.sample(range(1, 60), max(2, level // 2))
-        values = [rng.choice(pool[1:]) for _ in range(level - 1)]
-        top = max(values.count(v) for v in set(values))
-        values += [pool[0]] * (top + 1 - values.count(pool[0]))  # pool[0] becomes the unique mode
-        rng.shuffle(values)
+        values = [rng.choice(pool) for _ in range(level)]
+        mode = rng.choice(values)
+        while True:  # turn other items into `mode` until it is the unique most frequent value
+            counts = Counter(values)
+            if all(counts[mode] > count for value, count in counts.items() if value != mode):
+                break
+            values[rng.choice([i for i, v in enumerate(values) if v != mode])] = mode
         return (f"Which number appears most often in this list: {_list_text(values)}? {ANSWER_FORMAT}",
-                str(pool[0]), {"values": values})
+                str(mode), {"values": values})
 
 
 @register
-class CountFamily(TaskFamily):
+class CountFamily(NumericFamily):
     name, description = "count", "how many list items exceed a threshold (level = length)"
     min_level, max_level, default_levels = 3, 60, (8, 16, 32)
 
@@ -99,7 +103,7 @@ class CountFamily(TaskFamily):
 
 
 @register
-class LongestIncreasingFamily(TaskFamily):
+class LongestIncreasingFamily(NumericFamily):
     name, description = "lis", "length of the longest strictly increasing subsequence (level = length)"
     min_level, max_level, default_levels = 3, 40, (6, 10, 16)
 
@@ -138,7 +142,7 @@ class SortFamily(TaskFamily):
 
 
 @register
-class ApproximateFamily(TaskFamily):
+class ApproximateFamily(NumericFamily):
     name, description = "approx", "StreetMath: estimate a product of decimals; within 5% counts (level = digits)"
     min_level, max_level, default_levels = 1, 6, (2, 3, 4)
     tolerance = Fraction(5, 100)

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from thinkwise.errors import InvalidParameterError
-from thinkwise.tasks.extraction import answer_key, answers_equal, extract_answer
+from thinkwise.tasks.extraction import _ANSWER_MARKER, _NUMBER_IN_TEXT, answer_key, answers_equal, extract_answer, \
+    parse_number
 
 ANSWER_FORMAT = "End your reply with a final line of the form `Answer: <your answer>`."
 
@@ -46,6 +47,7 @@ class TaskFamily:
     min_level = 1
     max_level = 10
     default_levels: tuple[int, ...] = (1, 2, 3)
+    cheap_check = True  # False where checking runs something costly (the code sandbox)
 
     def generate(self, level: int, seed: int) -> Problem:
         if not self.min_level <= level <= self.max_level:
@@ -69,6 +71,25 @@ class TaskFamily:
         return f"Working it out step by step.\nAnswer: {problem.reference}"
 
 
+def numeric_answer(text: str) -> str | None:
+    """The number a response answers with: \\boxed{}, else the `Answer:` line, else the last
+    number in the text. An answer that is a calculation ("Answer: 12 + 5 = 17") gives
+    its last number, since small models often restate the sum before the result."""
+    answer = extract_answer(text, "auto")
+    if answer is None or parse_number(answer) is not None:
+        return answer
+    numbers = _NUMBER_IN_TEXT.findall(answer)
+    return numbers[-1] if numbers else None
+
+
+class NumericFamily(TaskFamily):
+    """A family whose answer is one number, compared numerically."""
+
+    def extract(self, problem: Problem, text: str) -> str | None:
+        answer = numeric_answer(text)
+        return answer_key(answer) if answer is not None else None
+
+
 FAMILIES: dict[str, TaskFamily] = {}
 
 
@@ -90,6 +111,21 @@ def _load_families() -> None:
     from thinkwise.tasks import arithmetic, code, puzzles, sequences  # noqa: F401
 
 
+def answer_blocks(text: str) -> list[str]:
+    """Where a multi-part answer (a move list, a placement) may be, most specific first:
+    everything after the last `Answer:` marker (move lists span lines), the content of
+    the last \\boxed{}, and the whole response. Parsers take the first that parses."""
+    blocks = []
+    markers = list(_ANSWER_MARKER.finditer(text))
+    if markers:
+        blocks.append(text[markers[-1].end():].strip())
+    boxed = extract_answer(text, "boxed")
+    if boxed is not None:
+        blocks.append(boxed)
+    blocks.append(text)
+    return blocks
+
+
 def answer_line(text: str) -> str | None:
     """The raw text after the last `Answer:` marker (up to the end of that line), or the
     content of the last \\boxed{}; None when neither is there."""
@@ -99,24 +135,31 @@ def answer_line(text: str) -> str | None:
 
 
 def parse_task_spec(spec: str) -> list[tuple[str, list[int]]]:
-    """"hanoi:3-6,sum:2,median" -> [("hanoi", [3,4,5,6]), ("sum", [2]), ("median", defaults)];
-    "jsonl:path" -> [("jsonl:path", [0])]."""
+    """"hanoi:3-6,sum:2,median,queens:4/6/8" -> [("hanoi", [3, 4, 5, 6]), ("sum", [2]),
+    ("median", its default levels), ("queens", [4, 6, 8])]; "jsonl:path" -> [("jsonl:path", [0])]."""
     out = []
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         if part.startswith("jsonl:"):
+            if not part[len("jsonl:"):].strip():
+                raise InvalidParameterError("task spec 'jsonl:' needs a file path, e.g. jsonl:mine.jsonl",
+                                            param="tasks")
             out.append((part, [0]))
             continue
         name, _, levels = part.partition(":")
+        name, levels = name.strip(), levels.replace(" ", "")
         family = get_family(name)
         if not levels:
             chosen = list(family.default_levels)
         elif m := re.fullmatch(r"(\d+)-(\d+)", levels):
+            if int(m[1]) > int(m[2]):
+                raise InvalidParameterError(f"empty level range {levels!r} in task spec {part!r}; write it low-high, "
+                                            f"e.g. {name}:{m[2]}-{m[1]}", param="tasks")
             chosen = list(range(int(m[1]), int(m[2]) + 1))
         elif re.fullmatch(r"\d+(?:/\d+)*", levels):
             chosen = [int(x) for x in levels.split("/")]
         else:
-            raise InvalidParameterError(f"bad levels {levels!r} in task spec {part!r}; use e.g. {name}:2-5 or {name}:3",
-                                        param="tasks")
+            raise InvalidParameterError(f"bad levels {levels!r} in task spec {part!r}; use e.g. {name}:2-5, "
+                                        f"{name}:3 or {name}:2/4/8", param="tasks")
         for level in chosen:
             if not family.min_level <= level <= family.max_level:
                 raise InvalidParameterError(
@@ -128,10 +171,16 @@ def parse_task_spec(spec: str) -> list[tuple[str, list[int]]]:
 
 
 def generate_problems(spec: str, n_per_level: int, seed: int = 0) -> list[Problem]:
+    """`n_per_level` problems of every (family, level) in `spec`, the same for the same
+    arguments; problem i of a level has seed `seed * 100_003 + i`. A JSONL file in the
+    spec gives its first `n_per_level` rows (all of them when n_per_level is 0)."""
+    if n_per_level < 0:
+        raise InvalidParameterError(f"n_per_level must be >= 0, got {n_per_level}", param="n_per_level")
     problems = []
     for name, levels in parse_task_spec(spec):
         if name.startswith("jsonl:"):
-            problems += load_jsonl(name[len("jsonl:"):])[:n_per_level] if n_per_level else load_jsonl(name[6:])
+            rows = load_jsonl(name[len("jsonl:"):].strip())
+            problems += rows[:n_per_level] if n_per_level else rows
             continue
         family = get_family(name)
         for level in levels:
@@ -145,6 +194,11 @@ class JsonlFamily(TaskFamily):
     checker should judge them (its `data` may come in "data")."""
 
     name = "jsonl"
+    description = "problems from a user JSONL file (jsonl:PATH)"
+    min_level, max_level, default_levels = 0, 0, (0,)
+
+    def generate(self, level: int, seed: int) -> Problem:
+        raise InvalidParameterError("jsonl problems come from a file; use the task spec jsonl:PATH", param="tasks")
 
     def _delegate(self, problem: Problem) -> TaskFamily | None:
         checker = problem.data.get("checker")
@@ -152,17 +206,31 @@ class JsonlFamily(TaskFamily):
 
     def extract(self, problem, text):
         family = self._delegate(problem)
-        return family.extract(problem, text) if family else super().extract(problem, text)
+        if family:
+            return family.extract(problem, text)
+        if parse_number(problem.reference) is not None:
+            answer = numeric_answer(text)
+            return answer_key(answer) if answer is not None else None
+        return super().extract(problem, text)
 
     def check(self, problem, text):
         family = self._delegate(problem)
         return family.check(problem, text) if family else super().check(problem, text)
+
+    def reference_response(self, problem):
+        family = self._delegate(problem)
+        return family.reference_response(problem) if family else super().reference_response(problem)
 
 
 FAMILIES["jsonl"] = JsonlFamily()
 
 
 def load_jsonl(path: str) -> list[Problem]:
+    """Problems of family "jsonl" from a file of JSON lines {"prompt", "answer"}, optionally
+    with "checker" (a family name whose checker judges the row, e.g. "hanoi"), "data"
+    (what that checker needs, e.g. {"disks": 3}) and "level" (an integer to group results
+    by). Rows with a checker are validated now: the family must exist, and its checker
+    must accept the row's own answer, so a broken file fails here and not mid-benchmark."""
     file = Path(path)
     if not file.is_file():
         raise InvalidParameterError(f"task file {path!r} does not exist", param="tasks")
@@ -170,18 +238,40 @@ def load_jsonl(path: str) -> list[Problem]:
     for number, line in enumerate(file.read_text().splitlines(), 1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
             row = json.loads(line)
         except json.JSONDecodeError as error:
-            raise InvalidParameterError(f"{path}:{number} is not valid JSON ({error.msg})", param="tasks") from None
+            raise InvalidParameterError(f"{where} is not valid JSON ({error.msg})", param="tasks") from None
         if not isinstance(row, dict) or "prompt" not in row or "answer" not in row:
-            raise InvalidParameterError(f'{path}:{number} needs "prompt" and "answer" fields', param="tasks")
+            raise InvalidParameterError(f'{where} needs "prompt" and "answer" fields', param="tasks")
+        if not isinstance(row.get("data", {}), dict):
+            raise InvalidParameterError(f'{where}: "data" must be a JSON object', param="tasks")
+        level = row.get("level", 0)
+        if not isinstance(level, int) or isinstance(level, bool):
+            raise InvalidParameterError(f'{where}: "level" must be an integer, got {level!r}', param="tasks")
         data = dict(row.get("data") or {})
+        problem = Problem("jsonl", level, number, str(row["prompt"]), str(row["answer"]), data)
         if row.get("checker"):
-            get_family(row["checker"])  # fail early on an unknown checker name
-            data["checker"] = row["checker"]
-        problems.append(Problem("jsonl", int(row.get("level", 0)), number, str(row["prompt"]), str(row["answer"]), data))
+            family = get_family(str(row["checker"]))  # an unknown name fails with the list of known ones
+            data["checker"] = family.name
+            _validate_row(where, family, problem)
+        problems.append(problem)
     return problems
+
+
+def _validate_row(where: str, family: TaskFamily, problem: Problem) -> None:
+    if not family.cheap_check:
+        return  # e.g. code: running the sandbox for every row at load time would be slow
+    try:
+        accepted = family.check(problem, family.reference_response(problem))
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as error:
+        raise InvalidParameterError(
+            f"{where}: checker {family.name!r} cannot judge this row ({type(error).__name__}: {error}); give the "
+            f'fields it needs in "data", as in {family.name} problems\' data', param="tasks") from None
+    if not accepted:
+        raise InvalidParameterError(f"{where}: checker {family.name!r} rejects the row's own answer; fix the answer "
+                                    'or the "data" fields', param="tasks")
 
 
 def check(problem: Problem, text: str) -> bool:

@@ -8,7 +8,7 @@ and positions further out) and, for levels above 5, shows fewer terms.
 
 from __future__ import annotations
 
-from thinkwise.tasks.base import ANSWER_FORMAT, TaskFamily, register
+from thinkwise.tasks.base import ANSWER_FORMAT, NumericFamily, register
 
 KINDS = ("arithmetic", "geometric", "fibonacci", "prime")
 
@@ -24,7 +24,7 @@ def _primes(count: int, skip: int) -> list[int]:
 
 
 @register
-class SequenceFamily(TaskFamily):
+class SequenceFamily(NumericFamily):
     name, description = "sequence", "next term of an arithmetic/geometric/Fibonacci-like/prime pattern"
     min_level, max_level, default_levels = 1, 8, (1, 3, 5)
 
