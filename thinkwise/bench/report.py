@@ -64,33 +64,49 @@ def plot_frontiers(summary: list[dict], out_dir: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    overall = [s for s in summary if s["family"] == "all"]
-    levels = sorted({s["level"] for s in overall})
+    from matplotlib.ticker import NullFormatter
+
+    # A level means something different in each family (digits, disks ...): one panel per
+    # family and level, in a grid with a row per family.
+    panels = sorted({(s["family"], s["level"]) for s in summary if s["family"] != "all"})
+    families = sorted({f for f, _ in panels})
+    columns = max(sum(1 for f, _ in panels if f == family) for family in families)
     paths = []
     for key, label in COSTS:
         column = {"decode_tokens": "mean_decode_tokens", "effective_flops": "mean_effective_flops",
                   "seconds": "mean_seconds"}[key]
-        figure, axes = plt.subplots(1, len(levels), figsize=(4.2 * len(levels), 3.6), squeeze=False)
-        for axis, level in zip(axes[0], levels):
-            points = [s for s in overall if s["level"] == level]
-            xy = [(float(s[column]), s["accuracy"]) for s in points]
-            for s, (x, y) in zip(points, xy):
-                axis.scatter(x, y, s=30)
-                axis.annotate(s["strategy"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-            frontier = pareto_frontier(xy)
-            axis.plot([xy[i][0] for i in frontier], [xy[i][1] for i in frontier], "k--", lw=1, label="Pareto frontier")
-            axis.set_xscale("log")
-            axis.set_title(f"level {level}")
-            axis.set_xlabel(label)
-            axis.set_ylabel("accuracy")
-            axis.set_ylim(-0.05, 1.05)
-            axis.legend(fontsize=7, loc="lower right")
+        figure, axes = plt.subplots(len(families), columns, figsize=(4.2 * columns, 3.4 * len(families)),
+                                    squeeze=False)
+        for row, family in enumerate(families):
+            levels = [lv for f, lv in panels if f == family]
+            for col in range(len(levels), columns):
+                axes[row][col].axis("off")
+            for col, level in enumerate(levels):
+                _panel(axes[row][col], [s for s in summary if s["family"] == family and s["level"] == level],
+                       column, label, f"{family}, level {level}", NullFormatter)
         figure.tight_layout()
         path = out_dir / f"accuracy_vs_{key}.png"
-        figure.savefig(path, dpi=110)
+        figure.savefig(path, dpi=100)
         plt.close(figure)
         paths.append(path)
     return paths
+
+
+def _panel(axis, points, column, label, title, null_formatter) -> None:
+    """One family-level: each strategy a point, the Pareto frontier dashed."""
+    xy = [(max(float(s[column]), 1e-9), s["accuracy"]) for s in points]
+    for s, (x, y) in zip(points, xy):
+        axis.scatter(x, y, s=30)
+        axis.annotate(s["strategy"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    frontier = pareto_frontier(xy)
+    axis.plot([xy[i][0] for i in frontier], [xy[i][1] for i in frontier], "k--", lw=1, label="Pareto frontier")
+    axis.set_xscale("log")
+    axis.xaxis.set_minor_formatter(null_formatter())
+    axis.set_title(title)
+    axis.set_xlabel(label)
+    axis.set_ylabel("accuracy")
+    axis.set_ylim(-0.05, 1.05)
+    axis.legend(fontsize=7, loc="upper left")
 
 
 def write_html(summary: list[dict], plots: list[Path], path: Path, title: str, command: str) -> None:
