@@ -1,8 +1,12 @@
-"""Every task family: the checker accepts the generator's reference and rejects corruptions,
-generation is deterministic, difficulty scales, and specs/JSONL load with clear errors."""
+"""Properties every registered task family must have, over many seeds and several levels:
+the checker accepts the family's own reference response and rejects a corrupted one,
+generation is deterministic in (level, seed) and JSON-serializable, the prompt states an
+answer format and does not contain the answer (where that means something), and the
+levels the family declares all generate."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -11,10 +15,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from thinkwise.errors import InvalidParameterError
-from thinkwise.tasks import FAMILIES, generate_problems, get_family, load_jsonl, parse_task_spec
+from thinkwise.tasks import FAMILIES, check, extract, get_family
 
+# code runs the sandbox per check; its few sandbox-backed tests are in test_code.py.
 NAMES = sorted(n for n in FAMILIES if n not in ("jsonl", "code"))
 NUMERIC = ("sum", "product", "mean", "median", "mode", "count", "lis", "sequence")
+# Families whose answer is necessarily or often a number shown in the prompt itself
+# (the median and mode are list items; small counts and lengths appear as list items).
+ANSWER_MAY_APPEAR = ("median", "mode", "count", "lis", "mean")
 
 
 def corrupt(name: str, problem) -> str:
@@ -34,7 +42,8 @@ def corrupt(name: str, problem) -> str:
         return "Answer: " + ", ".join(moves[:-1])  # one move short: never solved
     if name == "queens":
         columns = ref.split(", ")
-        columns[0], columns[1] = columns[1], columns[0]  # breaks the fixed first queen
+        moved = 0 if problem.data["fixed_row"] != 1 else 1
+        columns[moved] = columns[moved + 1]  # two queens share a column
         return "Answer: " + ", ".join(columns)
     if name == "coloring":
         colors = ref.split(", ")
@@ -48,84 +57,61 @@ def corrupt(name: str, problem) -> str:
         return "Answer: " + ", ".join(f"{k}={v}" for k, v in values.items())
     if name == "output":
         return "Answer: " + re.sub(r"-?\d+", lambda m: str(int(m[0]) + 1), ref, count=1)
-    raise AssertionError(name)
+    raise AssertionError(f"no corruption for {name}")
+
+
+def test_there_are_at_least_twelve_families_and_each_describes_itself():
+    assert len(FAMILIES) - 1 >= 12  # jsonl is a loader, not a generated family
+    for name, family in FAMILIES.items():
+        assert family.name == name and family.description
+        assert family.min_level <= min(family.default_levels) <= max(family.default_levels) <= family.max_level
 
 
 @pytest.mark.parametrize("name", NAMES)
-@settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), pick=st.integers(0, 2))
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10**6), pick=st.integers(0, 2))
 def test_reference_accepted_and_corruption_rejected(name, seed, pick):
     family = get_family(name)
     level = family.default_levels[pick % len(family.default_levels)]
     problem = family.generate(level, seed)
-    assert family.check(problem, family.reference_response(problem))
+    response = family.reference_response(problem)
+    assert family.check(problem, response) and check(problem, response)
+    assert extract(problem, response) == family.extract(problem, response) is not None
     assert not family.check(problem, corrupt(name, problem))
     assert not family.check(problem, "I am not sure.")
-    assert family.generate(level, seed) == problem  # deterministic in (level, seed)
+    assert not family.check(problem, "")
+    again = family.generate(level, seed)
+    assert again == problem and again.data == problem.data  # deterministic in (level, seed), data included
+    assert problem.id == f"{name}:{level}:{seed}"
 
 
-@pytest.mark.parametrize("name", ["sum", "product", "hanoi", "sort", "checkers", "river", "queens"])
-def test_prompt_does_not_leak_the_answer(name):
+@pytest.mark.parametrize("name", NAMES)
+def test_every_declared_level_generates_and_data_survives_json(name):
     family = get_family(name)
-    for seed in range(20):
-        problem = family.generate(family.default_levels[-1], seed)
-        assert problem.reference not in problem.prompt
+    for level in sorted({family.min_level, family.max_level, *family.default_levels}):
+        problem = family.generate(level, 5)
+        restored = dataclasses.replace(problem, data=json.loads(json.dumps(problem.data)))
+        assert family.check(restored, family.reference_response(problem))  # what a JSONL round trip keeps
+        assert "Answer" in problem.prompt or "```python" in problem.prompt  # the prompt says how to answer
+    for level in (family.min_level - 1, family.max_level + 1):
+        with pytest.raises(InvalidParameterError, match="levels"):
+            family.generate(level, 0)
 
 
-def test_code_family_runs_hidden_tests_in_the_sandbox():
-    family = get_family("code")
-    problem = family.generate(2, 7)
-    assert family.check(problem, family.reference_response(problem))
-    assert "assert" not in problem.prompt  # tests stay hidden
-    wrong = f"```python\ndef {problem.data['function']}(*args):\n    return None\n```"
-    assert not family.check(problem, wrong)
-    assert not family.check(problem, "no code here")
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ANSWER_MAY_APPEAR])
+def test_prompt_does_not_contain_the_answer(name):
+    family = get_family(name)
+    for level in family.default_levels:
+        for seed in range(30):
+            problem = family.generate(level, seed)
+            assert problem.reference not in problem.prompt
 
 
-def test_difficulty_scales():
-    hanoi = get_family("hanoi")
-    assert [len(hanoi.generate(n, 0).reference.split(", ")) for n in (3, 4, 5, 6)] == [7, 15, 31, 63]
-    assert len(get_family("sum").generate(6, 0).reference) > len(get_family("sum").generate(2, 0).reference)
-    checkers = get_family("checkers")
-    assert [len(checkers.generate(n, 0).reference.split(", ")) for n in (1, 2, 3)] == [3, 8, 15]  # n(n+2)
-    river = get_family("river")
-    assert len(river.generate(3, 0).reference.split("), (")) == 11  # the classic 11 crossings
-    assert len(get_family("sat").generate(10, 0).data["clauses"]) > len(get_family("sat").generate(4, 0).data["clauses"])
-
-
-def test_specs_and_errors(tmp_path):
-    assert parse_task_spec("hanoi:3-5,sum:2,median") == [("hanoi", [3, 4, 5]), ("sum", [2]),
-                                                         ("median", list(get_family("median").default_levels))]
-    problems = generate_problems("hanoi:3-4,sum:2", n_per_level=2, seed=1)
-    assert [p.id for p in problems] == [p.id for p in generate_problems("hanoi:3-4,sum:2", n_per_level=2, seed=1)]
-    assert len(problems) == 6 and len({p.id for p in problems}) == 6
-    with pytest.raises(InvalidParameterError, match="unknown task family"):
-        parse_task_spec("nope:1")
-    with pytest.raises(InvalidParameterError, match="levels"):
-        parse_task_spec("hanoi:99")
-    with pytest.raises(InvalidParameterError, match="bad levels"):
-        parse_task_spec("hanoi:x")
-
-
-def test_jsonl_loader(tmp_path):
-    hanoi = get_family("hanoi").generate(3, 0)
-    path = tmp_path / "mine.jsonl"
-    path.write_text("\n".join([
-        json.dumps({"prompt": "2+2?", "answer": "4"}),
-        json.dumps({"prompt": "capital of France?", "answer": "Paris"}),
-        json.dumps({"prompt": hanoi.prompt, "answer": hanoi.reference, "checker": "hanoi", "data": hanoi.data}),
-    ]) + "\n")
-    problems = load_jsonl(str(path))
-    family = get_family("jsonl")
-    assert family.check(problems[0], "it is 4.0\nAnswer: 4.0") and not family.check(problems[0], "Answer: 5")
-    assert family.check(problems[1], "Answer: paris")
-    assert family.check(problems[2], get_family("hanoi").reference_response(hanoi))
-    assert not family.check(problems[2], "Answer: A->C")
-    assert len(generate_problems(f"jsonl:{path}", n_per_level=0)) == 3
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "x"}\n')
-    with pytest.raises(InvalidParameterError, match="needs"):
-        load_jsonl(str(bad))
-    bad.write_text("{not json\n")
-    with pytest.raises(InvalidParameterError, match="not valid JSON"):
-        load_jsonl(str(bad))
+def test_different_seeds_give_different_problems():
+    for name in NAMES:
+        family = get_family(name)
+        level = family.default_levels[-1]
+        prompts = {family.generate(level, seed).prompt for seed in range(20)}
+        # Hanoi, checker jumping and river crossing have one instance per size (as in "The
+        # Illusion of Thinking"); everything else varies with the seed.
+        assert len(prompts) == 1 if name in ("hanoi", "checkers", "river") else len(prompts) >= 10, name

@@ -3,11 +3,19 @@
 Tower of Hanoi, checker jumping, river crossing and blocks world are checked by playing
 the proposed moves in a simulator: every move must be legal and the final state must be
 the goal, so any valid solution counts, not only the reference (which is optimal for
-Hanoi, checker jumping and river crossing — found by breadth-first search — and a
-simple valid plan for blocks world). N-Queens, graph colouring and 3-SAT are checked by
+Hanoi, 2**N - 1 moves; for checker jumping, where every solution has N*N + 2N moves; and
+for river crossing, found by breadth-first search; for blocks world it is a simple valid
+plan: everything to the table, then build the goal). N-Queens, graph colouring and 3-SAT are checked by
 testing the proposed solution against the constraints; instances are built around a
 planted solution so they are always solvable. The level is the size: disks, checkers
 per side, pairs on the river bank, blocks, board size, vertices, variables.
+
+Parsers read the answer after the last `Answer:` marker (else the last \\boxed{}, else
+the whole response) and accept the notations small models use besides the one asked
+for: "Move disk 1 from A to C" or "(A, C)" for Hanoi, numbered lists, "X from Y to the
+table" for blocks, "(row, column)" pairs for queens, "vertex: colour" pairs, literal lists
+such as "x1, NOT x2" for SAT. Where a move names more than the simulator needs (the disk
+moved, the cell a checker lands on) the extra detail must be true too.
 """
 
 from __future__ import annotations
@@ -15,14 +23,26 @@ from __future__ import annotations
 import re
 from collections import deque
 
-from thinkwise.tasks.base import Problem, TaskFamily, register
-from thinkwise.tasks.extraction import _ANSWER_MARKER
+from thinkwise.tasks.base import Problem, TaskFamily, answer_blocks, register
+
+# "->", "→", "=>", "\\to", "to": how moves are written from X to Y.
+ARROW = r"(?:->|→|=>|⇒|⟶|\\to\b|\\rightarrow\b|\bto\b)"
+# "1. ", "Step 3: ", "Move 12) " at the start of a line: a list numbering, not part of the answer.
+_ENUMERATION = re.compile(r"^[ \t]*(?:[-*][ \t]*)?(?:(?:step|move)[ \t]*)?\d+[ \t]*[.):][ \t]+(?=\S)",
+                          re.IGNORECASE | re.MULTILINE)
 
 
-def answer_block(text: str) -> str:
-    """Everything after the last `Answer:` marker (move lists span lines), else the text."""
-    matches = list(_ANSWER_MARKER.finditer(text))
-    return text[matches[-1].end():] if matches else text
+def strip_enumeration(block: str) -> str:
+    return _ENUMERATION.sub("", block)
+
+
+def first_parsed(parse, problem: Problem, text: str):
+    """`parse` applied to the first of `answer_blocks(text)` in which it finds something."""
+    for block in answer_blocks(text):
+        found = parse(problem, block)
+        if found:
+            return found
+    return None
 
 
 class SimulatedFamily(TaskFamily):
@@ -38,11 +58,11 @@ class SimulatedFamily(TaskFamily):
         raise NotImplementedError
 
     def extract(self, problem, text):
-        moves = self.parse(problem, answer_block(text))
+        moves = first_parsed(self.parse, problem, text)
         return self.format(moves) if moves else None
 
     def check(self, problem, text):
-        moves = self.parse(problem, answer_block(text))
+        moves = first_parsed(self.parse, problem, text)
         return bool(moves) and self.solved(problem, moves)
 
     def reference_response(self, problem):
@@ -55,33 +75,48 @@ class HanoiFamily(SimulatedFamily):
     min_level, max_level, default_levels = 1, 12, (3, 4, 5)
 
     def make(self, level, rng):
-        moves: list[tuple[str, str]] = []
+        moves: list[tuple[int, str, str]] = []
 
         def solve(n, source, target, spare):
             if n:
                 solve(n - 1, source, spare, target)
-                moves.append((source, target))
+                moves.append((n, source, target))
                 solve(n - 1, spare, target, source)
 
-        solve(level, "A", "C", "B")
+        solve(level, "A", "C", "B")  # the optimal 2**level - 1 moves
         prompt = (f"Tower of Hanoi: {level} disks, numbered 1 (smallest) to {level} (largest), are stacked on peg A, "
                   "largest at the bottom. Move the whole stack to peg C, using peg B. Move one top disk at a time "
                   "and never put a larger disk on a smaller one. End your reply with `Answer:` followed by the "
                   "moves in order, each written as source->target, separated by commas (e.g. A->C, A->B, C->B).")
         return prompt, self.format(moves), {"disks": level}
 
+    # "A->C", "A → C", "A to C", "from peg A to peg C", "a->c", "(A, C)", optionally
+    # preceded by the disk: "disk 2 from A to B", "Move 2: A -> B" is a numbering, not a disk.
+    MOVE = re.compile(
+        r"(?:\bdisk\s*#?\s*(?P<disk>\d+)\b[^\n,;()ABC]{0,16}?)?"
+        rf"(?:\b(?P<source>[ABC])\s*(?:{ARROW}|-)\s*(?:peg\s*)?(?P<target>[ABC])\b"
+        r"|\b(?P<low_source>[abc])\s*(?:->|→|=>|⇒|⟶)\s*(?P<low_target>[abc])\b"
+        r"|[(\[]\s*(?P<pair_source>[ABC])\s*,\s*(?P<pair_target>[ABC])\s*[)\]])")
+
     def parse(self, problem, text):
-        return re.findall(r"\b([ABC])\s*(?:->|→|to)\s*([ABC])\b", text)
+        moves = []
+        for m in self.MOVE.finditer(strip_enumeration(text)):
+            source = m["source"] or m["pair_source"] or m["low_source"].upper()
+            target = m["target"] or m["pair_target"] or m["low_target"].upper()
+            moves.append((int(m["disk"]) if m["disk"] else None, source, target))
+        return moves
 
     def format(self, moves):
-        return ", ".join(f"{a}->{b}" for a, b in moves)
+        return ", ".join(f"{a}->{b}" for _, a, b in moves)
 
     def solved(self, problem, moves):
         n = problem.data["disks"]
         pegs = {"A": list(range(n, 0, -1)), "B": [], "C": []}
-        for source, target in moves:
+        for disk, source, target in moves:
             if not pegs[source] or (pegs[target] and pegs[target][-1] < pegs[source][-1]):
                 return False
+            if disk is not None and pegs[source][-1] != disk:
+                return False  # names a disk that is not the one on top
             pegs[target].append(pegs[source].pop())
         return pegs["C"] == list(range(n, 0, -1))
 
@@ -107,8 +142,8 @@ def _breadth_first(start, goal, successors):
 
 @register
 class CheckerJumpingFamily(SimulatedFamily):
-    name, description = "checkers", "checker jumping: swap N red and N blue checkers (level = N)"
-    min_level, max_level, default_levels = 1, 5, (1, 2, 3)
+    name, description = "checkers", "checker jumping: swap N red and N blue checkers (level = N; N*N+2N moves)"
+    min_level, max_level, default_levels = 1, 12, (2, 3, 4)
 
     @staticmethod
     def step(board: str, position: int) -> str | None:
@@ -128,9 +163,35 @@ class CheckerJumpingFamily(SimulatedFamily):
                 break
         return None
 
+    def solve(self, start: str, goal: str) -> list[int]:
+        """A solution by depth-first search, jumps first. Every solution is optimal: each
+        checker travels N+1 cells and every red jumps every blue exactly once, so any
+        solution has N*N jumps and 2N slides."""
+        dead: set[str] = set()
+        path: list[int] = []
+
+        def search(board: str) -> bool:
+            if board == goal:
+                return True
+            if board in dead:
+                return False
+            empty = board.index("_")
+            for position in sorted({empty - 2, empty - 1, empty + 1, empty + 2}, key=lambda p: -abs(p - empty)):
+                nxt = self.step(board, position)
+                if nxt:
+                    path.append(position)
+                    if search(nxt):
+                        return True
+                    path.pop()
+            dead.add(board)
+            return False
+
+        search(start)
+        return path
+
     def make(self, level, rng):
         start, goal = "R" * level + "_" + "B" * level, "B" * level + "_" + "R" * level
-        moves = _breadth_first(start, goal, lambda s: [(p, n) for p in range(len(s)) if (n := self.step(s, p))])
+        moves = [(position, None) for position in self.solve(start, goal)]
         prompt = (f"Checker jumping: a row of {2 * level + 1} cells, numbered 0 to {2 * level}, holds {start} "
                   "(R red, B blue, _ empty). Red checkers move only right, blue only left; a checker slides into "
                   "the adjacent empty cell or jumps over exactly one checker into the empty cell. Reach "
@@ -139,24 +200,30 @@ class CheckerJumpingFamily(SimulatedFamily):
         return prompt, self.format(moves), {"start": start, "goal": goal}
 
     def parse(self, problem, text):
-        return [int(n) for n in re.findall(r"\b\d+\b", text)]
+        text = strip_enumeration(text)
+        # "2->3" / "2 to 3" names the landing cell too, which must then be right.
+        pairs = re.findall(rf"(?<![\w.])(\d+)\s*{ARROW}\s*(\d+)(?![\w.])", text)
+        if pairs:
+            return [(int(a), int(b)) for a, b in pairs]
+        return [(int(n), None) for n in re.findall(r"(?<![\w.])\d+(?![\w.])", text)]
 
     def format(self, moves):
-        return ", ".join(map(str, moves))
+        return ", ".join(str(position) for position, _ in moves)
 
     def solved(self, problem, moves):
         board = problem.data["start"]
-        for position in moves:
-            board = self.step(board, position)
-            if board is None:
+        for position, target in moves:
+            nxt = self.step(board, position)
+            if nxt is None or (target is not None and target != board.index("_")):  # lands in the empty cell
                 return False
+            board = nxt
         return board == problem.data["goal"]
 
 
 @register
 class RiverCrossingFamily(SimulatedFamily):
     name, description = "river", "missionaries and cannibals with N of each (level = N); boat capacity 2-4"
-    min_level, max_level, default_levels = 1, 6, (2, 3, 4)
+    min_level, max_level, default_levels = 1, 20, (2, 3, 5)
 
     @staticmethod
     def capacity(n: int) -> int:
@@ -191,7 +258,16 @@ class RiverCrossingFamily(SimulatedFamily):
         return prompt, self.format(moves), {"pairs": level}
 
     def parse(self, problem, text):
-        return [(int(a), int(b)) for a, b in re.findall(r"\(\s*(\d+)\s*,\s*(\d+)\s*\)", text)]
+        found = re.findall(r"[(\[]\s*(\d+)\s*,\s*(\d+)\s*[)\]]", text)
+        if found:
+            return [(int(a), int(b)) for a, b in found]
+        # "2 missionaries", "1 missionary and 1 cannibal", "2 cannibals": one crossing each.
+        moves = []
+        for m in re.finditer(r"(?:(\d+)\s*missionar(?:y|ies))?(?:\s*(?:and|,|\+|&)?\s*(\d+)\s*cannibals?)?",
+                             text, re.IGNORECASE):
+            if m[1] or m[2]:
+                moves.append((int(m[1] or 0), int(m[2] or 0)))
+        return moves
 
     def format(self, moves):
         return ", ".join(f"({m}, {c})" for m, c in moves)
@@ -240,9 +316,30 @@ class BlocksWorldFamily(SimulatedFamily):
                   "`X->Y` (block X onto block Y) or `X->table`, comma-separated.")
         return prompt, self.format(moves), {"start": start, "goal": goal}
 
+    # "X->Y", "X -> table", "X onto Y", "X to the table", "move X from Y to Z",
+    # "put X on top of Y", "stack X on Y", "(X, table)", "move(X, Y)". A bare "X on Y"
+    # without a verb is not a move: it is how states are described.
+    MOVE = re.compile(
+        r"\b(?:put|place|stack|move)\s+(?:block\s+)?(?P<verb_block>[A-Z])\s+on\s+(?:the\s+)?(?:block\s+)?"
+        r"(?P<verb_target>[A-Z]\b|table\b)"
+        r"|\b(?P<block>[A-Z])\b(?:\s+from\s+(?:the\s+)?(?:[A-Z]\b|table\b))?\s*"
+        rf"(?:{ARROW}|\bonto\b|\bon\s+top\s+of\b)\s*(?:the\s+)?(?:block\s+)?"
+        r"(?P<target>[A-Z]\b|table\b)"
+        r"|[(\[]\s*(?P<pair_block>[A-Z])\s*,\s*(?P<pair_target>[A-Z]|table)\s*[)\]]", re.IGNORECASE)
+
     def parse(self, problem, text):
-        return [(a, b if b.lower() != "table" else "table")
-                for a, b in re.findall(r"\b([A-Z])\s*(?:->|→|onto|to)\s*([A-Z]\b|[Tt]able)", text)]
+        blocks = {b for stack in problem.data["start"] for b in stack}
+        moves = []
+        for m in self.MOVE.finditer(strip_enumeration(text)):
+            block = m["verb_block"] or m["block"] or m["pair_block"]
+            target = m["verb_target"] or m["target"] or m["pair_target"]
+            if block.upper() != block:
+                continue  # a lower-case word such as "a", not a block name
+            target = "table" if target.lower() == "table" else target
+            if target != "table" and target.upper() != target:
+                continue
+            moves.append((block, target) if block in blocks else ("?", target))
+        return moves
 
     def format(self, moves):
         return ", ".join(f"{a}->{b}" for a, b in moves)
@@ -279,13 +376,14 @@ class QueensFamily(TaskFamily):
         return all(abs(columns[i] - columns[j]) != j - i for i in range(n) for j in range(i + 1, n))
 
     @staticmethod
-    def solve(n: int, first: int) -> list[int] | None:
-        columns = [first]
+    def solve(n: int, rng) -> list[int]:
+        """A random solution: backtracking over rows with the columns tried in random order."""
+        columns: list[int] = []
 
         def place(row):
             if row == n:
                 return True
-            for col in range(1, n + 1):
+            for col in rng.sample(range(1, n + 1), n):
                 if all(col != c and abs(col - c) != row - r for r, c in enumerate(columns)):
                     columns.append(col)
                     if place(row + 1):
@@ -293,29 +391,36 @@ class QueensFamily(TaskFamily):
                     columns.pop()
             return False
 
-        return columns if place(1) else None
+        place(0)
+        return columns
 
     def make(self, level, rng):
-        firsts = list(range(1, level + 1))
-        rng.shuffle(firsts)
-        for first in firsts:
-            solution = self.solve(level, first)
-            if solution:
-                break
+        solution = self.solve(level, rng)
+        row = rng.randrange(level)  # one queen is given, so instances vary beyond the board size
         prompt = (f"Place {level} queens on a {level}x{level} chessboard so that no two attack each other (no "
-                  f"shared row, column or diagonal). The queen of row 1 must be in column {first}. End your reply "
-                  "with `Answer:` followed by the column (1 to N) of the queen in each row, rows 1 to N, "
-                  "comma-separated.")
-        return prompt, ", ".join(map(str, solution)), {"n": level, "first": first}
+                  f"shared row, column or diagonal). The queen of row {row + 1} must be in column {solution[row]}. "
+                  "End your reply with `Answer:` followed by the column (1 to N) of the queen in each row, rows 1 "
+                  "to N, comma-separated.")
+        return prompt, ", ".join(map(str, solution)), {"n": level, "fixed_row": row + 1, "fixed_column": solution[row]}
+
+    def parse(self, problem, text) -> list[int]:
+        """Columns by row from "(row, column)" pairs, "row 1: column 3" lines or a plain list."""
+        n = problem.data["n"]
+        for pattern in (r"[(\[]\s*(\d+)\s*,\s*(\d+)\s*[)\]]",
+                        r"\brow\s*(\d+)\s*(?:[:=,]|->|→|-)?\s*(?:col(?:umn)?\s*)?(\d+)"):
+            pairs = [(int(r), int(c)) for r, c in re.findall(pattern, text, re.IGNORECASE)]
+            if pairs and sorted(r for r, _ in pairs) == list(range(1, n + 1)):
+                return [c for _, c in sorted(pairs)]
+        return [int(x) for x in re.findall(r"(?<![\w.])\d+(?![\w.])", strip_enumeration(text))]
 
     def extract(self, problem, text):
-        numbers = [int(x) for x in re.findall(r"\b\d+\b", answer_block(text))]
-        return ", ".join(map(str, numbers)) if numbers else None
+        columns = first_parsed(self.parse, problem, text)
+        return ", ".join(map(str, columns)) if columns else None
 
     def check(self, problem, text):
-        key = self.extract(problem, text)
-        columns = [int(x) for x in key.split(", ")] if key else []
-        return self.valid(columns, problem.data["n"]) and columns[0] == problem.data["first"]
+        columns = first_parsed(self.parse, problem, text) or []
+        return (self.valid(columns, problem.data["n"])
+                and columns[problem.data["fixed_row"] - 1] == problem.data["fixed_column"])
 
     def reference_response(self, problem):
         return f"Answer: {problem.reference}"
@@ -337,13 +442,22 @@ class ColoringFamily(TaskFamily):
                   "colour of each vertex in order 1 to N, comma-separated.")
         return prompt, ", ".join(map(str, planted)), {"n": level, "edges": edges}
 
+    def parse(self, problem, text) -> list[int]:
+        """Colours by vertex from "vertex: colour" pairs ("1: 2", "v3 = 1", "3 -> 2") or a plain list."""
+        n = problem.data["n"]
+        pairs = [(int(v), int(c)) for v, c in re.findall(
+            r"(?<![\w.])(?:vertex\s*|v)?(\d+)\s*(?:[:=]|->|→)\s*(?:colou?r\s*)?(\d+)(?![\w.])", text,
+            re.IGNORECASE)]
+        if pairs and sorted(v for v, _ in pairs) == list(range(1, n + 1)):
+            return [c for _, c in sorted(pairs)]
+        return [int(x) for x in re.findall(r"(?<![\w.])\d+(?![\w.])", strip_enumeration(text))]
+
     def extract(self, problem, text):
-        numbers = re.findall(r"\b\d+\b", answer_block(text))
-        return ", ".join(numbers) if numbers else None
+        colors = first_parsed(self.parse, problem, text)
+        return ", ".join(map(str, colors)) if colors else None
 
     def check(self, problem, text):
-        key = self.extract(problem, text)
-        colors = [int(x) for x in key.split(", ")] if key else []
+        colors = first_parsed(self.parse, problem, text) or []
         if len(colors) != problem.data["n"] or any(not 1 <= c <= self.colors for c in colors):
             return False
         return all(colors[a] != colors[b] for a, b in problem.data["edges"])
@@ -372,9 +486,21 @@ class SatFamily(TaskFamily):
         reference = ", ".join(f"x{i + 1}={'T' if value else 'F'}" for i, value in enumerate(planted))
         return prompt, reference, {"n": level, "clauses": clauses}
 
+    def parse(self, problem, text) -> dict[int, bool]:
+        """Variable -> value from "x1=T, x2=false, x3: 1", "x1 is true", a literal list
+        ("x1, NOT x2, ¬x3, -x4": a listed variable is true unless negated) or a bare list of
+        T/F (or true/false) values in variable order."""
+        found = re.findall(r"\bx(\d+)\s*(?:=|:|\bis\b)\s*(T|F|true|false|1|0)\b", text, re.IGNORECASE)
+        if found:
+            return {int(i): value.lower() in ("t", "true", "1") for i, value in found}
+        literals = re.findall(r"(¬|~|!|-|\bnot\s+)?\s*\bx(\d+)\b", text, re.IGNORECASE)
+        if literals:
+            return {int(i): not negation for negation, i in literals}
+        values = re.findall(r"\b(T|F|true|false)\b", text, re.IGNORECASE)
+        return {i + 1: value.lower() in ("t", "true") for i, value in enumerate(values)}
+
     def assignment(self, problem, text) -> dict[int, bool]:
-        found = re.findall(r"\bx(\d+)\s*[=:]\s*(T|F|true|false|1|0)\b", answer_block(text), re.IGNORECASE)
-        return {int(i): value.lower() in ("t", "true", "1") for i, value in found}
+        return first_parsed(self.parse, problem, text) or {}
 
     def extract(self, problem, text):
         values = self.assignment(problem, text)
