@@ -1,9 +1,10 @@
 """Verifiable task families with a difficulty knob, exact checkers, and user JSONL loading.
 
-See `base.py` for the contract (`Problem`, `TaskFamily`) and the families in
-`arithmetic.py`, `sequences.py`, `puzzles.py` and `code.py`. Answer extraction and the
-verifiers (exact checker, sandboxed code tests, reward model) live here too, so task
-checkers and strategies share them.
+See `base.py` for the contract (`Problem`, `TaskFamily`, task specs, the JSONL loader)
+and the families in `arithmetic.py`, `sequences.py`, `puzzles.py` and `code.py`. Answer
+extraction (`extraction.py`), the sandboxed code-test runner (`sandbox.py`) and the
+verifiers built on them (`verifiers.py`) live here too, so task checkers and strategies
+share them.
 """
 
 from thinkwise.tasks.base import (
