@@ -66,6 +66,9 @@ def test_answers_are_read_as_small_models_write_them():
                      f"Answer:\n{value}.0"):
         assert get_family("product").check(product, response), response
     assert not get_family("product").check(product, f"Answer: {value} or {value + 1}")
+    large = get_family("product").generate(10, 3)  # a 19- or 20-digit product: exact, no tolerance
+    assert not get_family("product").check(large, f"Answer: {int(large.reference) + 1}")
+    assert get_family("product").extract(large, f"Answer: {int(large.reference):,}") == large.reference
 
 
 def test_sort_reads_lists_and_rejects_a_wrong_order_or_a_missing_item():

@@ -9,7 +9,7 @@ import pytest
 
 from thinkwise.errors import InvalidParameterError
 from thinkwise.tasks import FAMILIES, Problem, check, extract, generate_problems, get_family, load_jsonl, parse_task_spec
-from thinkwise.tasks.base import answer_blocks, numeric_answer
+from thinkwise.tasks.base import answer_blocks, exact_number_key, numbers_match, numeric_answer
 
 
 def test_problem_id_and_unknown_family():
@@ -66,6 +66,16 @@ def test_numeric_answer_reads_how_small_models_answer():
     assert extract(problem, f"\\boxed{{{problem.reference}}}") == problem.reference
 
 
+def test_numbers_compare_exactly_however_large():
+    assert [exact_number_key(a) for a in ("1,234", "1.234e3", "2.50", "-7/4", "1/3", "1e-3", "x = 5")] == [
+        "1234", "1234", "2.5", "-1.75", "1/3", "0.001", "5"]
+    big = "33687501600000000001"
+    assert exact_number_key(big) == big
+    assert numbers_match(f"Answer: {big}", big) and numbers_match("Answer: 0.5", "1/2")
+    assert not numbers_match("Answer: 33687501600000000000", big)  # answers_equal's 1e-9 would merge these
+    assert not numbers_match("Answer: 3368750161", "3368750160") and not numbers_match("Answer: x", "1")
+
+
 def test_answer_blocks_most_specific_first():
     assert answer_blocks("work\nAnswer: A->C\nB->C") == ["A->C\nB->C", "work\nAnswer: A->C\nB->C"]
     assert answer_blocks("so \\boxed{1, 2}") == ["1, 2", "so \\boxed{1, 2}"]
@@ -96,6 +106,8 @@ def test_load_jsonl_plain_and_with_a_checker(tmp_path):
     assert check(puzzle, get_family("jsonl").reference_response(puzzle))
     assert not check(puzzle, "Answer: A->C")  # judged by the Hanoi simulator, not by string equality
     assert len(generate_problems(f"jsonl:{path}", n_per_level=0)) == 3
+    big = load_jsonl(write_lines(tmp_path / "big.jsonl", [{"prompt": "p", "answer": "3368750160"}]))[0]
+    assert check(big, "Answer: 3,368,750,160") and not check(big, "Answer: 3368750161")
     assert [p.seed for p in generate_problems(f"jsonl:{path},sum:1", n_per_level=2)][:2] == [1, 3]
 
 

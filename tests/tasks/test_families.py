@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from fractions import Fraction
 
 import pytest
 from hypothesis import given, settings
@@ -29,12 +30,14 @@ def corrupt(name: str, problem) -> str:
     """A response that must be rejected: the reference, broken the way a wrong answer is."""
     ref = problem.reference
     if name in NUMERIC:
-        return f"Answer: {int(float(ref)) + 1}"
+        return f"Answer: {Fraction(ref) + 1}"  # exact: a float would round a 20-digit product
     if name == "approx":
         return f"Answer: {float(ref) * 1.2}"
     if name == "sort":
         values = ref.split(", ")
-        i = next(i for i in range(len(values) - 1) if values[i] != values[i + 1])
+        i = next((i for i in range(len(values) - 1) if values[i] != values[i + 1]), None)
+        if i is None:
+            return "Answer: " + ", ".join(values[1:])  # all equal: one item missing
         values[i], values[i + 1] = values[i + 1], values[i]
         return "Answer: " + ", ".join(values)
     if name in ("hanoi", "checkers", "river", "blocks"):

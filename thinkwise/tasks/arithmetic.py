@@ -10,6 +10,7 @@ asks for a product of decimals "roughly", and accepts any answer within 5% (Stre
 from __future__ import annotations
 
 import bisect
+import math
 import random
 import re
 import statistics
@@ -160,4 +161,7 @@ class ApproximateFamily(NumericFamily):
         return got is not None and abs(got - exact) <= self.tolerance * abs(exact)
 
     def reference_response(self, problem: Problem) -> str:
-        return f"About {round(float(problem.reference))}.\nAnswer: {round(float(problem.reference))}"
+        exact = float(problem.reference)
+        decimals = 2 - math.floor(math.log10(abs(exact)))  # three significant digits: within 0.5%
+        estimate = f"{round(exact, decimals):.{max(decimals, 0)}f}"
+        return f"About {estimate}.\nAnswer: {estimate}"

@@ -40,7 +40,8 @@ class Problem:
 
 
 class TaskFamily:
-    """Base: a numeric (or short string) answer on an `Answer:` line, compared exactly."""
+    """Base: a short answer on an `Answer:` line, compared with `answers_equal` (normalised
+    text; numbers to 1e-9). Numeric families compare exactly instead (`NumericFamily`)."""
 
     name = ""
     description = ""
@@ -82,12 +83,50 @@ def numeric_answer(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
+def exact_number_key(answer: str) -> str:
+    """The exact value of a numeric answer as a canonical string: integers in full
+    ("1,234" and "1.234e3" give "1234", however many digits), terminating decimals in
+    full, other fractions as "p/q"; a non-number gives its normalised text. Unlike
+    `answer_key`, nothing is rounded, so 3368750160 and 3368750161 stay apart."""
+    value = parse_number(answer)
+    if value is None:
+        return answer_key(answer)
+    if value.denominator == 1:
+        return str(value.numerator)
+    denominator, twos, fives = value.denominator, 0, 0
+    while denominator % 2 == 0:
+        denominator, twos = denominator // 2, twos + 1
+    while denominator % 5 == 0:
+        denominator, fives = denominator // 5, fives + 1
+    if denominator != 1:
+        return f"{value.numerator}/{value.denominator}"
+    places = max(twos, fives)
+    digits = str(abs(value.numerator) * 10**places // value.denominator).rjust(places + 1, "0")
+    return ("-" if value < 0 else "") + f"{digits[:-places]}.{digits[-places:]}"
+
+
+def numeric_key(text: str) -> str | None:
+    """The exact key of the number a response answers with (see `numeric_answer`)."""
+    answer = numeric_answer(text)
+    return exact_number_key(answer) if answer is not None else None
+
+
+def numbers_match(text: str, reference: str) -> bool:
+    """Whether the response answers with exactly the reference number (as fractions: no
+    tolerance, which the general `answers_equal` has and a 20-digit product must not)."""
+    answer = numeric_key(text)
+    value = parse_number(answer) if answer is not None else None
+    return value is not None and value == parse_number(reference)
+
+
 class NumericFamily(TaskFamily):
-    """A family whose answer is one number, compared numerically."""
+    """A family whose answer is one number, compared exactly."""
 
     def extract(self, problem: Problem, text: str) -> str | None:
-        answer = numeric_answer(text)
-        return answer_key(answer) if answer is not None else None
+        return numeric_key(text)
+
+    def check(self, problem: Problem, text: str) -> bool:
+        return numbers_match(text, problem.reference)
 
 
 FAMILIES: dict[str, TaskFamily] = {}
@@ -209,13 +248,16 @@ class JsonlFamily(TaskFamily):
         if family:
             return family.extract(problem, text)
         if parse_number(problem.reference) is not None:
-            answer = numeric_answer(text)
-            return answer_key(answer) if answer is not None else None
+            return numeric_key(text)
         return super().extract(problem, text)
 
     def check(self, problem, text):
         family = self._delegate(problem)
-        return family.check(problem, text) if family else super().check(problem, text)
+        if family:
+            return family.check(problem, text)
+        if parse_number(problem.reference) is not None:
+            return numbers_match(text, problem.reference)
+        return super().check(problem, text)
 
     def reference_response(self, problem):
         family = self._delegate(problem)
