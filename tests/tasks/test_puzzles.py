@@ -166,9 +166,11 @@ def test_blocks_world_accepts_any_valid_plan_and_rejects_illegal_moves(seed, lev
     covered = [s[i] for s in start for i in range(len(s) - 1)]
     if covered:
         assert not blocks.check(problem, f"Answer: {covered[0]}->table, {problem.reference}")  # not clear
+        top = start[0][-1]
+        assert not blocks.check(problem, f"Answer: {top}->{covered[-1]}, {problem.reference}")  # onto a covered one
     assert not blocks.check(problem, f"Answer: Z->table, {problem.reference}")  # no such block
     moves = moves_of(problem.reference)
-    assert not blocks.check(problem, "Answer: " + ", ".join(moves[1:]))
+    assert not blocks.check(problem, "Answer: " + ", ".join(moves[:-1]))  # the goal's last block not placed
 
 
 def test_blocks_world_reads_common_notations_but_not_state_descriptions():
@@ -241,6 +243,10 @@ def test_coloring_rejects_wrong_colours_and_reads_pairs_and_grows():
     assert coloring.check(problem, "Answer:\n" + "\n".join(f"Vertex {i + 1}: {c}" for i, c in enumerate(colors)))
     assert not coloring.check(problem, "Answer: " + ", ".join(["4"] + colors[1:]))  # a fourth colour
     assert not coloring.check(problem, "Answer: " + ", ".join(colors[:-1]))
+    for seed in range(200):  # no trivial instance: every colour used, no vertex without an edge
+        small = coloring.generate(4, seed)
+        assert len(set(small.reference.split(", "))) == 3
+        assert {v for edge in small.data["edges"] for v in edge} == set(range(4))
     edge_counts = [len(coloring.generate(n, 0).data["edges"]) for n in (6, 12, 24)]
     assert edge_counts == sorted(edge_counts) and edge_counts[-1] > 4 * edge_counts[0]
 

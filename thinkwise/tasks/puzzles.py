@@ -433,9 +433,17 @@ class ColoringFamily(TaskFamily):
     colors = 3
 
     def make(self, level, rng):
-        planted = [rng.randint(1, self.colors) for _ in range(level)]
-        edges = sorted({(a, b) for a in range(level) for b in range(a + 1, level)
-                        if planted[a] != planted[b] and rng.random() < 0.5})
+        # Every colour is used and every vertex has an edge, so no instance is trivial.
+        planted = [1 + i % self.colors for i in range(self.colors)]
+        planted += [rng.randint(1, self.colors) for _ in range(level - self.colors)]
+        rng.shuffle(planted)
+        edges = {(a, b) for a in range(level) for b in range(a + 1, level)
+                 if planted[a] != planted[b] and rng.random() < 0.5}
+        for vertex in range(level):
+            if not any(vertex in edge for edge in edges):
+                other = rng.choice([v for v in range(level) if planted[v] != planted[vertex]])
+                edges.add((min(vertex, other), max(vertex, other)))
+        edges = sorted(edges)
         text = ", ".join(f"{a + 1}-{b + 1}" for a, b in edges)
         prompt = (f"Colour the vertices 1 to {level} of this graph with colours 1, 2 and 3 so that no edge joins "
                   f"two vertices of the same colour. Edges: {text}. End your reply with `Answer:` followed by the "
