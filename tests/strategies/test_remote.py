@@ -11,6 +11,7 @@ from thinkwise.strategies import parse_strategy, run_strategy
 from thinkwise.strategies.remote import RemoteBackend, RemoteServerError, solve_remote
 from thinkwise.tasks.verifiers import ExactChecker
 from tests.server.conftest import server, start_server, stop_server  # noqa: F401  (the live server fixture)
+from tests.server.test_openai_api import disconnects
 
 PARAMS = SamplingParams(temperature=1.0, max_tokens=24, seed=5)
 
@@ -50,13 +51,75 @@ def test_abort_closes_the_stream_and_the_server_frees_blocks(server, backend):  
     assert health["engine"]["kv_blocks_used"] == 0 and health["engine"]["running_sequences"] == 0
 
 
-def test_short_m_at_k_over_the_remote(server, backend):  # noqa: F811
-    params = SamplingParams(temperature=1.0, max_tokens=200, seed=3, stop=["e"])
-    answer = solve_remote(backend, "write words", "short-1@6", sampling_params=params)
-    assert len(answer.samples) == 6 and any(s.finish_reason == "stop" for s in answer.samples)
-    # Whatever had not finished when the first did was aborted by closing the stream.
-    assert all(s.abort_reason and "short-1@6" in s.abort_reason for s in answer.samples if s.finish_reason == "abort")
-    server.wait_idle()
+@pytest.fixture(scope="module")
+def eos_server(tmp_path_factory):
+    """A server on a tiny model that often ends on EOS.
+
+    short-m@k needs samples that finish on their own while others still run. Stop strings
+    cannot show that over thinkwise's server: with stop strings set, its stream reports a
+    sample's end only once the whole n-sample request ends (streaming.py settles the
+    stop-trimmed text on the final output). So the EOS row of lm_head gets weights of
+    its own, making EOS likely after a few tokens, at different steps per sample.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tests.tiny_models import EOS_ID, make_tiny_model
+
+    directory = tmp_path_factory.mktemp("tiny-eos")
+    make_tiny_model("llama", directory, seed=1)
+    weights_file = directory / "model.safetensors"
+    weights = load_file(weights_file)
+    generator = torch.Generator().manual_seed(0)
+    weights["lm_head.weight"][EOS_ID] = 0.3 * torch.randn(weights["lm_head.weight"].shape[1], generator=generator)
+    save_file(weights, weights_file, metadata={"format": "pt"})
+    srv = start_server(directory, directory / "serve.log", "--kv-blocks", "1024", "--block-size", "16")
+    yield srv
+    assert stop_server(srv.process) == 0, srv.log()[-3000:]
+
+
+def test_short_m_at_k_over_the_remote(eos_server):
+    def backend() -> RemoteBackend:
+        return RemoteBackend(eos_server.url, model=eos_server.model, api_key=eos_server.api_key)
+
+    params = SamplingParams(temperature=1.0, max_tokens=200, seed=3)
+    majority = solve_remote(backend(), "write words", "majority@6", sampling_params=params)
+    assert all(s.finish_reason == "stop" for s in majority.samples) and majority.cost.prompt_tokens > 0
+    before = disconnects(eos_server)
+    short = solve_remote(backend(), "write words", "short-1@6", sampling_params=params)
+    assert len(short.samples) == 6 and any(s.finish_reason == "stop" for s in short.samples)
+    # Whatever had not finished when the first did was aborted by closing the stream ...
+    aborted = [s for s in short.samples if s.finish_reason == "abort"]
+    assert aborted and all("short-1@6" in s.abort_reason for s in aborted)
+    assert short.cost.aborted_samples == len(aborted)
+    assert short.cost.decode_tokens == sum(s.num_tokens for s in short.samples)  # the tokens received
+    assert short.cost.decode_tokens < majority.cost.decode_tokens  # same seed: the same samples, cut short
+    assert short.cost_basis.startswith("remote") and "reported by the server" in short.cost_basis
+    # ... which the server saw as a client leaving: it aborted them and freed their KV blocks.
+    health = eos_server.wait_idle()
+    assert health["engine"]["kv_blocks_used"] == 0 and health["engine"]["running_sequences"] == 0
+    assert disconnects(eos_server) == before + 1
+
+
+def test_a_cancelled_strategy_leaves_nothing_running_on_the_server(server, backend):  # noqa: F811
+    async def run():
+        task = asyncio.ensure_future(run_strategy(
+            backend, parse_strategy("majority@4"), [{"role": "user", "content": "go on"}],
+            SamplingParams(temperature=1.0, max_tokens=200, seed=2)))
+        while not backend._groups or sum(backend._groups[0].num_tokens) == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        in_flight = server.health()["requests_in_flight"]
+        await backend.aclose()  # closes the stream the cancelled strategy left open
+        return in_flight
+
+    before = disconnects(server)
+    assert asyncio.run(run()) == 1
+    health = server.wait_idle()
+    assert health["engine"]["kv_blocks_used"] == 0 and health["requests_in_flight"] == 0
+    assert disconnects(server) == before + 1
 
 
 def test_best_of_n_with_an_exact_checker(server, backend):  # noqa: F811

@@ -77,7 +77,16 @@ async def run_strategy(
     verifier=None,
 ) -> Answer:
     """Run one strategy; `extract` is a method name of `extract_answer` or a callable
-    (e.g. a task family's canonical-answer extractor) mapping a sample's text to its vote."""
+    (e.g. a task family's canonical-answer extractor) mapping a sample's text to its vote.
+    `backend` is a `LocalBackend` (prompt: token ids) or a `remote.RemoteBackend` (prompt:
+    chat messages, text or token ids); the Answer's `cost_basis` says which counted the cost."""
+    answer = await _run(backend, spec, prompt_ids, params, prompt_text, extract, verifier)
+    answer.cost_basis = getattr(backend, "cost_basis", "engine")
+    return answer
+
+
+async def _run(backend, spec: StrategySpec, prompt_ids, params: SamplingParams, prompt_text: str, extract,
+               verifier) -> Answer:
     from thinkwise.strategies import best_of_n, budget, voting
 
     extractor = extract if callable(extract) else partial(extract_answer, method=extract)

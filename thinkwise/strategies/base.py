@@ -88,6 +88,8 @@ class Answer:
     votes: dict[str, float] = field(default_factory=dict)  # answer -> votes (or summed score)
     samples: list[SampleOutcome] = field(default_factory=list)
     cost: StrategyCost = field(default_factory=StrategyCost)
+    # Where `cost` comes from: this process's engine counted it, or a remote server reported it.
+    cost_basis: str = "engine"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,6 +171,8 @@ class SampleGroup:
 
 class LocalBackend:
     """Sample groups on an `AsyncEngine` in this process."""
+
+    cost_basis = "engine"  # every token in the cost is one this process's engine computed
 
     def __init__(self, engine: AsyncEngine):
         self.engine = engine

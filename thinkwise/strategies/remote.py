@@ -8,8 +8,11 @@ logprobs only to count tokens exactly. Aborting means closing the stream: server
 a request whose client went away, and a thinkwise server frees its KV blocks at once.
 Costs are what the server reports in `usage` (prompt, cached and completion tokens);
 for a stream closed early, the tokens received so far — no FLOPs or bytes are known for
-remote hardware. A prompt may be chat messages (sent to /v1/chat/completions, the
-server applies its template), text or token ids (/v1/completions).
+remote hardware. A request closed before its usage arrived (short-m@k's abort) reports
+no prompt tokens, so its prompt counts 0; `Answer.cost_basis` says all this. A prompt
+may be chat messages (sent to /v1/chat/completions, the server applies its template),
+text or token ids (/v1/completions). `aclose()` closes every stream still open, so a
+cancelled strategy leaves nothing running on the server.
 
     backend = RemoteBackend("http://gpu-box:8000/v1", model="Qwen/Qwen3-8B")
     answer = solve_remote(backend, "What is 17 * 23?", "short-3@8")
@@ -169,6 +172,8 @@ class RemoteBackend:
 
     intensity = 0.0  # the remote hardware is unknown: no effective FLOPs
     tokenizer = None
+    cost_basis = ("remote: prompt, cached and completion tokens as reported by the server's usage; a stream "
+                  "closed early counts the tokens received and no prompt tokens; no FLOPs, bytes or energy")
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 600.0):
         self.base_url = base_url.rstrip("/")
@@ -178,6 +183,7 @@ class RemoteBackend:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = httpx.Timeout(timeout_s, connect=30.0)
         self._client: httpx.AsyncClient | None = None
+        self._groups: list[RemoteGroup] = []
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -215,9 +221,18 @@ class RemoteBackend:
             await group.open()
         except httpx.HTTPError as error:
             raise RemoteServerError(f"cannot reach the remote server at {self.base_url}: {error}") from None
+        self._groups = [g for g in self._groups if not g.done] + [group]
         return group
 
     async def aclose(self) -> None:
+        """Close every stream still open (the server aborts those samples), then the client."""
+        for group in self._groups:
+            if not group.done:
+                try:
+                    await group.abort_rest("the remote backend was closed")
+                except ThinkwiseError:
+                    pass  # the stream had already failed; closing it is all that is left to do
+        self._groups = []
         if self._client is not None:
             await self._client.aclose()
             self._client = None
