@@ -7,6 +7,7 @@ import openai
 import pytest
 
 from tests.server.conftest import MODEL
+from thinkwise.tasks.extraction import answers_equal
 
 MESSAGES = [{"role": "user", "content": "count: 1 2 3"}]
 
@@ -32,7 +33,7 @@ def test_extra_body_short_m_at_k(client, server):
 
 def test_model_prefix_forms(client):
     for prefix, name, count in (("short-m@k-4-2", "short-2@4", 4), ("majority@3", "majority@3", 3),
-                                ("adaptive:4", "adaptive", None)):
+                                ("adaptive:4", "adaptive", None), ("budget:6", "budget:6", 1)):
         response = client.chat.completions.create(model=f"{prefix}/{MODEL}", messages=MESSAGES, max_tokens=8,
                                                   temperature=1.0, seed=1)
         extra = response.model_extra["thinkwise"]
@@ -62,13 +63,29 @@ def test_tokens_reported_equal_the_engines_counts(client, offline_llm):
     ({"strategy": "majority@64"}, "at most"),
     ({"strategy": "best-of-2"}, "verifier"),
     ({"strategy": "majority@2", "bogus": 1}, "bogus"),
+    ({"strategy": "majority@k", "k": 0}, "thinkwise.k"),
+    ({"strategy": "majority@2", "extract": "telepathy"}, "thinkwise.extract"),
+    ({"strategy": "majority@2", "k": "2"}, "thinkwise.k"),
+    ({"k": 2}, "needs a strategy"),
 ])
 def test_bad_strategy_parameters_are_400(server, thinkwise, match):
     response = httpx.post(f"{server.url}/v1/chat/completions", headers=server.headers, timeout=60,
                           json={"model": MODEL, "messages": MESSAGES, "max_tokens": 4, "thinkwise": thinkwise})
-    assert response.status_code in (400, 422), response.text
+    assert response.status_code == 400, response.text
     error = response.json()["error"]
-    assert match in error["message"] and error["type"]
+    assert match in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_prefix_with_options_and_conflicting_strategies(client):
+    # The object adds options to the prefix's strategy: an exact checker for best-of-n.
+    response = client.chat.completions.create(model=f"best-of-3/{MODEL}", messages=MESSAGES, max_tokens=6,
+                                              temperature=1.0, seed=2, extra_body={"thinkwise": {"answer": "7"}})
+    extra = response.model_extra["thinkwise"]
+    assert extra["strategy"] == "best-of-3" and extra["cost_basis"] == "engine"
+    assert all(s["score"] == float(answers_equal(s["answer"], "7")) for s in extra["samples"])
+    with pytest.raises(openai.BadRequestError, match="name it once"):
+        client.chat.completions.create(model=f"majority@3/{MODEL}", messages=MESSAGES, max_tokens=4,
+                                       extra_body={"thinkwise": {"strategy": "short-1@3"}})
 
 
 def test_streaming_with_a_strategy_is_refused(client):

@@ -128,7 +128,7 @@ class ThinkwiseOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
     strategy: Annotated[str, Field(min_length=1, max_length=64, description=(
         "greedy, majority@K, short-M@K (or short-m@k with k and m), best-of-K, weighted-best-of-K, "
-        "adaptive:MAX, budget:TOKENS"))]
+        "adaptive:MAX, budget:TOKENS; may be left out when the model name has a strategy prefix"))] | None = None
     k: Annotated[int, Field(ge=1, le=256), _AS_INT] | None = None
     m: Annotated[int, Field(ge=1, le=256), _AS_INT] | None = None
     budget: Annotated[int, Field(ge=1), _AS_INT] | None = None

@@ -4,8 +4,10 @@ A request asks for a strategy in one of two ways: a top-level `thinkwise` object
 (`extra_body={"thinkwise": {"strategy": "short-m@k", "k": 8, "m": 3}}` with the openai
 client), or a model-name prefix — `short-m@k-8-3/default`, `short-3@8/default`,
 `majority@8/<model>`, `adaptive:16/<model>`, `budget:512/<model>`, `best-of-4/<model>`
-(best-of-n needs `thinkwise.answer`, the reference for an exact checker). The strategy
-runs on the server's engine, batched with every other request; the response is an
+(best-of-n needs `thinkwise.answer`, the reference for an exact checker). Both may be
+given when the object adds options (extract, answer) to a prefix's strategy; two
+different strategies are a 400. The strategy runs on the server's engine, batched with
+every other request (max_tokens defaults to 512 per sample); the response is an
 ordinary chat completion whose message is the chosen sample's text, plus a `thinkwise`
 object with the extracted answer, the votes, every sample's outcome and the cost, and a
 `usage` that counts every token the strategy computed (prompt once per engine request,
@@ -22,6 +24,7 @@ import uuid
 from dataclasses import asdict
 from typing import Any
 
+import anyio
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -31,28 +34,40 @@ from thinkwise.strategies import LocalBackend, StrategySpec, parse_strategy, run
 _PREFIX_SHORT = re.compile(r"short-m@k-(\d+)-(\d+)")
 
 
+def _prefix_strategy(serving, model: str) -> tuple[StrategySpec, str] | None:
+    """The strategy named by a model-name prefix (`majority@8/<model>`), if there is one."""
+    if "/" not in model or model in serving.settings.served_model_names:
+        return None  # served model names may contain '/' themselves
+    prefix, rest = model.split("/", 1)
+    match = _PREFIX_SHORT.fullmatch(prefix)
+    try:
+        spec = parse_strategy("short-m@k", k=int(match[1]), m=int(match[2])) if match else parse_strategy(prefix)
+    except InvalidParameterError:
+        return None  # not a strategy: an ordinary (unknown) model name, reported as such later
+    serving.check_model(rest)
+    return spec, rest
+
+
 def requested_strategy(serving, req) -> tuple[StrategySpec, str] | None:
     """(strategy, served model name) if the request asks for a strategy, else None."""
     options = req.thinkwise
-    model = req.model
-    if options is None and "/" in model and model not in serving.settings.served_model_names:
-        prefix, rest = model.split("/", 1)
-        match = _PREFIX_SHORT.fullmatch(prefix)
-        try:
-            spec = (parse_strategy("short-m@k", k=int(match[1]), m=int(match[2])) if match
-                    else parse_strategy(prefix))
-        except InvalidParameterError:
-            return None  # not a strategy: an ordinary (unknown) model name, reported as such later
-        serving.check_model(rest)
-        return spec, rest
-    if options is None:
-        return None
-    serving.check_model(model)
+    prefixed = _prefix_strategy(serving, req.model)
+    if options is None or options.strategy is None:
+        if prefixed is None and options is not None:
+            raise InvalidParameterError("the thinkwise object needs a strategy (e.g. \"majority@8\"), or name one "
+                                        "in the model (e.g. \"majority@8/<model>\")", param="thinkwise.strategy")
+        return prefixed
     try:
         spec = parse_strategy(options.strategy, k=options.k, m=options.m, budget=options.budget)
     except InvalidParameterError as error:
         raise InvalidParameterError(error.message, param="thinkwise.strategy") from None
-    return spec, model
+    if prefixed is not None:
+        if prefixed[0] != spec:
+            raise InvalidParameterError(f"the model name asks for one strategy and thinkwise.strategy for another "
+                                        f"({options.strategy!r}); name it once", param="thinkwise.strategy")
+        return prefixed
+    serving.check_model(req.model)
+    return spec, req.model
 
 
 class _TrackingBackend(LocalBackend):
@@ -104,7 +119,8 @@ async def chat_with_strategy(serving, req, http: Request, spec: StrategySpec, mo
                             verifier=verifier)
         answer = await _unless_disconnected(http, work)
     finally:
-        await backend.abort_all()  # a cancelled or failed strategy leaves nothing running
+        with anyio.CancelScope(shield=True):  # even when this handler is cancelled (shutdown)
+            await backend.abort_all()  # a cancelled or failed strategy leaves nothing running
         serving._release(samples)
     if answer is None:  # the client went away
         serving.metrics.aborted.inc()
@@ -122,6 +138,7 @@ async def chat_with_strategy(serving, req, http: Request, spec: StrategySpec, mo
                   "total_tokens": cost.prompt_tokens + completion_tokens,
                   "prompt_tokens_details": {"cached_tokens": cost.prompt_tokens_cached}},
         "thinkwise": {"strategy": answer.strategy, "answer": answer.answer, "votes": answer.votes,
-                      "samples": [asdict(s) for s in answer.samples], "cost": asdict(cost), "served_model": model},
+                      "samples": [asdict(s) for s in answer.samples], "cost": asdict(cost), "cost_basis": answer.cost_basis,
+                      "served_model": model},
     }
     return Response(dumps(body), media_type="application/json")
