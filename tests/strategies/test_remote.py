@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from thinkwise import SamplingParams
+from thinkwise.errors import InvalidParameterError
 from thinkwise.strategies import parse_strategy, run_strategy
 from thinkwise.strategies.remote import RemoteBackend, RemoteServerError, solve_remote
 from thinkwise.tasks.verifiers import ExactChecker
@@ -140,7 +141,6 @@ def test_errors_are_clear(server):  # noqa: F811
         return await run_strategy(RemoteBackend(server.url, model=server.model), parse_strategy("budget:8"),
                                   [{"role": "user", "content": "x"}], PARAMS)
 
-    from thinkwise.errors import InvalidParameterError
     with pytest.raises(InvalidParameterError, match="remote"):
         asyncio.run(budget())
 
@@ -155,3 +155,40 @@ def test_cli_solve_over_the_remote(server, capsys):  # noqa: F811
     assert code == 0 and "samples: 3" in out and "answer:" in out
     assert main(["solve", "--backend", "openai", "--strategy", "majority@2", "hi"]) == 2
     assert "--base-url" in capsys.readouterr().err
+
+
+def test_per_sample_requests_abort_samples_one_by_one(eos_server):
+    def backend(**options) -> RemoteBackend:
+        return RemoteBackend(eos_server.url, model=eos_server.model, api_key=eos_server.api_key, **options)
+
+    params = SamplingParams(temperature=1.0, max_tokens=200, seed=3)
+    before = disconnects(eos_server)
+    short = solve_remote(backend(per_sample_requests=True), "write words", "short-1@6", sampling_params=params)
+    aborted = [s for s in short.samples if s.finish_reason == "abort"]
+    assert aborted and any(s.finish_reason == "stop" for s in short.samples)
+    assert short.cost.requests == 1 and short.cost.decode_tokens == sum(s.num_tokens for s in short.samples)
+    health = eos_server.wait_idle()
+    assert health["engine"]["kv_blocks_used"] == 0 and health["requests_in_flight"] == 0
+    # One stream per sample: each one closed early is a client leaving (a stream whose sample
+    # ended on the server just before it was closed is not).
+    assert 1 <= disconnects(eos_server) - before <= len(aborted)
+
+    async def abort_one(options):
+        remote = backend(**options)
+        group = await remote.start("go on", SamplingParams(n=3, temperature=1.0, max_tokens=60, seed=9,
+                                                           ignore_eos=True))
+        try:
+            await group.abort_sample(1, "not needed")
+            return await group.wait(), group
+        finally:
+            await remote.aclose()
+
+    # With ignore_eos the other two run to max_tokens; the aborted one stops at once.
+    output, group = asyncio.run(abort_one({"per_sample_requests": True}))
+    assert group.finish_reasons == ["length", "abort", "length"] and group.abort_reasons[1] == "not needed"
+    assert group.num_tokens[0] == group.num_tokens[2] == 60 and group.num_tokens[1] < 60
+    assert output.counts.prompt_tokens > 0 and not output.usage_reported  # two of three reported usage
+    eos_server.wait_idle()
+    with pytest.raises(InvalidParameterError, match="per_sample_requests"):
+        asyncio.run(abort_one({}))
+    eos_server.wait_idle()

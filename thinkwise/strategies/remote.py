@@ -3,9 +3,12 @@
 `RemoteBackend` gives the strategy controllers the interface `LocalBackend` gives them:
 `start(prompt, params)` returns a group of k samples whose token events arrive as they
 are generated. A group is one streamed request with `n=k` (so the server can share the
-prompt's prefill between samples, as vLLM and thinkwise do), asking for per-token
-logprobs only to count tokens exactly. Aborting means closing the stream: servers abort
-a request whose client went away, and a thinkwise server frees its KV blocks at once.
+prompt's prefill between samples, as vLLM and thinkwise do), or with
+`per_sample_requests=True` k concurrent streamed requests with n=1 (any one sample can
+then be aborted alone, and a load balancer can spread them over replicas); either way
+per-token logprobs are asked for only to count tokens exactly. Aborting means closing
+the stream: servers abort a request whose client went away, and a thinkwise server
+frees its KV blocks at once.
 Costs are what the server reports in `usage` (prompt, cached and completion tokens);
 for a stream closed early, the tokens received so far — no FLOPs or bytes are known for
 remote hardware. A request closed before its usage arrived (short-m@k's abort) reports
@@ -42,24 +45,41 @@ class RemoteOutput:
 
 
 class RemoteGroup:
-    """k samples of one prompt as one streamed request; same surface as `SampleGroup`."""
+    """k samples of one prompt on one or more streamed requests; same surface as `SampleGroup`.
 
-    def __init__(self, backend: RemoteBackend, path: str, body: dict, k: int):
-        self.backend, self.path, self.body, self.k = backend, path, body, k
+    Each stream carries `n` consecutive samples starting at its offset: one stream with
+    n=k, or k streams with n=1 (then any one sample can be aborted by closing its stream).
+    """
+
+    def __init__(self, backend: RemoteBackend, path: str, bodies: list[tuple[int, dict]], k: int):
+        self.backend, self.path, self.k = backend, path, k
+        self.bodies = bodies  # (offset of the stream's first sample, request body)
         self.texts = [""] * k
         self.num_tokens = [0] * k
         self.finish_reasons: list[str | None] = [None] * k
         self.abort_reasons: list[str | None] = [None] * k
         self.final: RemoteOutput | None = None
         self._events: asyncio.Queue = asyncio.Queue()
-        self._reader: asyncio.Task | None = None
+        self._readers: dict[int, asyncio.Task] = {}  # offset -> reader of that stream
+        self._usages: dict[int, dict | None] = {}  # offset -> usage (None: closed before it came)
 
     @property
     def done(self) -> bool:
         return self.final is not None
 
     async def open(self) -> None:
-        request = self.backend.client.build_request("POST", self.path, json=self.body)
+        responses = await asyncio.gather(*(self._send(body) for _, body in self.bodies), return_exceptions=True)
+        failed = next((r for r in responses if isinstance(r, BaseException)), None)
+        if failed is not None:
+            for response in responses:
+                if isinstance(response, httpx.Response):
+                    await response.aclose()
+            raise failed
+        for (offset, body), response in zip(self.bodies, responses):
+            self._readers[offset] = asyncio.create_task(self._read(response, offset, body["n"]))
+
+    async def _send(self, body: dict) -> httpx.Response:
+        request = self.backend.client.build_request("POST", self.path, json=body)
         response = await self.backend.client.send(request, stream=True)
         if response.status_code != 200:
             text = (await response.aread()).decode(errors="replace")
@@ -69,9 +89,9 @@ class RemoteGroup:
             except (ValueError, KeyError, TypeError):
                 message = text[:500]
             raise RemoteServerError(f"remote server answered {response.status_code}: {message}")
-        self._reader = asyncio.create_task(self._read(response))
+        return response
 
-    async def _read(self, response: httpx.Response) -> None:
+    async def _read(self, response: httpx.Response, offset: int, n: int) -> None:
         usage = None
         try:
             async for line in response.aiter_lines():
@@ -85,17 +105,20 @@ class RemoteGroup:
                     raise RemoteServerError(f"remote server error mid-stream: {chunk['error'].get('message')}")
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
-                    await self._events.put(self._apply(choice))
+                    await self._events.put(self._apply(choice, offset))
+        except asyncio.CancelledError:
+            raise  # the group closed this stream on purpose (an abort)
         except BaseException as error:  # noqa: BLE001 (handed to the consumer, which re-raises)
             await self._events.put(error)
             raise
         finally:
             await response.aclose()
-        self._finish(usage)
-        await self._events.put(None)
+        self._stream_ended(offset, n, usage)
+        if self.final is not None:
+            await self._events.put(None)
 
-    def _apply(self, choice: dict) -> tuple[int, str | None]:
-        index = choice["index"]
+    def _apply(self, choice: dict, offset: int) -> tuple[int, str | None]:
+        index = offset + choice["index"]
         if "delta" in choice:  # chat
             text = choice["delta"].get("content") or ""
             tokens = len(((choice.get("logprobs") or {}).get("content")) or [])
@@ -109,20 +132,27 @@ class RemoteGroup:
             self.finish_reasons[index] = reason
         return index, reason
 
-    def _finish(self, usage: dict | None) -> None:
+    def _stream_ended(self, offset: int, n: int, usage: dict | None) -> None:
+        """One stream is over (finished, or closed with `usage` None); the last one settles the group."""
+        self._usages[offset] = usage
+        for i in range(offset, offset + n):
+            if self.finish_reasons[i] is None:
+                self.finish_reasons[i] = "abort"
+        if len(self._usages) < len(self.bodies):
+            return
         counts = TokenCounts()
         counts.generated_tokens = sum(self.num_tokens)
-        counts.aborted_tokens = sum(n for n, r in zip(self.num_tokens, self.finish_reasons) if r in (None, "abort"))
-        if usage:
-            counts.prompt_tokens = usage.get("prompt_tokens", 0)
-            cached = ((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
-            counts.prompt_tokens_cached = cached
-            counts.prompt_tokens_computed = counts.prompt_tokens - cached
-            counts.generated_tokens = usage.get("completion_tokens", counts.generated_tokens)
-        for i, reason in enumerate(self.finish_reasons):
-            if reason is None:
-                self.finish_reasons[i] = "abort"
-        self.final = RemoteOutput(counts, usage_reported=usage is not None)
+        counts.aborted_tokens = sum(n for n, r in zip(self.num_tokens, self.finish_reasons) if r == "abort")
+        reported = [u for u in self._usages.values() if u]
+        counts.prompt_tokens = sum(u.get("prompt_tokens", 0) for u in reported)
+        counts.prompt_tokens_cached = sum(((u.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0
+                                          for u in reported)
+        counts.prompt_tokens_computed = counts.prompt_tokens - counts.prompt_tokens_cached
+        if len(reported) == len(self.bodies):
+            # Every stream ran to its end: the server's own count (it may differ from the
+            # logprob entries received, e.g. a server that does not stream logprobs).
+            counts.generated_tokens = sum(u.get("completion_tokens", 0) for u in reported)
+        self.final = RemoteOutput(counts, usage_reported=len(reported) == len(self.bodies))
 
     async def next_events(self) -> list[tuple[int, str | None]]:
         if self.final is not None and self._events.empty():
@@ -145,26 +175,42 @@ class RemoteGroup:
             await self.next_events()
         return self.final
 
+    async def _close_stream(self, offset: int) -> None:
+        reader = self._readers[offset]
+        if offset in self._usages:
+            return
+        reader.cancel()
+        try:
+            await reader
+        except asyncio.CancelledError:
+            pass
+        except ThinkwiseError:
+            raise
+        if offset not in self._usages:  # closed before it ended: the server aborts its samples
+            body = dict(self.bodies)[offset]
+            self._stream_ended(offset, body["n"], None)
+            if self.final is not None:
+                await self._events.put(None)
+
     async def abort_rest(self, reason: str) -> RemoteOutput:
-        """Close the stream: the server aborts every unfinished sample of the request."""
+        """Close every open stream: the server aborts every unfinished sample."""
         for i in range(self.k):
             if self.finish_reasons[i] is None:
                 self.abort_reasons[i] = reason
-        if self.final is None and self._reader is not None:
-            self._reader.cancel()
-            try:
-                await self._reader
-            except asyncio.CancelledError:
-                pass
-            except ThinkwiseError:
-                raise
-            if self.final is None:
-                self._finish(None)
-        return self.final
+        for offset in list(self._readers):
+            await self._close_stream(offset)
+        return await self.wait()
 
     async def abort_sample(self, index: int, reason: str) -> None:
-        raise InvalidParameterError("a remote group's samples share one stream; abort them together "
-                                    "(abort_rest)", param="strategy")
+        """Close the stream of one sample (needs one request per sample)."""
+        offset = next((o for o, body in self.bodies if o <= index < o + body["n"]), None)
+        if offset is None or dict(self.bodies)[offset]["n"] != 1:
+            raise InvalidParameterError("this remote group's samples share one stream; abort them together "
+                                        "(abort_rest), or use RemoteBackend(per_sample_requests=True)",
+                                        param="strategy")
+        if self.finish_reasons[index] is None:
+            self.abort_reasons[index] = reason
+            await self._close_stream(offset)
 
 
 class RemoteBackend:
@@ -175,7 +221,11 @@ class RemoteBackend:
     cost_basis = ("remote: prompt, cached and completion tokens as reported by the server's usage; a stream "
                   "closed early counts the tokens received and no prompt tokens; no FLOPs, bytes or energy")
 
-    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 600.0):
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, timeout_s: float = 600.0,
+                 per_sample_requests: bool = False):
+        # per_sample_requests: k requests with n=1 (seeds seed, seed+1, ...) instead of one with
+        # n=k; each sample can then be aborted alone, and a load balancer can spread them.
+        self.per_sample_requests = per_sample_requests
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
@@ -216,7 +266,11 @@ class RemoteBackend:
 
     async def start(self, prompt, params: SamplingParams) -> RemoteGroup:
         path, body = self.request_body(prompt, params)
-        group = RemoteGroup(self, path, body, params.n)
+        bodies = [(0, body)]
+        if self.per_sample_requests and params.n > 1:
+            bodies = [(i, {**body, "n": 1, **({"seed": body["seed"] + i} if "seed" in body else {})})
+                      for i in range(params.n)]
+        group = RemoteGroup(self, path, bodies, params.n)
         try:
             await group.open()
         except httpx.HTTPError as error:
