@@ -11,18 +11,37 @@ OpenBLAS; MKL is slow on AMD CPUs) amortises the weights over many rows. So at s
 M, sweeping every layer's weight of that shape so the timing sees DRAM, not cache, and
 keeps a switch point per shape; at run time a lookup picks the implementation. The fp32
 copy costs memory, so it is only made where a candidate needs it.
+
+On CUDA, `GpuLinearDispatcher` does the same between cuBLAS (`F.linear`) and the Triton
+flat GEMM of `triton_gemm` (a few tilings) over M = 1..64: each candidate's calls over
+several layers' weights are captured in a CUDA graph and replayed, timed with CUDA
+events, so the timing sees HBM rather than L2 and no Python launch gaps. The result is
+a table per weight shape (M ranges -> implementation, with the timings), which goes
+into the run's metadata, and a per-layer list indexed by M that `DispatchLinear.forward`
+reads: the choice depends only on the static shape, so it needs no host sync and holds
+under CUDA-graph capture.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
+import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from thinkwise.kernels.triton_gemm import FlatGemmConfig, SplitKWorkspace
+
+# `triton_gemm` is imported where it is used: importing it defines Triton kernels, which
+# must happen after TRITON_INTERPRET is set (the CPU test suite sets it after `import thinkwise`).
 
 PROFILE_ROWS = (1, 2, 4, 8, 16)  # above 16 rows, the decision at 16 holds
 PROFILE_LAYERS = 4  # weights swept per shape: enough to spill the last-level cache for big shapes
@@ -49,7 +68,8 @@ def torch_threads(count: int | None):
 
 
 class DispatchLinear(nn.Module):
-    """nn.Linear whose matmul may run in fp32 BLAS for larger M (CPU only)."""
+    """nn.Linear whose matmul may run in fp32 BLAS for larger M (CPU), or in the Triton
+    flat GEMM for small M (CUDA), as a dispatcher's table says."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -58,6 +78,9 @@ class DispatchLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features)) if bias else None
         self.blas_weight: np.ndarray | None = None  # fp32 [in, out] view or copy, for BLAS
         self.blas_from_rows: int | None = None  # use BLAS when rows >= this; None: never
+        # GPU: row_plan[M] is the Triton config for M rows (None: F.linear); past its end, F.linear.
+        self.row_plan: tuple[FlatGemmConfig | None, ...] | None = None
+        self.split_k_workspace: SplitKWorkspace | None = None
 
     def enable_blas(self) -> None:
         weight = self.weight.detach()
@@ -68,6 +91,13 @@ class DispatchLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
+        plan = self.row_plan
+        if plan is not None and rows < len(plan) and x.dim() == 2:
+            config = plan[rows]
+            if config is not None:
+                from thinkwise.kernels import triton_gemm
+
+                return triton_gemm.triton_flat_gemm(x, self.weight, self.bias, config, self.split_k_workspace)
         if self.blas_from_rows is not None and rows >= self.blas_from_rows:
             out = torch.from_numpy(x.float().numpy() @ self.blas_weight)
             if self.bias is not None:
@@ -125,3 +155,196 @@ class LinearDispatcher:
 
     def describe(self) -> dict:
         return {f"{o}x{i}": s for (o, i), s in self.table.items()}
+
+
+# ----------------------------------------------------------------------------- CUDA
+
+GPU_PROFILE_ROWS = (1, 2, 4, 8, 16, 32, 64)  # above 64 rows (prefill) cuBLAS's GEMMs are the ones to beat
+TRITON_MIN_GAIN = 0.03  # Triton must be this much faster to be picked: cuBLAS is the default, ties are noise
+L2_SWEEP = 3  # time over weights of at least this many L2 sizes, so reads come from HBM
+GRAPH_BYTES = 256 << 20  # weight bytes one timed graph replay reads (long enough to time well)
+MAX_GRAPH_CALLS = 64
+
+
+def pick_implementation(cublas_us: float, triton_us: dict[FlatGemmConfig, float]) -> FlatGemmConfig | None:
+    """The fastest Triton config if it beats cuBLAS by TRITON_MIN_GAIN, else None (cuBLAS)."""
+    best, best_us = None, cublas_us * (1 - TRITON_MIN_GAIN)
+    for config, us in triton_us.items():
+        if us < best_us:
+            best, best_us = config, us
+    return best
+
+
+def cuda_graph_time_us(calls: list[Callable[[], Any]], replays: int = 5) -> float:
+    """Median GPU microseconds per call of `calls`, captured once in a CUDA graph and
+    replayed (timed with CUDA events), as the engine's decode graphs run them."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for call in calls:  # compiles Triton kernels and creates cuBLAS handles outside capture
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(replays)]
+    for start, end in events:
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    times = [start.elapsed_time(end) * 1e3 / len(calls) for start, end in events]
+    del graph
+    return statistics.median(times)
+
+
+@dataclass
+class GpuLinearDispatcher:
+    """Per-weight-shape choice between cuBLAS and the Triton flat GEMM, by M, profiled on
+    this GPU at start-up. `table[(N, K)][i]` is the Triton config for M up to `rows[i]`
+    (and above `rows[i - 1]`), or None for cuBLAS; M above the ladder always uses cuBLAS."""
+
+    rows: tuple[int, ...] = GPU_PROFILE_ROWS
+    candidates: tuple[FlatGemmConfig, ...] | None = None  # None: triton_gemm.DEFAULT_CONFIGS
+    table: dict[tuple[int, int], list[FlatGemmConfig | None]] = field(default_factory=dict)
+    timings_us: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
+    timed_layers: dict[str, int] = field(default_factory=dict)
+    profile_seconds: float = 0.0
+    device_name: str = ""
+    skipped: str | None = None  # why no profile ran (then every shape uses cuBLAS)
+
+    @staticmethod
+    def _groups(model: nn.Module) -> dict[tuple[int, int], list[DispatchLinear]]:
+        groups: dict[tuple[int, int], list[DispatchLinear]] = defaultdict(list)
+        for module in model.modules():
+            if isinstance(module, DispatchLinear):
+                groups[(module.out_features, module.in_features)].append(module)
+        return groups
+
+    def profile(self, model: nn.Module, dtype: torch.dtype) -> None:
+        """Time every candidate for every weight shape and M, then install the table."""
+        from thinkwise.kernels import triton_gemm
+
+        if self.candidates is None:
+            self.candidates = triton_gemm.DEFAULT_CONFIGS
+        groups = self._groups(model)
+        if not groups:
+            return
+        device = next(iter(groups.values()))[0].weight.device
+        if device.type != "cuda":
+            self.skipped = "not a CUDA device"
+        elif not triton_gemm.HAVE_TRITON:
+            self.skipped = "triton is not installed"
+        elif dtype not in (torch.bfloat16, torch.float16):
+            self.skipped = f"{dtype} weights: the flat GEMM is for 16-bit weights"
+        if self.skipped:
+            return
+        started = time.perf_counter()
+        props = torch.cuda.get_device_properties(device)
+        self.device_name = props.name
+        with torch.inference_mode():
+            for shape, layers in groups.items():
+                self._profile_shape(shape, layers, props.L2_cache_size, dtype, device)
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()  # graph pools: leave the memory to the KV cache
+        self.profile_seconds = time.perf_counter() - started
+        self.apply(model)
+
+    def _profile_shape(self, shape: tuple[int, int], layers: list[DispatchLinear], l2_bytes: int,
+                       dtype: torch.dtype, device: torch.device) -> None:
+        from thinkwise.kernels import triton_gemm
+
+        n, k = shape
+        seen: set[int] = set()
+        weights = []
+        for layer in layers:  # tied weights appear once
+            if layer.weight.data_ptr() not in seen:
+                seen.add(layer.weight.data_ptr())
+                weights.append((layer.weight.detach(), None if layer.bias is None else layer.bias.detach()))
+        weight_bytes = n * k * layers[0].weight.element_size()
+        count = min(len(weights), max(1, math.ceil(L2_SWEEP * l2_bytes / weight_bytes)))
+        sample = weights[:count]
+        passes = max(1, min(math.ceil(GRAPH_BYTES / (count * weight_bytes)), MAX_GRAPH_CALLS // count))
+        key = f"{n}x{k}"
+        self.timed_layers[key] = count
+        timings: dict[str, list[float | None]] = {"cublas": []}
+        for config in self.candidates:
+            timings[f"triton:{config.name}"] = []
+        choices: list[FlatGemmConfig | None] = []
+        for rows in self.rows:
+            x = torch.randn(rows, k, device=device, dtype=dtype)
+            cublas = cuda_graph_time_us([lambda x=x, w=w, b=b: nn.functional.linear(x, w, b)
+                                         for _ in range(passes) for w, b in sample])
+            timings["cublas"].append(round(cublas, 2))
+            triton_us: dict[FlatGemmConfig, float] = {}
+            workspace = None
+            for config in self.candidates:
+                if rows > config.max_rows:
+                    timings[f"triton:{config.name}"].append(None)
+                    continue
+                need = triton_gemm.workspace_size(rows, n, k, config, device)
+                if workspace is None or not workspace.fits(*need):
+                    workspace = triton_gemm.SplitKWorkspace(device, *need)
+                us = cuda_graph_time_us([
+                    lambda x=x, w=w, b=b, c=config, ws=workspace: triton_gemm.triton_flat_gemm(x, w, b, c, ws)
+                    for _ in range(passes) for w, b in sample])
+                timings[f"triton:{config.name}"].append(round(us, 2))
+                triton_us[config] = us
+            choices.append(pick_implementation(cublas, triton_us))
+        self.table[shape] = choices
+        self.timings_us[key] = {"rows": list(self.rows), **timings}
+
+    def row_plan(self, shape: tuple[int, int]) -> tuple[FlatGemmConfig | None, ...] | None:
+        """The per-M list DispatchLinear reads: entry M is the config for M rows."""
+        choices = self.table.get(shape)
+        if choices is None or all(c is None for c in choices):
+            return None
+        plan: list[FlatGemmConfig | None] = [None]
+        for rows in range(1, self.rows[-1] + 1):
+            plan.append(choices[next(i for i, top in enumerate(self.rows) if rows <= top)])
+        return tuple(plan)
+
+    def apply(self, model: nn.Module) -> None:
+        """Install the table on every DispatchLinear, with one split-K workspace for all."""
+        from thinkwise.kernels import triton_gemm
+
+        groups = self._groups(model)
+        plans = {shape: self.row_plan(shape) for shape in groups}
+        partials = counters = 0
+        device = None
+        for shape, plan in plans.items():
+            if plan is None:
+                continue
+            device = groups[shape][0].weight.device
+            for rows, config in enumerate(plan):
+                if config is not None:
+                    p, c = triton_gemm.workspace_size(rows, shape[0], shape[1], config, device)
+                    partials, counters = max(partials, p), max(counters, c)
+        workspace = triton_gemm.SplitKWorkspace(device, partials, counters) if device is not None and counters else None
+        for shape, layers in groups.items():
+            for layer in layers:
+                layer.row_plan = plans[shape]
+                layer.split_k_workspace = workspace if plans[shape] is not None else None
+
+    def describe(self) -> dict[str, Any]:
+        """The table for the run's metadata: per shape "NxK", M ranges -> implementation."""
+        shapes: dict[str, list[dict[str, Any]]] = {}
+        for (n, k), choices in self.table.items():
+            ranges: list[dict[str, Any]] = []
+            low = 1
+            for top, config in zip(self.rows, choices):
+                impl = "cublas" if config is None else f"triton:{config.name}"
+                if ranges and ranges[-1]["impl"] == impl:
+                    ranges[-1]["rows"][1] = top
+                else:
+                    ranges.append({"rows": [low, top], "impl": impl})
+                low = top + 1
+            ranges.append({"rows": [low, None], "impl": "cublas"})
+            shapes[f"{n}x{k}"] = ranges
+        out: dict[str, Any] = {"device": self.device_name, "implementations": shapes, "timings_us": self.timings_us,
+                               "timed_layers": self.timed_layers, "profile_seconds": round(self.profile_seconds, 2)}
+        if self.skipped:
+            out["skipped"] = self.skipped
+        return out
