@@ -30,7 +30,7 @@ from thinkwise.engine.sampler import Sampler, SamplingRow, mix_seed
 from thinkwise.engine.sampling_params import SamplingParams
 from thinkwise.engine.scheduler import Scheduler
 from thinkwise.engine.sequence import Request, Sequence, SequenceStatus, TokenCounts
-from thinkwise.kernels.linear_dispatch import LinearDispatcher, torch_threads
+from thinkwise.kernels.linear_dispatch import GpuLinearDispatcher, LinearDispatcher, torch_threads
 from thinkwise.errors import CapacityError, InvalidParameterError, PromptTooLongError
 from thinkwise.loading.config import LoadedModel
 
@@ -78,6 +78,11 @@ class Engine:
                 dispatcher.profile(model, self.dtype)
             self.run_metadata["gemm_dispatch"] = {"blas_from_rows": dispatcher.describe(),
                                                   "timings_ms": dispatcher.timings_ms}
+        elif self.device.type == "cuda" and config.gpu_gemm_dispatch:
+            # Before the runner captures CUDA graphs: they record whichever GEMM the table picks.
+            gpu_dispatcher = GpuLinearDispatcher()
+            gpu_dispatcher.profile(model, self.dtype)
+            self.run_metadata["gemm_dispatch"] = gpu_dispatcher.describe()
         self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
                                  loaded.config.max_position_embeddings)
         num_blocks = self._num_kv_blocks(model)
