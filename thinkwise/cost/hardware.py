@@ -132,12 +132,15 @@ class EnergyMeter:
     _lock = threading.Lock()
 
     def __new__(cls, device: torch.device | str, period_s: float = 0.1):
-        key = str(torch.device(device))
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" share one poller
+            device = torch.device("cuda", torch.cuda.current_device())
+        key = str(device)
         with cls._lock:
             meter = cls._pollers.get(key)
             if meter is None:
                 meter = super().__new__(cls)
-                meter._start(torch.device(device), period_s)
+                meter._start(device, period_s)
                 cls._pollers[key] = meter
             return meter
 
