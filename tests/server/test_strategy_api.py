@@ -7,6 +7,7 @@ import openai
 import pytest
 
 from tests.server.conftest import MODEL
+from tests.server.test_openai_api import disconnects
 from thinkwise.tasks.extraction import answers_equal
 
 MESSAGES = [{"role": "user", "content": "count: 1 2 3"}]
@@ -97,14 +98,6 @@ def test_streaming_with_a_strategy_is_refused(client):
 def test_unknown_model_behind_a_prefix_is_404(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="majority@2/nope", messages=MESSAGES, max_tokens=4)
-
-
-def disconnects(server) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{server.url}/metrics", headers=server.headers, timeout=30).text
-    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "thinkwise_client_disconnects"
-               for s in f.samples if s.name.endswith("_total"))
 
 
 def test_client_disconnect_aborts_every_sample(server):
