@@ -46,6 +46,9 @@ class TokenEvent:
     text: str
     finish_reason: str | None = None
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    # With finish_reason: the sample's whole final text (a stop string may have cut text an
+    # earlier event reported), so streams can settle one sample without waiting for the rest.
+    final_text: str | None = None
 
 
 @dataclass
@@ -387,6 +390,7 @@ class Engine:
                     seq.text += seq.detokenizer.flush()
             self._finish(seq, reason, stop_reason)
             event.finish_reason = reason
+            event.final_text = seq.text
         # The text event is what the visible text gained (a stop string may have cut it).
         event.text = seq.text[text_before:] if len(seq.text) >= text_before else ""
         return event

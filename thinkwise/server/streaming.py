@@ -72,6 +72,8 @@ class TextStreamer:
                 output = final.get(event.sample_index)
                 if output is not None:
                     text = output.text
+                elif event.final_text is not None:  # the engine's settled text for this sample
+                    text = event.final_text
                 elif not self.stops:
                     text = choice.received
                 else:  # a stop string may have cut text already reported: settle it on the final output
