@@ -277,7 +277,9 @@ def triton_flat_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if rows == 0:
         return out.reshape(*lead, n)
     plan = plan_launch(rows, n, k, config, x.device)
-    partials = counters = out  # unused placeholders when split_k == 1
+    # Unused when split_k == 1, but the split-K branch is still compiled, so the placeholders
+    # must have the real pointer types (an int32 counter: atomics reject a bf16 one).
+    partials, counters = _placeholders(x.device)
     if plan.split_k > 1:
         need = (plan.split_k * rows * n, plan.m_tiles * plan.n_tiles)
         if workspace is None or not workspace.fits(*need):
@@ -292,3 +294,14 @@ def triton_flat_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out.reshape(*lead, n)
+
+
+_PLACEHOLDERS: dict = {}
+
+
+def _placeholders(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    key = str(device)
+    if key not in _PLACEHOLDERS:
+        _PLACEHOLDERS[key] = (torch.zeros(1, dtype=torch.float32, device=device),
+                              torch.zeros(1, dtype=torch.int32, device=device))
+    return _PLACEHOLDERS[key]
