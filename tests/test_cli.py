@@ -59,3 +59,22 @@ def test_solve_prints_answer_votes_and_cost(tiny_llama):
 def test_solve_rejects_unknown_strategy_before_loading(tmp_path):
     result = run_cli("solve", "--model", str(tmp_path / "missing"), "--strategy", "telepathy@3", "hi")
     assert result.returncode == 2 and "unknown strategy" in result.stderr
+
+
+def test_bench_writes_its_files_and_pins_the_gemm_table(tiny_llama, tmp_path):
+    import json
+
+    from thinkwise.cli import main
+
+    directory, _ = tiny_llama
+    out = tmp_path / "bench"
+    args = ["bench", "--model", str(directory), "--device", "cpu", "--dtype", "float32", "--tasks", "sum:1",
+            "--strategies", "greedy,majority@2", "--n-per-level", "1", "--max-tokens", "6", "--out", str(out)]
+    assert main(args) == 0
+    table = json.loads((out / "gemm_dispatch.json").read_text())
+    assert table and all("x" in key for key in table)
+    for name in ("results.jsonl", "summary.csv", "report.html", "accuracy_vs_decode_tokens.png"):
+        assert (out / name).exists()
+    (out / "gemm_dispatch.json").write_text(json.dumps({key: None for key in table}))
+    assert main(args) == 0  # resumes; the pinned table is what a rerun loads
+    assert len((out / "results.jsonl").read_text().splitlines()) == 2

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from thinkwise.errors import ThinkwiseError
 
@@ -212,7 +213,17 @@ def _bench(args: argparse.Namespace) -> int:
         raise InvalidParameterError("--n-per-level must be >= 1", param="n_per_level")
     total = len(generate_problems(args.tasks, args.n_per_level, args.seed)) * len(strategies)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
-    llm = LLM(args.model, progress=True, **_engine_options(args))
+    # The CPU GEMM dispatch table changes bf16 rounding; a rerun into the same --out reuses the
+    # first run's table so its samples, and so its accuracy, are reproduced exactly.
+    table_path = Path(args.out) / "gemm_dispatch.json"
+    options = _engine_options(args)
+    if table_path.exists():
+        options["cpu_gemm_table"] = json.loads(table_path.read_text())
+    llm = LLM(args.model, progress=True, **options)
+    table = llm.engine.run_metadata.get("gemm_dispatch", {}).get("blas_from_rows")
+    if table is not None and not table_path.exists():
+        table_path.parent.mkdir(parents=True, exist_ok=True)
+        table_path.write_text(json.dumps(table, indent=2))
     bar = tqdm(total=total, unit="run", desc="bench")
 
     def progress(strategy: str, count: int) -> None:

@@ -32,6 +32,9 @@ class EngineConfig:
     # (None: off). Below it the extra kernel costs more than the saved reads.
     cascade_min_shared_tokens: int | None = 256
     cpu_gemm_dispatch: bool = True  # CPU: profile torch vs fp32 BLAS per weight shape at start-up
+    # CPU: a dispatch table to use instead of profiling ("OUTxIN" -> first M for BLAS, or None),
+    # e.g. run_metadata["gemm_dispatch"]["blas_from_rows"] of an earlier run, to reproduce it.
+    cpu_gemm_table: dict | None = None
     gpu_gemm_dispatch: bool = True  # CUDA: profile cuBLAS vs the Triton flat GEMM per weight shape and M at start-up
     cpu_torch_threads: int | None = 1  # with dispatch on: PyTorch threads during engine work (BLAS keeps its own)
 

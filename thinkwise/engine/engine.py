@@ -78,7 +78,7 @@ class Engine:
             self.cpu_threads = config.cpu_torch_threads
             dispatcher = LinearDispatcher()
             with torch_threads(self.cpu_threads):
-                dispatcher.profile(model, self.dtype)
+                dispatcher.profile(model, self.dtype, preset=config.cpu_gemm_table)
             self.run_metadata["gemm_dispatch"] = {"blas_from_rows": dispatcher.describe(),
                                                   "timings_ms": dispatcher.timings_ms}
         elif self.device.type == "cuda" and config.gpu_gemm_dispatch:

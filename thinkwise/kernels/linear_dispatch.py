@@ -128,12 +128,24 @@ class LinearDispatcher:
                 best = min(best, (time.perf_counter() - start) * 1e3 / len(layers))
         return best
 
-    def profile(self, model: nn.Module, dtype: torch.dtype) -> None:
+    def profile(self, model: nn.Module, dtype: torch.dtype, preset: dict[str, int | None] | None = None) -> None:
+        """Time each weight shape and set its switch point. `preset` ("OUTxIN" -> first M for
+        BLAS, as `describe()` writes it) pins shapes instead of timing them: the switch changes
+        the rounding of bf16 results, so runs that must reproduce each other (a benchmark
+        rerun) must share one table rather than re-time under a different machine load."""
         groups: dict[tuple[int, int], list[DispatchLinear]] = defaultdict(list)
         for module in model.modules():
             if isinstance(module, DispatchLinear):
                 groups[(module.out_features, module.in_features)].append(module)
         for shape, layers in groups.items():
+            key = f"{shape[0]}x{shape[1]}"
+            if preset is not None and key in preset:
+                self.table[shape] = switch = preset[key]
+                for layer in layers:
+                    if switch is not None:
+                        layer.enable_blas()
+                    layer.blas_from_rows = switch
+                continue
             for layer in layers:
                 layer.enable_blas()
             sample = layers[:PROFILE_LAYERS]
