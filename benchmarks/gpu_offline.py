@@ -62,7 +62,7 @@ def main() -> None:
     assert produced == sum(outputs)
     ours = produced / ours_s
     print(f"thinkwise: {produced} tokens in {ours_s:.1f} s = {ours:.0f} tok/s "
-          f"({engine_steps(llm)} steps, {llm.engine.scheduler.num_preemptions} preemptions)", flush=True)
+          f"({llm.engine.num_steps} steps, {llm.engine.scheduler.num_preemptions} preemptions)", flush=True)
     del llm
     torch.cuda.empty_cache()
 
@@ -86,10 +86,6 @@ def main() -> None:
     print(json.dumps(report, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-
-
-def engine_steps(llm) -> int:
-    return llm.engine.num_steps
 
 
 if __name__ == "__main__":

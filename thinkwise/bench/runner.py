@@ -29,21 +29,10 @@ def problem_seed(run_seed: int, problem: Problem) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
-def _code_efficiency(family, problem: Problem, text: str, correct: bool) -> float | None:
-    """ENAMEL-style efficiency of a code sample: 0 when wrong, else min(1, t_ref / t_sample)
-    with both timed through the same sandbox (so interpreter start-up dominates small
-    functions; the ratio is still an honest measurement)."""
-    if problem.family != "code":
-        return None
-    if not correct:
-        return 0.0
+def _timed_check(family, problem: Problem, text: str) -> tuple[bool, float]:
     start = time.perf_counter()
-    family.check(problem, family.reference_response(problem))
-    reference = time.perf_counter() - start
-    start = time.perf_counter()
-    family.check(problem, text)
-    sample = time.perf_counter() - start
-    return min(1.0, reference / sample) if sample > 0 else 1.0
+    correct = family.check(problem, text)
+    return correct, time.perf_counter() - start
 
 
 def run_bench(llm, problems: list[Problem], strategies: list[str], params: SamplingParams, out_dir: Path,
@@ -85,13 +74,26 @@ def run_bench(llm, problems: list[Problem], strategies: list[str], params: Sampl
 
 
 def result_row(problem: Problem, strategy: str, answer) -> dict:
+    """One results.jsonl line. Each sample is checked once (for code tasks a sandbox run); the
+    chosen answer's correctness is its sample's. ENAMEL-style efficiency of a code sample is 0
+    when wrong, else min(1, t_ref / t_sample), both timed through the same sandbox check (so
+    interpreter start-up dominates small functions; the ratio is still an honest measurement)."""
     family = get_family(problem.family)
-    chosen_correct = bool(answer.text) and family.check(problem, answer.text)
-    samples = []
+    reference_seconds = None
+    samples, correct_by_text = [], {}
     for sample in answer.samples:
-        correct = family.check(problem, sample.text)
+        correct, seconds = _timed_check(family, problem, sample.text)
+        correct_by_text[sample.text] = correct
+        efficiency = None
+        if problem.family == "code":
+            if correct and reference_seconds is None:
+                reference_seconds = _timed_check(family, problem, family.reference_response(problem))[1]
+            efficiency = min(1.0, reference_seconds / seconds) if correct and seconds > 0 else float(correct)
         samples.append({"answer": sample.answer, "tokens": sample.num_tokens, "finish": sample.finish_reason,
-                        "correct": correct, "efficiency": _code_efficiency(family, problem, sample.text, correct)})
+                        "correct": correct, "efficiency": efficiency})
+    chosen_correct = bool(answer.text) and correct_by_text.get(answer.text, None)
+    if chosen_correct is None:
+        chosen_correct = family.check(problem, answer.text)
     cost = answer.cost
     return {
         "problem": problem.id, "family": problem.family, "level": problem.level, "strategy": strategy,

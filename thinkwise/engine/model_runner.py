@@ -70,7 +70,7 @@ class ModelRunner:
             )
 
     @torch.inference_mode()
-    def calibrate_unified_max(self, seed: int = 0) -> tuple[float, dict]:
+    def calibrate_unified_max(self, seed: int = 0) -> tuple[float | None, dict | None]:
         """FlashDecoding++'s phi for this model: the median of the per-row maximum attention
         scores over calibration prompts (random token ids, so nothing is downloaded).
 

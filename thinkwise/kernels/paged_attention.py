@@ -255,19 +255,18 @@ def paged_attention(
     The new tokens' keys/values must already be in the cache (`write_kv_cache`).
     """
     nd = metadata.num_decodes
-    if nd and nd == metadata.num_seqs:  # a pure decode step: no output buffer to copy into
-        return _decode_backend(query, k_cache)(
-            query, k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
-            metadata.decode_max_seq_len or max(metadata.seq_lens_host), scale,
-            unified_max=metadata.unified_max, prefix=metadata.prefix_groups,
-        )
-    output = torch.empty_like(query)
+    decoded = None
     if nd:
-        output[:nd] = _decode_backend(query, k_cache)(
+        decoded = _decode_backend(query, k_cache)(
             query[:nd], k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
             metadata.decode_max_seq_len or max(metadata.seq_lens_host[:nd]), scale,
             unified_max=metadata.unified_max, prefix=metadata.prefix_groups,
         )
+        if nd == metadata.num_seqs:  # a pure decode step: no output buffer to copy into
+            return decoded
+    output = torch.empty_like(query)
+    if decoded is not None:
+        output[:nd] = decoded
     starts = metadata.query_start_loc
     if metadata.prefill_context_slots is not None and nd < metadata.num_seqs:
         begin = starts[nd]

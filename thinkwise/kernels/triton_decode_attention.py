@@ -318,9 +318,9 @@ def triton_decode_attention(
         BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, HAS_STARTS=prefix is not None,
     )
     out = torch.empty_like(query)
-    flags = fallback_flags if fallback_flags is not None else maxes  # unused unless unified
-    if unified and fallback_flags is None:
-        flags = torch.empty(batch, num_heads, dtype=torch.int32, device=device)
+    flags = fallback_flags
+    if flags is None:  # the merge writes flags only in unified mode; otherwise any pointer will do
+        flags = torch.empty(batch, num_heads, dtype=torch.int32, device=device) if unified else maxes
     _merge_splits_kernel[(batch, num_heads)](
         acc, maxes, sums, out, total_splits, num_prefix_splits, starts, flags,
         query, k_cache, v_cache, tables, seq_lens, scale, phi, low, high,

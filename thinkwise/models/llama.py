@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from thinkwise.kernels.fused import add_rms_norm, qkv_rotary_cache, rms_norm_reference, silu_mul
+from thinkwise.kernels.fused import add_rms_norm, qkv_rotary_cache, silu_mul
 from thinkwise.kernels.linear_dispatch import DispatchLinear
 from thinkwise.kernels.paged_attention import AttentionMetadata, paged_attention
 from thinkwise.loading.config import ModelConfig
@@ -32,8 +32,7 @@ class RMSNorm(nn.Module):
         one fused kernel on GPU. Normalise in fp32 and scale after casting back, exactly
         as Hugging Face does, so bf16 runs round the same way the reference does."""
         if residual is None:
-            return rms_norm_reference(x, self.weight, self.eps) if not x.is_cuda else \
-                add_rms_norm(x, None, self.weight, self.eps)[0]
+            return add_rms_norm(x, None, self.weight, self.eps)[0]
         return add_rms_norm(x, residual, self.weight, self.eps)
 
 
