@@ -35,6 +35,9 @@ def main() -> None:
                           enable_prefix_caching=False)
     del hf
     engine = llm.engine
+    # Profile the phases of a synchronous step (async scheduling would hide them behind
+    # the GPU and route decode steps around the wrapped functions).
+    engine.async_scheduling = False
     prompts = [[int(t) for t in torch.randint(0, config.vocab_size, (128,))] for _ in range(args.batch)]
     params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
     for p in prompts:

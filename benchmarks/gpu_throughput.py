@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--sync-too", action="store_true",
+                        help="also time thinkwise with async scheduling off (same engine, same graphs)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "gpu_throughput.json"))
     args = parser.parse_args()
 
@@ -100,17 +102,29 @@ def main() -> None:
             # Warm-up with the same shapes, so CUDA graphs of every batch/context bucket are
             # captured before timing (capture is a one-time cost per bucket).
             llm.generate(prompts, params)
-            torch.cuda.synchronize()
-            start = time.perf_counter()
-            outputs = llm.generate(prompts, params)
-            torch.cuda.synchronize()
-            ours = batch * args.new_tokens / (time.perf_counter() - start)
-            assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outputs)
+
+            def timed() -> tuple[float, list]:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                outputs = llm.generate(prompts, params)
+                torch.cuda.synchronize()
+                assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outputs)
+                return batch * args.new_tokens / (time.perf_counter() - start), outputs
+
+            ours, outputs = timed()
             mean_context = args.prompt_tokens + args.new_tokens / 2
             step_bytes = weight_bytes + batch * mean_context * kv_per_token
             roofline = batch * bandwidth / step_bytes
             row = {"shape": shape_name, "batch": batch, "thinkwise_tok_s": round(ours, 1),
-                   "roofline_tok_s": round(roofline, 1), "thinkwise_vs_roofline": round(ours / roofline, 3)}
+                   "roofline_tok_s": round(roofline, 1), "thinkwise_vs_roofline": round(ours / roofline, 3),
+                   "async_scheduling": llm.engine.async_scheduling}
+            if args.sync_too and llm.engine.async_scheduling:
+                llm.engine.async_scheduling = False
+                sync_rate, sync_outputs = timed()
+                llm.engine.async_scheduling = True
+                same = [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in sync_outputs]
+                row.update(sync_tok_s=round(sync_rate, 1), async_over_sync=round(ours / sync_rate, 3),
+                           same_tokens_as_sync=same)
             if not args.skip_hf:
                 ids = torch.tensor(prompts, device="cuda")
                 with torch.inference_mode():

@@ -47,8 +47,9 @@ def test_no_energy_or_gpu_time_on_cpu():
     step = StepMeter("cpu")
     assert not step.enabled and not step.energy_available
     seq = SimpleNamespace(request=SimpleNamespace(counts=TokenCounts()))
-    step.start()
-    step.stop([seq], [3])
+    ticket = step.start()
+    step.end(ticket)
+    step.charge(ticket, [seq], [3])
     assert seq.request.counts.device_time_s == 0.0 and seq.request.counts.energy_j is None
 
 

@@ -200,32 +200,41 @@ class StepMeter:
     in proportion to the tokens each computed. Does nothing on CPU, where a request's wall
     time is the honest measure.
 
-    `start()` goes before the runner; `stop()` after the sampler has copied the sampled
-    tokens to the host, so the end event is already complete and stopping adds no sync.
+    `start()` goes before the runner and returns the step's ticket; `end(ticket)` right
+    after the step's work is queued (before a step launched behind it); `charge(ticket,
+    ...)` once the step's sampled tokens are on the host, so its end event is complete and
+    charging adds no sync. Each step has its own events, so with async scheduling two
+    steps can be in flight and each is timed on its own.
     """
 
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
         self.enabled = self.device.type == "cuda"
         self.energy = EnergyMeter(self.device) if self.enabled else None
-        if self.enabled:
-            self._begin = torch.cuda.Event(enable_timing=True)
-            self._end = torch.cuda.Event(enable_timing=True)
 
     @property
     def energy_available(self) -> bool:
         return self.energy is not None and self.energy.available
 
-    def start(self) -> None:
-        if self.enabled:
-            self._begin.record()
+    def start(self) -> list | None:
+        if not self.enabled:
+            return None
+        begin = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        return [begin, None]
 
-    def stop(self, sequences, num_new_tokens) -> None:
-        if not self.enabled or not sequences:
+    def end(self, ticket: list | None) -> None:
+        if ticket is not None and ticket[1] is None:
+            ticket[1] = torch.cuda.Event(enable_timing=True)
+            ticket[1].record()
+
+    def charge(self, ticket: list | None, sequences, num_new_tokens) -> None:
+        if ticket is None or not sequences:
             return
-        self._end.record()
-        self._end.synchronize()
-        seconds = self._begin.elapsed_time(self._end) / 1e3
+        self.end(ticket)
+        begin, end = ticket
+        end.synchronize()
+        seconds = begin.elapsed_time(end) / 1e3
         power = self.energy.power_w() if self.energy is not None else None
         charge_step(sequences, num_new_tokens, seconds, None if power is None else power * seconds)
 

@@ -98,12 +98,14 @@ class BlockManager:
         return blocks, hashes
 
     def register_computed_blocks(self, seq: Sequence) -> None:
-        """Register every block of `seq` that is now full and computed for prefix reuse."""
+        """Register every block of `seq` that is now full and computed for prefix reuse.
+        (With a step in flight, the last computed position's token may not be on the host
+        yet; only positions whose tokens are known count.)"""
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
         hashes = seq.block_hashes
-        for index in range(len(hashes), seq.num_computed_tokens // bs):
+        for index in range(len(hashes), min(seq.num_computed_tokens, seq.num_tokens) // bs):
             tokens = tuple(seq.token_ids[index * bs : (index + 1) * bs])
             h = chain_hash(hashes[-1] if hashes else 0, tokens)
             hashes.append(h)

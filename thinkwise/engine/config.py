@@ -37,6 +37,10 @@ class EngineConfig:
     cpu_gemm_table: dict | None = None
     gpu_gemm_dispatch: bool = True  # CUDA: profile cuBLAS vs the Triton flat GEMM per weight shape and M at start-up
     cpu_torch_threads: int | None = 1  # with dispatch on: PyTorch threads during engine work (BLAS keeps its own)
+    # Async scheduling: launch the next decode step, fed by this step's sampled tokens still
+    # on the device, before reading them back, so the host's per-step work overlaps the GPU's.
+    # None: on for CUDA with CUDA graphs (on CPU nothing overlaps; tests turn it on to check it).
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -56,6 +60,16 @@ def resolve_device(device: str | None) -> torch.device:
         raise InvalidParameterError("device 'cuda' was asked for but no CUDA GPU is visible; use --device cpu",
                                     param="device")
     return dev
+
+
+def stage_to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor without making the host wait for the device: through
+    pinned memory and a non-blocking copy on CUDA (`torch.tensor(..., device="cuda")`
+    synchronizes the stream, which would stall a step launched behind another)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:

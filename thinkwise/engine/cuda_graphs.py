@@ -101,8 +101,12 @@ class CudaGraphDecoder:
         return _Graph(graph, input_ids, positions, slot_mapping, block_tables, seq_lens, logits, metadata.prefix_groups)
 
     @torch.inference_mode()
-    def run(self, sequences: list[Sequence], prefix_groups: list[PrefixGroup] | None = None) -> torch.Tensor:
-        """Logits [len(sequences), vocab] for a batch where every sequence computes one token."""
+    def run(self, sequences: list[Sequence], prefix_groups: list[PrefixGroup] | None = None,
+            token_source: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits [len(sequences), vocab] for a batch where every sequence computes one token.
+        With `token_source` (tokens, rows) on the device, sequence i's input token is
+        tokens[rows[i]]: a step launched before the previous step's tokens reached the host.
+        Inputs travel through pinned memory, so launching never waits for the device."""
         n = len(sequences)
         max_blocks = max(len(s.block_table) for s in sequences)
         key = (round_up(n, self.batch_ladder), round_up(max_blocks, self.width_ladder), bool(prefix_groups))
@@ -114,7 +118,7 @@ class CudaGraphDecoder:
         table = [[self.scratch_block] * key[1] for _ in range(key[0])]
         for row, seq in enumerate(sequences):
             p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p])
+            ids.append(seq.token_ids[p] if token_source is None else 0)
             pos.append(p)
             slots.append(seq.block_table[p // bs] * bs + p % bs)
             lens.append(p + 1)
@@ -124,9 +128,12 @@ class CudaGraphDecoder:
         host = torch.tensor(
             [ids + [0] * pad, pos + [0] * pad, slots + [scratch_slot] * pad, lens + [1] * pad], dtype=torch.long
         )
-        host_table = torch.tensor(table, dtype=torch.long)
-        staged = host.to(self.device, non_blocking=True)
+        host_table = torch.tensor(table, dtype=torch.long).pin_memory()
+        staged = host.pin_memory().to(self.device, non_blocking=True)
         entry.input_ids.copy_(staged[0])
+        if token_source is not None:
+            tokens, rows = token_source
+            entry.input_ids[:n].copy_(tokens.index_select(0, rows))
         entry.positions.copy_(staged[1])
         entry.slot_mapping.copy_(staged[2])
         entry.seq_lens.copy_(staged[3])
@@ -134,8 +141,8 @@ class CudaGraphDecoder:
         if entry.prefix is not None:
             packed = pack_prefix_groups([g.members for g in prefix_groups], [g.shared_tokens for g in prefix_groups],
                                         key[0], "cpu", num_groups=entry.prefix.rows.shape[0])
-            entry.prefix.rows.copy_(packed.rows.to(self.device, non_blocking=True))
-            entry.prefix.prefix_lens.copy_(packed.prefix_lens.to(self.device, non_blocking=True))
-            entry.prefix.row_starts.copy_(packed.row_starts.to(self.device, non_blocking=True))
+            entry.prefix.rows.copy_(packed.rows.pin_memory().to(self.device, non_blocking=True))
+            entry.prefix.prefix_lens.copy_(packed.prefix_lens.pin_memory().to(self.device, non_blocking=True))
+            entry.prefix.row_starts.copy_(packed.row_starts.pin_memory().to(self.device, non_blocking=True))
         entry.graph.replay()
         return entry.logits[:n]

@@ -28,7 +28,7 @@ from thinkwise.engine.model_runner import ModelRunner, kv_bytes_per_token
 from thinkwise.engine.outputs import CompletionOutput, RequestOutput
 from thinkwise.engine.sampler import Sampler, SamplingRow, mix_seed
 from thinkwise.engine.sampling_params import SamplingParams
-from thinkwise.engine.scheduler import Scheduler
+from thinkwise.engine.scheduler import Scheduler, form_prefix_groups
 from thinkwise.engine.sequence import Request, Sequence, SequenceStatus, TokenCounts
 from thinkwise.kernels.linear_dispatch import GpuLinearDispatcher, LinearDispatcher, torch_threads
 from thinkwise.errors import CapacityError, InvalidParameterError, PromptTooLongError
@@ -49,6 +49,33 @@ class TokenEvent:
     # With finish_reason: the sample's whole final text (a stop string may have cut text an
     # earlier event reported), so streams can settle one sample without waiting for the rest.
     final_text: str | None = None
+
+
+@dataclass(eq=False)
+class _InflightStep:
+    """A launched decode step whose sampled tokens are still on the device."""
+
+    sequences: list[Sequence]
+    tokens: torch.Tensor  # [len(sequences)] sampled token ids, on the device
+    attached: list[bool]  # False once a sequence's sample was cancelled (it changed meanwhile)
+    ticket: Any  # StepMeter ticket
+    host_tokens: torch.Tensor | None = None  # pinned copy, filled when `copied` fires (CUDA)
+    copied: Any = None  # CUDA event after the copy
+
+    def __post_init__(self) -> None:
+        if self.tokens.is_cuda:
+            # Queue the copy to the host now: a plain .tolist() at read-back would sit in
+            # the stream behind the step launched since, and wait for that one too.
+            self.host_tokens = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
+            self.host_tokens.copy_(self.tokens, non_blocking=True)
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+
+    def token_list(self) -> list[int]:
+        if self.copied is None:
+            return self.tokens.tolist()
+        self.copied.synchronize()
+        return self.host_tokens.tolist()
 
 
 @dataclass
@@ -112,6 +139,10 @@ class Engine:
         self._request_counter = itertools.count()
         self._rng = random.Random(config.seed)
         self.num_steps = 0
+        self.async_scheduling = (config.async_scheduling if config.async_scheduling is not None
+                                 else self.runner.graph_decoder is not None)
+        self._inflight: _InflightStep | None = None
+        self.num_steps_behind = 0  # steps launched before the previous step was read back
 
     # ------------------------------------------------------------------ set-up
     def _num_kv_blocks(self, model: torch.nn.Module) -> int:
@@ -224,6 +255,7 @@ class Engine:
         """n new samples continuing `seq`: they share all its KV blocks (copy-on-write)."""
         if seq.is_finished:
             raise InvalidParameterError("cannot fork a finished sequence", param="seq")
+        self._cancel_inflight(seq, keep_kv=False)  # parent and children each sample the same logits
         request = seq.request
         children = []
         for _ in range(n):
@@ -246,6 +278,7 @@ class Engine:
         """Append tokens the model did not sample (e.g. an end-of-thinking marker)."""
         if seq.is_finished:
             raise InvalidParameterError("cannot force tokens into a finished sequence", param="seq")
+        self._cancel_inflight(seq, keep_kv=True)
         seq.token_ids.extend(token_ids)
         seq.request.counts.forced_tokens += len(token_ids)
         if seq.detokenizer is not None:
@@ -278,16 +311,37 @@ class Engine:
 
     # ------------------------------------------------------------------ stepping
     def step(self) -> StepOutput:
+        """One engine step. With async scheduling a pure decode step is launched behind the
+        one in flight and the in-flight step is read back while the GPU runs the new one;
+        each call still returns exactly the tokens a synchronous step would have."""
+        if self._inflight is not None:
+            result = self._step_behind()
+            if result is not None:
+                return result
+            drained = StepOutput()
+            self._read_back(self._inflight, drained)
+            self._inflight = None
+            result = self._step_scheduled()
+            result.events[:0] = drained.events
+            result.finished[:0] = drained.finished
+            return result
+        return self._step_scheduled()
+
+    def _step_scheduled(self) -> StepOutput:
         batch = self.scheduler.schedule()
         result = StepOutput(num_scheduled_tokens=batch.num_tokens, num_scheduled_seqs=len(batch))
         if not batch.sequences:
             if self.scheduler.waiting and not self.scheduler.running and not batch.preempted:
                 raise CapacityError("a waiting request does not fit the KV cache; raise --kv-blocks")
+            if self.scheduler.running and not batch.preempted:
+                # Would loop forever: a running sequence must always have a token to compute.
+                raise RuntimeError(f"internal error: running sequences with nothing to compute: "
+                                   f"{self.scheduler.running[:4]}")
             return result
         sequences, counts = batch.sequences, batch.num_new_tokens
         sample = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(sequences, counts)]
         attribute_step(self.cost_spec, sequences, counts, sample, batch.prefix_groups)
-        self.step_meter.start()
+        ticket = self.step_meter.start()
         with torch_threads(self.cpu_threads):
             logits = self.runner.execute(sequences, counts, sample, self.block_manager.take_pending_copies(),
                                          prefix_groups=batch.prefix_groups)
@@ -308,13 +362,27 @@ class Engine:
             targets += group
             rows += [row] * len(group)
         if not targets:
-            self.step_meter.stop(sequences, counts)  # cost: GPU time and energy of this step
+            self.step_meter.charge(ticket, sequences, counts)  # cost: GPU time and energy of this step
             return result
         if len(rows) != len(sampled):
             logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+        sampling_rows = [self._sampling_row(seq) for seq in targets]
+        if (self.async_scheduling and len(targets) == len(sequences) and all(n == 1 for n in counts)
+                and all(Sampler.device_ready(row) for row in sampling_rows)):
+            # Pure decode: keep the tokens on the device, launch the next step behind this
+            # one, then read this one back while the GPU works.
+            with torch_threads(self.cpu_threads):
+                tokens = self.sampler.draw(logits, sampling_rows)
+            self.step_meter.end(ticket)
+            launched = _InflightStep(list(targets), tokens, [True] * len(targets), ticket)
+            for row, seq in enumerate(targets):
+                seq.inflight = (launched, row)
+            self._inflight = self._launch_behind(launched)
+            self._read_back(launched, result)
+            return result
         with torch_threads(self.cpu_threads):
-            drawn = self.sampler(logits, [self._sampling_row(seq) for seq in targets])
-        self.step_meter.stop(sequences, counts)  # after the sampler's host copy: adds no sync
+            drawn = self.sampler(logits, sampling_rows)
+        self.step_meter.charge(ticket, sequences, counts)  # after the sampler's host copy: adds no sync
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for i, seq in enumerate(targets):
@@ -331,6 +399,103 @@ class Engine:
                 result.finished.append(self._finalize(request))
         return result
 
+    # ------------------------------------------------------------------ async scheduling
+    def _step_behind(self) -> StepOutput | None:
+        """Launch the next decode step behind the one in flight and read that one back; None
+        when the next step is not a pure continuation (new requests wait, a sequence left
+        the pipeline), in which case the caller drains and schedules normally."""
+        inflight = self._inflight
+        live = [seq for row, seq in enumerate(inflight.sequences) if inflight.attached[row] and not seq.is_finished]
+        if not live or self.scheduler.waiting or len(live) != len(self.scheduler.running):
+            return None
+        behind = self._launch_behind(inflight)
+        if behind is None:
+            return None
+        result = StepOutput(num_scheduled_tokens=len(behind.sequences), num_scheduled_seqs=len(behind.sequences))
+        self._read_back(inflight, result)
+        self._inflight = behind
+        return result
+
+    def _launch_behind(self, ahead: "_InflightStep") -> "_InflightStep | None":
+        """Launch one decode step for `ahead`'s sequences, fed by the tokens `ahead` sampled
+        (still on the device). Sequences that its token will end for sure (length limits)
+        are left out; so is any whose next draw needs the host or which finds no free slot."""
+        members: list[Sequence] = []
+        source_rows: list[int] = []
+        for row, seq in enumerate(ahead.sequences):
+            if (not ahead.attached[row] or seq.is_finished or seq.request.pending_forks
+                    or (seq.max_tokens is not None and seq.num_output_tokens + 1 >= seq.max_tokens)
+                    or seq.num_tokens + 1 >= self.max_model_len
+                    or not Sampler.device_ready(self._sampling_row(seq, ahead=1))):
+                continue
+            members.append(seq)
+            source_rows.append(row)
+        if not members or not self.runner.can_feed(members):
+            return None
+        kept, kept_rows = [], []
+        for seq, row in zip(members, source_rows):
+            # The slot for the position this step computes (one past the host's tokens).
+            if self.block_manager.allocate_slots(seq, 1):
+                kept.append(seq)
+                kept_rows.append(row)
+        if not kept:
+            return None
+        ones = [1] * len(kept)
+        groups = []
+        if self.scheduler.cascade_min_shared_tokens is not None:
+            groups = form_prefix_groups(kept, ones, self.config.block_size, self.scheduler.cascade_min_shared_tokens)
+        attribute_step(self.cost_spec, kept, ones, [True] * len(kept), groups)
+        ticket = self.step_meter.start()
+        with torch_threads(self.cpu_threads):
+            logits = self.runner.execute_fed(kept, self.block_manager.take_pending_copies(), groups, ahead.tokens,
+                                             kept_rows)
+            tokens = self.sampler.draw(logits, [self._sampling_row(seq, ahead=1) for seq in kept])
+        self.step_meter.end(ticket)
+        self.num_steps += 1
+        self.num_steps_behind += 1
+        behind = _InflightStep(kept, tokens, [True] * len(kept), ticket)
+        for row, seq in enumerate(kept):
+            self._account_computed(seq, 1)
+            seq.inflight = (behind, row)
+        return behind
+
+    def _read_back(self, step: "_InflightStep", result: StepOutput) -> None:
+        """Bring a launched step's tokens to the host (waiting only for that step) and apply
+        them as a synchronous step would; samples cancelled meanwhile are skipped."""
+        token_ids = step.token_list()
+        self.step_meter.charge(step.ticket, step.sequences, [1] * len(step.sequences))
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for row, seq in enumerate(step.sequences):
+            if seq.inflight is not None and seq.inflight[0] is step:
+                seq.inflight = None
+            if not step.attached[row] or seq.is_finished:
+                continue
+            self.block_manager.register_computed_blocks(seq)  # before a finish frees its blocks
+            result.events.append(self._append_token(seq, token_ids[row], None))
+            if not seq.is_finished:
+                self.block_manager.register_computed_blocks(seq)  # now its newest token is known
+            request = seq.request
+            if request.first_token_time is None:
+                request.first_token_time = now
+            touched[request.request_id] = request
+        for request in touched.values():
+            if request.is_finished:
+                result.finished.append(self._finalize(request))
+
+    def _cancel_inflight(self, seq: Sequence, keep_kv: bool) -> None:
+        """Drop a sequence's sample from the step in flight (a primitive changed the
+        sequence). The step still writes the KV of the sequence's last token; `keep_kv`
+        counts it as computed (tokens are about to be appended after it), otherwise it is
+        recomputed by the next step, whose logits then give the sample it needs."""
+        if seq.inflight is None:
+            return
+        step, row = seq.inflight
+        step.attached[row] = False
+        seq.inflight = None
+        if not keep_kv:
+            seq.num_computed_tokens -= 1
+
     def _account_computed(self, seq: Sequence, n: int) -> None:
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
         counts = seq.request.counts
@@ -339,18 +504,20 @@ class Engine:
         seq.num_computed_tokens = end
         seq.max_computed_tokens = max(seq.max_computed_tokens, end)
 
-    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+    def _sampling_row(self, seq: Sequence, ahead: int = 0) -> SamplingRow:
+        """How to draw the sequence's next token; `ahead` tokens sampled but not yet on the host."""
         p = seq.params
+        position = seq.num_output_tokens + ahead
         banned: tuple[int, ...] = ()
-        if seq.num_output_tokens < p.min_tokens:
+        if position < p.min_tokens:
             banned = tuple(set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids))
         thinking = seq.request.thinking
-        if thinking and seq.thinking_tokens is None and seq.num_output_tokens < p.min_thinking_tokens:
+        if thinking and seq.thinking_tokens is None and position < p.min_thinking_tokens:
             # The marker, and anything that would end the sample, cannot come before the minimum.
             banned = tuple(set(banned) | {thinking[0][0]} | (set() if p.ignore_eos else self.eos_token_ids))
         return SamplingRow(
             temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, seed=seq.seed,
-            position=seq.num_output_tokens, logprobs=p.logprobs, banned_token_ids=banned,
+            position=position, logprobs=p.logprobs, banned_token_ids=banned,
         )
 
     def _append_token(self, seq: Sequence, token: int, logprob: dict | None) -> TokenEvent:
@@ -409,6 +576,7 @@ class Engine:
         return []
 
     def _finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
+        self._cancel_inflight(seq, keep_kv=True)
         self.scheduler.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

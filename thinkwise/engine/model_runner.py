@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from thinkwise.engine.config import stage_to_device
 from thinkwise.engine.scheduler import PrefixGroup
 from thinkwise.engine.sequence import Sequence
 from thinkwise.kernels import paged_attention
@@ -115,13 +116,15 @@ class ModelRunner:
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         if not copies:
             return
-        src = torch.tensor([s for s, _ in copies], device=self.device)
-        dst = torch.tensor([d for _, d in copies], device=self.device)
+        src = stage_to_device([s for s, _ in copies], torch.long, self.device)
+        dst = stage_to_device([d for _, d in copies], torch.long, self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
     def prepare(self, sequences: list[Sequence], num_new_tokens: list[int],
-                prefix_groups: list[PrefixGroup] | None = None):
-        """Flat inputs and attention metadata; returns the permutation used (decodes first)."""
+                prefix_groups: list[PrefixGroup] | None = None, token_source: torch.Tensor | None = None):
+        """Flat inputs and attention metadata; returns the permutation used (decodes first).
+        `token_source` (one decode token per sequence, on the device) replaces the input ids
+        of a step launched before its inputs reached the host."""
         order = sorted(range(len(sequences)), key=lambda i: num_new_tokens[i] != 1)
         bs = self.block_size
         input_ids: list[int] = []
@@ -134,7 +137,8 @@ class ModelRunner:
             seq, n = sequences[i], num_new_tokens[i]
             begin = seq.num_computed_tokens
             end = begin + n
-            input_ids.extend(seq.token_ids[begin:end])
+            if token_source is None:
+                input_ids.extend(seq.token_ids[begin:end])
             positions.extend(range(begin, end))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
@@ -159,7 +163,11 @@ class ModelRunner:
             metadata.prefix_groups = pack_prefix_groups(
                 [[row_of[i] for i in group.members] for group in prefix_groups],
                 [group.shared_tokens for group in prefix_groups], metadata.num_decodes, device)
-        inputs = torch.tensor(input_ids, dtype=torch.long, device=device)
+        if token_source is None:
+            inputs = torch.tensor(input_ids, dtype=torch.long, device=device)
+        else:
+            assert metadata.num_decodes == len(sequences), "device-fed steps are pure decode steps"
+            inputs = token_source
         pos = torch.tensor(positions, dtype=torch.long, device=device)
         if device.type == "cuda":
             self._add_batched_prefill(metadata, pos)
@@ -218,3 +226,26 @@ class ModelRunner:
             return torch.empty(0, self.config.vocab_size, device=self.device)
         selected = hidden.index_select(0, torch.tensor(rows, device=self.device))
         return self.model.compute_logits(selected)
+
+    @torch.inference_mode()
+    def execute_fed(self, sequences: list[Sequence], copies: list[tuple[int, int]], prefix_groups: list[PrefixGroup],
+                    source: torch.Tensor, source_rows: list[int]) -> torch.Tensor:
+        """A decode step whose input tokens are still on the device: sequence i reads
+        `source[source_rows[i]]` (the tokens a step in flight sampled). Logits [n, vocab]."""
+        self.copy_blocks(copies)
+        rows = stage_to_device(source_rows, torch.long, self.device)
+        if self.graph_decoder is not None:
+            return self.graph_decoder.run(sequences, prefix_groups, token_source=(source, rows))
+        inputs, positions, metadata, _order = self.prepare(sequences, [1] * len(sequences), prefix_groups,
+                                                           token_source=source.index_select(0, rows))
+        hidden = self.model(inputs, positions, self.kv_caches, metadata)
+        return self.model.compute_logits(hidden)
+
+    def can_feed(self, sequences: list[Sequence]) -> bool:
+        """Whether a device-fed decode step of these sequences runs without a host sync: on
+        CUDA only as a captured graph (the eager path stages its inputs synchronously)."""
+        if self.device.type != "cuda":
+            return True
+        decoder = self.graph_decoder
+        return decoder is not None and decoder.supports(
+            len(sequences), max((s.num_computed_tokens + self.block_size) // self.block_size for s in sequences))

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from thinkwise.engine.config import stage_to_device
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -57,6 +59,13 @@ class Sampler:
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
 
+    @staticmethod
+    def device_ready(row: SamplingRow) -> bool:
+        """Whether `draw` picks this row's token without the host waiting for the device:
+        no logprobs to copy back, no banned ids, and no nucleus whose width decides (on the
+        host) between the top-1,024 shortcut and a full sort."""
+        return row.logprobs is None and not row.banned_token_ids and (row.temperature == 0 or row.top_p >= 1)
+
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         logits = logits.float()
@@ -65,30 +74,7 @@ class Sampler:
                 logits[i, list(row.banned_token_ids)] = float("-inf")
         want_logprobs = any(r.logprobs is not None for r in rows)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-
-        temperatures = [r.temperature for r in rows]
-        greedy = [t == 0 for t in temperatures]
-        if all(greedy) and not want_logprobs:
-            # The common benchmark/greedy case: one kernel and one device-to-host copy.
-            return SampleResult(logits.argmax(dim=-1).tolist(), None, None)
-        tokens = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-        if any(greedy):
-            idx = torch.tensor([i for i, g in enumerate(greedy) if g], device=logits.device)
-            tokens[idx] = logits[idx].argmax(dim=-1)
-        if not all(greedy):
-            idx_list = [i for i, g in enumerate(greedy) if not g]
-            idx = torch.tensor(idx_list, device=logits.device)
-            sub_rows = [rows[i] for i in idx_list]
-            probs = self._filtered_probs(logits[idx], sub_rows)
-            cdf = probs.double().cumsum(dim=-1)
-            uniforms = torch.tensor([uniform_from_seed(r.seed, r.position) for r in sub_rows],
-                                    dtype=torch.float64, device=logits.device)
-            # The first index whose cumulative mass reaches u * total: a token with p > 0
-            # because u > 0 and the mass strictly before it is below the target.
-            target = (uniforms * cdf[:, -1]).unsqueeze(1)
-            drawn = torch.searchsorted(cdf, target).squeeze(1)
-            tokens[idx] = drawn.clamp_max_(probs.shape[-1] - 1)
-
+        tokens = self.draw(logits, rows)
         token_list = tokens.tolist()
         if not want_logprobs:
             return SampleResult(token_list, None, None)
@@ -103,28 +89,53 @@ class Sampler:
                 top[i] = list(zip(ids[i][:k], values[i][:k]))
         return SampleResult(token_list, chosen, top)
 
+    @torch.inference_mode()
+    def draw(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The sampled token ids, left on the device (banned ids must already be masked)."""
+        logits = logits.float()
+        greedy = [r.temperature == 0 for r in rows]
+        if all(greedy):
+            return logits.argmax(dim=-1)  # the common benchmark/greedy case: one kernel
+        device = logits.device
+        tokens = torch.empty(len(rows), dtype=torch.long, device=device)
+        if any(greedy):
+            idx = stage_to_device([i for i, g in enumerate(greedy) if g], torch.long, device)
+            tokens[idx] = logits[idx].argmax(dim=-1)
+        idx_list = [i for i, g in enumerate(greedy) if not g]
+        idx = stage_to_device(idx_list, torch.long, device)
+        sub_rows = [rows[i] for i in idx_list]
+        probs = self._filtered_probs(logits[idx], sub_rows)
+        cdf = probs.double().cumsum(dim=-1)
+        uniforms = stage_to_device([uniform_from_seed(r.seed, r.position) for r in sub_rows], torch.float64, device)
+        # The first index whose cumulative mass reaches u * total: a token with p > 0
+        # because u > 0 and the mass strictly before it is below the target.
+        target = (uniforms * cdf[:, -1]).unsqueeze(1)
+        drawn = torch.searchsorted(cdf, target).squeeze(1)
+        tokens[idx] = drawn.clamp_max_(probs.shape[-1] - 1)
+        return tokens
+
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         device = logits.device
-        temps = torch.tensor([r.temperature for r in rows], device=device, dtype=logits.dtype)
+        temps = stage_to_device([r.temperature for r in rows], logits.dtype, device)
         logits = logits / temps[:, None]
         vocab = logits.shape[-1]
         top_ks = [r.top_k if r.top_k > 0 else vocab for r in rows]
         if any(k < vocab for k in top_ks):
             k_max = max(k for k in top_ks if k < vocab)
             kth = logits.topk(k_max, dim=-1).values
-            k_index = torch.tensor([min(k, k_max) - 1 for k in top_ks], device=device)
+            k_index = stage_to_device([min(k, k_max) - 1 for k in top_ks], torch.long, device)
             threshold = kth.gather(1, k_index[:, None])
-            no_limit = torch.tensor([k >= vocab for k in top_ks], device=device)
+            no_limit = stage_to_device([k >= vocab for k in top_ks], torch.bool, device)
             threshold = torch.where(no_limit[:, None], torch.full_like(threshold, float("-inf")), threshold)
             logits = logits.masked_fill(logits < threshold, float("-inf"))
         probs = torch.softmax(logits, dim=-1)
         if any(r.min_p > 0 for r in rows):
-            min_p = torch.tensor([r.min_p for r in rows], device=device, dtype=probs.dtype)
+            min_p = stage_to_device([r.min_p for r in rows], probs.dtype, device)
             cutoff = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
             probs = probs.masked_fill(probs < cutoff, 0.0)
         if any(r.top_p < 1 for r in rows):
-            top_p = torch.tensor([r.top_p for r in rows], device=device, dtype=probs.dtype)
+            top_p = stage_to_device([r.top_p for r in rows], probs.dtype, device)
             wanted = top_p[:, None] * probs.sum(dim=-1, keepdim=True)
             candidates = min(_TOP_P_CANDIDATES, probs.shape[-1])
             sorted_probs, order = probs.topk(candidates, dim=-1)

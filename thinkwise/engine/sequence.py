@@ -69,6 +69,9 @@ class Sequence:
         self.thinking_tokens: int | None = None  # output tokens spent thinking, once thinking ended
         self.thinking_forced = False  # the end-of-thinking marker was forced by the budget
         self.detokenizer: Any = None
+        # (step, row) of a launched decode step whose sampled token is not read back yet
+        # (async scheduling); its KV for the last token is then already being computed.
+        self.inflight: Any = None
 
     @property
     def params(self) -> SamplingParams:
