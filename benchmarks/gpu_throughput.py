@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="sample (temperature 0.7, this top-p, seeded) instead of greedy; thinkwise only")
     parser.add_argument("--sync-too", action="store_true",
                         help="also time thinkwise with async scheduling off (same engine, same graphs)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "gpu_throughput.json"))
@@ -99,6 +101,9 @@ def main() -> None:
         for batch in batches:
             prompts = [[int(t) for t in torch.randint(0, config.vocab_size, (args.prompt_tokens,))] for _ in range(batch)]
             params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+            if args.top_p is not None:
+                params = SamplingParams(temperature=0.7, top_p=args.top_p, seed=1, max_tokens=args.new_tokens,
+                                        ignore_eos=True)
             # Warm-up with the same shapes, so CUDA graphs of every batch/context bucket are
             # captured before timing (capture is a one-time cost per bucket).
             llm.generate(prompts, params)
@@ -117,7 +122,8 @@ def main() -> None:
             roofline = batch * bandwidth / step_bytes
             row = {"shape": shape_name, "batch": batch, "thinkwise_tok_s": round(ours, 1),
                    "roofline_tok_s": round(roofline, 1), "thinkwise_vs_roofline": round(ours / roofline, 3),
-                   "async_scheduling": llm.engine.async_scheduling}
+                   "async_scheduling": llm.engine.async_scheduling,
+                   "sampling": "greedy" if args.top_p is None else f"temperature 0.7, top_p {args.top_p}"}
             if args.sync_too and llm.engine.async_scheduling:
                 llm.engine.async_scheduling = False
                 sync_rate, sync_outputs = timed()
@@ -125,7 +131,7 @@ def main() -> None:
                 same = [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in sync_outputs]
                 row.update(sync_tok_s=round(sync_rate, 1), async_over_sync=round(ours / sync_rate, 3),
                            same_tokens_as_sync=same)
-            if not args.skip_hf:
+            if not args.skip_hf and args.top_p is None:
                 ids = torch.tensor(prompts, device="cuda")
                 with torch.inference_mode():
                     hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,

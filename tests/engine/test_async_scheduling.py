@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from thinkwise import LLM, SamplingParams
+from thinkwise.engine.engine import REDO_LIMIT
 from tests.tiny_models import EOS_ID
 
 PROMPT = [256, 10, 20, 30, 40, 50, 60, 70, 80, 90, 11]
@@ -138,6 +139,26 @@ def test_primitives_between_steps(tiny_llama, device):
         assert_idle(llm)
     assert results[0] == results[1]
     assert [len(o[1][0]) for o in results[1]] == [1, 4, 2]  # samples per request
+
+
+@on_every_device
+def test_top_p_wider_than_the_device_candidates_is_redrawn_exactly(tiny_llama, device, monkeypatch):
+    """The device draw takes top-p from the top candidates; a row whose nucleus is wider is
+    flagged and drawn exactly on the host next step, so the tokens equal the sync engine's."""
+    from thinkwise.engine import sampler
+
+    monkeypatch.setattr(sampler, "_TOP_P_CANDIDATES", 4)  # the tiny vocabulary is < 1,024
+    sync, pipelined = pair(tiny_llama, device)
+    prompts = [PROMPT, [256, 1, 2, 3], [256, 50] * 4]
+    params = [SamplingParams(temperature=t, top_p=p, seed=s, max_tokens=20, ignore_eos=True)
+              for t, p, s in ((1.5, 0.9, 1), (0.3, 0.95, 2), (1.0, 1.0, 3))]
+    expected = [visible(o) for o in sync.generate(prompts, params)]
+    assert [visible(o) for o in pipelined.generate(prompts, params)] == expected
+    engine = pipelined.engine
+    assert engine.num_host_redraws > 0 and engine.num_steps_behind > 0
+    # So many redos: top-p rows went back to host draws instead of redoing every step.
+    assert engine._top_p_on_host_until > 0 and engine.num_host_redraws <= 2 * REDO_LIMIT
+    assert_idle(pipelined)
 
 
 def test_thinking_budget_forced_inside_the_pipeline(tiny_llama):

@@ -158,6 +158,14 @@ class BlockManager:
             table.append(self._take_free_block())
         return True
 
+    def trim(self, seq: Sequence, num_tokens: int) -> None:
+        """Release blocks past the first `num_tokens` positions (allocated ahead for a step
+        whose work was dropped), so the sequence's table is what it would have been."""
+        keep = self.blocks_for(num_tokens)
+        while len(seq.block_table) > keep:
+            self._release(seq.block_table.pop())
+        del seq.block_hashes[keep:]
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Give `child` the parent's blocks (shared, reference-counted) and progress."""
         for block_id in parent.block_table:

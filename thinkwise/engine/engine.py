@@ -12,6 +12,7 @@ take effect between steps, and are accounted in the request's `TokenCounts`.
 from __future__ import annotations
 
 import itertools
+from collections import deque
 import random
 import time
 from dataclasses import dataclass, field
@@ -51,6 +52,13 @@ class TokenEvent:
     final_text: str | None = None
 
 
+# Async scheduling backs off from device top-p draws for REDO_BACKOFF_STEPS steps once
+# REDO_LIMIT of the last REDO_WINDOW steps that drew top-p on the device needed a redo.
+REDO_WINDOW = 32
+REDO_LIMIT = 4
+REDO_BACKOFF_STEPS = 256
+
+
 @dataclass(eq=False)
 class _InflightStep:
     """A launched decode step whose sampled tokens are still on the device."""
@@ -59,23 +67,30 @@ class _InflightStep:
     tokens: torch.Tensor  # [len(sequences)] sampled token ids, on the device
     attached: list[bool]  # False once a sequence's sample was cancelled (it changed meanwhile)
     ticket: Any  # StepMeter ticket
-    host_tokens: torch.Tensor | None = None  # pinned copy, filled when `copied` fires (CUDA)
+    redo: torch.Tensor | None = None  # rows whose draw must be redone exactly on the host
+    host_copy: torch.Tensor | None = None  # pinned [tokens; redo], filled when `copied` fires (CUDA)
     copied: Any = None  # CUDA event after the copy
 
     def __post_init__(self) -> None:
-        if self.tokens.is_cuda:
+        packed = self.tokens if self.redo is None else torch.stack([self.tokens, self.redo.long()])
+        if packed.is_cuda:
             # Queue the copy to the host now: a plain .tolist() at read-back would sit in
             # the stream behind the step launched since, and wait for that one too.
-            self.host_tokens = torch.empty(self.tokens.shape, dtype=self.tokens.dtype, pin_memory=True)
-            self.host_tokens.copy_(self.tokens, non_blocking=True)
+            self.host_copy = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self.host_copy.copy_(packed, non_blocking=True)
             self.copied = torch.cuda.Event()
             self.copied.record()
+        else:
+            self.host_copy = packed
 
-    def token_list(self) -> list[int]:
-        if self.copied is None:
-            return self.tokens.tolist()
-        self.copied.synchronize()
-        return self.host_tokens.tolist()
+    def read(self) -> tuple[list[int], list[bool]]:
+        """Token ids and redo flags, on the host (waits for this step only)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        values = self.host_copy.tolist()
+        if self.redo is None:
+            return values, [False] * len(values)
+        return values[0], [bool(v) for v in values[1]]
 
 
 @dataclass
@@ -143,6 +158,9 @@ class Engine:
                                  else self.runner.graph_decoder is not None)
         self._inflight: _InflightStep | None = None
         self.num_steps_behind = 0  # steps launched before the previous step was read back
+        self.num_host_redraws = 0  # device draws redone on the host (wide top-p nucleus)
+        self._redo_window: deque[bool] = deque(maxlen=REDO_WINDOW)  # recent steps drawing top-p: any redo?
+        self._top_p_on_host_until = 0  # step number before which top-p rows draw on the host
 
     # ------------------------------------------------------------------ set-up
     def _num_kv_blocks(self, model: torch.nn.Module) -> int:
@@ -368,13 +386,14 @@ class Engine:
             logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
         sampling_rows = [self._sampling_row(seq) for seq in targets]
         if (self.async_scheduling and len(targets) == len(sequences) and all(n == 1 for n in counts)
-                and all(Sampler.device_ready(row) for row in sampling_rows)):
+                and all(self._drawable_on_device(row) for row in sampling_rows)
+                and not any(seq.redraw_on_host for seq in targets)):
             # Pure decode: keep the tokens on the device, launch the next step behind this
             # one, then read this one back while the GPU works.
             with torch_threads(self.cpu_threads):
-                tokens = self.sampler.draw(logits, sampling_rows)
+                tokens, redo = self.sampler.draw(logits, sampling_rows)
             self.step_meter.end(ticket)
-            launched = _InflightStep(list(targets), tokens, [True] * len(targets), ticket)
+            launched = _InflightStep(list(targets), tokens, [True] * len(targets), ticket, redo)
             for row, seq in enumerate(targets):
                 seq.inflight = (launched, row)
             self._inflight = self._launch_behind(launched)
@@ -382,6 +401,8 @@ class Engine:
             return result
         with torch_threads(self.cpu_threads):
             drawn = self.sampler(logits, sampling_rows)
+        for seq in targets:
+            seq.redraw_on_host = False
         self.step_meter.charge(ticket, sequences, counts)  # after the sampler's host copy: adds no sync
         now = time.monotonic()
         touched: dict[str, Request] = {}
@@ -423,10 +444,10 @@ class Engine:
         members: list[Sequence] = []
         source_rows: list[int] = []
         for row, seq in enumerate(ahead.sequences):
-            if (not ahead.attached[row] or seq.is_finished or seq.request.pending_forks
+            if (not ahead.attached[row] or seq.is_finished or seq.request.pending_forks or seq.redraw_on_host
                     or (seq.max_tokens is not None and seq.num_output_tokens + 1 >= seq.max_tokens)
                     or seq.num_tokens + 1 >= self.max_model_len
-                    or not Sampler.device_ready(self._sampling_row(seq, ahead=1))):
+                    or not self._drawable_on_device(self._sampling_row(seq, ahead=1))):
                 continue
             members.append(seq)
             source_rows.append(row)
@@ -449,11 +470,11 @@ class Engine:
         with torch_threads(self.cpu_threads):
             logits = self.runner.execute_fed(kept, self.block_manager.take_pending_copies(), groups, ahead.tokens,
                                              kept_rows)
-            tokens = self.sampler.draw(logits, [self._sampling_row(seq, ahead=1) for seq in kept])
+            tokens, redo = self.sampler.draw(logits, [self._sampling_row(seq, ahead=1) for seq in kept])
         self.step_meter.end(ticket)
         self.num_steps += 1
         self.num_steps_behind += 1
-        behind = _InflightStep(kept, tokens, [True] * len(kept), ticket)
+        behind = _InflightStep(kept, tokens, [True] * len(kept), ticket, redo)
         for row, seq in enumerate(kept):
             self._account_computed(seq, 1)
             seq.inflight = (behind, row)
@@ -462,14 +483,25 @@ class Engine:
     def _read_back(self, step: "_InflightStep", result: StepOutput) -> None:
         """Bring a launched step's tokens to the host (waiting only for that step) and apply
         them as a synchronous step would; samples cancelled meanwhile are skipped."""
-        token_ids = step.token_list()
+        token_ids, redo = step.read()
         self.step_meter.charge(step.ticket, step.sequences, [1] * len(step.sequences))
+        redone = False
         now = time.monotonic()
         touched: dict[str, Request] = {}
         for row, seq in enumerate(step.sequences):
             if seq.inflight is not None and seq.inflight[0] is step:
                 seq.inflight = None
             if not step.attached[row] or seq.is_finished:
+                continue
+            if redo[row]:
+                # A top-p nucleus wider than the device draw's candidates: recompute the last
+                # token and draw exactly on the host; the token arrives one step later, the
+                # same token a synchronous step draws (a function of seed, position, logits).
+                self._cancel_inflight(seq, keep_kv=True)
+                self._recompute_last(seq)
+                seq.redraw_on_host = True
+                self.num_host_redraws += 1
+                redone = True
                 continue
             self.block_manager.register_computed_blocks(seq)  # before a finish frees its blocks
             result.events.append(self._append_token(seq, token_ids[row], None))
@@ -482,6 +514,23 @@ class Engine:
         for request in touched.values():
             if request.is_finished:
                 result.finished.append(self._finalize(request))
+        if step.redo is not None:
+            self._note_redo(redone)
+
+    def _note_redo(self, redone: bool) -> None:
+        """Each redo costs a recomputed step. Where wide top-p nuclei are common (flat
+        distributions, e.g. random weights), stop drawing top-p rows on the device for a
+        while: then steps with them run synchronously, which is cheaper than redoing."""
+        window = self._redo_window
+        window.append(redone)
+        if sum(window) >= REDO_LIMIT:
+            self._top_p_on_host_until = self.num_steps + REDO_BACKOFF_STEPS
+            window.clear()
+
+    def _drawable_on_device(self, row: SamplingRow) -> bool:
+        if not Sampler.device_ready(row):
+            return False
+        return row.temperature == 0 or row.top_p >= 1 or self.num_steps >= self._top_p_on_host_until
 
     def _cancel_inflight(self, seq: Sequence, keep_kv: bool) -> None:
         """Drop a sequence's sample from the step in flight (a primitive changed the
@@ -494,7 +543,13 @@ class Engine:
         step.attached[row] = False
         seq.inflight = None
         if not keep_kv:
-            seq.num_computed_tokens -= 1
+            self._recompute_last(seq)
+
+    def _recompute_last(self, seq: Sequence) -> None:
+        """Make the sequence's last token pending again, with the block table a synchronous
+        engine would have (a block allocated ahead would change the CUDA-graph bucket)."""
+        seq.num_computed_tokens = seq.num_tokens - 1
+        self.block_manager.trim(seq, seq.num_tokens)
 
     def _account_computed(self, seq: Sequence, n: int) -> None:
         start, end = seq.num_computed_tokens, seq.num_computed_tokens + n

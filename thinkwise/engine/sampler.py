@@ -61,10 +61,10 @@ class Sampler:
 
     @staticmethod
     def device_ready(row: SamplingRow) -> bool:
-        """Whether `draw` picks this row's token without the host waiting for the device:
-        no logprobs to copy back, no banned ids, and no nucleus whose width decides (on the
-        host) between the top-1,024 shortcut and a full sort."""
-        return row.logprobs is None and not row.banned_token_ids and (row.temperature == 0 or row.top_p >= 1)
+        """Whether `draw` picks this row's token without the host waiting for the device: no
+        logprobs to copy back and no banned ids (a top-p nucleus wider than the top-1,024
+        candidates is flagged by `draw` and redone on the host, which is rare)."""
+        return row.logprobs is None and not row.banned_token_ids
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
@@ -74,7 +74,7 @@ class Sampler:
                 logits[i, list(row.banned_token_ids)] = float("-inf")
         want_logprobs = any(r.logprobs is not None for r in rows)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-        tokens = self.draw(logits, rows)
+        tokens, _ = self.draw(logits, rows, exact=True)
         token_list = tokens.tolist()
         if not want_logprobs:
             return SampleResult(token_list, None, None)
@@ -90,12 +90,15 @@ class Sampler:
         return SampleResult(token_list, chosen, top)
 
     @torch.inference_mode()
-    def draw(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-        """The sampled token ids, left on the device (banned ids must already be masked)."""
+    def draw(self, logits: torch.Tensor, rows: list[SamplingRow],
+             exact: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The sampled token ids, left on the device (banned ids must already be masked),
+        and None or a device flag per row: True where the token is not the exact draw (a
+        top-p nucleus wider than the candidates; never with `exact`, which may sync)."""
         logits = logits.float()
         greedy = [r.temperature == 0 for r in rows]
         if all(greedy):
-            return logits.argmax(dim=-1)  # the common benchmark/greedy case: one kernel
+            return logits.argmax(dim=-1), None  # the common benchmark/greedy case: one kernel
         device = logits.device
         tokens = torch.empty(len(rows), dtype=torch.long, device=device)
         if any(greedy):
@@ -104,7 +107,7 @@ class Sampler:
         idx_list = [i for i, g in enumerate(greedy) if not g]
         idx = stage_to_device(idx_list, torch.long, device)
         sub_rows = [rows[i] for i in idx_list]
-        probs = self._filtered_probs(logits[idx], sub_rows)
+        probs, sub_redo = self._filtered_probs(logits[idx], sub_rows, exact=exact)
         cdf = probs.double().cumsum(dim=-1)
         uniforms = stage_to_device([uniform_from_seed(r.seed, r.position) for r in sub_rows], torch.float64, device)
         # The first index whose cumulative mass reaches u * total: a token with p > 0
@@ -112,14 +115,23 @@ class Sampler:
         target = (uniforms * cdf[:, -1]).unsqueeze(1)
         drawn = torch.searchsorted(cdf, target).squeeze(1)
         tokens[idx] = drawn.clamp_max_(probs.shape[-1] - 1)
-        return tokens
+        if sub_redo is None:
+            return tokens, None
+        redo = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        redo[idx] = sub_redo
+        return tokens, redo
 
     @staticmethod
-    def _filtered_probs(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    def _filtered_probs(logits: torch.Tensor, rows: list[SamplingRow],
+                        exact: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Filtered probabilities, and (when not `exact`) which rows' top-p nucleus is wider
+        than the candidates: those rows' probabilities are then wrong and must be redone
+        exactly. `exact` finds out on the host instead (a sync) and sorts everything."""
         device = logits.device
         temps = stage_to_device([r.temperature for r in rows], logits.dtype, device)
         logits = logits / temps[:, None]
         vocab = logits.shape[-1]
+        redo = None
         top_ks = [r.top_k if r.top_k > 0 else vocab for r in rows]
         if any(k < vocab for k in top_ks):
             k_max = max(k for k in top_ks if k < vocab)
@@ -139,12 +151,18 @@ class Sampler:
             wanted = top_p[:, None] * probs.sum(dim=-1, keepdim=True)
             candidates = min(_TOP_P_CANDIDATES, probs.shape[-1])
             sorted_probs, order = probs.topk(candidates, dim=-1)
-            if candidates < probs.shape[-1] and bool((sorted_probs.sum(-1, keepdim=True) < wanted).any()):
-                sorted_probs, order = probs.sort(dim=-1, descending=True)  # a wide nucleus: sort it all
+            if candidates < probs.shape[-1]:
+                # Rows whose nucleus is wider than the candidates (rows without a limit keep all).
+                wide = (sorted_probs.sum(-1) < wanted.squeeze(1)) & (top_p < 1)
+                if not exact:
+                    redo = wide
+                elif bool(wide.any()):
+                    sorted_probs, order = probs.sort(dim=-1, descending=True)  # a wide nucleus: sort it all
             # Keep the smallest prefix whose mass reaches top_p: a token is kept while the
             # mass strictly before it is below top_p (the first token always stays).
             mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
             keep_sorted = mass_before < wanted
             keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, keep_sorted)
+            keep |= (top_p >= 1)[:, None]
             probs = probs.masked_fill(~keep, 0.0)
-        return probs
+        return probs, redo

@@ -72,6 +72,7 @@ class Sequence:
         # (step, row) of a launched decode step whose sampled token is not read back yet
         # (async scheduling); its KV for the last token is then already being computed.
         self.inflight: Any = None
+        self.redraw_on_host = False  # the device draw could not be exact: the next one is on the host
 
     @property
     def params(self) -> SamplingParams:
