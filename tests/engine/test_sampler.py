@@ -59,8 +59,27 @@ def test_banned_tokens_never_drawn():
 
 def test_top_p_with_a_nucleus_wider_than_the_candidate_window():
     sampler = Sampler("cpu")
-    logits = torch.zeros(1, 5000)  # uniform: a 0.9 nucleus holds 4,500 tokens
+    logits = torch.zeros(1, 5000)  # uniform: one tie, so the whole vocabulary is the nucleus
     rows = [row(seed=s, top_p=0.9) for s in range(3000)]
     tokens = sampler(logits.repeat(len(rows), 1), rows).token_ids
     assert max(tokens) > 1024  # reached beyond the first-pass window
     assert len(set(tokens)) > 1500
+
+
+def test_top_p_keeps_or_drops_a_tie_whole_whatever_the_order():
+    """bf16 logits tie often; topk/sort leave ties in an unspecified order, so a nucleus
+    cut through a tie would depend on that order (and differ run to run on a GPU)."""
+    from thinkwise.engine.sampler import Sampler as S
+
+    logits = torch.log(torch.tensor([[0.4, 0.2, 0.2, 0.1, 0.1]]))
+    for top_p, kept in ((0.4, 1), (0.5, 3), (0.7, 3), (0.85, 5)):
+        probs, _ = S._filtered_probs(logits, [row(top_p=top_p)])
+        assert int((probs > 0).sum()) == kept, top_p
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randint(0, 6, (1, 3000), generator=generator).float() / 2  # many ties
+    for top_p in (0.3, 0.6, 0.9):
+        base, _ = S._filtered_probs(values, [row(top_p=top_p)])
+        for _ in range(3):
+            perm = torch.randperm(values.shape[1], generator=generator)
+            permuted, _ = S._filtered_probs(values[:, perm], [row(top_p=top_p)])
+            assert torch.equal(permuted > 0, base[:, perm] > 0)

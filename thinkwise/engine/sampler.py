@@ -55,6 +55,17 @@ class SampleResult:
     top_logprobs: list[list[tuple[int, float]]] | None
 
 
+def _nucleus(sorted_probs: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
+    """Which of the descending `sorted_probs` top-p keeps: a token stays while the mass of
+    the tokens strictly more likely than it is below `wanted` (so the first always stays).
+    Tied tokens are kept or dropped together: topk/sort leave ties in an unspecified order,
+    and a cut through a tie would make the kept set, and so the draw, depend on that order."""
+    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
+    descending = (-sorted_probs).contiguous()  # ascending, for searchsorted
+    first_of_value = torch.searchsorted(descending, descending)  # first index holding each value
+    return mass_before.gather(1, first_of_value) < wanted
+
+
 class Sampler:
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
@@ -151,17 +162,16 @@ class Sampler:
             wanted = top_p[:, None] * probs.sum(dim=-1, keepdim=True)
             candidates = min(_TOP_P_CANDIDATES, probs.shape[-1])
             sorted_probs, order = probs.topk(candidates, dim=-1)
+            keep_sorted = _nucleus(sorted_probs, wanted)
             if candidates < probs.shape[-1]:
-                # Rows whose nucleus is wider than the candidates (rows without a limit keep all).
-                wide = (sorted_probs.sum(-1) < wanted.squeeze(1)) & (top_p < 1)
+                # The nucleus may reach past the candidates when their last one is kept (rows
+                # without a limit keep everything anyway).
+                wide = keep_sorted[:, -1] & (top_p < 1)
                 if not exact:
                     redo = wide
                 elif bool(wide.any()):
                     sorted_probs, order = probs.sort(dim=-1, descending=True)  # a wide nucleus: sort it all
-            # Keep the smallest prefix whose mass reaches top_p: a token is kept while the
-            # mass strictly before it is below top_p (the first token always stays).
-            mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-            keep_sorted = mass_before < wanted
+                    keep_sorted = _nucleus(sorted_probs, wanted)
             keep = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, order, keep_sorted)
             keep |= (top_p >= 1)[:, None]
             probs = probs.masked_fill(~keep, 0.0)
