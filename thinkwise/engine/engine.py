@@ -12,9 +12,9 @@ take effect between steps, and are accounted in the request's `TokenCounts`.
 from __future__ import annotations
 
 import itertools
-from collections import deque
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -404,13 +404,19 @@ class Engine:
         for seq in targets:
             seq.redraw_on_host = False
         self.step_meter.charge(ticket, sequences, counts)  # after the sampler's host copy: adds no sync
-        now = time.monotonic()
-        touched: dict[str, Request] = {}
         for i, seq in enumerate(targets):
             logprob = None
             if drawn.logprobs is not None and seq.params.logprobs is not None:
                 logprob = {"token_id": drawn.token_ids[i], "logprob": drawn.logprobs[i], "top": drawn.top_logprobs[i]}
             result.events.append(self._append_token(seq, drawn.token_ids[i], logprob))
+        self._settle(targets, result)
+        return result
+
+    def _settle(self, sequences: list[Sequence], result: StepOutput) -> None:
+        """After `sequences` gained a token: note first-token times, finalize finished requests."""
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for seq in sequences:
             request = seq.request
             if request.first_token_time is None:
                 request.first_token_time = now
@@ -418,7 +424,6 @@ class Engine:
         for request in touched.values():
             if request.is_finished:
                 result.finished.append(self._finalize(request))
-        return result
 
     # ------------------------------------------------------------------ async scheduling
     def _step_behind(self) -> StepOutput | None:
@@ -441,24 +446,21 @@ class Engine:
         """Launch one decode step for `ahead`'s sequences, fed by the tokens `ahead` sampled
         (still on the device). Sequences that its token will end for sure (length limits)
         are left out; so is any whose next draw needs the host or which finds no free slot."""
-        members: list[Sequence] = []
-        source_rows: list[int] = []
+        members: list[tuple[Sequence, int, SamplingRow]] = []
         for row, seq in enumerate(ahead.sequences):
             if (not ahead.attached[row] or seq.is_finished or seq.request.pending_forks or seq.redraw_on_host
                     or (seq.max_tokens is not None and seq.num_output_tokens + 1 >= seq.max_tokens)
-                    or seq.num_tokens + 1 >= self.max_model_len
-                    or not self._drawable_on_device(self._sampling_row(seq, ahead=1))):
+                    or seq.num_tokens + 1 >= self.max_model_len):
                 continue
-            members.append(seq)
-            source_rows.append(row)
-        if not members or not self.runner.can_feed(members):
+            sampling_row = self._sampling_row(seq, ahead=1)
+            if self._drawable_on_device(sampling_row):
+                members.append((seq, row, sampling_row))
+        if not members or not self.runner.can_feed([seq for seq, _, _ in members]):
             return None
-        kept, kept_rows = [], []
-        for seq, row in zip(members, source_rows):
-            # The slot for the position this step computes (one past the host's tokens).
-            if self.block_manager.allocate_slots(seq, 1):
-                kept.append(seq)
-                kept_rows.append(row)
+        # The slot for the position this step computes (one past the host's tokens).
+        members = [m for m in members if self.block_manager.allocate_slots(m[0], 1)]
+        kept = [seq for seq, _, _ in members]
+        kept_rows = [row for _, row, _ in members]
         if not kept:
             return None
         ones = [1] * len(kept)
@@ -470,7 +472,7 @@ class Engine:
         with torch_threads(self.cpu_threads):
             logits = self.runner.execute_fed(kept, self.block_manager.take_pending_copies(), groups, ahead.tokens,
                                              kept_rows)
-            tokens, redo = self.sampler.draw(logits, [self._sampling_row(seq, ahead=1) for seq in kept])
+            tokens, redo = self.sampler.draw(logits, [sampling_row for _, _, sampling_row in members])
         self.step_meter.end(ticket)
         self.num_steps += 1
         self.num_steps_behind += 1
@@ -486,8 +488,7 @@ class Engine:
         token_ids, redo = step.read()
         self.step_meter.charge(step.ticket, step.sequences, [1] * len(step.sequences))
         redone = False
-        now = time.monotonic()
-        touched: dict[str, Request] = {}
+        appended: list[Sequence] = []
         for row, seq in enumerate(step.sequences):
             if seq.inflight is not None and seq.inflight[0] is step:
                 seq.inflight = None
@@ -507,13 +508,8 @@ class Engine:
             result.events.append(self._append_token(seq, token_ids[row], None))
             if not seq.is_finished:
                 self.block_manager.register_computed_blocks(seq)  # now its newest token is known
-            request = seq.request
-            if request.first_token_time is None:
-                request.first_token_time = now
-            touched[request.request_id] = request
-        for request in touched.values():
-            if request.is_finished:
-                result.finished.append(self._finalize(request))
+            appended.append(seq)
+        self._settle(appended, result)
         if step.redo is not None:
             self._note_redo(redone)
 

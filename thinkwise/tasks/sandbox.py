@@ -458,9 +458,8 @@ def _mapped_uid_ranges() -> list[tuple[int, int]]:
     return ranges
 
 
-def _live_uids() -> dict[int, int]:
-    """uid -> number of live (non-zombie) processes."""
-    counts: dict[int, int] = {}
+def _process_statuses():
+    """The `Name: value` fields of every process's /proc status (processes may exit meanwhile)."""
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -468,14 +467,15 @@ def _live_uids() -> dict[int, int]:
             status = Path(f"/proc/{entry}/status").read_text()
         except OSError:
             continue
-        uid = state = None
-        for line in status.split("\n"):
-            if line.startswith("State:"):
-                state = line.split()[1]
-            elif line.startswith("Uid:"):
-                uid = int(line.split()[1])
-                break
-        if uid is not None and state != "Z":
+        yield dict(line.split(":", 1) for line in status.split("\n") if ":" in line)
+
+
+def _live_uids() -> dict[int, int]:
+    """uid -> number of live (non-zombie) processes."""
+    counts: dict[int, int] = {}
+    for fields in _process_statuses():
+        if "Uid" in fields and fields.get("State", "").split()[:1] != ["Z"]:
+            uid = int(fields["Uid"].split()[0])
             counts[uid] = counts.get(uid, 0) + 1
     return counts
 
@@ -483,21 +483,9 @@ def _live_uids() -> dict[int, int]:
 def _user_tasks(uid: int) -> int:
     """Threads owned by `uid`: what RLIMIT_NPROC counts against."""
     total = 0
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            status = Path(f"/proc/{entry}/status").read_text()
-        except OSError:
-            continue
-        real_uid = threads = None
-        for line in status.split("\n"):
-            if line.startswith("Uid:"):
-                real_uid = int(line.split()[1])
-            elif line.startswith("Threads:"):
-                threads = int(line.split()[1])
-        if real_uid == uid:
-            total += threads or 1
+    for fields in _process_statuses():
+        if "Uid" in fields and int(fields["Uid"].split()[0]) == uid:
+            total += int(fields["Threads"].split()[0]) if "Threads" in fields else 1
     return total
 
 
