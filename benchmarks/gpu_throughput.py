@@ -71,12 +71,15 @@ def main() -> None:
                         help="sample (temperature 0.7, this top-p, seeded) instead of greedy; thinkwise only")
     parser.add_argument("--sync-too", action="store_true",
                         help="also time thinkwise with async scheduling off (same engine, same graphs)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="time thinkwise this many times per point and report the median (all runs are kept)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "gpu_throughput.json"))
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
 
     from thinkwise import LLM, SamplingParams
+    from thinkwise.kernels import pdl
     from thinkwise.loading.config import LoadedModel, ModelConfig
 
     bandwidth = copy_bandwidth()
@@ -116,14 +119,23 @@ def main() -> None:
                 assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outputs)
                 return batch * args.new_tokens / (time.perf_counter() - start), outputs
 
-            ours, outputs = timed()
+            runs = [timed() for _ in range(max(1, args.repeats))]
+            rates = sorted(rate for rate, _ in runs)
+            ours, outputs = rates[len(rates) // 2], runs[0][1]
             mean_context = args.prompt_tokens + args.new_tokens / 2
             step_bytes = weight_bytes + batch * mean_context * kv_per_token
             roofline = batch * bandwidth / step_bytes
             row = {"shape": shape_name, "batch": batch, "thinkwise_tok_s": round(ours, 1),
                    "roofline_tok_s": round(roofline, 1), "thinkwise_vs_roofline": round(ours / roofline, 3),
                    "async_scheduling": llm.engine.async_scheduling,
+                   "pdl": pdl.pdl_enabled(torch.device("cuda"), batch),
                    "sampling": "greedy" if args.top_p is None else f"temperature 0.7, top_p {args.top_p}"}
+            if len(rates) > 1:
+                row["runs_tok_s"] = [round(rate, 1) for rate in rates]
+            if batch == batches[0]:  # which GEMM each weight shape runs, from the start-up profile
+                gemms = llm.engine.run_metadata.get("gemm_dispatch", {})
+                row["gemm_dispatch"] = {"implementations": gemms.get("implementations"),
+                                        "timings_us": gemms.get("timings_us")}
             if args.sync_too and llm.engine.async_scheduling:
                 llm.engine.async_scheduling = False
                 sync_rate, sync_outputs = timed()
@@ -144,7 +156,7 @@ def main() -> None:
                 hf_rate = batch * args.new_tokens / (time.perf_counter() - start)
                 row.update(transformers_tok_s=round(hf_rate, 1), thinkwise_vs_transformers=round(ours / hf_rate, 2))
             report["results"].append(row)
-            print(json.dumps(row))
+            print(json.dumps({k: v for k, v in row.items() if k != "gemm_dispatch"}))
         del llm, hf, weights, loaded
         torch.cuda.empty_cache()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -177,6 +177,8 @@ def test_pick_implementation_needs_a_clear_win_over_cublas():
     assert pick_implementation(10.0, {a: 10.0 * (1 - TRITON_MIN_GAIN / 2)}) is None  # within noise
     assert pick_implementation(10.0, {a: 9.0, b: 8.0}) is b
     assert pick_implementation(10.0, {a: 7.0, b: 8.0}) is a
+    assert pick_implementation(10.0, {a: 9.9}, min_gain=0.0) is a  # PDL steps: Triton wins ties
+    assert pick_implementation(10.0, {a: 10.1}, min_gain=0.0) is None
 
 
 def test_profile_skips_where_it_cannot_run():

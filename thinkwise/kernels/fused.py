@@ -17,6 +17,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from thinkwise.kernels import pdl
 from thinkwise.kernels.paged_attention import write_kv_cache
 
 try:
@@ -31,6 +32,12 @@ FUSED = os.environ.get("THINKWISE_FUSED", "1") != "0"
 
 def _use_triton(x: torch.Tensor) -> bool:
     return FUSED and triton is not None and x.is_cuda
+
+
+def _pdl(x: torch.Tensor) -> dict:
+    """The PDL constexpr and launch option for a kernel over x's rows (see kernels/pdl.py)."""
+    options = pdl.launch_options(x.device, x.shape[0])
+    return {"PDL": bool(options), **options}
 
 
 # ----------------------------------------------------------------------------- twins
@@ -83,7 +90,10 @@ if triton is not None:
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, n_cols, eps,
                              stride_x, stride_r, stride_o,
-                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                             HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -104,7 +114,10 @@ if triton is not None:
                                  stride_qkv, stride_cos, stride_qo_t, stride_qo_h,
                                  stride_cache_slot, stride_cache_head,
                                  NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 QK_NORM: tl.constexpr):
+                                 QK_NORM: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         token = tl.program_id(0)
         head = tl.program_id(1)  # q heads, then k heads, then v heads
         half = tl.arange(0, HEAD_DIM // 2)
@@ -145,7 +158,10 @@ if triton is not None:
                 tl.store(dst + HEAD_DIM // 2 + half, out2.to(dtype).to(k_cache_ptr.dtype.element_ty))
 
     @triton.jit
-    def _silu_mul_kernel(gate_up_ptr, out_ptr, n_cols, stride_in, stride_out, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gate_up_ptr, out_ptr, n_cols, stride_in, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < n_cols
@@ -169,10 +185,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     rows, cols = x.shape
     if residual is None:
         _add_rms_norm_kernel[(rows,)](x, x, weight, out, cols, eps, x.stride(0), x.stride(0), out.stride(0),
-                                      HAS_RESIDUAL=False, BLOCK=triton.next_power_of_2(cols))
+                                      HAS_RESIDUAL=False, BLOCK=triton.next_power_of_2(cols), **_pdl(x))
         return out, x
     _add_rms_norm_kernel[(rows,)](x, residual, weight, out, cols, eps, x.stride(0), residual.stride(0), out.stride(0),
-                                  HAS_RESIDUAL=True, BLOCK=triton.next_power_of_2(cols))
+                                  HAS_RESIDUAL=True, BLOCK=triton.next_power_of_2(cols), **_pdl(x))
     return out, residual
 
 
@@ -191,7 +207,7 @@ def qkv_rotary_cache(qkv, cos, sin, q_norm_weight, k_norm_weight, eps, k_cache, 
         k_cache, v_cache, slot_mapping, eps,
         qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
         k_cache.stride(1), k_cache.stride(2),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, QK_NORM=qk_norm,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, QK_NORM=qk_norm, **_pdl(qkv),
     )
     return q
 
@@ -205,5 +221,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, cols, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(cols, block))](gate_up, out, cols, gate_up.stride(0), out.stride(0),
-                                                        BLOCK=block)
+                                                        BLOCK=block, **_pdl(gate_up))
     return out

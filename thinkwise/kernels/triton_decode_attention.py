@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from thinkwise.kernels import pdl
 from thinkwise.kernels.paged_attention import MAX_GROUP_MEMBERS, PrefixGroups  # noqa: F401
 
 try:
@@ -102,8 +103,11 @@ if HAVE_TRITON:
         stride_mb, stride_mh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, UNIFIED: tl.constexpr,
-        HAS_STARTS: tl.constexpr,
+        HAS_STARTS: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         b = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -143,8 +147,12 @@ if HAVE_TRITON:
         stride_mb, stride_mh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MEMBERS: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, UNIFIED: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """All queries of one sample group against its shared prefix: one read of the prefix."""
+        if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         group_id = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
@@ -181,8 +189,11 @@ if HAVE_TRITON:
         stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ob, stride_oh,
         stride_qb, stride_qh, stride_kblock, stride_ktok, stride_khead, stride_tb,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        TILE: tl.constexpr, UNIFIED: tl.constexpr, HAS_STARTS: tl.constexpr,
+        TILE: tl.constexpr, UNIFIED: tl.constexpr, HAS_STARTS: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
+            tl.extra.cuda.gdc_launch_dependents()
+            tl.extra.cuda.gdc_wait()
         b = tl.program_id(0)
         h = tl.program_id(1)
         s = tl.arange(0, SPLITS_PAD)
@@ -279,6 +290,8 @@ def triton_decode_attention(
     ieee = query.dtype == torch.float32
     query = query.contiguous()
     tables = block_tables[:batch]
+    pdl_options = pdl.launch_options(device, batch)
+    launch = {"PDL": bool(pdl_options), **pdl_options}
 
     num_prefix_splits = 0
     if prefix is not None:
@@ -304,7 +317,7 @@ def triton_decode_attention(
             acc.stride(0), acc.stride(1), acc.stride(2),
             maxes.stride(0), maxes.stride(1),
             GROUP=group, GROUP_PAD=_next_power_of_two(group), MEMBERS=members, HEAD_DIM=head_dim,
-            BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified,
+            BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, **launch,
         )
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         query, k_cache, v_cache, tables, seq_lens, starts, acc, maxes, sums,
@@ -315,7 +328,7 @@ def triton_decode_attention(
         acc.stride(0), acc.stride(1), acc.stride(2),
         maxes.stride(0), maxes.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, HAS_STARTS=prefix is not None,
+        BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, HAS_STARTS=prefix is not None, **launch,
     )
     out = torch.empty_like(query)
     flags = fallback_flags
@@ -327,6 +340,6 @@ def triton_decode_attention(
         acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1), out.stride(0), out.stride(1),
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, SPLITS_PAD=max(2, _next_power_of_two(total_splits)), BLOCK_SIZE=block_size,
-        TILE=tile, UNIFIED=unified, HAS_STARTS=prefix is not None,
+        TILE=tile, UNIFIED=unified, HAS_STARTS=prefix is not None, **launch,
     )
     return out

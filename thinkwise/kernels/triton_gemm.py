@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from thinkwise.kernels import pdl
+
 try:
     import triton
     import triton.language as tl
@@ -149,7 +151,7 @@ if HAVE_TRITON:
                           M, N, K, stride_xm, stride_wn, stride_om, k_per_split, split_k,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          IEEE: tl.constexpr):
+                          IEEE: tl.constexpr, PDL: tl.constexpr):
         pid_m = tl.program_id(0)  # fastest: the M tiles of one N tile run together and share W in L2
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -164,6 +166,9 @@ if HAVE_TRITON:
         k_end = tl.minimum(k_start + k_per_split, K)
         offs_k = tl.arange(0, BLOCK_K)
         if USE_DOT:
+            if PDL:  # x is the previous kernel's output: wait for it; then let the next kernel launch
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
             acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
             w_ptrs = w_ptr + w_rows[:, None] + (k_start + offs_k)[None, :]
             x_ptrs = x_ptr + safe_m[None, :] * stride_xm + (k_start + offs_k)[:, None]
@@ -205,6 +210,11 @@ if HAVE_TRITON:
                 w_next = tl.load(w_ptrs)
             else:
                 w_next = tl.load(w_ptrs, mask=((k_start + offs_k) < k_end)[None, :], other=0.0)
+            # PDL (kernels/pdl.py): W's first tile is loaded before waiting for the previous
+            # kernel, whose output x is; so the fetch overlaps that kernel's tail.
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+                tl.extra.cuda.gdc_launch_dependents()
             for k in range(k_start, k_end, BLOCK_K):
                 w = w_next.to(tl.float32)
                 w_ptrs += BLOCK_K
@@ -286,12 +296,14 @@ def triton_flat_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             workspace = SplitKWorkspace(x.device, *need)
         partials, counters = workspace.partials, workspace.counters
     grid = (plan.m_tiles, plan.n_tiles, plan.split_k)
+    pdl_options = pdl.launch_options(x.device, rows)
     _flat_gemm_kernel[grid](
         x2, weight, bias if bias is not None else out, out, partials, counters,
         rows, n, k, x2.stride(0), weight.stride(0), out.stride(0), plan.k_per_split, plan.split_k,
         BLOCK_M=plan.block_m, BLOCK_N=config.block_n, BLOCK_K=plan.block_k, USE_DOT=config.use_dot,
         EVEN_K=k % plan.block_k == 0, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        PDL=bool(pdl_options),
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options,
     )
     return out.reshape(*lead, n)
 
