@@ -10,8 +10,9 @@ kernel's programs have all signalled `gdc_launch_dependents`; it then does the w
 reads nothing the previous kernel writes (for a GEMV: loading its first weight tile, which
 no kernel writes) and blocks in `gdc_wait` until the previous kernel has completed and its
 memory is visible. Each kernel signals its dependents at once (element-wise kernels,
-attention) or right after its wait (GEMMs), so the next kernel's launch overlaps this one. Every kernel in the chain waits before its first dependent read or any
-write, so completion stays transitive: a kernel's completion implies its predecessors'.
+attention) or right after its wait (GEMMs), so the next kernel's launch overlaps this one.
+Every kernel in the chain waits before its first dependent read or any write, so
+completion stays transitive: a kernel's completion implies its predecessors'.
 CUDA-graph capture keeps the programmatic edges. Off on CPU, under TRITON_INTERPRET,
 before compute capability 9.0, and with THINKWISE_PDL=0 (results are identical either
 way: only the scheduling differs), and for steps of more than THINKWISE_PDL_MAX_ROWS rows.
