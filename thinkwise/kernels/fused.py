@@ -36,8 +36,7 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 def _pdl(x: torch.Tensor) -> dict:
     """The PDL constexpr and launch option for a kernel over x's rows (see kernels/pdl.py)."""
-    options = pdl.launch_options(x.device, x.shape[0])
-    return {"PDL": bool(options), **options}
+    return pdl.kernel_args(x.device, x.shape[0])
 
 
 # ----------------------------------------------------------------------------- twins

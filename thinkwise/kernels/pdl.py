@@ -66,3 +66,9 @@ def pdl_enabled(device: torch.device, rows: int = 1) -> bool:
 def launch_options(device: torch.device, rows: int = 1) -> dict:
     """Extra keyword arguments for a Triton launch: `launch_pdl=True` where PDL is on, else none."""
     return {"launch_pdl": True} if pdl_enabled(device, rows) else {}
+
+
+def kernel_args(device: torch.device, rows: int = 1) -> dict:
+    """What a PDL-aware kernel launch takes: its `PDL` constexpr plus `launch_options`."""
+    options = launch_options(device, rows)
+    return {"PDL": bool(options), **options}

@@ -290,8 +290,7 @@ def triton_decode_attention(
     ieee = query.dtype == torch.float32
     query = query.contiguous()
     tables = block_tables[:batch]
-    pdl_options = pdl.launch_options(device, batch)
-    launch = {"PDL": bool(pdl_options), **pdl_options}
+    launch = pdl.kernel_args(device, batch)
 
     num_prefix_splits = 0
     if prefix is not None:

@@ -296,14 +296,12 @@ def triton_flat_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
             workspace = SplitKWorkspace(x.device, *need)
         partials, counters = workspace.partials, workspace.counters
     grid = (plan.m_tiles, plan.n_tiles, plan.split_k)
-    pdl_options = pdl.launch_options(x.device, rows)
     _flat_gemm_kernel[grid](
         x2, weight, bias if bias is not None else out, out, partials, counters,
         rows, n, k, x2.stride(0), weight.stride(0), out.stride(0), plan.k_per_split, plan.split_k,
         BLOCK_M=plan.block_m, BLOCK_N=config.block_n, BLOCK_K=plan.block_k, USE_DOT=config.use_dot,
         EVEN_K=k % plan.block_k == 0, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        PDL=bool(pdl_options),
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl_options,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.kernel_args(x.device, rows),
     )
     return out.reshape(*lead, n)
 
