@@ -26,6 +26,7 @@ gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 SMALL_CONFIGS = [
     FlatGemmConfig(block_n=16, block_k=32, use_dot=False, max_rows=4),  # gemv, k per step shrinks with rows
     FlatGemmConfig(block_n=16, block_k=32, use_dot=False, max_rows=4, split_k=3),
+    FlatGemmConfig(block_n=16, block_k=32, use_dot=False, max_rows=4, prefetch=2),  # two W tiles ahead
     FlatGemmConfig(block_n=16, block_k=32),  # dot, auto split (the interpreter's "4 SMs")
     FlatGemmConfig(block_n=32, block_k=16, split_k=4),
 ]
@@ -90,7 +91,7 @@ def test_leading_dimensions_and_strided_input():
     interpret_or_skip()
     x = torch.randn(2, 3, 48)
     w = torch.randn(20, 48)
-    got = triton_flat_gemm(x, w, None, SMALL_CONFIGS[2])
+    got = triton_flat_gemm(x, w, None, SMALL_CONFIGS[3])
     assert got.shape == (2, 3, 20)
     assert rel_error(got, reference(x, w, None)) < 1e-6
     strided = torch.randn(48, 4).t()  # last dimension not contiguous
@@ -132,7 +133,7 @@ def test_dispatcher_follows_a_given_table(monkeypatch, bias):
     interpret_or_skip()
     device = "cuda" if CUDA else "cpu"
     model = TwoShapes(device=device, bias=bias)
-    gemv, dot_split = SMALL_CONFIGS[0], SMALL_CONFIGS[3]
+    gemv, dot_split = SMALL_CONFIGS[0], SMALL_CONFIGS[4]
     # rows ladder (1, 2, 4, 8, 16, 32, 64): gemv for 1-2, cuBLAS for 3-4, split-K dot for 5-16, then cuBLAS.
     table = {(40, 48): [gemv, gemv, None, dot_split, dot_split, None, None], (24, 40): [None] * 7}
     dispatcher = GpuLinearDispatcher(table=table)
@@ -171,7 +172,7 @@ def test_dispatcher_follows_a_given_table(monkeypatch, bias):
 
 
 def test_pick_implementation_needs_a_clear_win_over_cublas():
-    a, b = SMALL_CONFIGS[0], SMALL_CONFIGS[2]
+    a, b = SMALL_CONFIGS[0], SMALL_CONFIGS[3]
     assert pick_implementation(10.0, {}) is None
     assert pick_implementation(10.0, {a: 12.0, b: 10.5}) is None  # cuBLAS faster: keep it
     assert pick_implementation(10.0, {a: 10.0 * (1 - TRITON_MIN_GAIN / 2)}) is None  # within noise

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -72,6 +73,13 @@ def torch_threads(count: int | None):
         torch.set_num_threads(previous)
 
 
+def epilogue_fusion_enabled() -> bool:
+    """Whether a Triton gate/up GEMM applies SiLU(gate) * up in its epilogue
+    (`THINKWISE_GEMM_EPILOGUE=0`: a separate kernel, for A/B runs). Read at each call, like
+    `pdl.pdl_enabled`, so a run can switch it before capturing its graphs."""
+    return os.environ.get("THINKWISE_GEMM_EPILOGUE", "1") != "0"
+
+
 class DispatchLinear(nn.Module):
     """nn.Linear whose matmul may run in fp32 BLAS for larger M (CPU), or in the Triton
     flat GEMM for small M (CUDA), as a dispatcher's table says."""
@@ -94,15 +102,37 @@ class DispatchLinear(nn.Module):
         else:
             self.blas_weight = np.ascontiguousarray(weight.float().numpy().T)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
+    def triton_config(self, x: torch.Tensor) -> FlatGemmConfig | None:
+        """The Triton tiling the table gives x's row count, or None (cuBLAS / CPU)."""
         plan = self.row_plan
-        if plan is not None and rows < len(plan) and x.dim() == 2:
-            config = plan[rows]
-            if config is not None:
-                from thinkwise.kernels import triton_gemm
+        rows = x.shape[0]
+        if plan is None or rows >= len(plan) or x.dim() != 2:
+            return None
+        return plan[rows]
 
-                return triton_gemm.triton_flat_gemm(x, self.weight, self.bias, config, self.split_k_workspace)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        config = self.triton_config(x)
+        if config is not None:
+            from thinkwise.kernels import triton_gemm
+
+            return triton_gemm.triton_flat_gemm(x, self.weight, self.bias, config, self.split_k_workspace)
+        return self._forward_untiled(x)
+
+    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """`silu_mul(self(x))` for the fused [gate; up] projection; one launch where the
+        table picks the Triton GEMM (its epilogue applies the activation)."""
+        config = self.triton_config(x)
+        if config is not None and epilogue_fusion_enabled() and self.bias is None:
+            from thinkwise.kernels import triton_gemm
+
+            if triton_gemm.can_fuse_silu_mul(self.out_features, config):
+                return triton_gemm.triton_flat_gemm_silu_mul(x, self.weight, config, self.split_k_workspace)
+        from thinkwise.kernels.fused import silu_mul
+
+        return silu_mul(self(x))
+
+    def _forward_untiled(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
         if self.blas_from_rows is not None and rows >= self.blas_from_rows:
             out = torch.from_numpy(x.float().numpy() @ self.blas_weight)
             if self.bias is not None:

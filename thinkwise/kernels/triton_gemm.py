@@ -8,11 +8,17 @@ owns a tile of N output columns for all M rows and streams its rows of W along K
 W_tile @ x_tile.T on the tensor cores (W is the big operand, x is padded to 16 rows, the
 FlashDecoding++ "flat GEMM" with M padded to a small multiple instead of 64); `gemv`
 multiplies and adds on CUDA cores into one [N, K] register tile per row and reduces them
-once after the loop (for 1..4 rows, FlashDecoding++'s GEMV). When N is small, N tiles alone
-cannot fill 132 SMs, so K is split across programs (split-K): every split writes its
+once after the loop (for 1..4 rows, FlashDecoding++'s GEMV), keeping `prefetch` tiles of
+W in flight, the first ones loaded before PDL's wait for x. When N is small, N tiles alone
+cannot fill 132 SMs, so K may be split across programs (split-K): every split writes its
 fp32 partial to a workspace, bumps a per-tile arrival counter, and the last program to
 arrive sums the partials in a fixed order, adds the bias, writes the output and re-arms
 the counter, all in the one launch (no memset, no second kernel, deterministic sums).
+For the fused [gate; up] projection the epilogue can apply SiLU(gate) * up itself: each
+program then reads matching gate and up rows (no re-laid-out weights) and writes the
+activation, which saves the MLP's element-wise kernel. (A residual add + RMSNorm epilogue,
+the last tile of a row normalising it after an arrival counter, was measured slower than
+the separate norm kernel under PDL, 960 vs 915 us a Qwen3-0.6B graph replay, and dropped.)
 The twin is `torch.nn.functional.linear`; `LinearDispatcher`'s GPU sibling in
 `linear_dispatch` decides per weight shape and M which of the two runs.
 """
@@ -53,12 +59,14 @@ class FlatGemmConfig:
     split_k: int = 0
     programs_per_sm: int = 2
     max_rows: int = 64  # the largest M this config is offered for
+    prefetch: int = 1  # gemv: W tiles in flight (loaded ahead, the first ones before PDL's wait)
 
     @property
     def name(self) -> str:
         kind = "dot" if self.use_dot else "gemv"
         split = f"_sk{self.split_k}" if self.split_k else ("" if self.programs_per_sm == 2 else f"_p{self.programs_per_sm}")
-        return f"{kind}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{split}"
+        ahead = f"_pf{self.prefetch}" if self.prefetch != 1 else ""
+        return f"{kind}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{split}{ahead}"
 
     def block_m(self, rows: int) -> int:
         rows_pow2 = triton_next_power_of_2(max(rows, 1))
@@ -76,12 +84,21 @@ def triton_next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-# The configs the start-up profile tries: one CUDA-core GEMV for 1..4 rows, two
-# tensor-core tilings (narrow tiles for more programs, wide tiles for fewer, longer ones).
+# The configs the start-up profile tries: CUDA-core GEMVs for 1..4 rows, two tensor-core
+# tilings (narrow tiles for more programs, wide tiles for fewer, longer ones). The GEMVs
+# differ in how they cover a small matrix (H100, Qwen3-0.6B batch 1, each call after an
+# RMSNorm, from the start-up profile): 16-row tiles with two W tiles in flight suit
+# qkv (4096x1024, 5.0 us vs cuBLAS 6.8); 4-row tiles over the whole K with no split-K suit
+# the N=1024 matrices, where 16-row tiles leave too few programs and splitting K adds an
+# arrival round trip (o_proj 1024x2048: 4.1 us vs 5.1 split; down 1024x3072: 4.9 vs 6.4).
 DEFAULT_CONFIGS: tuple[FlatGemmConfig, ...] = (
     FlatGemmConfig(block_n=16, block_k=512, num_warps=4, num_stages=3, use_dot=False, max_rows=4),
     FlatGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=4),
     FlatGemmConfig(block_n=128, block_k=128, num_warps=4, num_stages=3),
+    FlatGemmConfig(block_n=16, block_k=512, num_warps=4, num_stages=3, use_dot=False, max_rows=4, prefetch=2),
+    FlatGemmConfig(block_n=8, block_k=512, num_warps=4, num_stages=3, use_dot=False, max_rows=4, prefetch=2),
+    FlatGemmConfig(block_n=4, block_k=2048, num_warps=4, num_stages=3, use_dot=False, max_rows=4, split_k=1),
+    FlatGemmConfig(block_n=4, block_k=1024, num_warps=4, num_stages=3, use_dot=False, max_rows=4, split_k=1, prefetch=2),
 )
 
 
@@ -144,6 +161,26 @@ def workspace_size(rows: int, n: int, k: int, config: FlatGemmConfig, device: to
 
 if HAVE_TRITON:
 
+    @triton.jit
+    def _epilogue(total, offs_m, pid_n, M, N, out_ptr, stride_om,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr):
+        """Store a finished [BLOCK_M, BLOCK_N] fp32 tile (bias already added), rounding where
+        the unfused kernels round: the GEMM output to its dtype first, then as fused.py does."""
+        dtype = out_ptr.dtype.element_ty
+        row_ok = (offs_m < M)[:, None]
+        if EPILOGUE == 1:  # SiLU(gate) * up: this tile's first half holds gate rows, its second the matching up rows
+            HALF: tl.constexpr = BLOCK_N // 2
+            rounded = total.to(dtype).to(tl.float32)
+            gate, up = tl.split(tl.permute(tl.reshape(rounded, [BLOCK_M, 2, HALF]), (0, 2, 1)))
+            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            cols = pid_n * HALF + tl.arange(0, HALF)
+            tl.store(out_ptr + offs_m[:, None] * stride_om + cols[None, :], (silu * up).to(dtype),
+                     mask=row_ok & (cols < N // 2)[None, :])
+        else:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], total.to(dtype),
+                     mask=row_ok & (offs_n < N)[None, :])
+
     # M and split_k vary per call; specializing on them (M == 1, M % 16 == 0, split_k == 1)
     # would compile several copies of each tiling for no gain: rows are never vectorised along.
     @triton.jit(do_not_specialize=["M", "split_k"])
@@ -151,16 +188,22 @@ if HAVE_TRITON:
                           M, N, K, stride_xm, stride_wn, stride_om, k_per_split, split_k,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          IEEE: tl.constexpr, PDL: tl.constexpr):
+                          IEEE: tl.constexpr, EPILOGUE: tl.constexpr, PREFETCH: tl.constexpr,
+                          PDL: tl.constexpr):
         pid_m = tl.program_id(0)  # fastest: the M tiles of one N tile run together and share W in L2
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the tile's columns (of partials, too)
         # Out-of-range rows and columns read a valid row instead (wrapped), so loads need
         # no row/column masks; their results are never stored.
         safe_m = offs_m % M
-        safe_n = offs_n % N
+        if EPILOGUE == 1:  # gate rows pid_n*HALF.. then the same up rows (N // 2 further down)
+            HALF: tl.constexpr = BLOCK_N // 2
+            lane = tl.arange(0, BLOCK_N)
+            safe_n = pid_n * HALF + lane % HALF + (lane // HALF) * (N // 2)
+        else:
+            safe_n = offs_n % N
         w_rows = safe_n.to(tl.int64) * stride_wn  # vocab x hidden can pass 2**31 elements
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
@@ -210,7 +253,9 @@ if HAVE_TRITON:
                 w_next = tl.load(w_ptrs)
             else:
                 w_next = tl.load(w_ptrs, mask=((k_start + offs_k) < k_end)[None, :], other=0.0)
-            # PDL (kernels/pdl.py): W's first tile is loaded before waiting for the previous
+            if PREFETCH > 1:  # a second tile in flight too (masked where the split has one tile)
+                w_after = tl.load(w_ptrs + BLOCK_K, mask=((k_start + BLOCK_K + offs_k) < k_end)[None, :], other=0.0)
+            # PDL (kernels/pdl.py): W's first tile(s) are loaded before waiting for the previous
             # kernel, whose output x is; so the fetch overlaps that kernel's tail.
             if PDL:
                 tl.extra.cuda.gdc_wait()
@@ -219,7 +264,11 @@ if HAVE_TRITON:
                 w = w_next.to(tl.float32)
                 w_ptrs += BLOCK_K
                 # Masked past the split's end (the last tile of W's last row has nothing after it).
-                w_next = tl.load(w_ptrs, mask=((k + BLOCK_K + offs_k) < k_end)[None, :], other=0.0)
+                if PREFETCH > 1:
+                    w_next = w_after
+                    w_after = tl.load(w_ptrs + BLOCK_K, mask=((k + 2 * BLOCK_K + offs_k) < k_end)[None, :], other=0.0)
+                else:
+                    w_next = tl.load(w_ptrs, mask=((k + BLOCK_K + offs_k) < k_end)[None, :], other=0.0)
                 k_ok = ((k + offs_k) < k_end)[None, :]
                 acc0 += w * tl.load(x0_ptrs, mask=k_ok, other=0.0).to(tl.float32)
                 if BLOCK_M > 1:
@@ -239,11 +288,10 @@ if HAVE_TRITON:
                 result = tl.where(which == 2, tl.sum(acc2, axis=1)[None, :], result)
                 result = tl.where(which == 3, tl.sum(acc3, axis=1)[None, :], result)
         out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
         if split_k == 1:
             if HAS_BIAS:
                 result += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
-            tl.store(out_ptrs, result.to(out_ptr.dtype.element_ty), mask=out_mask)
+            _epilogue(result, offs_m, pid_n, M, N, out_ptr, stride_om, BLOCK_M, BLOCK_N, EPILOGUE)
         else:
             tile_offsets = offs_m[:, None] * N + offs_n[None, :]
             tl.store(partial_ptr + pid_k * M * N + tile_offsets, result, mask=out_mask)
@@ -259,8 +307,8 @@ if HAVE_TRITON:
                                      cache_modifier=".cg")
                 if HAS_BIAS:
                     total += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
-                tl.store(out_ptrs, total.to(out_ptr.dtype.element_ty), mask=out_mask)
                 tl.atomic_xchg(counter, 0)  # re-arm for the next launch
+                _epilogue(total, offs_m, pid_n, M, N, out_ptr, stride_om, BLOCK_M, BLOCK_N, EPILOGUE)
 
 
 def triton_flat_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -271,39 +319,72 @@ def triton_flat_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     Without a workspace big enough, split-K calls allocate a fresh one (a memset more per
     call; inside CUDA-graph capture it becomes part of the graph, so still correct).
     """
+    x2, weight, lead = _prepare(x, weight)
+    out = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    _launch(x2, weight, bias, out, config, workspace, EPILOGUE_NONE)
+    return out.reshape(*lead, weight.shape[0])
+
+
+def can_fuse_silu_mul(n: int, config: FlatGemmConfig) -> bool:
+    """A tile holds BLOCK_N / 2 gate rows and the matching up rows, so each half of the
+    [gate; up] weight must split into whole tiles."""
+    return n % 2 == 0 and (n // 2) % (config.block_n // 2) == 0
+
+
+def triton_flat_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, config: FlatGemmConfig,
+                              workspace: SplitKWorkspace | None = None) -> torch.Tensor:
+    """`silu_mul(F.linear(x, weight))` in one launch, weight the fused [gate; up] projection
+    [2 I, K]: each program reads matching gate and up rows and stores SiLU(gate) * up [.., I]."""
+    n = weight.shape[0]
+    if not can_fuse_silu_mul(n, config):
+        raise ValueError(f"a [gate; up] weight of {n} rows does not split into {config.block_n // 2}-row tiles")
+    x2, weight, lead = _prepare(x, weight)
+    out = torch.empty(x2.shape[0], n // 2, dtype=x.dtype, device=x.device)
+    _launch(x2, weight, None, out, config, workspace, EPILOGUE_SILU_MUL)
+    return out.reshape(*lead, n // 2)
+
+
+EPILOGUE_NONE, EPILOGUE_SILU_MUL = 0, 1
+
+
+def _prepare(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed; use torch.nn.functional.linear")
-    n, k = weight.shape
+    k = weight.shape[1]
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features but weight expects {k}")
-    lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if weight.stride(-1) != 1:
         weight = weight.contiguous()
+    return x2, weight, x.shape[:-1]
+
+
+def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+            config: FlatGemmConfig, workspace: SplitKWorkspace | None, epilogue: int) -> None:
     rows = x2.shape[0]
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    n, k = weight.shape
     if rows == 0:
-        return out.reshape(*lead, n)
-    plan = plan_launch(rows, n, k, config, x.device)
+        return
+    plan = plan_launch(rows, n, k, config, x2.device)
     # Unused when split_k == 1, but the split-K branch is still compiled, so the placeholders
     # must have the real pointer types (an int32 counter: atomics reject a bf16 one).
-    partials, counters = _placeholders(x.device)
+    partials, counters = _placeholders(x2.device)
     if plan.split_k > 1:
         need = (plan.split_k * rows * n, plan.m_tiles * plan.n_tiles)
         if workspace is None or not workspace.fits(*need):
-            workspace = SplitKWorkspace(x.device, *need)
+            workspace = SplitKWorkspace(x2.device, *need)
         partials, counters = workspace.partials, workspace.counters
     grid = (plan.m_tiles, plan.n_tiles, plan.split_k)
     _flat_gemm_kernel[grid](
         x2, weight, bias if bias is not None else out, out, partials, counters,
         rows, n, k, x2.stride(0), weight.stride(0), out.stride(0), plan.k_per_split, plan.split_k,
         BLOCK_M=plan.block_m, BLOCK_N=config.block_n, BLOCK_K=plan.block_k, USE_DOT=config.use_dot,
-        EVEN_K=k % plan.block_k == 0, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.kernel_args(x.device, rows),
+        EVEN_K=k % plan.block_k == 0, HAS_BIAS=bias is not None, IEEE=x2.dtype == torch.float32,
+        EPILOGUE=epilogue, PREFETCH=config.prefetch,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.kernel_args(x2.device, rows),
     )
-    return out.reshape(*lead, n)
 
 
 _PLACEHOLDERS: dict = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from thinkwise.kernels.fused import add_rms_norm, qkv_rotary_cache, silu_mul
+from thinkwise.kernels.fused import add_rms_norm, qkv_rotary_cache
 from thinkwise.kernels.linear_dispatch import DispatchLinear
 from thinkwise.kernels.paged_attention import AttentionMetadata, paged_attention
 from thinkwise.loading.config import ModelConfig
@@ -80,7 +80,8 @@ class MLP(nn.Module):
         self.down_proj = DispatchLinear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_mul(self.gate_up_proj(x)))
+        # SiLU(gate) * up: in the gate/up GEMM's epilogue where the Triton GEMM runs.
+        return self.down_proj(self.gate_up_proj.forward_silu_mul(x))
 
 
 class DecoderLayer(nn.Module):
