@@ -31,16 +31,33 @@ def round_up(value: int, ladder: tuple[int, ...]) -> int | None:
     return None
 
 
+STAGING_BUFFERS = 3  # pinned input buffers per graph, used in turn (see `_Graph.staging_buffer`)
+
+
 @dataclass
 class _Graph:
+    """A captured step and its static inputs: ids, positions, slots, lengths, source rows
+    and the block table are views of one device tensor, `packed`, so a step's inputs
+    travel in one host-to-device copy."""
+
     graph: torch.cuda.CUDAGraph
+    packed: torch.Tensor
     input_ids: torch.Tensor
-    positions: torch.Tensor
-    slot_mapping: torch.Tensor
-    block_tables: torch.Tensor
-    seq_lens: torch.Tensor
+    source_rows: torch.Tensor
     logits: torch.Tensor
     prefix: PrefixGroups | None = None
+    staging: list[torch.Tensor] | None = None
+    turn: int = 0
+
+    def staging_buffer(self) -> torch.Tensor:
+        """The next pinned buffer of `packed`'s size. A copy from pinned memory runs after
+        the host call returns, so a buffer is reused only after the steps since its last
+        use were read back (async scheduling keeps one step in flight; three buffers leave
+        a margin)."""
+        if self.staging is None:
+            self.staging = [torch.empty_like(self.packed, device="cpu").pin_memory() for _ in range(STAGING_BUFFERS)]
+        self.turn = (self.turn + 1) % len(self.staging)
+        return self.staging[self.turn]
 
 
 class CudaGraphDecoder:
@@ -69,11 +86,11 @@ class CudaGraphDecoder:
     def _capture(self, batch: int, width: int, cascade: bool) -> _Graph:
         device = self.device
         scratch_slot = self.scratch_block * self.block_size
-        input_ids = torch.zeros(batch, dtype=torch.long, device=device)
-        positions = torch.zeros(batch, dtype=torch.long, device=device)
-        slot_mapping = torch.full((batch,), scratch_slot, dtype=torch.long, device=device)
-        block_tables = torch.full((batch, width), self.scratch_block, dtype=torch.long, device=device)
-        seq_lens = torch.ones(batch, dtype=torch.long, device=device)
+        # [ids | positions | slots | lengths | source rows | block table], filled per step by one copy.
+        packed = torch.zeros(5 * batch + batch * width, dtype=torch.long, device=device)
+        input_ids, positions, slot_mapping, seq_lens, source_rows = packed[: 5 * batch].view(5, batch).unbind(0)
+        block_tables = packed[5 * batch:].view(batch, width)
+        packed.copy_(self._pad_inputs(batch, width, [], [], [], [], [], []))
         metadata = AttentionMetadata(
             slot_mapping=slot_mapping, block_tables=block_tables, seq_lens=seq_lens,
             query_start_loc=list(range(batch + 1)), seq_lens_host=[1] * batch, num_decodes=batch,
@@ -98,15 +115,30 @@ class CudaGraphDecoder:
             logits = forward()
         if self.pool is None:
             self.pool = graph.pool()
-        return _Graph(graph, input_ids, positions, slot_mapping, block_tables, seq_lens, logits, metadata.prefix_groups)
+        return _Graph(graph, packed, input_ids, source_rows, logits, metadata.prefix_groups)
+
+    def _pad_inputs(self, batch: int, width: int, ids: list[int], pos: list[int], slots: list[int], lens: list[int],
+                    rows: list[int], tables: list[list[int]]) -> torch.Tensor:
+        """`packed`'s host image for these rows, padded to the graph's batch and width: padding
+        rows write to and attend only to the scratch block."""
+        pad = batch - len(ids)
+        scratch = self.scratch_block
+        flat: list[int] = []
+        for table in tables:
+            flat += table
+            flat += [scratch] * (width - len(table))
+        flat += [scratch] * (width * pad)
+        return torch.tensor(ids + [0] * pad + pos + [0] * pad + slots + [scratch * self.block_size] * pad
+                            + lens + [1] * pad + rows + [0] * (batch - len(rows)) + flat, dtype=torch.long)
 
     @torch.inference_mode()
     def run(self, sequences: list[Sequence], prefix_groups: list[PrefixGroup] | None = None,
-            token_source: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+            token_source: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
         """Logits [len(sequences), vocab] for a batch where every sequence computes one token.
-        With `token_source` (tokens, rows) on the device, sequence i's input token is
+        With `token_source` (tokens on the device, host rows), sequence i's input token is
         tokens[rows[i]]: a step launched before the previous step's tokens reached the host.
-        Inputs travel through pinned memory, so launching never waits for the device."""
+        Inputs travel through pinned memory in one copy, so launching never waits for the
+        device, and the step adds two operations to the graph (the copy, the token gather)."""
         n = len(sequences)
         max_blocks = max(len(s.block_table) for s in sequences)
         key = (round_up(n, self.batch_ladder), round_up(max_blocks, self.width_ladder), bool(prefix_groups))
@@ -114,30 +146,20 @@ class CudaGraphDecoder:
         if entry is None:
             entry = self.graphs[key] = self._capture(*key)
         bs = self.block_size
-        ids, pos, slots, lens = [], [], [], []
-        table = [[self.scratch_block] * key[1] for _ in range(key[0])]
-        for row, seq in enumerate(sequences):
+        ids, pos, slots, lens, tables = [], [], [], [], []
+        for seq in sequences:
             p = seq.num_computed_tokens
             ids.append(seq.token_ids[p] if token_source is None else 0)
             pos.append(p)
             slots.append(seq.block_table[p // bs] * bs + p % bs)
             lens.append(p + 1)
-            table[row][: len(seq.block_table)] = seq.block_table
-        pad = key[0] - n
-        scratch_slot = self.scratch_block * bs
-        host = torch.tensor(
-            [ids + [0] * pad, pos + [0] * pad, slots + [scratch_slot] * pad, lens + [1] * pad], dtype=torch.long
-        )
-        host_table = torch.tensor(table, dtype=torch.long).pin_memory()
-        staged = host.pin_memory().to(self.device, non_blocking=True)
-        entry.input_ids.copy_(staged[0])
+            tables.append(seq.block_table)
+        rows = list(token_source[1]) if token_source is not None else []
+        staging = entry.staging_buffer()
+        staging.copy_(self._pad_inputs(key[0], key[1], ids, pos, slots, lens, rows, tables))
+        entry.packed.copy_(staging, non_blocking=True)
         if token_source is not None:
-            tokens, rows = token_source
-            entry.input_ids[:n].copy_(tokens.index_select(0, rows))
-        entry.positions.copy_(staged[1])
-        entry.slot_mapping.copy_(staged[2])
-        entry.seq_lens.copy_(staged[3])
-        entry.block_tables.copy_(host_table.to(self.device, non_blocking=True))
+            torch.index_select(token_source[0], 0, entry.source_rows[:n], out=entry.input_ids[:n])
         if entry.prefix is not None:
             packed = pack_prefix_groups([g.members for g in prefix_groups], [g.shared_tokens for g in prefix_groups],
                                         key[0], "cpu", num_groups=entry.prefix.rows.shape[0])

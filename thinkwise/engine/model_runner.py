@@ -233,9 +233,9 @@ class ModelRunner:
         """A decode step whose input tokens are still on the device: sequence i reads
         `source[source_rows[i]]` (the tokens a step in flight sampled). Logits [n, vocab]."""
         self.copy_blocks(copies)
-        rows = stage_to_device(source_rows, torch.long, self.device)
         if self.graph_decoder is not None:
-            return self.graph_decoder.run(sequences, prefix_groups, token_source=(source, rows))
+            return self.graph_decoder.run(sequences, prefix_groups, token_source=(source, source_rows))
+        rows = stage_to_device(source_rows, torch.long, self.device)
         inputs, positions, metadata, _order = self.prepare(sequences, [1] * len(sequences), prefix_groups,
                                                            token_source=source.index_select(0, rows))
         hidden = self.model(inputs, positions, self.kv_caches, metadata)
