@@ -1,8 +1,11 @@
 """Rotary position embeddings (the half-rotation layout Hugging Face Llama/Qwen use).
 
 Frequencies follow the config's `rope_scaling`: none/"default", "linear", and "llama3"
-(Llama 3.1+'s wavelength-dependent rescaling). cos/sin are computed per forward from
-the positions actually present, so no table sized to the full context is held.
+(Llama 3.1+'s wavelength-dependent rescaling). On CPU cos/sin are computed per forward
+from the positions actually present, so no table sized to the full context is held. On
+a GPU that computation is seven small kernels per step, a visible share of a small
+model's decode step, so there one table of every position's cos and sin (computed by the
+same ops, so the same values) is built on first use and a step gathers its rows.
 """
 
 from __future__ import annotations
@@ -45,17 +48,39 @@ def inverse_frequencies(head_dim: int, theta: float, rope_scaling: dict | None) 
 
 
 class RotaryEmbedding(torch.nn.Module):
-    def __init__(self, head_dim: int, theta: float, rope_scaling: dict | None):
+    def __init__(self, head_dim: int, theta: float, rope_scaling: dict | None, max_positions: int | None = None):
         super().__init__()
         self.head_dim, self.theta, self.rope_scaling = head_dim, theta, rope_scaling
+        self.max_positions = max_positions  # the table's length (GPU); None: always compute
         self.register_buffer("inv_freq", inverse_frequencies(head_dim, theta, rope_scaling), persistent=False)
+        self._tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     def reset_buffers(self, device: torch.device | str) -> None:
         """Recompute frequencies on `device` (needed after building on the meta device)."""
         self.inv_freq = inverse_frequencies(self.head_dim, self.theta, self.rope_scaling).to(device)
+        self._tables.clear()
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin, each [num_tokens, head_dim], computed in fp32 then cast (as HF does)."""
+        """cos and sin, each [num_tokens, head_dim], computed in fp32 then cast (as HF does).
+        On CUDA, rows of the table (views with a row stride of 2 x head_dim)."""
+        if positions.is_cuda and self.max_positions:
+            table = self._tables.get((positions.device, dtype))
+            if table is None and not torch.cuda.is_current_stream_capturing():  # never build inside a graph
+                table = self._table(positions.device, dtype)
+            if table is not None:
+                rows = table.index_select(0, positions)
+                return rows[:, 0], rows[:, 1]
+        return self._compute(positions, dtype)
+
+    def _compute(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """[max_positions, 2 (cos, sin), head_dim] in `dtype`, made once per device and dtype."""
+        key = (device, dtype)
+        if key not in self._tables:
+            cos, sin = self._compute(torch.arange(self.max_positions, device=device), dtype)
+            self._tables[key] = torch.stack((cos, sin), dim=1)
+        return self._tables[key]
