@@ -61,8 +61,10 @@ def test_qkv_rotary_cache(force_triton, device, dtype, qk_norm, heads, kv_heads,
     g = torch.Generator().manual_seed(heads * head_dim + qk_norm)
     tokens, block_size, blocks = 5, 4, 6
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype).to(device)
-    rotary = RotaryEmbedding(head_dim, 10000.0, None).to(device)
+    rotary = RotaryEmbedding(head_dim, 10000.0, None, max_positions=64).to(device)
     cos, sin = rotary.cos_sin(torch.tensor([0, 3, 7, 8, 30], device=device), dtype)
+    both = torch.stack((cos, sin), dim=1)  # the GPU table's layout: rows of [cos; sin], strided views
+    cos, sin = both[:, 0], both[:, 1]
     weights = [(1 + 0.1 * torch.randn(head_dim, generator=g)).to(dtype).to(device) for _ in range(2)] if qk_norm \
         else [None, None]
     slots = torch.tensor([2, 9, 10, 17, 23], device=device)
@@ -83,3 +85,21 @@ def test_silu_mul(force_triton, device, dtype, rows, cols):
     run_triton_on(device)
     gate_up = torch.randn(rows, 2 * cols, generator=torch.Generator().manual_seed(cols)).to(dtype).to(device)
     torch.testing.assert_close(fused.silu_mul(gate_up), fused.silu_mul_reference(gate_up), **tolerance(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_table_rows_are_the_computed_values(dtype):
+    from thinkwise.models.rotary import RotaryEmbedding
+
+    rotary = RotaryEmbedding(128, 1e6, None, max_positions=4096)
+    positions = torch.tensor([0, 1, 17, 255, 4095])
+    rotary.cos_sin(positions, dtype)
+    assert not rotary._tables  # CPU computes from the positions present: no full-context table
+    if not torch.cuda.is_available():
+        return
+    rotary = rotary.to("cuda")
+    positions = positions.cuda()
+    cos, sin = rotary.cos_sin(positions, dtype)
+    assert len(rotary._tables) == 1 and cos.stride(0) == 2 * 128
+    expected_cos, expected_sin = rotary._compute(positions, dtype)
+    assert torch.equal(cos, expected_cos) and torch.equal(sin, expected_sin)  # bit for bit
