@@ -1,0 +1,79 @@
+"""Host vs GPU per decode step at batch 1: is the engine GPU-bound?
+
+Runs the engine (async scheduling, CUDA graphs) on random weights of a real shape and
+reports per step: the wall time, the time the host sat blocked waiting for a step's tokens
+(near zero means the host is the bottleneck), the host's time in launching the step behind
+and in reading one back, and the GPU time of one graph replay, the decode graph replayed
+back to back. Steps are timed after the graphs of every context width they use were
+captured. A/B runs switch environment flags (THINKWISE_PDL, THINKWISE_GEMM_EPILOGUE).
+
+    python benchmarks/gpu_host_vs_gpu.py qwen3-0.6b
+"""
+import json, os, sys, time
+import torch
+from benchmarks.gpu_throughput import SHAPES, hf_config
+from transformers import AutoModelForCausalLM
+from thinkwise import LLM, SamplingParams
+from thinkwise.engine import engine as engine_mod
+from thinkwise.loading.config import LoadedModel, ModelConfig
+
+shape_name = sys.argv[1] if len(sys.argv) > 1 else "qwen3-0.6b"
+shape = SHAPES[shape_name]
+torch.manual_seed(0)
+with torch.device("cuda"):
+    hf = AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.bfloat16).eval()
+config = ModelConfig(rms_norm_eps=1e-6, max_position_embeddings=4096, **shape)
+llm = LLM.from_loaded(LoadedModel(config, dict(hf.state_dict()), None, None, "random", shape_name), device="cuda",
+                      dtype="bfloat16", num_kv_blocks=64, max_num_seqs=1, enable_prefix_caching=False)
+del hf
+engine = llm.engine
+waits = []
+real_read = engine_mod._InflightStep.read
+def read(self):
+    t = time.perf_counter()
+    if self.copied is not None:
+        self.copied.synchronize()
+    waits.append(time.perf_counter() - t)
+    return real_read(self)
+engine_mod._InflightStep.read = read
+params = SamplingParams(temperature=0, max_tokens=600, ignore_eos=True)
+engine.add_request([int(t) for t in torch.randint(0, config.vocab_size, (128,))], params)
+phases = {"launch_behind": 0.0, "read_back": 0.0}
+for name in list(phases):
+    real = getattr(engine, "_" + name)
+    def timed(*a, _real=real, _name=name, **k):
+        t = time.perf_counter()
+        try:
+            return _real(*a, **k)
+        finally:
+            phases[_name] += time.perf_counter() - t
+    setattr(engine, "_" + name, timed)
+for _ in range(150):  # past 256 tokens: the width-32 graph is captured before timing
+    engine.step()
+waits.clear()
+for k in phases:
+    phases[k] = 0.0
+torch.cuda.synchronize()
+n = 200
+t0 = time.perf_counter()
+for _ in range(n):
+    engine.step()
+torch.cuda.synchronize()
+wall = (time.perf_counter() - t0) / n
+wait = sum(waits) / n
+gd = engine.runner.graph_decoder
+entry = list(gd.graphs.values())[-1]
+start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+for _ in range(10):
+    entry.graph.replay()
+start.record()
+for _ in range(200):
+    entry.graph.replay()
+end.record()
+torch.cuda.synchronize()
+replay = start.elapsed_time(end) * 1e3 / 200
+print(json.dumps({"shape": shape_name, "epilogue": os.environ.get("THINKWISE_GEMM_EPILOGUE", "1"),
+                  "pdl": os.environ.get("THINKWISE_PDL", "1"), "wall_us": round(wall * 1e6, 1),
+                  "blocked_us": round(wait * 1e6, 1), "host_us": round((wall - wait) * 1e6, 1),
+                  "graph_replay_us": round(replay, 1),
+                  **{k + "_us": round(v * 1e6 / n, 1) for k, v in phases.items()}, "graphs": [str(k) for k in gd.graphs]}))
