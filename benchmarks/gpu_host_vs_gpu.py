@@ -11,21 +11,12 @@ captured. A/B runs switch environment flags (THINKWISE_PDL, THINKWISE_GEMM_EPILO
 """
 import json, os, sys, time
 import torch
-from benchmarks.gpu_throughput import SHAPES, hf_config
-from transformers import AutoModelForCausalLM
-from thinkwise import LLM, SamplingParams
+from benchmarks.gpu_throughput import random_llm
+from thinkwise import SamplingParams
 from thinkwise.engine import engine as engine_mod
-from thinkwise.loading.config import LoadedModel, ModelConfig
 
 shape_name = sys.argv[1] if len(sys.argv) > 1 else "qwen3-0.6b"
-shape = SHAPES[shape_name]
-torch.manual_seed(0)
-with torch.device("cuda"):
-    hf = AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.bfloat16).eval()
-config = ModelConfig(rms_norm_eps=1e-6, max_position_embeddings=4096, **shape)
-llm = LLM.from_loaded(LoadedModel(config, dict(hf.state_dict()), None, None, "random", shape_name), device="cuda",
-                      dtype="bfloat16", num_kv_blocks=64, max_num_seqs=1, enable_prefix_caching=False)
-del hf
+llm, config = random_llm(shape_name, num_kv_blocks=64, max_num_seqs=1)
 engine = llm.engine
 waits = []
 real_read = engine_mod._InflightStep.read

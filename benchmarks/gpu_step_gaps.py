@@ -12,20 +12,11 @@ and the gap locations are what to read.
 """
 import collections, json, os, sys
 import torch
-from benchmarks.gpu_throughput import SHAPES, hf_config
-from transformers import AutoModelForCausalLM
-from thinkwise import LLM, SamplingParams
-from thinkwise.loading.config import LoadedModel, ModelConfig
+from benchmarks.gpu_throughput import random_llm
+from thinkwise import SamplingParams
 
 shape_name, batch = sys.argv[1], int(sys.argv[2])
-shape = SHAPES[shape_name]
-torch.manual_seed(0)
-with torch.device("cuda"):
-    hf = AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.bfloat16).eval()
-config = ModelConfig(rms_norm_eps=1e-6, max_position_embeddings=4096, **shape)
-llm = LLM.from_loaded(LoadedModel(config, dict(hf.state_dict()), None, None, "random", shape_name), device="cuda",
-                      dtype="bfloat16", num_kv_blocks=batch * 40, max_num_seqs=batch, enable_prefix_caching=False)
-del hf
+llm, config = random_llm(shape_name, num_kv_blocks=batch * 40, max_num_seqs=batch)
 engine = llm.engine
 params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
 for _ in range(batch):

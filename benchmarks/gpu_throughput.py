@@ -60,6 +60,24 @@ def hf_config(shape: dict):
     return LlamaConfig(**common)
 
 
+def random_llm(shape_name: str, num_kv_blocks: int, max_num_seqs: int):
+    """(LLM, its ModelConfig) on random bf16 weights of a real shape (for the probes; main()
+    keeps its transformers model for the comparison, so it builds its own)."""
+    from transformers import AutoModelForCausalLM
+
+    from thinkwise import LLM
+    from thinkwise.loading.config import LoadedModel, ModelConfig
+
+    shape = SHAPES[shape_name]
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        hf = AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.bfloat16).eval()
+    config = ModelConfig(rms_norm_eps=1e-6, max_position_embeddings=4096, **shape)
+    loaded = LoadedModel(config, dict(hf.state_dict()), None, None, "random", shape_name)
+    return LLM.from_loaded(loaded, device="cuda", dtype="bfloat16", num_kv_blocks=num_kv_blocks,
+                           max_num_seqs=max_num_seqs, enable_prefix_caching=False), config
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default="qwen3-0.6b,llama3-8b")
