@@ -116,7 +116,13 @@ class DispatchLinear(nn.Module):
             from thinkwise.kernels import triton_gemm
 
             return triton_gemm.triton_flat_gemm(x, self.weight, self.bias, config, self.split_k_workspace)
-        return self._forward_untiled(x)
+        rows = x.shape[0]
+        if self.blas_from_rows is not None and rows >= self.blas_from_rows:
+            out = torch.from_numpy(x.float().numpy() @ self.blas_weight)
+            if self.bias is not None:
+                out += self.bias
+            return out.to(x.dtype)
+        return nn.functional.linear(x, self.weight, self.bias)
 
     def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """`silu_mul(self(x))` for the fused [gate; up] projection; one launch where the
@@ -130,15 +136,6 @@ class DispatchLinear(nn.Module):
         from thinkwise.kernels.fused import silu_mul
 
         return silu_mul(self(x))
-
-    def _forward_untiled(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.shape[0]
-        if self.blas_from_rows is not None and rows >= self.blas_from_rows:
-            out = torch.from_numpy(x.float().numpy() @ self.blas_weight)
-            if self.bias is not None:
-                out += self.bias
-            return out.to(x.dtype)
-        return nn.functional.linear(x, self.weight, self.bias)
 
 
 @dataclass

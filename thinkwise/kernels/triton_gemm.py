@@ -43,6 +43,7 @@ HAVE_TRITON = triton is not None
 DOT_MIN_ROWS = 16  # tl.dot needs every dimension >= 16: fewer rows are padded (masked loads)
 MAX_SPLIT_K = 32
 GEMV_MAX_ROWS = 4  # the gemv program keeps one accumulator per row, written out for up to 4
+EPILOGUE_NONE, EPILOGUE_SILU_MUL = 0, 1  # what a program does with its finished tile
 
 
 @dataclass(frozen=True)
@@ -343,8 +344,6 @@ def triton_flat_gemm_silu_mul(x: torch.Tensor, weight: torch.Tensor, config: Fla
     _launch(x2, weight, None, out, config, workspace, EPILOGUE_SILU_MUL)
     return out.reshape(*lead, n // 2)
 
-
-EPILOGUE_NONE, EPILOGUE_SILU_MUL = 0, 1
 
 
 def _prepare(x: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Size]:
