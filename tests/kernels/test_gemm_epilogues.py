@@ -12,6 +12,7 @@ from thinkwise.kernels import triton_gemm as tg
 from thinkwise.kernels.fused import silu_mul, silu_mul_reference
 from thinkwise.kernels.linear_dispatch import DispatchLinear, GpuLinearDispatcher
 from thinkwise.kernels.triton_gemm import FlatGemmConfig, SplitKWorkspace
+from tests.kernels.test_triton_gemm import SMALL_CONFIGS, dtypes_for, interpret_or_skip
 
 pytestmark = pytest.mark.skipif(not tg.HAVE_TRITON, reason="triton is not installed")
 
@@ -19,27 +20,8 @@ CUDA = torch.cuda.is_available()
 interpreter_only = pytest.mark.skipif(CUDA, reason="the GPU tests below cover CUDA")
 gpu_only = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
-SMALL_CONFIGS = [
-    FlatGemmConfig(block_n=16, block_k=32, use_dot=False, max_rows=4),
-    FlatGemmConfig(block_n=16, block_k=32, use_dot=False, max_rows=4, split_k=3),
-    FlatGemmConfig(block_n=16, block_k=32, use_dot=False, max_rows=4, prefetch=2),  # two W tiles ahead
-    FlatGemmConfig(block_n=16, block_k=32),  # dot, auto split over the interpreter's "4 SMs"
-    FlatGemmConfig(block_n=32, block_k=16, split_k=4),
-]
 # (M, N, K): several M tiles for the gemv (4 rows a tile), K off the block size.
 SMALL_SHAPES = [(1, 64, 96), (3, 32, 80), (6, 64, 112)]
-
-
-def interpret_or_skip():
-    import os
-
-    if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("set TRITON_INTERPRET=1 (the test suite's conftest does) to run Triton on CPU")
-
-
-def dtypes_for(config: FlatGemmConfig):
-    # The interpreter's bf16 tl.dot is broken, so its dot runs in fp32 and fp16 (as in test_triton_gemm).
-    return [torch.float32, torch.float16] if config.use_dot else [torch.float32, torch.bfloat16]
 
 
 def close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:

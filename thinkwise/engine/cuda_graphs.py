@@ -85,7 +85,6 @@ class CudaGraphDecoder:
 
     def _capture(self, batch: int, width: int, cascade: bool) -> _Graph:
         device = self.device
-        scratch_slot = self.scratch_block * self.block_size
         # [ids | positions | slots | lengths | source rows | block table], filled per step by one copy.
         packed = torch.zeros(5 * batch + batch * width, dtype=torch.long, device=device)
         input_ids, positions, slot_mapping, seq_lens, source_rows = packed[: 5 * batch].view(5, batch).unbind(0)

@@ -38,10 +38,6 @@ import torch
 DEFAULT_MAX_ROWS = 64
 
 
-def _env_flag(name: str, default: str) -> str:
-    return os.environ.get(name, default)
-
-
 @functools.lru_cache(maxsize=None)
 def _device_supports(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
@@ -49,13 +45,14 @@ def _device_supports(index: int) -> bool:
 
 def max_rows() -> int:
     """The most token rows a step may have for its kernels to use PDL (THINKWISE_PDL_MAX_ROWS)."""
-    return int(_env_flag("THINKWISE_PDL_MAX_ROWS", str(DEFAULT_MAX_ROWS)))
+    return int(os.environ.get("THINKWISE_PDL_MAX_ROWS", DEFAULT_MAX_ROWS))
 
 
 def pdl_enabled(device: torch.device, rows: int = 1) -> bool:
     """Whether kernels on `device` for a step of `rows` token rows launch with PDL (read at
     each call, so tests and A/B runs can switch it)."""
-    if device.type != "cuda" or _env_flag("THINKWISE_PDL", "1") == "0" or _env_flag("TRITON_INTERPRET", "0") == "1":
+    env = os.environ
+    if device.type != "cuda" or env.get("THINKWISE_PDL", "1") == "0" or env.get("TRITON_INTERPRET", "0") == "1":
         return False
     if rows > max_rows():
         return False
