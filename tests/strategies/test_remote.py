@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import asyncio
 
+import httpx
 import pytest
 
 from thinkwise import SamplingParams
 from thinkwise.errors import InvalidParameterError
 from thinkwise.strategies import parse_strategy, run_strategy
 from thinkwise.strategies.remote import RemoteBackend, RemoteServerError, solve_remote
+from thinkwise.strategies.remote_counters import parse_counters
 from thinkwise.tasks.verifiers import ExactChecker
 from tests.server.conftest import server, start_server, stop_server  # noqa: F401  (the live server fixture)
 from tests.server.test_openai_api import disconnects
 
 PARAMS = SamplingParams(temperature=1.0, max_tokens=24, seed=5)
+
+
+def counters(server):
+    """The server's prompt and generation token counters, once it is idle (aborts settled)."""
+    server.wait_idle()
+    reading = parse_counters(httpx.get(f"{server.url}/metrics", timeout=30).text)
+    return reading.prompt_tokens, reading.generation_tokens
 
 
 @pytest.fixture()
@@ -24,8 +33,13 @@ def backend(server):  # noqa: F811
 
 def test_majority_over_the_remote(server, backend):  # noqa: F811
     params = SamplingParams(temperature=1.0, max_tokens=40, seed=5, stop=["a", "e", "o"])
+    prompt_before, generated_before = counters(server)
     answer = solve_remote(backend, "count: 1 2 3", "majority@4", sampling_params=params,
                           extract=lambda text: text.strip()[:1] or None)
+    prompt_after, generated_after = counters(server)
+    # Four n=1 requests ran to their usage: what they reported is what the server counted.
+    assert answer.cost.prompt_tokens == prompt_after - prompt_before
+    assert answer.cost.decode_tokens == generated_after - generated_before
     assert len(answer.samples) == 4
     assert answer.cost.decode_tokens == sum(s.num_tokens for s in answer.samples) > 0
     assert answer.cost.prompt_tokens > 0 and answer.cost.prompt_tokens_computed > 0  # from usage
@@ -87,7 +101,9 @@ def test_short_m_at_k_over_the_remote(eos_server):
     majority = solve_remote(backend(), "write words", "majority@6", sampling_params=params)
     assert all(s.finish_reason == "stop" for s in majority.samples) and majority.cost.prompt_tokens > 0
     before = disconnects(eos_server)
+    prompt_before, generated_before = counters(eos_server)
     short = solve_remote(backend(), "write words", "short-1@6", sampling_params=params)
+    prompt_after, generated_after = counters(eos_server)
     assert len(short.samples) == 6 and any(s.finish_reason == "stop" for s in short.samples)
     # Whatever had not finished when the first did was aborted by closing the stream ...
     aborted = [s for s in short.samples if s.finish_reason == "abort"]
@@ -95,11 +111,37 @@ def test_short_m_at_k_over_the_remote(eos_server):
     assert short.cost.aborted_samples == len(aborted)
     assert short.cost.decode_tokens == sum(s.num_tokens for s in short.samples)  # the tokens received
     assert short.cost.decode_tokens < majority.cost.decode_tokens  # same seed: the same samples, cut short
-    assert short.cost_basis.startswith("remote") and "reported by the server" in short.cost_basis
-    # ... which the server saw as a client leaving: it aborted them and freed their KV blocks.
+    assert short.cost_basis.startswith("remote") and "usage" in short.cost_basis
+    assert "estimate" not in short.cost_basis
+    # The finished samples' streams were read to their usage, and the aborted ones were
+    # charged the prompt the server reported for the same prompt: the server's own count.
+    assert short.cost.prompt_tokens == prompt_after - prompt_before
+    # Received tokens only undercount: an aborted stream may have had tokens in flight.
+    assert short.cost.decode_tokens <= generated_after - generated_before
+    # ... which the server saw as clients leaving: it aborted them and freed their KV blocks.
     health = eos_server.wait_idle()
     assert health["engine"]["kv_blocks_used"] == 0 and health["engine"]["running_sequences"] == 0
-    assert disconnects(eos_server) == before + 1
+    assert 1 <= disconnects(eos_server) - before <= len(aborted)
+
+
+def test_server_counters_opt_in_charges_the_servers_own_deltas(eos_server):
+    backend = RemoteBackend(eos_server.url, model=eos_server.model, api_key=eos_server.api_key,
+                            server_counters=True)
+    params = SamplingParams(temperature=1.0, max_tokens=200, seed=11)
+    prompt_before, generated_before = counters(eos_server)
+    short = solve_remote(backend, "write words", "short-2@5", sampling_params=params)
+    prompt_after, generated_after = counters(eos_server)
+    assert short.cost.prompt_tokens == prompt_after - prompt_before > 0
+    assert short.cost.decode_tokens == generated_after - generated_before > 0
+    assert short.cost.prompt_tokens_computed + short.cost.prompt_tokens_cached == short.cost.prompt_tokens
+    assert "Prometheus counters (thinkwise_prompt_tokens_total, thinkwise_generation_tokens_total)" in \
+        short.cost_basis and "other clients' included" in short.cost_basis
+    # A server with no counters is a clear error naming the way out.
+    from thinkwise.strategies.remote_counters import ServerCountersError
+
+    nowhere = RemoteBackend("http://127.0.0.1:9", model="x", server_counters=True)
+    with pytest.raises(ServerCountersError, match="cannot read the server's counters"):
+        solve_remote(nowhere, "hi", "majority@2", sampling_params=PARAMS)
 
 
 def test_a_cancelled_strategy_leaves_nothing_running_on_the_server(server, backend):  # noqa: F811
@@ -117,10 +159,10 @@ def test_a_cancelled_strategy_leaves_nothing_running_on_the_server(server, backe
         return in_flight
 
     before = disconnects(server)
-    assert asyncio.run(run()) == 1
+    assert asyncio.run(run()) == 4  # one request per sample
     health = server.wait_idle()
     assert health["engine"]["kv_blocks_used"] == 0 and health["requests_in_flight"] == 0
-    assert disconnects(server) == before + 1
+    assert disconnects(server) == before + 4
 
 
 def test_best_of_n_with_an_exact_checker(server, backend):  # noqa: F811
@@ -190,5 +232,5 @@ def test_per_sample_requests_abort_samples_one_by_one(eos_server):
     assert output.counts.prompt_tokens > 0 and not output.usage_reported  # two of three reported usage
     eos_server.wait_idle()
     with pytest.raises(InvalidParameterError, match="per_sample_requests"):
-        asyncio.run(abort_one({}))
+        asyncio.run(abort_one({"per_sample_requests": False}))
     eos_server.wait_idle()
