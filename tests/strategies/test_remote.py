@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
@@ -234,3 +235,42 @@ def test_per_sample_requests_abort_samples_one_by_one(eos_server):
     with pytest.raises(InvalidParameterError, match="per_sample_requests"):
         asyncio.run(abort_one({"per_sample_requests": False}))
     eos_server.wait_idle()
+
+
+@pytest.fixture(scope="module")
+def thinking_server(tmp_path_factory):
+    """A tiny model whose chat template opens a <think> block, as DeepSeek-R1's does."""
+    from tests.tiny_models import byte_tokenizer, make_tiny_model
+
+    directory = tmp_path_factory.mktemp("tiny-thinking")
+    make_tiny_model("llama", directory, seed=2)
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}<think>\n"
+    tokenizer.save_pretrained(directory)
+    srv = start_server(directory, directory / "serve.log")
+    yield srv
+    assert stop_server(srv.process) == 0, srv.log()[-3000:]
+
+
+def test_thinkwise_serve_emits_reasoning_content_and_the_remote_reads_it(thinking_server):
+    srv = thinking_server
+    body = {"model": srv.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12,
+            "temperature": 1.0, "seed": 4, "logprobs": True}
+    whole = httpx.post(f"{srv.url}/v1/chat/completions", json=body, headers=srv.headers, timeout=60).json()
+    message = whole["choices"][0]["message"]
+    # Random bytes never close the block: everything is thinking, nothing is the answer yet.
+    assert message["content"] == "" and len(message["reasoning_content"]) > 0
+    pieces = {"reasoning_content": "", "content": ""}
+    with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json={**body, "stream": True},
+                      headers=srv.headers, timeout=60) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:])["choices"]:
+                    for key in pieces:
+                        pieces[key] += choice["delta"].get(key) or ""
+    assert pieces == {"reasoning_content": message["reasoning_content"], "content": ""}
+    backend = RemoteBackend(srv.url, model=srv.model, api_key=srv.api_key)
+    answer = solve_remote(backend, "hi", "majority@2", sampling_params=SamplingParams(temperature=1.0, max_tokens=12,
+                                                                                       seed=4))
+    assert all(s.text.startswith("<think>") and s.text.endswith("</think>") and len(s.text) > 15
+               for s in answer.samples)
