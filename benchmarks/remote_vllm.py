@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-QUESTION = "What is 17 * 23? Think step by step, then give the final answer on its own line as 'Answer: N'."
+QUESTION = "What is 17 * 23? Work it out step by step, then end with the final number."
 
 
 def convert(gguf: Path, out: Path) -> None:
