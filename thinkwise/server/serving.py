@@ -34,6 +34,7 @@ from thinkwise.server.errors import QueueFullError
 from thinkwise.server.strategy_serving import chat_with_strategy, requested_strategy
 from thinkwise.server.metrics import ServerMetrics
 from thinkwise.server.protocol import ChatCompletionRequest, CompletionRequest
+from thinkwise.server.reasoning import prompt_opens_thinking, split_reasoning
 from thinkwise.server.streaming import chat_stream, completion_stream, dumps
 
 logger = logging.getLogger("thinkwise.server")
@@ -180,6 +181,7 @@ class ResponseContext:
     include_usage: bool = False
     echo: bool = False
     prompt_texts: list[str] = field(default_factory=list)
+    thinking_open: bool = False  # the chat template opened a <think> block: output starts as reasoning
 
     def usage(self, finals: list[RequestOutput | None]) -> dict[str, Any]:
         return usage_of([f for f in finals if f is not None])
@@ -398,7 +400,8 @@ class OpenAIServing:
         request_id = uuid.uuid4().hex
         ctx = ResponseContext(self, request_id, f"chatcmpl-{request_id}", req.model, int(time.time()), n,
                               params.stop, logprobs,
-                              include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage))
+                              include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
+                              thinking_open=prompt_opens_thinking(self._decode(prompt[-8:])))
         return await self._run(http, [prompt], params, ctx, n, bool(req.stream), chat_stream, self._chat_body, arrival)
 
     async def completions(self, req: CompletionRequest, http: Request) -> Response:
@@ -450,12 +453,16 @@ class OpenAIServing:
     # ------------------------------------------------------------------ response bodies
     def _chat_body(self, ctx: ResponseContext, finals: list[RequestOutput]) -> dict[str, Any]:
         final = finals[0]
-        choices = [
-            {"index": o.index, "message": {"role": "assistant", "content": o.text},
-             "logprobs": {"content": ctx.chat_logprobs(o.logprobs or [])} if ctx.logprobs is not None else None,
-             "finish_reason": o.finish_reason}
-            for o in final.outputs
-        ]
+        choices = []
+        for o in final.outputs:
+            reasoning, content = split_reasoning(o.text, ctx.thinking_open)
+            message = {"role": "assistant", "content": content}
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+            choices.append({
+                "index": o.index, "message": message,
+                "logprobs": {"content": ctx.chat_logprobs(o.logprobs or [])} if ctx.logprobs is not None else None,
+                "finish_reason": o.finish_reason})
         return {"id": ctx.response_id, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
                 "choices": choices, "usage": usage_of(finals), "system_fingerprint": None}
 
