@@ -223,34 +223,61 @@ print(json.dumps(statuses))
 """
 
 
+# A control: the smallest HTTP server asyncio can run, in its own process. Polled right
+# after each /health, it shows what the machine itself adds (other processes on a loaded
+# 2-core box stall everyone alike), so that is what the bar is relative to.
+_CONTROL = """
+import asyncio, sys
+async def handle(reader, writer):
+    while await reader.readuntil(b"\\r\\n\\r\\n"):
+        writer.write(b"HTTP/1.1 200 OK\\r\\ncontent-length: 2\\r\\n\\r\\nok")
+        await writer.drain()
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await server.serve_forever()
+asyncio.run(main())
+"""
+
+
 def test_health_stays_fast_while_three_8mb_prompts_are_processed(strict_server):
-    """The issue's scenario: /health within 100 ms while three ~8 MB prompts arrive. The
-    bar is relative to this machine's idle /health (a loaded 2-core box adds its own
-    scheduling delay to every request), plus the 100 ms the issue allows."""
+    """The issue's scenario: /health within 100 ms while three ~8 MB prompts arrive (they
+    are decoded in a helper process and refused by size before tokenizing). Each /health
+    latency is compared with the control server's latency measured right after it."""
     url, headers = strict_server.url, strict_server.headers
-    with httpx.Client(timeout=30) as client:
-        idle = []
-        for _ in range(10):
-            started = time.monotonic()
-            assert client.get(f"{url}/health").status_code == 200
-            idle.append(time.monotonic() - started)
-        idle_p90 = sorted(idle)[8]
-        # The three senders run in another process, so their uploads do not compete with
-        # this poller for our interpreter's GIL: what is measured is the server.
-        sender = subprocess.Popen([sys.executable, "-c", _SENDER, url, headers["Authorization"], MODEL],
-                                  stdout=subprocess.PIPE, text=True)
-        latencies = []
-        while sender.poll() is None:
-            started = time.monotonic()
-            assert client.get(f"{url}/health").status_code == 200
-            latencies.append(time.monotonic() - started)
-            time.sleep(0.02)
-        statuses = json.loads(sender.stdout.read())
-    print(f"/health during three 8 MB prompts: {len(latencies)} calls, max {max(latencies) * 1000:.1f} ms, "
-          f"idle p90 {idle_p90 * 1000:.1f} ms")
+    control = subprocess.Popen([sys.executable, "-c", _CONTROL], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True)
+    try:
+        control_url = f"http://127.0.0.1:{control.stdout.readline().strip()}/"
+        with httpx.Client(timeout=30) as client:
+            def timed(target):
+                started = time.monotonic()
+                assert client.get(target).status_code == 200
+                return time.monotonic() - started
+
+            for _ in range(5):
+                timed(f"{url}/health"), timed(control_url)
+            # The senders run in another process, so their uploads do not compete with
+            # this poller for our interpreter's GIL: what is measured is the server.
+            sender = subprocess.Popen([sys.executable, "-c", _SENDER, url, headers["Authorization"], MODEL],
+                                      stdout=subprocess.PIPE, text=True)
+            health, baseline = [], []
+            while sender.poll() is None:
+                health.append(timed(f"{url}/health"))
+                baseline.append(timed(control_url))
+                time.sleep(0.02)
+            statuses = json.loads(sender.stdout.read())
+    finally:
+        control.kill()
+        control.wait()
+    excess = [h - c for h, c in zip(health, baseline)]
+    print(f"/health during three 8 MB prompts: {len(health)} calls, max {max(health) * 1000:.1f} ms, median "
+          f"{sorted(health)[len(health) // 2] * 1000:.1f} ms; control max {max(baseline) * 1000:.1f} ms; "
+          f"largest excess over the control {max(excess) * 1000:.1f} ms")
     assert statuses == [400, 400, 400]  # far too long for a 256-token context
-    assert latencies, "the prompts were answered before /health could be asked"
-    assert max(latencies) < 0.1 + 3 * idle_p90, (max(latencies), idle_p90, len(latencies))
+    assert len(health) >= 5, "the prompts were answered before /health could be asked"
+    assert sorted(health)[len(health) // 2] < 0.1
+    assert max(excess) < 0.1 + max(baseline), (max(excess), max(baseline))
 
 
 # ----------------------------------------------------------------------------- the worker pool, directly

@@ -35,6 +35,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from thinkwise.engine.async_engine import AsyncEngine
 from thinkwise.server.errors import AuthenticationError, RequestContextMiddleware, install_error_handlers
 from thinkwise.server.metrics import ServerMetrics
+from thinkwise.server.json_bodies import OFFLOAD_BYTES, JSONBodyDecoder
 from thinkwise.server.security import APIKeyMiddleware, timed_protocol
 from thinkwise.server.protocol import (
     ChatCompletionRequest,
@@ -93,6 +94,7 @@ def build_app(llm, settings: ServerSettings, async_engine: AsyncEngine | None = 
             yield
         finally:
             serving._prepare_pool.shutdown(wait=False, cancel_futures=True)
+            _json_decoder.close()
             await asyncio.to_thread(async_engine.shutdown)
 
     app = FastAPI(title="thinkwise", version="0.1.0", lifespan=lifespan,
@@ -183,14 +185,19 @@ def build_app(llm, settings: ServerSettings, async_engine: AsyncEngine | None = 
     return app
 
 
+_json_decoder = JSONBodyDecoder()
+
+
 class _OffLoopJSONRequest(Request):
-    """A request whose large JSON body is decoded on a worker thread: json.loads of a
-    many-megabyte body would otherwise hold the event loop for a noticeable time."""
+    """A request whose large JSON body is decoded by the helper process (json_bodies.py)."""
 
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             body = await self.body()
-            self._json = await asyncio.to_thread(json.loads, body) if len(body) > (64 << 10) else json.loads(body)
+            if len(body) > OFFLOAD_BYTES:
+                self._json = await asyncio.to_thread(_json_decoder.decode, body)
+            else:
+                self._json = json.loads(body)
         return self._json
 
 
