@@ -39,7 +39,7 @@ from pathlib import Path
 
 from thinkwise.errors import InvalidParameterError
 from thinkwise.tasks import isolation
-from thinkwise.tasks.code_checks import ValueCheck, split_test, verdict
+from thinkwise.tasks.code_checks import split_test, verdict
 from thinkwise.tasks.extraction import fenced_code_blocks
 from thinkwise.tasks.isolation import SandboxUnavailableError
 
