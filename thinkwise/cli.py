@@ -93,7 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: localhost only)")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed on start)")
     serve.add_argument("--api-key", default=os.environ.get("THINKWISE_API_KEY"),
-                       help="require 'Authorization: Bearer KEY' on /v1 (default: $THINKWISE_API_KEY, else none)")
+                       help="require 'Authorization: Bearer KEY' on /v1 and the docs (default: $THINKWISE_API_KEY, "
+                            "else none; prefer the variable or --api-key-file: a command line is visible to every "
+                            "local process)")
+    serve.add_argument("--api-key-file", default=None, help="read the API key from this file (first line)")
+    serve.add_argument("--open-docs", action="store_true",
+                       help="with an API key, still serve /docs, /redoc and /openapi.json without it")
+    serve.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                       help="seconds an idle keep-alive connection stays open")
+    serve.add_argument("--timeout-request-read", type=float, default=30.0,
+                       help="seconds a client has to send a request's headers, and then its body")
     serve.add_argument("--served-model-name", action="append", default=None,
                        help="name clients use as 'model' (repeatable; default: the model's name and --model)")
     serve.add_argument("--gpu-memory-utilization", type=float, default=None,
@@ -183,20 +192,41 @@ def _serve(args: argparse.Namespace) -> int:
             raise InvalidParameterError("give --kv-blocks or --gpu-memory-utilization, not both",
                                         param="gpu_memory_utilization")
         options["gpu_memory_utilization"] = args.gpu_memory_utilization
-    for name in ("max_n", "max_body_mb"):
-        if getattr(args, name) <= 0:
-            raise InvalidParameterError(f"--{name.replace('_', '-')} must be > 0", param=name)
+    api_key = _serve_api_key(args)
+    for name in ("max_n", "max_body_mb", "timeout_keep_alive", "timeout_request_read"):
+        if not getattr(args, name) > 0 or getattr(args, name) == float("inf"):
+            raise InvalidParameterError(f"--{name.replace('_', '-')} must be a positive finite number", param=name)
     if args.max_queue < 0:
         raise InvalidParameterError("--max-queue must be >= 0", param="max_queue")
     llm = LLM(args.model, progress=True, **options)
     names = args.served_model_name
     if not names:
         names = list(dict.fromkeys([llm.engine.model_name, args.model]))
-    settings = ServerSettings(served_model_names=names, api_key=args.api_key or None, max_n=args.max_n,
-                              max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    settings = ServerSettings(served_model_names=names, api_key=api_key, max_n=args.max_n,
+                              max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                              open_docs=args.open_docs, timeout_keep_alive=args.timeout_keep_alive,
+                              timeout_request_read=args.timeout_request_read)
     run_server(llm, settings, host=args.host, port=args.port, log_level=args.log_level,
                access_log=not args.no_access_log)
     return 0
+
+
+def _serve_api_key(args: argparse.Namespace) -> str | None:
+    """The key from --api-key-file, else --api-key / $THINKWISE_API_KEY, else None (no key)."""
+    from thinkwise.errors import InvalidParameterError
+
+    if args.api_key_file is None:
+        return args.api_key or None
+    try:
+        lines = open(args.api_key_file, encoding="utf-8").read().splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidParameterError(f"--api-key-file {args.api_key_file!r} cannot be read: {error}",
+                                    param="api_key_file") from None
+    key = lines[0].strip() if lines else ""
+    if not key or any(ord(c) < 33 or ord(c) > 126 for c in key):
+        raise InvalidParameterError(f"--api-key-file {args.api_key_file!r} must hold the key on its first line "
+                                    "(printable ASCII, no spaces)", param="api_key_file")
+    return key
 
 
 def _bench(args: argparse.Namespace) -> int:

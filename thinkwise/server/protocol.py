@@ -310,7 +310,7 @@ class EngineHealth(BaseModel):
 
 class HealthResponse(BaseModel):
     status: Literal["ok", "error"]
-    model: str
+    model: str | None = Field(None, description="the first served model's name; absent when an API key is set")
     requests_in_flight: int
     sequences_in_flight: int
     engine: EngineHealth | None = None
