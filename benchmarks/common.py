@@ -56,7 +56,7 @@ def library_versions() -> dict[str, str]:
 
 def machine() -> dict:
     info = {"system": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count()}
+            "cpu_count": os.cpu_count(), "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()]}
     try:
         import torch
 

@@ -35,14 +35,18 @@ def time_call(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=48, help="forced new tokens per sample")
     parser.add_argument("--samples", type=int, default=8, help="n of the n-samples measurement")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement; the best is kept")
     add_output_arguments(parser, "cpu_generate")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     out = output_path(args, "cpu_generate")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     torch.set_num_threads(min(torch.get_num_threads(), 2) if torch.get_num_threads() else 2)

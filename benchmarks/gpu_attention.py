@@ -8,7 +8,7 @@ and times, with CUDA events, one decode-attention call of:
     K/V, then `scaled_dot_product_attention` (GQA);
   - SDPA alone on pre-gathered contiguous K/V (a stricter bound: no gather at all).
 KV-read bandwidth = bytes of K and V the call must read / time (CUDA-graph replay, as in
-the engine), next to the device's copy bandwidth. Prints ratios; writes JSON to $OUT (or --out).
+the engine), next to the device's copy bandwidth. Prints ratios; writes a new JSON file under $OUT or benchmarks/results (or --out).
 
     python benchmarks/gpu_attention.py [--batches 1,16,64] [--contexts 1024,4096,16384,32768]
 """

@@ -9,9 +9,9 @@ device's copy bandwidth; cuBLAS is timed twice, so the spread between the two is
 noise floor for the ratios. Every Triton result is first checked against cuBLAS. Then it
 runs the engine's start-up profile (`GpuLinearDispatcher`) on a full Llama-3-8B set of
 weights, twice (cold: Triton compiles; warm: its disk cache), and prints the table.
-Prints a side-by-side table; writes JSON to $OUT (or --out).
+Prints a side-by-side table; writes a new JSON file under $OUT or benchmarks/results (or --out).
 
-    PYTHONPATH=. python benchmarks/gpu_gemm.py [--shapes 4096x4096,...] [--rows 1,2,4] [--sweep default|wide]
+    python benchmarks/gpu_gemm.py [--shapes 4096x4096,...] [--rows 1,2,4] [--sweep default|wide]
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from thinkwise import LLM, SamplingParams
 from thinkwise.cost import RuntimeModel, device_intensity, effective_flops, profile, split_held_out
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="default")
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of --model")
@@ -45,7 +45,11 @@ def main() -> None:
     parser.add_argument("--outputs", default="1,8,24,48")
     parser.add_argument("--repeats", type=int, default=1)
     add_output_arguments(parser, "runtime_model_<model>")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.tiny:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from tests.tiny_models import make_tiny_model

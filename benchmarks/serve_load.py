@@ -244,7 +244,7 @@ def start_server(model: str, engine_args: list[str], log_path: Path) -> tuple[su
 
 
 # ---------------------------------------------------------------------- main
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="model reference (ignored with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="build and use a tiny random Llama (tests' fixture)")
@@ -257,7 +257,11 @@ def main() -> None:
     parser.add_argument("--kv-blocks", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="alternating offline/server runs; the median is shown")
     add_output_arguments(parser, "serve_load_<model>")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
     workdir = Path(tempfile.mkdtemp(prefix="serve_load_"))

@@ -29,6 +29,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
             return action.help or ""
         return super()._get_help_string(action)
 
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        # Never break inside a word: a default such as a strategy list must stay copyable.
+        import textwrap
+
+        return textwrap.wrap(" ".join(text.split()), width, break_long_words=False, break_on_hyphens=False)
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors that name the fix, and "did you mean" for flags and commands."""

@@ -43,15 +43,15 @@ class _LabelledLines:
 class TextStream:
     """Streams `generate`'s samples to `out` as the engine produces them."""
 
-    def __init__(self, n: int, *, out: TextIO = sys.stdout, stops: list[str] | None = None, enabled: bool = True):
-        self.n, self.out, self.enabled = n, out, enabled
+    def __init__(self, n: int, *, out: TextIO | None = None, stops: list[str] | None = None, enabled: bool = True):
+        self.n, self.out, self.enabled = n, out or sys.stdout, enabled
         self.texts: dict[int, str] = {i: "" for i in range(n)}
         self.finish_reasons: dict[int, str | None] = {i: None for i in range(n)}
         self.printed: dict[int, int] = {i: 0 for i in range(n)}
         # A stop string may span steps and is then cut from text already reported: hold
         # back as many characters as could begin one.
         self.hold_back = max((len(s) for s in stops or []), default=1) - 1
-        self.lines = _LabelledLines(out) if n > 1 else None
+        self.lines = _LabelledLines(self.out) if n > 1 else None
 
     def on_events(self, events) -> None:
         for event in events:
@@ -119,21 +119,21 @@ class _WatchedBackend:
 class StrategyView:
     """Live status of a strategy's samples on `out` (stderr), plus their text when `stream`."""
 
-    def __init__(self, extract: str | Callable[[str], str | None] = "auto", *, out: TextIO = sys.stderr,
+    def __init__(self, extract: str | Callable[[str], str | None] = "auto", *, out: TextIO | None = None,
                  stream: bool = True, live: bool | None = None, min_interval_s: float = 0.1):
         from functools import partial
 
         from thinkwise.tasks.extraction import extract_answer
 
         self.extract = extract if callable(extract) else partial(extract_answer, method=extract)
-        self.out, self.stream = out, stream
-        self.live = out.isatty() if live is None else live  # redraw one line in place
+        self.out, self.stream = out or sys.stderr, stream
+        self.live = self.out.isatty() if live is None else live  # redraw one line in place
         self.min_interval_s = min_interval_s
         self.groups: list = []
         self._answers: dict[tuple[int, int], str | None] = {}
         self._printed: dict[tuple[int, int], int] = {}
         self._closed: set[tuple[int, int]] = set()
-        self._lines = _LabelledLines(out)
+        self._lines = _LabelledLines(self.out)
         self._last_status, self._last_draw, self._status_shown = "", 0.0, False
 
     def watch(self, backend):
