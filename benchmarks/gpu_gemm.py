@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import math
-import os
+import sys
 import time
 from pathlib import Path
 
