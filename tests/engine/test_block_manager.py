@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from thinkwise.engine import block_manager as block_manager_module
 from thinkwise.engine.block_manager import BlockManager
 from thinkwise.engine.sampling_params import SamplingParams
 from thinkwise.engine.sequence import Request, Sequence
@@ -48,9 +49,52 @@ def test_prefix_blocks_are_reused_and_token_ids_checked():
     # The last token is never served from cache: its logits must be computed.
     third = make_seq(list(range(12)))
     assert bm.allocate_waiting(third, 100)[0] == 8
-    # A hash collision cannot alias a different prefix: token ids are compared too.
+    # An unrelated prompt shares nothing (forced collisions are tested below).
     other = make_seq([7] * 13)
     assert bm.allocate_waiting(other, 100)[0] == 0
+
+
+def computed(bm: BlockManager, tokens: list[int]) -> Sequence:
+    """A sequence admitted, fully computed and registered, as the engine leaves a prefill."""
+    seq = make_seq(tokens)
+    assert bm.allocate_waiting(seq, 100) is not None
+    seq.num_computed_tokens = len(tokens)
+    bm.register_computed_blocks(seq)
+    return seq
+
+
+X, Y, Z = [1, 2, 3, 4], [5, 6, 7, 8], [9, 10, 11, 12]
+
+
+def test_a_block_is_reused_only_under_the_same_whole_prefix():
+    # A = X Y . and B = Z Y . share their second block's tokens but not what precedes them,
+    # so that block's KV differs. C = Z Y . must reuse B's blocks, never A's second block.
+    bm = BlockManager(num_blocks=32, block_size=4)
+    a = computed(bm, X + Y + [40])
+    b = computed(bm, Z + Y + [41])
+    assert bm.block_hash[b.block_table[1]] is not None, "B's second block must be registered under its own prefix"
+    assert bm.block_hash[a.block_table[1]] != bm.block_hash[b.block_table[1]]
+    c = make_seq(Z + Y + [42])
+    assert bm.allocate_waiting(c, 100) == (8, 1)
+    assert c.block_table[:2] == b.block_table[:2]
+    assert a.block_table[1] not in c.block_table
+    # A prompt whose first block was never seen reuses nothing, even with a known second block.
+    d = make_seq([13, 14, 15, 16] + Y + [43])
+    assert bm.allocate_waiting(d, 100)[0] == 0
+
+
+def test_a_forced_hash_collision_never_serves_another_prompts_blocks(monkeypatch):
+    # Every block hashes alike: only the token-id comparison tells prompts apart.
+    monkeypatch.setattr(block_manager_module, "chain_hash", lambda previous, tokens: 7)
+    bm = BlockManager(num_blocks=32, block_size=4)
+    a = computed(bm, X + Y + [40])
+    b = make_seq(Z + Y + [41])
+    assert bm.allocate_waiting(b, 100) == (0, 9)
+    assert not set(a.block_table) & set(b.block_table)
+    # The block registered under the colliding hash still serves the prompt it holds.
+    again = make_seq(X + [50, 51])
+    assert bm.allocate_waiting(again, 100)[0] == 4
+    assert again.block_table[0] == a.block_table[0]
 
 
 def test_freed_blocks_stay_cached_until_reused():
