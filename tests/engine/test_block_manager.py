@@ -145,3 +145,45 @@ def test_release_more_than_acquired_is_caught():
     seq.block_table = table
     with pytest.raises(AssertionError):
         bm.free(seq)
+
+
+def test_bad_sizes_are_refused_and_the_smallest_cache_works():
+    for num_blocks, block_size in ((0, 4), (4, 0), (-1, 1)):
+        with pytest.raises(ValueError, match="num_blocks and block_size must be >= 1"):
+            BlockManager(num_blocks=num_blocks, block_size=block_size)
+    bm = BlockManager(num_blocks=1, block_size=1, watermark=0)
+    seq = make_seq([5])
+    assert bm.allocate_waiting(seq, 10) == (0, 1) and bm.num_free_blocks == 0
+
+
+def test_the_watermark_holds_back_blocks_for_running_sequences_only():
+    bm = BlockManager(num_blocks=200, block_size=4, watermark=0.05)
+    assert bm.watermark_blocks == 10
+    big = make_seq(list(range(4 * 195)))  # 195 blocks: leaves 5 free, under the 10 held back
+    assert bm.allocate_waiting(big, 10_000) is None
+    assert bm.num_free_blocks == 200 and big.block_table == []
+    assert bm.allocate_waiting(big, 10_000, keep_watermark=False) == (0, 4 * 195)  # nothing else runs
+    assert bm.num_free_blocks == 5
+
+
+def test_trim_releases_the_blocks_allocated_ahead():
+    bm = BlockManager(num_blocks=8, block_size=4)
+    seq = computed(bm, list(range(9)))  # 3 blocks, 2 full and registered
+    assert bm.allocate_slots(seq, 8)  # room for positions 9-16: two more blocks
+    assert len(seq.block_table) == 5 and bm.num_free_blocks == 3
+    kept = seq.block_table[:3]
+    bm.trim(seq, 9)
+    assert seq.block_table == kept and bm.num_free_blocks == 5
+    assert len(seq.block_hashes) == 2
+    bm.trim(seq, 8)  # the partial third block goes too; the two full ones stay
+    assert seq.block_table == kept[:2] and bm.num_free_blocks == 6 and len(seq.block_hashes) == 2
+
+
+def test_reset_prefix_cache_forgets_every_prefix():
+    bm = BlockManager(num_blocks=16, block_size=4)
+    first = computed(bm, X + Y + [40])
+    bm.free(first)
+    bm.reset_prefix_cache()
+    assert bm.cached_blocks == {} and all(h is None for h in bm.block_hash)
+    again = make_seq(X + Y + [40])
+    assert bm.allocate_waiting(again, 100) == (0, 9)

@@ -47,7 +47,8 @@ class ScriptedGroup:
         return self.final is not None
 
     def _finish(self) -> None:
-        counts = TokenCounts(prompt_tokens=3, prompt_tokens_computed=3, generated_tokens=sum(self.num_tokens))
+        counts = TokenCounts(prompt_tokens=3, prompt_tokens_computed=3, generated_tokens=sum(self.num_tokens),
+                             flops=1000.0, bytes_weights=40.0, bytes_kv=10.0)
         self.final = SimpleNamespace(counts=counts)
 
     async def next_events(self):
@@ -83,15 +84,17 @@ class ScriptedGroup:
 
 
 class ScriptedBackend:
-    intensity = 0.0
+    intensity = 2.0  # FLOP per byte, to check the controllers pass it on
     cost_basis = "engine"
 
     def __init__(self, groups):
         self.groups = list(groups)
         self.started: list[SamplingParams] = []
+        self.prompts: list = []
 
     async def start(self, prompt_ids, params: SamplingParams):
         self.started.append(params)
+        self.prompts.append(prompt_ids)
         group = self.groups.pop(0)
         assert group.k == params.n, f"the controller asked for {params.n} samples, the script has {group.k}"
         return group
@@ -140,6 +143,64 @@ def test_short_m_of_k_never_aborts_when_fewer_than_m_finish():
     group = ScriptedGroup(3, script)
     answer = asyncio.run(voting.short_m_of_k(ScriptedBackend([group]), [1], SamplingParams(), 3, 2, first_char))
     assert group.abort_calls == 0 and answer.votes == {"A": 1.0}
+
+
+def test_short_m_of_k_reports_who_was_aborted_why_and_what_it_cost():
+    group = ScriptedGroup(6, SHORT_SCRIPT)
+    backend = ScriptedBackend([group])
+    answer = asyncio.run(voting.short_m_of_k(backend, [1, 2, 3], SamplingParams(seed=1), 6, 2, first_char))
+    assert backend.prompts == [[1, 2, 3]] and answer.strategy == "short-2@6"
+    aborted = [s for s in answer.samples if s.finish_reason == "abort"]
+    assert sorted(s.index for s in aborted) == [0, 3, 5]
+    assert all(s.abort_reason == "short-2@6: 2 samples had already finished" for s in aborted)
+    assert answer.cost.samples == 6 and answer.cost.requests == 1 and answer.cost.aborted_samples == 3
+    assert answer.cost.effective_flops == 1000.0 + 2.0 * (40.0 + 10.0)  # the backend's intensity prices bytes
+    assert answer.votes == {"A": 1.0, "B": 1.0} and answer.answer in ("A", "B")
+
+
+def test_short_m_of_k_with_m_equal_to_k_waits_for_everyone():
+    script = [[(0, "stop", "A")], [(1, "stop", "B")], [(2, "stop", "B")]]
+    group = ScriptedGroup(3, script)
+    answer = asyncio.run(voting.short_m_of_k(ScriptedBackend([group]), [1], SamplingParams(), 3, 3, first_char))
+    assert group.steps_played == 3 and answer.votes == {"A": 1.0, "B": 2.0} and answer.answer == "B"
+
+
+@pytest.mark.parametrize("m, k", [(0, 4), (5, 4), (-1, 2)])
+def test_short_m_of_k_refuses_m_outside_1_to_k(m, k):
+    from thinkwise.errors import InvalidParameterError
+
+    with pytest.raises(InvalidParameterError, match=f"1 <= m <= k, got m={m}, k={k}") as caught:
+        asyncio.run(voting.short_m_of_k(ScriptedBackend([]), [1], SamplingParams(), k, m, first_char))
+    assert caught.value.param == "m"
+
+
+# ----------------------------------------------------------------------------- majority
+def test_majority_votes_over_finished_samples_only_and_breaks_ties_by_mean_length():
+    # Answers: B twice (chains of 2 and 2 tokens), A twice (1 and 6), C once but cut off by
+    # the budget (it does not vote). A and B tie at two votes; B's chains are shorter on
+    # average (2 against 3.5), though A holds the single shortest chain.
+    script = [
+        [(0, "stop", "A")] + [(i, None, "") for i in range(1, 5)],
+        [(1, "stop", "B"), (3, "stop", "B")],
+        [(2, None, "x")],
+        [(2, None, "y")],
+        [(2, None, "z")],
+        [(2, "stop", "A"), (4, "length", "C")],
+    ]
+    group = ScriptedGroup(5, script)
+    backend = ScriptedBackend([group])
+    answer = asyncio.run(voting.majority(backend, [7, 8], SamplingParams(seed=3), 5, lambda t: t[-1:] or None))
+    assert backend.started[0].n == 5 and backend.prompts == [[7, 8]]
+    assert answer.strategy == "majority@5" and group.abort_calls == 0
+    assert answer.votes == {"B": 2.0, "A": 2.0}
+    assert answer.answer == "B" and answer.text == "B"
+    assert answer.cost.samples == 5 and answer.cost.decode_tokens == sum(group.num_tokens)
+
+
+def test_majority_with_no_finished_sample_has_no_answer():
+    group = ScriptedGroup(2, [[(0, "length", "A"), (1, "length", "B")]])
+    answer = asyncio.run(voting.majority(ScriptedBackend([group]), [1], SamplingParams(), 2, first_char))
+    assert answer.answer is None and answer.votes == {} and answer.text == ""
 
 
 # ----------------------------------------------------------------------------- adaptive
