@@ -102,3 +102,10 @@ def test_the_per_position_uniforms_are_never_degenerate():
     values = [uniform_from_seed(seed, position) for seed in range(32) for position in range(64)]
     assert min(values) > 1e-6 and max(values) < 1 - 1e-6
     assert len({mix_seed(seed, salt) for seed in range(32) for salt in range(64)}) == 32 * 64
+
+
+def test_only_rows_without_logprobs_or_banned_ids_are_drawn_without_the_host():
+    assert Sampler.device_ready(row())
+    assert not Sampler.device_ready(row(logprobs=0))
+    assert not Sampler.device_ready(row(banned_token_ids=(3,)))
+    assert not Sampler.device_ready(row(logprobs=2, banned_token_ids=(3,)))

@@ -195,6 +195,9 @@ def test_majority_votes_over_finished_samples_only_and_breaks_ties_by_mean_lengt
     assert answer.votes == {"B": 2.0, "A": 2.0}
     assert answer.answer == "B" and answer.text == "B"
     assert answer.cost.samples == 5 and answer.cost.decode_tokens == sum(group.num_tokens)
+    assert [s.index for s in answer.samples] == [0, 1, 2, 3, 4]
+    assert [s.finish_reason for s in answer.samples] == ["stop", "stop", "stop", "stop", "length"]
+    assert isinstance(answer.cost.wall_time_s, float) and answer.cost.wall_time_s >= 0
 
 
 def test_majority_with_no_finished_sample_has_no_answer():
