@@ -80,3 +80,15 @@ def test_every_v1_route_accepts_the_right_key(client, routes):
 def test_probes_need_no_key(client):
     for path in ("/health", "/metrics"):
         assert client.get(path).status_code == 200
+
+
+def test_without_a_configured_key_every_v1_route_is_open(tiny_llama):
+    directory, _ = tiny_llama
+    llm = LLM(str(directory), dtype="float32", device="cpu", max_model_len=128, num_kv_blocks=64)
+    with TestClient(build_app(llm, ServerSettings(served_model_names=[MODEL]))) as open_client:
+        paths = open_client.app.openapi()["paths"]
+        for path, item in paths.items():
+            if path.startswith("/v1"):
+                for method in item:
+                    response = call(open_client, method.upper(), path, {})
+                    assert response.status_code == 200, f"{method} {path}: {response.status_code} {response.text}"
