@@ -73,17 +73,31 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --backend openai (default: $OPENAI_API_KEY)")
     solve.add_argument("question", help="the question ('-' reads standard input)")
 
-    bench = commands.add_parser("bench", help="accuracy vs cost of strategies on verifiable tasks")
+    bench = commands.add_parser(
+        "bench", help="accuracy vs cost of strategies on verifiable tasks",
+        description="Runs every strategy on the same generated problems and writes results.jsonl, summary.csv, "
+                    "paired_tests.csv, report.html and accuracy-vs-cost PNGs. CPU-sized example: --tasks sum:2,"
+                    "median:2 --strategies greedy,majority@4 --n-per-level 5 --max-tokens 160.")
     _add_engine_arguments(bench)
-    bench.add_argument("--tasks", default="sum:2-4,hanoi:3-4", help="families and levels, e.g. hanoi:3-6,sum:2-5")
+    bench.add_argument("--tasks", default="sum:2-4,hanoi:3-4",
+                       help="families and levels: NAME:LOW-HIGH, NAME:A/B/C or NAME (its default levels), comma-"
+                            "separated, e.g. hanoi:3-6,sum:2-5; jsonl:PATH for your own problems (default: %(default)s)")
     bench.add_argument("--strategies", default="greedy,majority@8,short-1@8,short-3@8,adaptive:16,budget:512",
-                       help="comma-separated strategy names")
-    bench.add_argument("--n-per-level", type=int, default=20, help="problems per family and level")
-    bench.add_argument("--max-tokens", type=int, default=512)
-    bench.add_argument("--temperature", type=float, default=0.7)
-    bench.add_argument("--top-p", type=float, default=0.95)
-    bench.add_argument("--seed", type=int, default=0, help="draws the problems and every problem's sampling seed")
-    bench.add_argument("--out", required=True, help="directory for results.jsonl, summary.csv, report.html, PNGs")
+                       help="comma-separated strategy names (default: %(default)s)")
+    bench.add_argument("--n-per-level", type=int, default=20,
+                       help="distinct problems per family and level (fewer where a level has fewer; default: %(default)s)")
+    bench.add_argument("--prompt-style", choices=["cot", "direct"], default="cot",
+                       help="cot: reason step by step, then the answer line; direct: the answer line only (default: %(default)s)")
+    bench.add_argument("--max-tokens", type=int, default=None,
+                       help="decode limit per sample (default: each family's limit for its level and the style)")
+    bench.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: %(default)s)")
+    bench.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling (default: %(default)s)")
+    bench.add_argument("--seed", type=int, default=0, help="draws the problems and every problem's sampling seed (default: %(default)s)")
+    bench.add_argument("--seeds", type=int, default=1,
+                       help="repeat the sampled strategies with this many sampling seeds and report the spread (default: %(default)s)")
+    bench.add_argument("--dry-run", action="store_true", help="print the plan and its estimate, run nothing")
+    bench.add_argument("--out", required=True,
+                       help="directory for the results and report; a rerun resumes what is missing")
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
     _add_engine_arguments(serve)
@@ -200,19 +214,23 @@ def _bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from thinkwise import LLM, SamplingParams
-    from thinkwise.bench import run_benchmark
-    from thinkwise.strategies import parse_strategy
-    from thinkwise.tasks import generate_problems
+    from thinkwise.bench import plan_benchmark, run_benchmark
+    from thinkwise.errors import InvalidParameterError
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    for name in strategies:
-        parse_strategy(name)  # fail fast, before loading the model
     if args.n_per_level < 1:
-        from thinkwise.errors import InvalidParameterError
-
         raise InvalidParameterError("--n-per-level must be >= 1", param="n_per_level")
-    total = len(generate_problems(args.tasks, args.n_per_level, args.seed)) * len(strategies)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+    params = SamplingParams(max_tokens=args.max_tokens or 512, temperature=args.temperature, top_p=args.top_p)
+    # Everything that can be checked and counted is, before the model loads.
+    planned = plan_benchmark(args.tasks, strategies, args.out, n_per_level=args.n_per_level, seed=args.seed,
+                             params=params, seeds=args.seeds, prompt_style=args.prompt_style,
+                             max_tokens=args.max_tokens)
+    print(planned.estimate(args.seeds), file=sys.stderr)
+    if planned.plan.token_bound > 200_000 and (args.device in (None, "cpu")):
+        print("warning: a long run on a CPU (the default model decodes some tens of tokens per second there); "
+              "the README's CPU-sized example finishes in minutes", file=sys.stderr)
+    if args.dry_run:
+        return 0
     # The CPU GEMM dispatch table changes bf16 rounding; a rerun into the same --out reuses the
     # first run's table so its samples, and so its accuracy, are reproduced exactly.
     table_path = Path(args.out) / "gemm_dispatch.json"
@@ -224,20 +242,21 @@ def _bench(args: argparse.Namespace) -> int:
     if table is not None and not table_path.exists():
         table_path.parent.mkdir(parents=True, exist_ok=True)
         table_path.write_text(json.dumps(table, indent=2))
-    bar = tqdm(total=total, unit="run", desc="bench")
+    bar = tqdm(total=planned.plan.runs, unit="problem", desc="bench", file=sys.stderr, dynamic_ncols=True)
 
-    def progress(strategy: str, count: int) -> None:
-        bar.set_postfix_str(strategy)
-        bar.update(count)
+    def progress(strategy: str, replicate: int) -> None:
+        bar.set_postfix_str(strategy + (f" seed {replicate}" if args.seeds > 1 else ""))
+        bar.update(1)
 
     summary = run_benchmark(llm, args.tasks, strategies, args.out, n_per_level=args.n_per_level, seed=args.seed,
-                            params=params, command="thinkwise " + " ".join(sys.argv[1:]), progress=progress)
+                            params=params, command="thinkwise " + " ".join(sys.argv[1:]), progress=progress,
+                            seeds=args.seeds, prompt_style=args.prompt_style, max_tokens=args.max_tokens,
+                            planned=planned)
     bar.close()
-    for row in summary:
-        if row["family"] == "all":
-            print(f"level {row['level']:>2} {row['strategy']:<12} accuracy {row['accuracy']:.3f}  "
-                  f"decode tokens {row['mean_decode_tokens']:>8}  seconds {row['mean_seconds']}")
-    print(f"wrote {args.out}/results.jsonl, summary.csv, report.html and accuracy_vs_*.png")
+    from thinkwise.bench.report import console_table
+
+    print(console_table(summary))
+    print(f"wrote {args.out}/results.jsonl, summary.csv, paired_tests.csv, report.html and accuracy_*.png")
     return 0
 
 
