@@ -226,9 +226,12 @@ def _bench(args: argparse.Namespace) -> int:
                              params=params, seeds=args.seeds, prompt_style=args.prompt_style,
                              max_tokens=args.max_tokens)
     print(planned.estimate(args.seeds), file=sys.stderr)
-    if planned.plan.token_bound > 200_000 and (args.device in (None, "cpu")):
-        print("warning: a long run on a CPU (the default model decodes some tens of tokens per second there); "
-              "the README's CPU-sized example finishes in minutes", file=sys.stderr)
+    bound = planned.plan.token_bound
+    if bound > 50_000 and args.device in (None, "cpu"):
+        # A 2-core CPU decodes the 0.5B default model at roughly 10-50 tokens/s over a full
+        # batch (docs/bench_default_cpu.md); every sample running to its limit bounds the time.
+        print(f"warning: a long run on a CPU: up to {bound / 50 / 60:,.0f}-{bound / 10 / 60:,.0f} minutes at 10-50 "
+              "decode tokens/s; the README's CPU-sized example takes minutes", file=sys.stderr)
     if args.dry_run:
         return 0
     # The CPU GEMM dispatch table changes bf16 rounding; a rerun into the same --out reuses the

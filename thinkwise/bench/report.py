@@ -47,11 +47,15 @@ GLOSSARY = {
                  "with k = its sample count): what a perfect answer selector would reach",
     "mean_decode_tokens": "tokens sampled per problem over all samples, aborted samples' tokens included",
     "truncated": "share of samples cut off by the token limit (finish 'length'): their answer is usually missing",
-    "mean_effective_flops": "Kinetics effective FLOPs per problem: matmul FLOPs + device intensity x bytes moved",
-    "mean_prompt_tokens_cached": "prompt tokens per problem served from the prefix cache (shared with other problems "
-                                 "of the same batch, e.g. the chat template's system prefix, or the strategy's own "
-                                 "earlier rounds); the cache is emptied before each strategy, so no strategy gains "
-                                 "from another's prompts",
+    "mean_effective_flops": "Kinetics effective FLOPs per problem as if it ran alone: matmul FLOPs + device "
+                            "intensity x bytes moved, with prompt tokens another problem of the batch had cached "
+                            "charged at computed cost",
+    "mean_prompt_tokens_cached": "prompt tokens per problem served from the prefix cache: the strategy's own earlier "
+                                 "rounds (adaptive) plus mean_prompt_tokens_shared; the cache is emptied before "
+                                 "each strategy, so no strategy gains from another's prompts",
+    "mean_prompt_tokens_shared": "of those, tokens another problem of the same batch had computed (the chat "
+                                 "template's common prefix): the batch's cache saving, charged back in "
+                                 "mean_effective_flops so costs do not depend on order or batching",
     "mean_seconds": "wall seconds per problem, with all problems of a strategy batched together (latency under load)",
     "max_tokens": "decode limit per sample (the family's default for the level and prompt style, or --max-tokens)",
     "e3": "E^3 = accuracy^2 / mean decode tokens (Plan-and-Budget): rewards accuracy more than thrift",
@@ -97,8 +101,10 @@ def _aggregate(strategy: str, family: str, level, items: list[dict]) -> dict:
         "mean_decode_tokens": round(_mean(tokens), 1),
         "truncated": round(_mean(s.get("truncated", s.get("finish") == "length") for s in samples), 4)
         if samples else "",
-        "mean_effective_flops": _mean(r["cost"]["effective_flops"] for r in items),
+        "mean_effective_flops": _mean(r["cost"].get("effective_flops_alone", r["cost"]["effective_flops"])
+                                      for r in items),
         "mean_prompt_tokens_cached": round(_mean(r["cost"]["prompt_tokens_cached"] for r in items), 1),
+        "mean_prompt_tokens_shared": round(_mean(r["cost"].get("prompt_tokens_shared", 0) for r in items), 1),
         "mean_seconds": round(_mean(r["cost"]["seconds"] for r in items), 3),
         "max_tokens": "/".join(map(str, limits)),
         "e3": round(e3(accuracy, _mean(tokens)), 6),
@@ -136,7 +142,7 @@ def summarize(rows: list[dict], strategies: list[str] | None = None) -> list[dic
             overall.update(family=ALL_FAMILIES, level=ALL_LEVELS, strategy=strategy,
                            problems=sum(s["problems"] for s in per_family), seeds=max(s["seeds"] for s in per_family))
             for key in ("accuracy", "pass_at_k", "mean_decode_tokens", "truncated", "mean_effective_flops",
-                        "mean_prompt_tokens_cached", "mean_seconds", "auc_oaa"):
+                        "mean_prompt_tokens_cached", "mean_prompt_tokens_shared", "mean_seconds", "auc_oaa"):
                 values = [s[key] for s in per_family if s[key] != ""]
                 if len(values) == len(per_family):
                     overall[key] = round(_mean(values), 4) if key != "mean_effective_flops" else _mean(values)

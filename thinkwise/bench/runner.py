@@ -6,8 +6,14 @@ same draws (majority@8 and short-3@8 see the same 8 samples until short-m@k stop
 `--seeds S` repeats the sampled strategies with S seeds (greedy is deterministic and runs
 once). All problems of one (strategy, replicate) run concurrently through one
 `AsyncEngine`. Before each such batch the prefix cache is emptied, so a strategy never
-finds prompts another strategy (or replicate) computed: its cost is what it costs run
-alone, whatever the order. Rows are appended to `results.jsonl` as problems finish, and a
+finds prompts another strategy (or replicate) computed. Within a batch, problems can still
+find each other's leading prompt blocks (the chat template's system prefix), depending on
+which the engine admitted first; those tokens are charged back at computed cost
+(`Charge`: FLOPs and the bytes of computing them), so each row's `flops_alone` and
+`effective_flops_alone` are what the problem costs run alone, whatever the order; the
+cache saving stays visible as `prompt_tokens_shared`. (Bytes of weights read are split
+over whatever shares an engine step, as in any batched serving, so effective FLOPs still
+move a little with the batch's timing; tokens and FLOPs do not.) Rows are appended to `results.jsonl` as problems finish, and a
 rerun skips the (problem, strategy, replicate) rows already there, so an interrupted CPU
 run resumes; `bench_config.json` records the settings that decide a row, and a rerun with
 different ones is refused instead of mixing them.
@@ -28,6 +34,42 @@ from thinkwise.tasks import Problem, get_family
 
 # Strategies whose answer does not depend on the sampling seed: one replicate is enough.
 DETERMINISTIC = ("greedy",)
+
+
+@dataclass(frozen=True)
+class Charge:
+    """How to price prompt tokens a problem found cached by another problem of its batch."""
+
+    cost_spec: object  # thinkwise.cost.model_cost.ModelCostSpec
+    intensity: float  # FLOP per byte of the device (Kinetics)
+    block_size: int
+
+    @classmethod
+    def of(cls, llm) -> "Charge | None":
+        engine = getattr(llm, "engine", None)
+        if engine is None or not hasattr(engine, "cost_spec"):
+            return None
+        from thinkwise.cost.hardware import device_intensity
+
+        return cls(engine.cost_spec, device_intensity(engine.device)[0], engine.config.block_size)
+
+    def shared_tokens(self, cost) -> int:
+        """Cached prompt tokens beyond those the strategy's own later requests (adaptive's
+        rounds) would find cached when run alone: each request after the first reuses the
+        prompt's full blocks, all but the last token."""
+        if cost.requests < 1:
+            return 0
+        prompt = cost.prompt_tokens // cost.requests
+        own = (cost.requests - 1) * ((prompt - 1) // self.block_size * self.block_size)
+        return max(0, cost.prompt_tokens_cached - own)
+
+    def alone(self, cost) -> tuple[int, float, float]:
+        """(shared tokens, FLOPs alone, effective FLOPs alone)."""
+        shared = self.shared_tokens(cost)
+        spec = self.cost_spec
+        flops = spec.dense_flops(shared) + spec.attention_flops(0, shared)
+        moved = shared * (spec.kv_bytes_per_token + spec.embedding_row_bytes)  # KV written, embedding rows read
+        return shared, cost.flops + flops, cost.effective_flops + flops + self.intensity * moved
 
 
 def problem_seed(run_seed: int, problem: Problem, replicate: int = 0) -> int:
@@ -132,6 +174,7 @@ def run_bench(llm, problems: list[Problem], strategies: list[str], params: Sampl
     specs = {name: parse_strategy(name) for name in strategies}  # fail early on a bad name
     plan = plan_runs(problems, strategies, params, out_dir, seeds, max_tokens)
     results_path = out_dir / "results.jsonl"
+    charge = Charge.of(llm)
     for name, replicate, todo in plan.batches:
         _empty_prefix_cache(llm)
         jobs = [(problem, replace(params, seed=problem_seed(seed, problem, replicate),
@@ -139,7 +182,8 @@ def run_bench(llm, problems: list[Problem], strategies: list[str], params: Sampl
 
         def finished(index: int, answer, name=name, replicate=replicate) -> None:
             problem, job_params = jobs[index]
-            row = result_row(problem, name, answer, replicate=replicate, max_tokens=job_params.max_tokens)
+            row = result_row(problem, name, answer, replicate=replicate, max_tokens=job_params.max_tokens,
+                             charge=charge)
             with results_path.open("a") as sink:
                 sink.write(json.dumps(row) + "\n")
             if progress is not None:
@@ -195,7 +239,8 @@ def _timed_check(family, problem: Problem, text: str) -> tuple[bool, float]:
     return correct, time.perf_counter() - start
 
 
-def result_row(problem: Problem, strategy: str, answer, replicate: int = 0, max_tokens: int | None = None) -> dict:
+def result_row(problem: Problem, strategy: str, answer, replicate: int = 0, max_tokens: int | None = None,
+               charge: Charge | None = None) -> dict:
     """One results.jsonl line. Each sample is checked once (for code tasks a sandbox run); the
     chosen answer's correctness is its sample's. A sample that ran into the token limit is
     marked `truncated` (finish "length"). ENAMEL-style efficiency of a code sample is 0 when
@@ -220,6 +265,7 @@ def result_row(problem: Problem, strategy: str, answer, replicate: int = 0, max_
     if chosen_correct is None:
         chosen_correct = family.check(problem, answer.text)
     cost = answer.cost
+    shared, flops_alone, effective_alone = charge.alone(cost) if charge else (0, cost.flops, cost.effective_flops)
     return {
         "problem": problem.id, "family": problem.family, "level": problem.level, "strategy": strategy,
         "replicate": replicate, "prompt_style": problem.style, "max_tokens": max_tokens,
@@ -229,5 +275,6 @@ def result_row(problem: Problem, strategy: str, answer, replicate: int = 0, max_
                  "prompt_tokens_computed": cost.prompt_tokens_computed,
                  "prompt_tokens_cached": cost.prompt_tokens_cached, "forced_tokens": cost.forced_tokens,
                  "flops": cost.flops, "bytes_moved": cost.bytes_moved, "effective_flops": cost.effective_flops,
-                 "seconds": cost.wall_time_s, "device_seconds": cost.device_time_s, "energy_j": cost.energy_j},
+                 "seconds": cost.wall_time_s, "device_seconds": cost.device_time_s, "energy_j": cost.energy_j,
+                 "prompt_tokens_shared": shared, "flops_alone": flops_alone, "effective_flops_alone": effective_alone},
     }
