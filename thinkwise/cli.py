@@ -20,6 +20,9 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default", help="'default', a Hugging Face model directory, or a .gguf file")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument("--dtype", default=None, help="bfloat16 (default), float16 or float32")
+    parser.add_argument("--compute-dtype", default=None,
+                        help="dtype of activations, attention and the KV cache (default: --dtype); float32 with "
+                             "16-bit weights is LayerCast: reproducible whatever is batched, slower")
     parser.add_argument("--kv-blocks", type=int, default=None, help="number of KV cache blocks")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="most sequences batched at once")
@@ -28,7 +31,7 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _engine_options(args: argparse.Namespace) -> dict:
     return dict(
-        device=args.device, dtype=args.dtype, num_kv_blocks=args.kv_blocks, block_size=args.block_size,
+        device=args.device, dtype=args.dtype, compute_dtype=args.compute_dtype, num_kv_blocks=args.kv_blocks, block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
     )
 

@@ -35,7 +35,7 @@ class ModelCostSpec:
     head_dim: int
     hidden_size: int
     vocab_size: int
-    element_bytes: int  # bytes of one weight / KV element at the engine's dtype
+    element_bytes: int  # bytes of one weight element at the engine's weight dtype
     dense_params: int  # matmul weights a token passes through (all layers, lm_head excluded)
     body_weight_bytes: int  # per-layer weights, biases and norms, and the final norm: read every step
     lm_head_bytes: int  # vocab x hidden: read in a step that samples any row
@@ -43,8 +43,10 @@ class ModelCostSpec:
     kv_bytes_per_token: int  # K and V of one position, all layers
 
     @classmethod
-    def from_config(cls, config, dtype: torch.dtype) -> ModelCostSpec:
+    def from_config(cls, config, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> ModelCostSpec:
+        """`dtype` stores the weights; `kv_dtype` the KV cache (default: the same)."""
         element = torch.empty((), dtype=dtype).element_size()
+        kv_element = torch.empty((), dtype=kv_dtype or dtype).element_size()
         h, layers = config.hidden_size, config.num_layers
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         per_layer = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
@@ -57,7 +59,7 @@ class ModelCostSpec:
             vocab_size=config.vocab_size, element_bytes=element, dense_params=layers * per_layer,
             body_weight_bytes=body * element, lm_head_bytes=table * element,
             weight_bytes=(body + table * (1 if config.tie_word_embeddings else 2)) * element,
-            kv_bytes_per_token=2 * layers * config.num_kv_heads * config.head_dim * element,
+            kv_bytes_per_token=2 * layers * config.num_kv_heads * config.head_dim * kv_element,
         )
 
     @property

@@ -15,7 +15,12 @@ _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.
 @dataclass
 class EngineConfig:
     device: str | None = None  # None: cuda if available, else cpu
-    dtype: str | torch.dtype | None = None  # None: bfloat16
+    dtype: str | torch.dtype | None = None  # None: bfloat16. The weights' storage dtype
+    # The dtype of activations, norms, softmax and the KV cache; None: the same as `dtype`.
+    # "float32" with 16-bit weights is LayerCast (Give Me FP32): weights stay 16-bit in memory
+    # and are upcast at each matmul, so results no longer depend on which kernel a batch size
+    # picks (seeded samples repeat whatever else is batched, across processes too).
+    compute_dtype: str | torch.dtype | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: from the memory budget below
     kv_cache_memory_gb: float = 1.0  # CPU: bytes for the KV cache
@@ -72,11 +77,24 @@ def stage_to_device(values: list, dtype: torch.dtype, device: torch.device) -> t
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, param: str = "dtype") -> torch.dtype:
     if dtype is None:
         return torch.bfloat16
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise InvalidParameterError(f"dtype {dtype!r} is not one of {', '.join(_DTYPES)}", param="dtype")
+        raise InvalidParameterError(f"{param} {dtype!r} is not one of {', '.join(_DTYPES)}", param=param)
     return _DTYPES[dtype]
+
+
+def resolve_compute_dtype(compute_dtype: str | torch.dtype | None, weight_dtype: torch.dtype,
+                          device: torch.device) -> torch.dtype:
+    """The activations' dtype: `weight_dtype` unless given; never narrower than the weights."""
+    if compute_dtype is None:
+        return weight_dtype
+    resolved = resolve_dtype(compute_dtype, device, param="compute_dtype")
+    if resolved.itemsize < weight_dtype.itemsize:
+        raise InvalidParameterError(
+            f"compute_dtype {compute_dtype!r} is narrower than the weights' dtype {weight_dtype}; "
+            "lower dtype instead, or use compute_dtype='float32'", param="compute_dtype")
+    return resolved

@@ -23,7 +23,7 @@ import torch
 from thinkwise.cost.hardware import StepMeter
 from thinkwise.cost.model_cost import ModelCostSpec, attribute_step
 from thinkwise.engine.block_manager import BlockManager
-from thinkwise.engine.config import EngineConfig, resolve_device, resolve_dtype
+from thinkwise.engine.config import EngineConfig, resolve_compute_dtype, resolve_device, resolve_dtype
 from thinkwise.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from thinkwise.engine.model_runner import ModelRunner, kv_bytes_per_token
 from thinkwise.engine.outputs import CompletionOutput, RequestOutput
@@ -111,12 +111,20 @@ class Engine:
         self.chat_template = loaded.chat_template
         self.model_name = loaded.name
         self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        model = build_model(loaded, device=self.device, dtype=self.dtype)
+        self.weight_dtype = resolve_dtype(config.dtype, self.device)
+        # Everything past the weights (activations, KV cache, attention) runs in `dtype`.
+        self.dtype = resolve_compute_dtype(config.compute_dtype, self.weight_dtype, self.device)
+        self.layercast = self.dtype != self.weight_dtype
+        model = build_model(loaded, device=self.device, dtype=self.weight_dtype, compute_dtype=self.dtype)
         loaded.weights.clear()  # the model holds its own copy; don't keep two
-        self.run_metadata: dict[str, Any] = {"device": str(self.device), "dtype": str(self.dtype)}
+        self.run_metadata: dict[str, Any] = {"device": str(self.device), "dtype": str(self.weight_dtype),
+                                             "compute_dtype": str(self.dtype)}
         self.cpu_threads = None
-        if self.device.type == "cpu" and config.cpu_gemm_dispatch:
+        if self.layercast:
+            # One matmul implementation at every batch size (weights upcast, torch's fp32 GEMM):
+            # a profiled table would make results depend on the rows in a step and on the run.
+            self.run_metadata["gemm_dispatch"] = "off (compute_dtype differs from the weights' dtype)"
+        elif self.device.type == "cpu" and config.cpu_gemm_dispatch:
             self.cpu_threads = config.cpu_torch_threads
             dispatcher = LinearDispatcher()
             with torch_threads(self.cpu_threads):
@@ -146,7 +154,7 @@ class Engine:
         if self.runner.unified_max_stats is not None:
             self.run_metadata["unified_max_softmax"] = self.runner.unified_max_stats
         self.sampler = Sampler(self.device)
-        self.cost_spec = ModelCostSpec.from_config(loaded.config, self.dtype)
+        self.cost_spec = ModelCostSpec.from_config(loaded.config, self.weight_dtype, kv_dtype=self.dtype)
         self.step_meter = StepMeter(self.device)
         self.run_metadata["energy"] = "nvml" if self.step_meter.energy_available else "unavailable"
         self.eos_token_ids = set(loaded.config.eos_token_ids)

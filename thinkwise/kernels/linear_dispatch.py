@@ -122,7 +122,10 @@ class DispatchLinear(nn.Module):
             if self.bias is not None:
                 out += self.bias
             return out.to(x.dtype)
-        return nn.functional.linear(x, self.weight, self.bias)
+        weight = self.weight
+        if weight.dtype != x.dtype:  # LayerCast: 16-bit storage, the matmul in x's (fp32) dtype
+            weight = weight.to(x.dtype)
+        return nn.functional.linear(x, weight, self.bias)
 
     def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
         """`silu_mul(self(x))` for the fused [gate; up] projection; one launch where the

@@ -142,17 +142,22 @@ def decode_attention(
     table = block_tables[:batch, :num_blocks]
     keys = k_cache[table].reshape(batch, num_blocks * block_size, num_kv_heads, head_dim)
     values = v_cache[table].reshape(batch, num_blocks * block_size, num_kv_heads, head_dim)
-    q = query.view(batch, num_kv_heads, group, head_dim)
-    scores = torch.einsum("bhgd,blhd->bhgl", q, keys.to(q.dtype)).float() * scale
+    # Scores, softmax and the weighted sum in fp32 from fp32 operands (SDPA in prefill and the
+    # Triton kernel keep scores in fp32 too). An einsum in bf16 rounds each raw q.k to 8 bits
+    # of mantissa before the scale: the default model's raw scores reach ~9,700 (its
+    # attention-sink keys), where bf16's spacing is 64, i.e. 8 nats after the 1/8 scale, so
+    # decode drifted from prefill (greedy "Hello" looped on one token; transformers did not).
+    q = query.view(batch, num_kv_heads, group, head_dim).float()
+    scores = torch.einsum("bhgd,blhd->bhgl", q, keys.float()) * scale
     positions = torch.arange(num_blocks * block_size, device=query.device)
     invalid = positions[None, :] >= seq_lens[:batch, None]
     scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
     if prefix is not None:
-        return _cascade_merge(scores, values.to(query.dtype), prefix.row_starts[:batch], positions).reshape(
+        return _cascade_merge(scores, values.float(), prefix.row_starts[:batch], positions).reshape(
             batch, num_heads, head_dim).to(query.dtype)
-    probs = torch.softmax(scores, dim=-1).to(query.dtype)
-    out = torch.einsum("bhgl,blhd->bhgd", probs, values.to(query.dtype))
-    return out.reshape(batch, num_heads, head_dim)
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("bhgl,blhd->bhgd", probs, values.float())
+    return out.reshape(batch, num_heads, head_dim).to(query.dtype)
 
 
 def _cascade_merge(scores: torch.Tensor, values: torch.Tensor, starts: torch.Tensor, positions: torch.Tensor):

@@ -125,7 +125,8 @@ class LlamaFamilyModel(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         """Final-normed hidden states [num_tokens, hidden] for a flat batch of tokens."""
-        hidden = self.embed_tokens(input_ids)
+        # The norms' dtype is the compute dtype; the table may be stored narrower (LayerCast).
+        hidden = self.embed_tokens(input_ids).to(self.norm.weight.dtype)
         cos, sin = self.rotary.cos_sin(positions, hidden.dtype)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
