@@ -89,7 +89,15 @@ def test_costs_do_not_depend_on_strategy_order(llm, tmp_path):
             "prompt": r["cost"]["prompt_tokens_computed"] + r["cost"]["prompt_tokens_cached"],
             "computed_alone": r["cost"]["prompt_tokens_computed"] + r["cost"]["prompt_tokens_shared"],
         } for r in rows_of(tmp_path / name)}
-    assert costs["forward"] == costs["backward"]
+    # short-1@3 aborts its other samples when the first finishes; how many tokens they decode
+    # before the abort lands depends on thread timing (a loaded machine lags), not on order,
+    # so its prompt accounting is compared and its decode counts are not.
+    exact = {key: c for key, c in costs["forward"].items() if key[1] != "short-1@3"}
+    assert exact == {key: c for key, c in costs["backward"].items() if key[1] != "short-1@3"}
+    assert len(exact) == 2 * 6
+    for key, c in costs["forward"].items():
+        assert (c["prompt"], c["computed_alone"]) == (costs["backward"][key]["prompt"],
+                                                      costs["backward"][key]["computed_alone"])
     # Nothing a later strategy saved came from an earlier one: every prompt token is
     # computed or charged as computed.
     assert all(c["computed_alone"] == c["prompt"] for c in costs["forward"].values())

@@ -64,6 +64,16 @@ def test_seed_spread_and_mean_over_seeds():
     assert (s["ci_low"], s["ci_high"]) == pytest.approx(wilson_interval(2, 4), abs=1e-4)  # mean count 2 of 4
 
 
+def test_every_column_is_explained():
+    from thinkwise.bench.report import explained
+
+    summary = summarize(results(), ["greedy", "majority@4"])
+    tests = paired_tests(results(), ["greedy", "majority@4"])
+    columns = set(summary[0]) | set(tests[0])
+    assert [c for c in columns if not explained(c)] == []
+    assert not explained("no_such_column")
+
+
 def test_paired_tests_count_discordant_problems():
     tests = paired_tests(results(), ["greedy", "majority@4", "short-1@4"])
     (sum_test,) = [t for t in tests if t["family"] == "sum" and t["strategy"] == "majority@4"]

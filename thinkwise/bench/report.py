@@ -37,6 +37,8 @@ GLOSSARY = {
     "family, level": "task family and its difficulty knob (digits, list length, disks ...); 'all' = every level of "
                      "the family, each problem weighted equally; 'all families' = the mean of the family rows, each "
                      "family weighted equally (no interval: it is not one binomial sample)",
+    "strategy": "the test-time strategy: greedy, majority@k (vote of k samples), short-m@k (vote of the first m of k "
+                "to finish, the rest aborted), adaptive:N (rounds of 4 samples until the vote is decided, at most N)",
     "problems": "distinct problems (a level with fewer distinct instances than asked runs only those)",
     "seeds": "sampling seeds the strategy ran with (greedy is deterministic: 1)",
     "correct": "problems answered correctly (mean over seeds)",
@@ -61,9 +63,18 @@ GLOSSARY = {
     "e3": "E^3 = accuracy^2 / mean decode tokens (Plan-and-Budget): rewards accuracy more than thrift",
     "auc_oaa": "AUC_OAA (OptimalThinkingBench): mean over problems of correct x max(0, 1000 - tokens) / 1000",
     "eff_at_k": "eff@k (ENAMEL), code tasks only: expected best runtime efficiency of k samples (0 when wrong)",
-    "paired tests": "exact McNemar on seed 0: strategy_only = problems only the strategy solved, baseline_only = "
-                    "only the baseline solved; p_value two-sided (small = the difference is unlikely to be chance)",
+    "baseline": "paired tests: the strategy compared with (greedy, and majority@k at the same k, else the largest)",
+    "pairs": "paired tests: problems both ran (seed 0)",
+    "strategy_correct, baseline_correct": "paired tests: problems each solved",
+    "strategy_only, baseline_only": "paired tests: problems only the strategy / only the baseline solved (the "
+                                    "discordant pairs McNemar looks at)",
+    "p_value": "paired tests: two-sided exact McNemar p-value (small = the difference is unlikely to be chance; "
+               "with a few problems even a perfect split of 3 to 0 gives 0.25)",
 }
+
+
+def explained(column: str) -> bool:
+    return any(column in [part.strip() for part in key.split(",")] for key in GLOSSARY)
 
 
 def _mean(values) -> float:
@@ -145,7 +156,9 @@ def summarize(rows: list[dict], strategies: list[str] | None = None) -> list[dic
                         "mean_prompt_tokens_cached", "mean_prompt_tokens_shared", "mean_seconds", "auc_oaa"):
                 values = [s[key] for s in per_family if s[key] != ""]
                 if len(values) == len(per_family):
-                    overall[key] = round(_mean(values), 4) if key != "mean_effective_flops" else _mean(values)
+                    digits = {"mean_decode_tokens": 1, "mean_prompt_tokens_cached": 1, "mean_prompt_tokens_shared": 1,
+                              "mean_seconds": 3}.get(key, 4)
+                    overall[key] = round(_mean(values), digits) if key != "mean_effective_flops" else _mean(values)
             overall["e3"] = round(e3(overall["accuracy"], overall["mean_decode_tokens"]), 6)
             summary.append(overall)
     if all(s["eff_at_k"] == "" for s in summary):
