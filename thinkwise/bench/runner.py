@@ -13,7 +13,8 @@ which the engine admitted first; those tokens are charged back at computed cost
 `effective_flops_alone` are what the problem costs run alone, whatever the order; the
 cache saving stays visible as `prompt_tokens_shared`. (Bytes of weights read are split
 over whatever shares an engine step, as in any batched serving, so effective FLOPs still
-move a little with the batch's timing; tokens and FLOPs do not.) Rows are appended to `results.jsonl` as problems finish, and a
+move a little with the batch's timing; tokens and FLOPs do not.) Rows are appended to
+`results.jsonl` as problems finish, and a
 rerun skips the (problem, strategy, replicate) rows already there, so an interrupted CPU
 run resumes; `bench_config.json` records the settings that decide a row, and a rerun with
 different ones is refused instead of mixing them.

@@ -4,7 +4,8 @@ A `TaskFamily` turns (level, seed) into a `Problem`, deterministically: the prom
 what to answer and in which form, but never contains the answer; `reference` is the
 canonical answer. A prompt style decides whether the model is asked to reason first
 ("cot": step by step, then the answer line) or to give the answer line alone ("direct");
-each family states the token limit its levels need in either style. `extract` reads a model's full response into the canonical form that
+each family states the token limit its levels need in either style. `extract` reads a
+model's full response into the canonical form that
 votes are grouped by, and `check` decides correctness exactly (for puzzles, by
 simulating the proposed moves; for constraint problems, by testing the proposed
 solution, so any valid answer counts). Families register themselves by name; task specs
