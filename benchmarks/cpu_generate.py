@@ -3,22 +3,26 @@
 Both load the same GGUF in the same process and dtype, decode the same chat prompt with
 every request forced to its full length (EOS ignored), and are timed the same way:
 batch-1 greedy decode, then n=8 samples of one prompt. Prints tokens/s and the ratios,
-and writes JSON (default benchmarks/results/cpu_generate.json).
+and writes a new JSON file (benchmarks/results/cpu_generate-<UTC time>.json unless --out) with
+the command, the machine and the versions of thinkwise, torch and transformers.
 
-    python benchmarks/cpu_generate.py [--new-tokens 64] [--samples 8] [--dtype bfloat16]
+    python benchmarks/cpu_generate.py [--new-tokens 48] [--samples 8] [--dtype bfloat16] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
+import sys
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python benchmarks/X.py`: put the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import thinkwise  # noqa: F401  (thread settings before torch)
 import torch
 
+from benchmarks.common import add_output_arguments, output_path, write_result
 from thinkwise import LLM, SamplingParams
 from thinkwise.loading import resolve_default_model
 
@@ -31,14 +35,19 @@ def time_call(fn) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--new-tokens", type=int, default=48, help="forced new tokens per sample")
+    parser.add_argument("--samples", type=int, default=8, help="n of the n-samples measurement")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement; the best is kept")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "cpu_generate.json"))
-    args = parser.parse_args()
+    add_output_arguments(parser, "cpu_generate")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    out = output_path(args, "cpu_generate")
     dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
     torch.set_num_threads(min(torch.get_num_threads(), 2) if torch.get_num_threads() else 2)
 
@@ -85,16 +94,12 @@ def main() -> None:
     ratio_nk = results[f"thinkwise_n{k}"]["tokens_per_s"] / results[f"transformers_n{k}"]["tokens_per_s"]
     print(f"ratio batch-1: {ratio_b1:.2f}x   ratio n={k}: {ratio_nk:.2f}x")
     report = {
-        "machine": {"processor": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                    "torch": torch.__version__},
         "model": "default (Qwen2.5-Coder-0.5B-Instruct GGUF)", "dtype": args.dtype, "new_tokens": n_new,
         "prompt_tokens": len(prompt_ids), "samples": k, "results": results,
         "ratio_batch1": round(ratio_b1, 3), f"ratio_n{k}": round(ratio_nk, 3),
         "thinkwise_run_metadata": {k2: v for k2, v in llm.engine.run_metadata.items()},
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_result(out, report)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ and times, with CUDA events, one decode-attention call of:
     K/V, then `scaled_dot_product_attention` (GQA);
   - SDPA alone on pre-gathered contiguous K/V (a stricter bound: no gather at all).
 KV-read bandwidth = bytes of K and V the call must read / time (CUDA-graph replay, as in
-the engine), next to the device's copy bandwidth. Prints ratios; writes JSON to $OUT (or --out).
+the engine), next to the device's copy bandwidth. Prints ratios; writes a new JSON file under $OUT or benchmarks/results (or --out).
 
     python benchmarks/gpu_attention.py [--batches 1,16,64] [--contexts 1024,4096,16384,32768]
 """
@@ -17,12 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python benchmarks/X.py`: put the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import add_output_arguments, output_path, require_cuda, write_result
 from benchmarks.gpu_throughput import copy_bandwidth
 from thinkwise.kernels.triton_decode_attention import triton_decode_attention
 
@@ -57,8 +61,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--contexts", default="1024,4096,16384,32768")
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "gpu_attention.json"))
+    add_output_arguments(parser, "gpu_attention")
     args = parser.parse_args()
+    require_cuda("gpu_attention.py")
+    out = output_path(args, "gpu_attention")
     bandwidth = copy_bandwidth()
     report = {"device": torch.cuda.get_device_name(), "copy_bandwidth_GBps": round(bandwidth / 1e9, 1),
               "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "block_size": BLOCK},
@@ -113,9 +119,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
             del k_cache, v_cache, keys, values
             torch.cuda.empty_cache()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_result(out, report)
 
 
 if __name__ == "__main__":

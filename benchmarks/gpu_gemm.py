@@ -9,9 +9,9 @@ device's copy bandwidth; cuBLAS is timed twice, so the spread between the two is
 noise floor for the ratios. Every Triton result is first checked against cuBLAS. Then it
 runs the engine's start-up profile (`GpuLinearDispatcher`) on a full Llama-3-8B set of
 weights, twice (cold: Triton compiles; warm: its disk cache), and prints the table.
-Prints a side-by-side table; writes JSON to $OUT (or --out).
+Prints a side-by-side table; writes a new JSON file under $OUT or benchmarks/results (or --out).
 
-    PYTHONPATH=. python benchmarks/gpu_gemm.py [--shapes 4096x4096,...] [--rows 1,2,4] [--sweep default|wide]
+    python benchmarks/gpu_gemm.py [--shapes 4096x4096,...] [--rows 1,2,4] [--sweep default|wide]
 """
 
 from __future__ import annotations
@@ -19,14 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
+import sys
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python benchmarks/X.py`: put the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.common import add_output_arguments, output_path, require_cuda, write_result
 from benchmarks.gpu_throughput import copy_bandwidth
 from thinkwise.kernels import triton_gemm as tg
 from thinkwise.kernels.linear_dispatch import GRAPH_BYTES, L2_SWEEP, MAX_GRAPH_CALLS, DispatchLinear, \
@@ -159,8 +163,10 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(map(str, ROWS)))
     parser.add_argument("--sweep", choices=["default", "wide"], default="wide")
     parser.add_argument("--profile-layers", type=int, default=32, help="8B layers for the start-up profile (0: skip)")
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "gpu_gemm.json"))
+    add_output_arguments(parser, "gpu_gemm")
     args = parser.parse_args()
+    require_cuda("gpu_gemm.py")
+    out = output_path(args, "gpu_gemm")
 
     props = torch.cuda.get_device_properties(0)
     bandwidth = copy_bandwidth()
@@ -176,8 +182,7 @@ def main() -> None:
     configs = list(tg.DEFAULT_CONFIGS) + (list(WIDE_SWEEP) if args.sweep == "wide" else [])
     report["configs"] = [c.name for c in configs]
     report["results"] = bench_shapes(args, configs, bandwidth, props.L2_cache_size)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_result(out, report)
 
     print(f"\n{'shape':>13} {'M':>3} {'cuBLAS us':>9} {'(rep)':>7} {'Triton us':>9} {'cuB/Tri':>7} "
           f"{'cuB bw':>6} {'Tri bw':>6}  best Triton config")
@@ -193,7 +198,6 @@ def main() -> None:
             print(f"  {shape:>12}: " + ", ".join(f"{a}-{b if b else ''} {impl}" for (a, b), impl in
                                                ((r["rows"], r["impl"]) for r in ranges)))
         print("  start-up seconds:", report["dispatcher"]["start_up_runs"])
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,22 @@ captured. A/B runs switch environment flags (THINKWISE_PDL, THINKWISE_GEMM_EPILO
 
     python benchmarks/gpu_host_vs_gpu.py qwen3-0.6b
 """
-import json, os, sys, time
+import argparse, json, os, sys, time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python benchmarks/X.py`: put the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
-from benchmarks.gpu_throughput import random_llm
+from benchmarks.common import require_cuda
+from benchmarks.gpu_throughput import SHAPES, random_llm
 from thinkwise import SamplingParams
 from thinkwise.engine import engine as engine_mod
 
-shape_name = sys.argv[1] if len(sys.argv) > 1 else "qwen3-0.6b"
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("shape", nargs="?", default="qwen3-0.6b", choices=sorted(SHAPES))
+shape_name = parser.parse_args().shape
+require_cuda("gpu_host_vs_gpu.py")
 llm, config = random_llm(shape_name, num_kv_blocks=64, max_num_seqs=1)
 engine = llm.engine
 waits = []

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 import random
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python benchmarks/X.py`: put the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 
+from benchmarks.common import add_output_arguments, output_path, require_cuda, write_result
 from benchmarks.gpu_throughput import SHAPES, hf_config
 
 
@@ -31,8 +35,10 @@ def main() -> None:
     parser.add_argument("--hf-requests", type=int, default=64)
     parser.add_argument("--min-len", type=int, default=100)
     parser.add_argument("--max-len", type=int, default=1024)
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "gpu_offline.json"))
+    add_output_arguments(parser, "gpu_offline")
     args = parser.parse_args()
+    require_cuda("gpu_offline.py")
+    out = output_path(args, "gpu_offline")
     from transformers import AutoModelForCausalLM
 
     from thinkwise import LLM, SamplingParams
@@ -84,8 +90,7 @@ def main() -> None:
               "transformers_requests": args.hf_requests, "transformers_s": round(hf_s, 2),
               "transformers_tok_s": round(hf_rate, 1), "thinkwise_vs_transformers": round(ours / hf_rate, 2)}
     print(json.dumps(report, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_result(out, report)
 
 
 if __name__ == "__main__":

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python benchmarks/X.py`: put the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 
+from benchmarks.common import add_output_arguments, output_path, require_cuda, write_result
 from benchmarks.gpu_throughput import SHAPES, hf_config
 
 
@@ -48,9 +52,10 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=4096)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"),
-                                                      "gpu_shared_prefix.json"))
+    add_output_arguments(parser, "gpu_shared_prefix")
     args = parser.parse_args()
+    require_cuda("gpu_shared_prefix.py")
+    out = output_path(args, "gpu_shared_prefix")
     from transformers import AutoModelForCausalLM
 
     from thinkwise import LLM
@@ -76,8 +81,7 @@ def main() -> None:
               "shared_vs_one": round(shared / one, 3), "without_vs_one": round(unshared / one, 3),
               "unified_max": engine.run_metadata.get("unified_max_softmax")}
     print(json.dumps(report, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
+    write_result(out, report)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,23 @@ and the gap locations are what to read.
 
     python benchmarks/gpu_step_gaps.py qwen3-0.6b 1
 """
-import collections, json, os, sys
+import argparse, collections, json, os, sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python benchmarks/X.py`: put the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
-from benchmarks.gpu_throughput import random_llm
+from benchmarks.common import require_cuda
+from benchmarks.gpu_throughput import SHAPES, random_llm
 from thinkwise import SamplingParams
 
-shape_name, batch = sys.argv[1], int(sys.argv[2])
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("shape", choices=sorted(SHAPES))
+parser.add_argument("batch", type=int)
+args = parser.parse_args()
+require_cuda("gpu_step_gaps.py")
+shape_name, batch = args.shape, args.batch
 llm, config = random_llm(shape_name, num_kv_blocks=batch * 40, max_num_seqs=batch)
 engine = llm.engine
 params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)

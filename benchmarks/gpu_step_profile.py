@@ -6,21 +6,28 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python benchmarks/X.py`: put the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from benchmarks.common import require_cuda
 from benchmarks.gpu_throughput import SHAPES, hf_config
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shape", default="qwen3-0.6b")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="qwen3-0.6b", choices=sorted(SHAPES))
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--cprofile", action="store_true", help="print the top host functions of the timed steps")
     parser.add_argument("--kernels", action="store_true", help="print the GPU kernels of one graph replay")
     args = parser.parse_args()
+    require_cuda("gpu_step_profile.py")
     from transformers import AutoModelForCausalLM
 
     from thinkwise import LLM, SamplingParams

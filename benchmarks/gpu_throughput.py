@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python benchmarks/X.py`: put the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
+
+from benchmarks.common import add_output_arguments, output_path, require_cuda, write_result
 
 SHAPES = {
     "qwen3-0.6b": dict(architecture="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28,
@@ -91,8 +96,10 @@ def main() -> None:
                         help="also time thinkwise with async scheduling off (same engine, same graphs)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="time thinkwise this many times per point and report the median (all runs are kept)")
-    parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "benchmarks/results"), "gpu_throughput.json"))
+    add_output_arguments(parser, "gpu_throughput")
     args = parser.parse_args()
+    require_cuda("gpu_throughput.py")
+    out = output_path(args, "gpu_throughput")
 
     from transformers import AutoModelForCausalLM
 
@@ -177,9 +184,7 @@ def main() -> None:
             print(json.dumps({k: v for k, v in row.items() if k != "gemm_dispatch"}))
         del llm, hf, weights, loaded
         torch.cuda.empty_cache()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    write_result(out, report)
 
 
 if __name__ == "__main__":

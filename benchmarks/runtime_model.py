@@ -6,8 +6,9 @@ compiles kernels) over a grid of prompt and output lengths, fits on a
 checkerboard half of the runs and reports the mean absolute percentage error on the
 other half. For comparison it also fits runtime = c0 + c1 x effective FLOPs (the
 engine's own analytic count, priced with this device's intensity) on the same halves:
-how well the cost model's single number predicts time here. Writes JSON to --out (or
-$OUT, or benchmarks/results).
+how well the cost model's single number predicts time here. Writes a new JSON file
+(runtime_model_<model>-<UTC time>.json under $OUT or benchmarks/results, unless --out)
+with the command, the machine and the library versions.
 
     python benchmarks/runtime_model.py --tiny                     # tiny random Llama (seconds)
     python benchmarks/runtime_model.py --model default            # the packaged 0.5B model
@@ -18,20 +19,22 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import platform
 import sys
 import tempfile
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python benchmarks/X.py`: put the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import numpy as np
 
 import thinkwise  # noqa: F401  (thread settings before torch)
+from benchmarks.common import add_output_arguments, output_path, write_result
 from thinkwise import LLM, SamplingParams
 from thinkwise.cost import RuntimeModel, device_intensity, effective_flops, profile, split_held_out
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="default")
     parser.add_argument("--tiny", action="store_true", help="a tiny random Llama instead of --model")
@@ -41,8 +44,12 @@ def main() -> None:
     parser.add_argument("--prompts", default="16,64,128,256")
     parser.add_argument("--outputs", default="1,8,24,48")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    add_output_arguments(parser, "runtime_model_<model>")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.tiny:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from tests.tiny_models import make_tiny_model
@@ -51,11 +58,15 @@ def main() -> None:
         overrides = json.loads(args.tiny_config)
         make_tiny_model("llama", directory, **overrides)
         dtype = "bfloat16" if args.device == "cuda" else "float32"
-        llm, name = LLM(str(directory), dtype=dtype, device=args.device), "tiny-llama"
+        name = "tiny-llama"
         if overrides or args.device:
             name += "-" + "-".join([args.device or "cpu"] + [f"{k}{v}" for k, v in overrides.items()])
+        out = output_path(args, f"runtime_model_{name}")
+        llm = LLM(str(directory), dtype=dtype, device=args.device)
     else:
-        llm, name = LLM(args.model, device=args.device), args.model
+        name = Path(args.model).name
+        out = output_path(args, f"runtime_model_{name}")
+        llm = LLM(args.model, device=args.device)
     engine = llm.engine
     vocab = engine.model_config.vocab_size
     intensity, intensity_source = device_intensity(engine.device)
@@ -91,7 +102,6 @@ def main() -> None:
 
     report = {
         "model": name, "device": str(engine.device), "dtype": str(engine.dtype),
-        "machine": {"processor": platform.processor() or platform.machine(), "cpus": os.cpu_count()},
         "fit": model.to_dict(), "fit_runs": len(fit_runs), "held_out_runs": len(held_out),
         "held_out_mean_abs_pct_error": round(model.error_on(held_out), 2),
         "fit_mean_abs_pct_error": round(model.error_on(fit_runs), 2),
@@ -107,9 +117,7 @@ def main() -> None:
                  for r, c in zip(runs, counts)],
     }
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
-    out = Path(args.out or os.path.join(os.environ.get("OUT", "benchmarks/results"), f"runtime_model_{name}.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_result(out, report)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ token (so every token is visible in the stream and counted). Offline drives
 `thinkwise serve` subprocess over loopback with a minimal HTTP/1.1 client (so the
 measured cost is the server's, not an HTTP library's). Reported side by side:
 requests/s, output tokens/s, time to first token and inter-token latency
-percentiles, and the ratio server/offline. Writes JSON (benchmarks/results/).
+percentiles, and the ratio server/offline. Writes a new JSON file
+(benchmarks/results/serve_load_<model>-<UTC time>.json unless --out) with the command, the
+machine and the library versions.
 
     python benchmarks/serve_load.py --tiny                       # tiny random Llama (seconds)
     python benchmarks/serve_load.py --model default --requests 64 --max-tokens 32
@@ -36,7 +38,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as `python benchmarks/X.py`: put the repository root on the path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import thinkwise  # noqa: F401  (thread settings before torch)
+
+from benchmarks.common import add_output_arguments, output_path, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -237,7 +244,7 @@ def start_server(model: str, engine_args: list[str], log_path: Path) -> tuple[su
 
 
 # ---------------------------------------------------------------------- main
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default", help="model reference (ignored with --tiny)")
     parser.add_argument("--tiny", action="store_true", help="build and use a tiny random Llama (tests' fixture)")
@@ -249,13 +256,20 @@ def main() -> None:
     parser.add_argument("--device", default=None)
     parser.add_argument("--kv-blocks", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="alternating offline/server runs; the median is shown")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/serve_load_<model>.json)")
-    args = parser.parse_args()
+    add_output_arguments(parser, "serve_load_<model>")
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
     workdir = Path(tempfile.mkdtemp(prefix="serve_load_"))
     model = args.model
     name = "default" if model == "default" else Path(model).name
+    if args.tiny:
+        name = "tiny-llama"  # as the tiny model's directory is named below
+    out = output_path(args, f"serve_load_{name}")
     if args.tiny:
         sys.path.insert(0, str(REPO))
         from tests.tiny_models import make_tiny_model
@@ -326,15 +340,12 @@ def main() -> None:
         every = run["all_requests_per_s"]
         print(f"{level:>11} {'all runs (req/s)':<22} offline {', '.join(f'{x:.1f}' for x in every['offline'])}; "
               f"server {', '.join(f'{x:.1f}' for x in every['server'])}")
-    out = Path(args.out) if args.out else REPO / "benchmarks" / "results" / f"serve_load_{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
-        "model": name, "machine": {"processor": platform.machine(), "threads": os.cpu_count()},
-        "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "engine_options": options,
+    print()
+    write_result(out, {
+        "model": name, "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens, "engine_options": options,
         "repeats": args.repeats, "thinkwise_run_metadata": run_metadata,
         "runs": {str(k): v for k, v in runs.items()},
-    }, indent=2))
-    print(f"\nwrote {out}")
+    })
 
 
 if __name__ == "__main__":

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
 from typing import Any
 
 from thinkwise.engine.config import EngineConfig
-from thinkwise.engine.engine import Engine
+from thinkwise.engine.engine import Engine, TokenEvent
 from thinkwise.engine.outputs import RequestOutput
 from thinkwise.engine.sampling_params import SamplingParams
 from thinkwise.errors import InvalidParameterError
@@ -60,10 +61,12 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         *,
         use_tqdm: bool = False,
+        on_events: Callable[[list[TokenEvent]], None] | None = None,
     ) -> list[RequestOutput]:
+        """`on_events`, if given, receives every step's `TokenEvent`s as they happen (streaming)."""
         prompt_list = self._normalize_prompts(prompts)
         params_list = self._normalize_params(sampling_params, len(prompt_list))
-        return self._run(prompt_list, params_list, use_tqdm)
+        return self._run(prompt_list, params_list, use_tqdm, on_events)
 
     def chat(
         self,
@@ -73,6 +76,7 @@ class LLM:
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
         use_tqdm: bool = False,
+        on_events: Callable[[list[TokenEvent]], None] | None = None,
         **template_kwargs: Any,
     ) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or a list of them."""
@@ -85,7 +89,7 @@ class LLM:
             for c in conversations
         ]
         params_list = self._normalize_params(sampling_params, len(prompts))
-        return self._run(prompts, params_list, use_tqdm)
+        return self._run(prompts, params_list, use_tqdm, on_events)
 
     def apply_chat_template(
         self, conversation: list[dict[str, str]], *, add_generation_prompt: bool = True,
@@ -135,9 +139,10 @@ class LLM:
         return self.run_strategy_jobs([StrategyJob(p, spec, params, extract, v, use_chat_template)
                                        for p, v in zip(prompts, verifiers)])
 
-    def run_strategy_jobs(self, jobs: list["StrategyJob"]) -> list:
+    def run_strategy_jobs(self, jobs: list["StrategyJob"], *, backend_wrapper: Callable | None = None) -> list:
         """Run many (prompt, strategy, params, extractor, verifier) jobs concurrently: every
-        sample of every job shares the engine's batches. Returns one `Answer` per job."""
+        sample of every job shares the engine's batches. Returns one `Answer` per job.
+        `backend_wrapper(backend)` may return a backend that watches the sample groups (a live view)."""
         import asyncio
 
         from thinkwise.engine.async_engine import AsyncEngine
@@ -150,6 +155,8 @@ class LLM:
         try:
             async def main():
                 backend = LocalBackend(async_engine)
+                if backend_wrapper is not None:
+                    backend = backend_wrapper(backend)
                 return await asyncio.gather(*(
                     run_strategy(backend, job.spec, ids, job.params, prompt_text=text, extract=job.extract,
                                  verifier=job.verifier)
@@ -199,7 +206,8 @@ class LLM:
             )
         return params
 
-    def _run(self, prompts: list[Prompt], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(self, prompts: list[Prompt], params_list: list[SamplingParams], use_tqdm: bool,
+             on_events: Callable[[list[TokenEvent]], None] | None = None) -> list[RequestOutput]:
         engine = self.engine
         ids = []
         # Validate everything before queueing anything, so a bad prompt loses no work.
@@ -228,7 +236,10 @@ class LLM:
             bar = tqdm(total=len(ids), desc="generating", unit="req")
         try:
             while len(results) < len(ids):
-                for output in engine.step().finished:
+                result = engine.step()
+                if on_events is not None and result.events:
+                    on_events(result.events)
+                for output in result.finished:
                     results[output.request_id] = output
                     if bar is not None:
                         bar.update(1)

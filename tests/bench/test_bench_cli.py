@@ -21,7 +21,7 @@ def bench(tmp_path, *extra: str) -> list[str]:
     (["--max-tokens", "0"], "--max-tokens must be >= 1"),
     (["--n-per-level", "0"], "--n-per-level must be >= 1"),
     (["--strategies", "greedy,telepathy@3"], "unknown strategy 'telepathy@3'"),
-    (["--strategies", " , "], "no strategies given"),
+    (["--strategies", " , "], "--strategies is empty"),
     (["--tasks", "summ:2"], "unknown task family 'summ'"),
     (["--tasks", "sum:9-2"], "empty level range"),
 ])

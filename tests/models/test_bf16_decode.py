@@ -33,6 +33,9 @@ class RecordingSampler:
         self.logits.append(logits.float().clone())
         return self.inner(logits, rows)
 
+    def __getattr__(self, name):  # anything else the engine asks of its sampler
+        return getattr(self.inner, name)
+
 
 def _bf16_spacing(value: float) -> float:
     return 2.0 ** (math.floor(math.log2(max(value, 1e-30))) - 7)
@@ -128,7 +131,8 @@ def test_forked_samples_agree_with_prefill(tiny):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_decode_agrees_with_prefill(tiny):
     _arch, directory, reference = tiny
-    llm = _make(directory, device="cuda", cuda_graphs=True)
+    # Synchronous steps, so every sampled step goes through the recorder; the graphs still run.
+    llm = _make(directory, device="cuda", cuda_graphs=True, async_scheduling=False)
     assert llm.engine.runner.graph_decoder is not None
     _check(directory, reference, llm, PROMPT, SamplingParams(n=3, temperature=0, max_tokens=NEW_TOKENS,
                                                               ignore_eos=True), device="cuda")

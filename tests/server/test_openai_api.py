@@ -324,7 +324,7 @@ def test_oversized_body_is_413_and_unknown_route_404(server):
     error = _error(raw_post(server, "/v1/completions", b'{"model": "tiny", "prompt": "' + b"a" * (9 << 20) + b'"}'),
                    413)
     assert "limit" in error["message"]
-    _error(httpx.get(f"{server.url}/v1/nope", timeout=30), 404)
+    _error(httpx.get(f"{server.url}/v1/nope", headers=server.headers, timeout=30), 404)
     _error(httpx.get(f"{server.url}/v1/completions", headers=server.headers, timeout=30), 405)
 
 

@@ -82,6 +82,25 @@ def test_the_sandbox_judges_code_replies():
     assert family.extract(problem, "no code") is None
 
 
+def test_replies_that_fake_equality_or_read_the_tests_score_nothing():
+    family = get_family("code")
+    problem = family.generate(1, 5)
+    name = problem.data["function"]
+    always_equal = ("class Anything(int):\n    def __eq__(self, other):\n        return True\n"
+                    "    __hash__ = int.__hash__\n"
+                    f"def {name}(*args):\n    return Anything(0)\n")
+    assert not family.check(problem, f"```python\n{always_equal}```")
+    # The expected values are not in the sandbox to be found: scanning every reachable
+    # frame and the job for them finds nothing to return.
+    snoop = ("import sys, re\n"
+             "seen = repr([sys._getframe(i).f_locals for i in range(1, 3)])\n"
+             "values = re.findall(r'== (.+?)[\\'\"]', seen)\n"
+             f"def {name}(*args):\n    return eval(values.pop(0)) if values else None\n")
+    from thinkwise.tasks.sandbox import CodeTestVerifier
+
+    assert CodeTestVerifier(problem.data["tests"]).run(snoop).passed == 0
+
+
 def printed(program: str) -> str:
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):

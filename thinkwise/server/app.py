@@ -2,8 +2,11 @@
 
 Routes only translate: they hand the validated body to `OpenAIServing` and return what
 it builds. The engine loop (`AsyncEngine`) is started with the app and stopped with
-it. `/v1/*` needs the API key when one is set; `/health` and `/metrics` never do (they
-are for the operator's probes). The OpenAPI schema is FastAPI's, corrected to say what
+it. With an API key set, `/v1/*` and the docs (`/docs`, `/redoc`, `/openapi.json`, unless
+`open_docs`) need it, checked from the headers before any body is read (401 first);
+`/health` and `/metrics` never do (they are for the operator's probes), so `/health`
+then names no model. Idle connections, and requests whose headers or body arrive too
+slowly, are closed (`security.py`). The OpenAPI schema is FastAPI's, corrected to say what
 the server really answers: 400 (not 422) for a body that fails validation, the error
 JSON for every 4xx/5xx, and server-sent events as the other 200 body of the two
 completion endpoints.
@@ -12,7 +15,9 @@ completion endpoints.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
+import json
 import logging
 import signal
 import socket
@@ -23,12 +28,15 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from thinkwise.engine.async_engine import AsyncEngine
 from thinkwise.server.errors import AuthenticationError, RequestContextMiddleware, install_error_handlers
 from thinkwise.server.metrics import ServerMetrics
+from thinkwise.server.json_bodies import OFFLOAD_BYTES, JSONBodyDecoder
+from thinkwise.server.security import APIKeyMiddleware, timed_protocol
 from thinkwise.server.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -44,7 +52,7 @@ from thinkwise.server.serving import OpenAIServing, ServerSettings
 logger = logging.getLogger("thinkwise.server")
 
 ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/models/{model_id:path}", "/health",
-                    "/metrics", "/openapi.json", "/docs"})
+                    "/metrics", "/openapi.json", "/docs", "/redoc"})
 
 _ERRORS = {status: {"model": ErrorResponse, "description": description} for status, description in {
     400: "invalid request: malformed JSON, a wrong type, an unknown field, a value out of range, a prompt too long",
@@ -75,21 +83,31 @@ def build_app(llm, settings: ServerSettings, async_engine: AsyncEngine | None = 
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
+        # Everything loaded so far (model, tokenizer, libraries) lives as long as the
+        # server: out of the collector's sight, a full collection no longer walks those
+        # millions of objects and stalls the event loop for a tenth of a second.
+        gc.collect()
+        gc.freeze()
         async_engine.start()
         logger.info("thinkwise: serving %s", ", ".join(settings.served_model_names))
         try:
             yield
         finally:
+            serving._prepare_pool.shutdown(wait=False, cancel_futures=True)
+            _json_decoder.close()
             await asyncio.to_thread(async_engine.shutdown)
 
     app = FastAPI(title="thinkwise", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible API of the thinkwise inference engine")
+    app.router.route_class = _OffLoopJSONRoute
     app.state.serving = serving
     app.state.metrics = metrics
     app.state.async_engine = async_engine
     install_error_handlers(app)
+    if settings.api_key:  # inner to RequestContextMiddleware: a 401 still gets its request id and metrics
+        app.add_middleware(APIKeyMiddleware, api_key=settings.api_key, open_docs=settings.open_docs)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics,
-                       routes=ROUTES)
+                       routes=ROUTES, body_timeout=settings.timeout_request_read)
 
     bearer = HTTPBearer(auto_error=False, description="the server's --api-key")
 
@@ -127,9 +145,10 @@ def build_app(llm, settings: ServerSettings, async_engine: AsyncEngine | None = 
     @app.get("/health", response_model=HealthResponse,
              responses={503: {"model": HealthResponse, "description": "the engine loop is not running"}})
     async def health() -> JSONResponse:
-        body: dict[str, Any] = {"status": "ok", "model": settings.served_model_names[0],
-                                "requests_in_flight": serving.requests_in_flight,
+        body: dict[str, Any] = {"status": "ok", "requests_in_flight": serving.requests_in_flight,
                                 "sequences_in_flight": serving.sequences_in_flight}
+        if not settings.api_key:  # /v1/models guards the names when a key is set
+            body["model"] = settings.served_model_names[0]
         try:
             body["engine"] = await asyncio.wait_for(async_engine.call(_engine_snapshot), timeout=30)
         except Exception as error:  # a dead or stuck engine is what this endpoint exists to report
@@ -164,6 +183,32 @@ def build_app(llm, settings: ServerSettings, async_engine: AsyncEngine | None = 
 
     app.openapi = openapi
     return app
+
+
+_json_decoder = JSONBodyDecoder()
+
+
+class _OffLoopJSONRequest(Request):
+    """A request whose large JSON body is decoded by the helper process (json_bodies.py)."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            if len(body) > OFFLOAD_BYTES:
+                self._json = await asyncio.to_thread(_json_decoder.decode, body)
+            else:
+                self._json = json.loads(body)
+        return self._json
+
+
+class _OffLoopJSONRoute(APIRoute):
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request) -> Response:
+            return await handler(_OffLoopJSONRequest(request.scope, request.receive))
+
+        return route_handler
 
 
 def _state_server_limits(components: dict[str, Any], *, max_n: int, max_tokens: int, vocab_size: int,
@@ -223,7 +268,8 @@ def run_server(llm, settings: ServerSettings, *, host: str = "127.0.0.1", port: 
     print(f"thinkwise: listening on http://{shown}:{bound_port} (model: {', '.join(settings.served_model_names)})",
           file=sys.stderr, flush=True)
     config = uvicorn.Config(app, log_level=log_level, access_log=access_log, timeout_graceful_shutdown=5,
-                            timeout_keep_alive=30, lifespan="on")
+                            timeout_keep_alive=settings.timeout_keep_alive, lifespan="on",
+                            http=timed_protocol(settings.timeout_request_read))
     server = uvicorn.Server(config)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the
     # handlers it found; make those end the process normally (exit status 0).

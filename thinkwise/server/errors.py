@@ -11,6 +11,7 @@ refuses oversized bodies before they are read, and counts responses by route and
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -53,6 +54,12 @@ class RequestTooLargeError(ThinkwiseError):
     http_status = 413
     error_type = "invalid_request_error"
     code = "request_too_large"
+
+
+class RequestTimeoutError(ThinkwiseError):
+    http_status = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
 
 
 def error_body(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -128,9 +135,11 @@ class RequestContextMiddleware:
     A pure ASGI middleware (no per-chunk overhead on streams, unlike BaseHTTPMiddleware).
     """
 
-    def __init__(self, app, *, max_body_bytes: int, metrics=None, routes: frozenset[str] = frozenset()):
+    def __init__(self, app, *, max_body_bytes: int, metrics=None, routes: frozenset[str] = frozenset(),
+                 body_timeout: float | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
         self.metrics = metrics
         self.routes = routes
 
@@ -145,12 +154,24 @@ class RequestContextMiddleware:
         started = time.monotonic()
         status = {"code": 500, "started": False}
 
-        async def send_with_id(message):
+        # A body that is too large or too slow: the app may catch the error raised from
+        # receive() (FastAPI answers "error parsing the body", 400); the real reason wins.
+        body_failure: list[ThinkwiseError] = []
+
+        async def forward(message):
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], True
                 message = dict(message)
                 message["headers"] = list(message.get("headers", [])) + [(b"x-request-id", request_id.encode())]
             await send(message)
+
+        async def send_with_id(message):
+            if body_failure:
+                if message["type"] == "http.response.start" and not status["started"]:
+                    await _send_json(forward, body_failure[0].http_status, thinkwise_error_body(body_failure[0]),
+                                     extra_headers=[(b"connection", b"close")])
+                return
+            await forward(message)
 
         try:
             length = headers.get(b"content-length")
@@ -158,26 +179,40 @@ class RequestContextMiddleware:
                 raise RequestTooLargeError(f"the request body is larger than the server's limit of "
                                            f"{self.max_body_bytes} bytes")
             received = 0
+            body_done = False
+            body_deadline = None if self.body_timeout is None else started + self.body_timeout
 
             async def limited_receive():
-                nonlocal received
-                message = await receive()
+                nonlocal received, body_done
+                if body_done or body_deadline is None:
+                    message = await receive()  # after the body: only disconnects, no deadline
+                else:
+                    try:
+                        message = await asyncio.wait_for(receive(), max(body_deadline - time.monotonic(), 0.001))
+                    except asyncio.TimeoutError:
+                        body_failure.append(RequestTimeoutError(
+                            f"the request body did not arrive within {self.body_timeout:g} s (the server's "
+                            "--timeout-request-read)"))
+                        raise body_failure[-1] from None
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > self.max_body_bytes:
-                        raise RequestTooLargeError(f"the request body is larger than the server's limit of "
-                                                   f"{self.max_body_bytes} bytes")
+                        body_failure.append(RequestTooLargeError(
+                            f"the request body is larger than the server's limit of {self.max_body_bytes} bytes"))
+                        raise body_failure[-1]
+                    body_done = not message.get("more_body", False)
                 return message
 
             await self.app(scope, limited_receive, send_with_id)
-        except RequestTooLargeError as error:
+        except (RequestTooLargeError, RequestTimeoutError) as error:
             if not status["started"]:
-                await _send_json(send_with_id, 413, thinkwise_error_body(error))
+                await _send_json(forward, error.http_status, thinkwise_error_body(error),
+                                 extra_headers=[(b"connection", b"close")])
         except Exception:
             logger.exception("internal error while serving request %s (%s %s)", request_id, scope.get("method"),
                              scope.get("path"))
             if not status["started"]:
-                await _send_json(send_with_id, 500, error_body(
+                await _send_json(forward, 500, error_body(
                     f"internal server error; the server logged the details under request id {request_id}",
                     "internal_server_error", None, "internal_error"))
         finally:
@@ -188,8 +223,9 @@ class RequestContextMiddleware:
                                           status["code"], time.monotonic() - started)
 
 
-async def _send_json(send, status: int, body: dict[str, Any]) -> None:
+async def _send_json(send, status: int, body: dict[str, Any], extra_headers: list | None = None) -> None:
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                            *(extra_headers or [])]})
     await send({"type": "http.response.body", "body": payload})

@@ -193,6 +193,10 @@ class ChatTokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
 
 
+REASONING_DOC = ("a reasoning model's thinking (between <think> and </think>), absent when the sample has none; "
+                 "content holds the rest (thinkwise/server/reasoning.py)")
+
+
 class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob] | None = None
 
@@ -200,6 +204,7 @@ class ChatLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    reasoning_content: str | None = Field(default=None, description=REASONING_DOC)
 
 
 class ChatChoice(BaseModel):
@@ -222,6 +227,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = Field(default=None, description=REASONING_DOC)
 
 
 class ChatChunkChoice(BaseModel):
@@ -304,7 +310,7 @@ class EngineHealth(BaseModel):
 
 class HealthResponse(BaseModel):
     status: Literal["ok", "error"]
-    model: str
+    model: str | None = Field(None, description="the first served model's name; absent when an API key is set")
     requests_in_flight: int
     sequences_in_flight: int
     engine: EngineHealth | None = None

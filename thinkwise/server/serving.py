@@ -2,8 +2,9 @@
 
 `OpenAIServing` checks what the schema cannot (the model name, limits that depend on
 the prompt and the server's settings, OpenAI features thinkwise does not implement),
-renders the chat template or tokenizes the prompt(s) here rather than on the engine
-thread, maps the request to `SamplingParams` with OpenAI's defaults (temperature 1,
+renders the chat template or tokenizes the prompt(s) on its own worker thread (never on
+the event loop, so /health and streams stay responsive while a huge prompt is processed;
+a prompt that cannot fit the context by its size alone is refused before tokenizing), maps the request to `SamplingParams` with OpenAI's defaults (temperature 1,
 completions max_tokens 16, chat: up to the context), admits it against the queue
 limit (429 beyond it), and hands it to the `AsyncEngine`. `EngineRun` holds the engine
 requests of one HTTP request (one per prompt) so they are read and aborted together.
@@ -18,6 +19,7 @@ import logging
 import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +36,7 @@ from thinkwise.server.errors import QueueFullError
 from thinkwise.server.strategy_serving import chat_with_strategy, requested_strategy
 from thinkwise.server.metrics import ServerMetrics
 from thinkwise.server.protocol import ChatCompletionRequest, CompletionRequest
+from thinkwise.server.reasoning import prompt_opens_thinking, split_reasoning
 from thinkwise.server.streaming import chat_stream, completion_stream, dumps
 
 logger = logging.getLogger("thinkwise.server")
@@ -49,6 +52,9 @@ class ServerSettings:
     max_n: int = 16  # most samples per prompt
     max_queue: int = 1024  # sequences that may wait beyond the engine's batch before requests get 429
     max_body_bytes: int = 8 << 20
+    open_docs: bool = False  # with an api_key: serve /docs, /redoc, /openapi.json without it
+    timeout_keep_alive: float = 5.0  # idle keep-alive connections are closed after this
+    timeout_request_read: float = 30.0  # a request's headers, then its body, must arrive within this
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -180,6 +186,7 @@ class ResponseContext:
     include_usage: bool = False
     echo: bool = False
     prompt_texts: list[str] = field(default_factory=list)
+    thinking_open: bool = False  # the chat template opened a <think> block: output starts as reasoning
 
     def usage(self, finals: list[RequestOutput | None]) -> dict[str, Any]:
         return usage_of([f for f in finals if f is not None])
@@ -269,6 +276,44 @@ class OpenAIServing:
         self.sequences_in_flight = 0
         self._token_text: dict[int, str] = {}
         self._token_bytes: dict[int, list[int]] = {}
+        # One worker: tokenizers are not safe to share between threads, and one thread
+        # keeps every template render and tokenization off the event loop.
+        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="thinkwise-prepare")
+        self._longest_token_bytes: int | None = None
+
+    async def _prepare(self, function, *args):
+        """Run template rendering / tokenization on the worker thread."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare_pool, function, *args)
+
+    def _check_text(self, text: str, param: str, total_bytes: list[int]) -> None:
+        """Refuse text that cannot be tokenized (lone surrogates) or that cannot fit the
+        context whatever it tokenizes to: every token covers at most the vocabulary's
+        longest token in bytes, so more bytes than max_model_len times that is too long."""
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as error:
+            raise InvalidParameterError(
+                f"{param} is not valid Unicode text: {error.reason} at position {error.start} (a lone surrogate "
+                "such as \\ud800 in JSON); send UTF-8 text", param=param) from None
+        total_bytes[0] += size
+        limit = self.engine.max_model_len * self._token_bytes_bound()
+        if total_bytes[0] > limit:
+            raise PromptTooLongError(
+                f"{param} has {total_bytes[0]} bytes of text, more than this model's context of "
+                f"{self.engine.max_model_len} tokens can hold (at most {self._token_bytes_bound()} bytes a token); "
+                "shorten it", param=param)
+
+    def _token_bytes_bound(self) -> int:
+        if self._longest_token_bytes is None:
+            tokenizer = self.engine.tokenizer
+            longest = 0
+            try:
+                vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+                longest = max((len(piece.encode("utf-8", "replace")) for piece in vocab), default=0)
+            except Exception:  # a tokenizer without a vocabulary listing: no early refusal
+                longest = 0
+            self._longest_token_bytes = max(longest, 1) if longest else 1 << 30
+        return self._longest_token_bytes
 
     # ------------------------------------------------------------------ helpers
     def token_text(self, token_id: int) -> str:
@@ -339,14 +384,20 @@ class OpenAIServing:
         self.requests_in_flight -= 1
         self.metrics.requests_in_flight.dec()
 
-    def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+    async def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
         conversation = []
-        for message in req.messages:
+        total = [0]
+        for index, message in enumerate(req.messages):
             entry: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
                                      "content": message.text()}
+            self._check_text(entry["content"], f"messages[{index}].content", total)
             if message.name is not None:
+                self._check_text(message.name, f"messages[{index}].name", total)
                 entry["name"] = message.name
             conversation.append(entry)
+        return await self._prepare(self._render_chat, conversation)
+
+    def _render_chat(self, conversation: list[dict[str, Any]]) -> list[int]:
         try:
             return self.llm.apply_chat_template(conversation)
         except InvalidParameterError:
@@ -359,17 +410,19 @@ class OpenAIServing:
                                             param="messages") from error
             raise
 
-    def completion_prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
+    async def completion_prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
         prompt = req.prompt
         if isinstance(prompt, str):
             texts = [prompt]
         elif all(isinstance(p, str) for p in prompt):
             texts = list(prompt)
         elif all(isinstance(p, int) for p in prompt):
-            return [list(prompt)], [self._decode(prompt)] if req.echo else [""]
+            return [list(prompt)], [await self._prepare(self._decode, prompt)] if req.echo else [""]
         else:
-            return [list(p) for p in prompt], [self._decode(p) if req.echo else "" for p in prompt]
-        return [self.engine.tokenize(t) for t in texts], texts
+            return [list(p) for p in prompt], [await self._prepare(self._decode, p) if req.echo else "" for p in prompt]
+        for index, text in enumerate(texts):
+            self._check_text(text, "prompt" if isinstance(prompt, str) else f"prompt[{index}]", [0])
+        return await self._prepare(lambda: [self.engine.tokenize(t) for t in texts]), texts
 
     def _decode(self, ids: list[int]) -> str:
         tokenizer = self.engine.tokenizer
@@ -387,7 +440,7 @@ class OpenAIServing:
         self.check_model(req.model)
         n = req.n or 1
         self._check_n(n)
-        prompt = self.chat_prompt(req)
+        prompt = await self.chat_prompt(req)
         if req.max_completion_tokens is not None:
             requested, param = req.max_completion_tokens, "max_completion_tokens"
         else:
@@ -398,7 +451,8 @@ class OpenAIServing:
         request_id = uuid.uuid4().hex
         ctx = ResponseContext(self, request_id, f"chatcmpl-{request_id}", req.model, int(time.time()), n,
                               params.stop, logprobs,
-                              include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage))
+                              include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
+                              thinking_open=prompt_opens_thinking(self._decode(prompt[-8:])))
         return await self._run(http, [prompt], params, ctx, n, bool(req.stream), chat_stream, self._chat_body, arrival)
 
     async def completions(self, req: CompletionRequest, http: Request) -> Response:
@@ -409,7 +463,7 @@ class OpenAIServing:
         if req.echo and req.logprobs is not None:
             raise InvalidParameterError("echo with logprobs would need prompt logprobs, which thinkwise does not "
                                         "compute; drop one of them", param="echo")
-        prompts, texts = self.completion_prompts(req)
+        prompts, texts = await self.completion_prompts(req)
         max_tokens = self._max_tokens(req.max_tokens, "max_tokens", prompts, default=COMPLETIONS_DEFAULT_MAX_TOKENS)
         params = self._sampling_params(req, n=n, max_tokens=max_tokens, logprobs=req.logprobs)
         request_id = uuid.uuid4().hex
@@ -450,12 +504,16 @@ class OpenAIServing:
     # ------------------------------------------------------------------ response bodies
     def _chat_body(self, ctx: ResponseContext, finals: list[RequestOutput]) -> dict[str, Any]:
         final = finals[0]
-        choices = [
-            {"index": o.index, "message": {"role": "assistant", "content": o.text},
-             "logprobs": {"content": ctx.chat_logprobs(o.logprobs or [])} if ctx.logprobs is not None else None,
-             "finish_reason": o.finish_reason}
-            for o in final.outputs
-        ]
+        choices = []
+        for o in final.outputs:
+            reasoning, content = split_reasoning(o.text, ctx.thinking_open)
+            message = {"role": "assistant", "content": content}
+            if reasoning is not None:
+                message["reasoning_content"] = reasoning
+            choices.append({
+                "index": o.index, "message": message,
+                "logprobs": {"content": ctx.chat_logprobs(o.logprobs or [])} if ctx.logprobs is not None else None,
+                "finish_reason": o.finish_reason})
         return {"id": ctx.response_id, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
                 "choices": choices, "usage": usage_of(finals), "system_fingerprint": None}
 

@@ -44,6 +44,10 @@ def _prefix_strategy(serving, model: str) -> tuple[StrategySpec, str] | None:
         spec = parse_strategy("short-m@k", k=int(match[1]), m=int(match[2])) if match else parse_strategy(prefix)
     except InvalidParameterError:
         return None  # not a strategy: an ordinary (unknown) model name, reported as such later
+    except ValueError as error:  # e.g. a number past Python's int-conversion limit of 4,300 digits
+        raise InvalidParameterError(f"model names a strategy {prefix[:60]!r}... whose number cannot be read "
+                                    f"({str(error)[:120]}); use a small number such as majority@8/<model>",
+                                    param="model") from None
     serving.check_model(rest)
     return spec, rest
 
@@ -61,6 +65,9 @@ def requested_strategy(serving, req) -> tuple[StrategySpec, str] | None:
         spec = parse_strategy(options.strategy, k=options.k, m=options.m, budget=options.budget)
     except InvalidParameterError as error:
         raise InvalidParameterError(error.message, param="thinkwise.strategy") from None
+    except ValueError as error:  # e.g. a number past Python's int-conversion limit of 4,300 digits
+        raise InvalidParameterError(f"thinkwise.strategy cannot be read: {str(error)[:160]}",
+                                    param="thinkwise.strategy") from None
     if prefixed is not None:
         if prefixed[0] != spec:
             raise InvalidParameterError(f"the model name asks for one strategy and thinkwise.strategy for another "
@@ -100,7 +107,7 @@ async def chat_with_strategy(serving, req, http: Request, spec: StrategySpec, mo
                                     param="n")
     samples = max(spec.k, 1)
     serving._check_n(samples)
-    prompt = serving.chat_prompt(req)
+    prompt = await serving.chat_prompt(req)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     max_tokens = serving._max_tokens(requested, "max_tokens", [prompt], default=512)
     params = serving._sampling_params(req, n=1, max_tokens=max_tokens, logprobs=None)

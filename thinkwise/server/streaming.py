@@ -25,6 +25,7 @@ from typing import Any
 import anyio
 
 from thinkwise.engine.async_engine import StreamItem
+from thinkwise.server.reasoning import ReasoningSplitter
 
 logger = logging.getLogger("thinkwise.server")
 
@@ -110,6 +111,7 @@ async def chat_stream(run, ctx) -> AsyncIterator[bytes]:
             + ',"model":' + dumps(ctx.model) + ',"system_fingerprint":null,"choices":[')
     tail = "]" + usage_field + "}\n\n"
     streamers = [TextStreamer(ctx.n, ctx.stops) for _ in run.prompts]
+    splitters = [ReasoningSplitter(ctx.thinking_open) for _ in range(ctx.n)]  # thinking -> reasoning_content
     try:
         opening = "".join(
             "data: " + head + dumps({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -121,11 +123,19 @@ async def chat_stream(run, ctx) -> AsyncIterator[bytes]:
             parts = []
             for prompt_index, item in batch:
                 for delta in streamers[prompt_index].deltas(item):
-                    if not delta.text and not delta.logprobs and delta.finish_reason is None:
+                    splitter = splitters[delta.index]
+                    reasoning, text = splitter.feed(delta.text)
+                    if delta.finish_reason is not None:
+                        held_reasoning, held_text = splitter.flush()
+                        reasoning, text = reasoning + held_reasoning, text + held_text
+                    if not text and not reasoning and not delta.logprobs and delta.finish_reason is None:
                         continue
+                    message = {"reasoning_content": reasoning} if reasoning else {}
+                    if text or (delta.finish_reason is None and not reasoning):
+                        message["content"] = text
                     choice = {
-                    "index": delta.index,
-                        "delta": {"content": delta.text} if delta.text or delta.finish_reason is None else {},
+                        "index": delta.index,
+                        "delta": message,
                         "logprobs": ({"content": ctx.chat_logprobs(delta.logprobs)} if ctx.logprobs is not None
                                      else None),
                         "finish_reason": delta.finish_reason,

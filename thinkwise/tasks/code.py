@@ -4,7 +4,8 @@
 with seed-dependent constants; the prompt gives the name, signature and behaviour, and
 the unit tests (eight seeded inputs, expected values computed from our reference
 implementation) stay hidden and run in the sandboxed runner (`sandbox.CodeTestVerifier`:
-time, memory, process and file limits, no network, empty environment). The level is the
+kernel isolation by bubblewrap, seccomp and rlimits; each `assert f(x) == y` is judged
+outside the sandbox on plain data, and the expected value never enters it). The level is the
 tier. `output` (SURGE-style): a generated program of `level` blocks (loops, branches,
 while loops, helper calls, list and string updates) whose printed line the model must
 predict; the reference is what the program printed when run at generation time in a
