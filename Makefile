@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install bench clean system-deps
+.PHONY: demo test install bench clean system-deps mutation
 
 # Untrusted code (code tests, best-of-N verifiers) runs only inside bubblewrap; CI is a
 # fresh Debian machine as root, so install it (and libseccomp for the seccomp filter) here.
@@ -36,5 +36,13 @@ test: system-deps $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/cpu_generate.py
 
+# Mutation testing of the core modules (docs/mutation.md); not part of `make test`. Niced and
+# one worker by default, so it does not take a shared machine: `make mutation MUTATION_JOBS=4`.
+MUTATION_JOBS ?= 1
+mutation: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,mutation]'
+	nice -n 10 $(BIN)/mutmut run --max-children $(MUTATION_JOBS)
+	$(BIN)/mutmut results --all true | $(BIN)/python tests/mutation_summary.py
+
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) mutants

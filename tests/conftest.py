@@ -16,6 +16,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Fixtures that assemble or load the packaged default model (~15 s, ~2 GB): a test using one
+# is marked `slow` here, so `pytest -m "not slow"` leaves it out without anyone remembering.
+DEFAULT_MODEL_FIXTURES = {"default_gguf", "default_loaded"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if DEFAULT_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session", params=ARCHITECTURES)
 def tiny(request, tmp_path_factory):
     """(architecture, model directory, transformers reference model)."""

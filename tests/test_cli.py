@@ -25,10 +25,20 @@ def test_generate_json_with_counts(tiny_llama):
     assert counts["generated_tokens"] == sum(len(o["token_ids"]) for o in data["outputs"])
 
 
-def test_generate_chat_plain_text(tiny_llama):
+def test_generate_chat_prints_the_chat_templated_completion(tiny_llama):
+    """--chat wraps the prompt in the model's chat template: stdout is exactly what LLM.chat
+    generates for the same message (and differs from the raw-prompt completion)."""
+    from thinkwise import LLM, SamplingParams
+
     directory, _ = tiny_llama
-    result = run_cli("generate", "--model", str(directory), "--max-tokens", "4", "--chat", "hi")
+    result = run_cli("generate", "--model", str(directory), "--max-tokens", "4", "--chat", "--no-stream", "hi")
     assert result.returncode == 0, result.stderr
+    llm = LLM(str(directory))
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    chat = llm.chat([{"role": "user", "content": "hi"}], greedy)[0].outputs[0].text
+    raw = llm.generate("hi", greedy)[0].outputs[0].text
+    assert result.stdout.rstrip("\n") == chat
+    assert chat != raw  # the template really changed the prompt the model saw
 
 
 def test_errors_are_one_line_not_tracebacks(tmp_path, tiny_llama):

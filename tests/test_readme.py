@@ -97,6 +97,8 @@ def script_usage_commands() -> list[str]:
 
 def command_kind(command: str) -> str:
     words = shlex.split(command)
+    if words[0] == "export" and len(words) == 2 and re.fullmatch(r"[A-Z_]+=\S*", words[1]):
+        return "env"  # applied to the README's server in test_python_blocks_run_verbatim_...
     if words[0] == "thinkwise":
         return "thinkwise"
     if words[0] == "make":
@@ -104,6 +106,12 @@ def command_kind(command: str) -> str:
     if words[0] == "python" and words[1].startswith("benchmarks/"):
         return "gpu benchmark" if Path(words[1]).name.startswith("gpu_") else "cpu benchmark"
     raise AssertionError(f"README command {command!r} has no check; add one to tests/test_readme.py")
+
+
+def readme_environment() -> dict[str, str]:
+    """The variables the README's bash blocks export (e.g. the server's API key)."""
+    pairs = [shlex.split(c)[1].split("=", 1) for c in all_commands() if command_kind(c) == "env"]
+    return dict(pairs)
 
 
 def python_block_name(text: str) -> str:
@@ -320,7 +328,8 @@ def test_python_blocks_run_verbatim_against_the_readme_server(tmp_path):
         pytest.skip(f"port {port} of the README's serve command is taken on this machine")
     blocks = [(python_block_name(text), text) for lang, text, _ in code_blocks() if lang == "python"]
     server = subprocess.Popen([sys.executable, "-m", "thinkwise", *serve], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                              stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env={**os.environ, **readme_environment()})
     try:
         import httpx
 

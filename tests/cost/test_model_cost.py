@@ -162,3 +162,35 @@ def test_a_shared_prefix_group_reads_its_prefix_once():
     assert sum(s.request.counts.bytes_kv for s in sequences) == pytest.approx(KV_PER_TOKEN * (8 + 3 * 4 + 8))
     for seq in sequences:
         assert seq.request.counts.bytes_weights == (BODY_BYTES + LM_HEAD_BYTES) / 4 + ROW_BYTES
+
+
+def tiny_spec() -> ModelCostSpec:
+    return ModelCostSpec.from_config(SimpleNamespace(
+        hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+        intermediate_size=INTER, vocab_size=VOCAB, attention_bias=False, qk_norm=False,
+        tie_word_embeddings=False), torch.float32)
+
+
+def test_a_prefill_chunk_that_samples_nothing_pays_no_lm_head_share():
+    """One step mixing a mid-prompt prefill chunk (8 tokens, no row sampled) with three
+    decode rows: the lm_head is read once, split over the three sampled rows only."""
+    chunk = fake_sequence(4)  # positions 4-11 of a longer prompt
+    decodes = [fake_sequence(c) for c in (5, 9, 20)]
+    sequences = [decodes[0], chunk, decodes[1], decodes[2]]
+    attribute_step(tiny_spec(), sequences, [1, 8, 1, 1], [True, False, True, True])
+    assert chunk.request.counts.bytes_weights == BODY_BYTES / 4 + 8 * ROW_BYTES
+    assert chunk.request.counts.flops == step_flops(8, 12, sampled=False)
+    for seq, context in zip(decodes, (6, 10, 21)):
+        assert seq.request.counts.bytes_weights == pytest.approx(BODY_BYTES / 4 + LM_HEAD_BYTES / 3 + ROW_BYTES,
+                                                                 rel=1e-12)
+        assert seq.request.counts.flops == step_flops(1, context)
+    # Every weight byte the step read is charged once: the body, one lm_head, 11 embedding rows.
+    assert sum(s.request.counts.bytes_weights for s in sequences) == pytest.approx(
+        BODY_BYTES + LM_HEAD_BYTES + 11 * ROW_BYTES, rel=1e-12)
+
+
+def test_a_step_that_samples_nothing_reads_no_lm_head():
+    chunks = [fake_sequence(0), fake_sequence(8)]
+    attribute_step(tiny_spec(), chunks, [8, 4], [False, False])
+    assert sum(s.request.counts.bytes_weights for s in chunks) == BODY_BYTES + 12 * ROW_BYTES
+    assert chunks[0].request.counts.flops == step_flops(8, 8, sampled=False)

@@ -182,6 +182,8 @@ def test_preemption_and_prefix_cache(tiny_llama, prefix_caching, device):
     # And a second round reuses cached prefixes written while steps were in flight.
     again = tight.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in again] == expected
+    cached = sum(o.counts.prompt_tokens_cached for o in again)
+    assert cached > 0 if prefix_caching else cached == 0
 
 
 def test_abort_whole_request_mid_flight(tiny_llama):

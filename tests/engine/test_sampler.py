@@ -83,3 +83,29 @@ def test_top_p_keeps_or_drops_a_tie_whole_whatever_the_order():
             perm = torch.randperm(values.shape[1], generator=generator)
             permuted, _ = S._filtered_probs(values[:, perm], [row(top_p=top_p)])
             assert torch.equal(permuted > 0, base[:, perm] > 0)
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p():
+    # Exact binary fractions: after the first token the kept mass is exactly p = 1/2, so the
+    # next token is not needed (a cut at "mass before <= p" would wrongly keep it).
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
+    probs, _ = Sampler._filtered_probs(logits, [row(top_p=0.5)])
+    assert (probs[0] > 0).tolist() == [True, False, False, False]
+    probs, _ = Sampler._filtered_probs(logits, [row(top_p=0.75)])
+    assert (probs[0] > 0).tolist() == [True, True, False, False]
+
+
+def test_the_per_position_uniforms_are_never_degenerate():
+    # u near 0 or 1 would pin a sample to the first or last token of the CDF whatever the logits.
+    from thinkwise.engine.sampler import mix_seed, uniform_from_seed
+
+    values = [uniform_from_seed(seed, position) for seed in range(32) for position in range(64)]
+    assert min(values) > 1e-6 and max(values) < 1 - 1e-6
+    assert len({mix_seed(seed, salt) for seed in range(32) for salt in range(64)}) == 32 * 64
+
+
+def test_only_rows_without_logprobs_or_banned_ids_are_drawn_without_the_host():
+    assert Sampler.device_ready(row())
+    assert not Sampler.device_ready(row(logprobs=0))
+    assert not Sampler.device_ready(row(banned_token_ids=(3,)))
+    assert not Sampler.device_ready(row(logprobs=2, banned_token_ids=(3,)))

@@ -58,6 +58,7 @@ def test_real_default_model_assembles_with_the_expected_hash(tmp_path):
     assert resolve_default_model(cache_dir=str(cache), verify=True) == path
 
 
+@pytest.mark.slow
 def test_shared_cache_default_model_verifies(default_gguf):
     """The copy every other test uses (in the normal cache) passes a full re-hash."""
     assert resolve_default_model(verify=True) == default_gguf

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 
 import gguf
 import numpy as np
@@ -58,13 +57,11 @@ def test_default_model_second_load_reads_only_the_cache(default_loaded, monkeypa
         raise AssertionError("the GGUF was parsed although the cache is complete")
 
     monkeypatch.setattr(gguf_file, "open_gguf", refuse)
-    start = time.perf_counter()
     again = load_model("default")
-    elapsed = time.perf_counter() - start
     assert again.config == default_loaded.config
     for name in ("model.embed_tokens.weight", "model.layers.3.self_attn.q_proj.weight"):
         assert torch.equal(again.weights[name], default_loaded.weights[name])
-    assert elapsed < 20, elapsed
+    # "Only the cache" is shown by `refuse` above, not by a wall clock a loaded machine can miss.
 
 
 # ---------------------------------------------------------------- SmolLM2 (llama, Q4_1)
