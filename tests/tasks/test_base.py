@@ -9,7 +9,7 @@ import pytest
 
 from thinkwise.errors import InvalidParameterError
 from thinkwise.tasks import FAMILIES, Problem, check, extract, generate_problems, get_family, load_jsonl, parse_task_spec
-from thinkwise.tasks.base import answer_blocks, exact_number_key, numbers_match, numeric_answer
+from thinkwise.tasks.base import answer_blocks, exact_number_key, numbers_match, numeric_answer, shortfall
 
 
 def test_problem_id_and_unknown_family():
@@ -57,9 +57,57 @@ def test_generate_problems_is_reproducible_and_seeded():
 def test_numeric_answer_reads_how_small_models_answer():
     assert numeric_answer("so the total is\nAnswer: 1,234") == "1234"
     assert numeric_answer("Answer: 12 + 5 = 17") == "17"
-    assert numeric_answer("We get \\boxed{-42} in the end. Answer: 3") == "-42"
+    # The FINAL answer: the later of the last box and the last Answer: line.
+    assert numeric_answer("We get \\boxed{-42} in the end. Answer: 3") == "3"
+    assert numeric_answer("Answer: 3, or rather \\boxed{-42}") == "-42"
     assert numeric_answer("Adding them gives 30, then 45.") == "45"
     assert numeric_answer("no idea") is None
+
+
+def test_the_final_answer_is_read_not_a_number_from_the_working():
+    reasoning = "Step 1: 34 + 57 = 91.\nStep 2: 91 + 12 = 103.\nAnswer: 103\nCheck: 103 - 12 = 91."
+    assert numeric_answer(reasoning) == "103"  # the answer line, not the check's trailing 91
+    # Cut off mid-working (the token limit): the last line holds no number, so no answer;
+    # the old last-number rule answered 57 here.
+    assert numeric_answer("Step 1: add 34 and 57\nStep 2: then we carry the") is None
+    assert numeric_answer("First 34 + 57 = 91, and 91 + 12\nso the total is 103.") == "103"
+    sum_family = get_family("sum")
+    problem = sum_family.generate(2, 0)
+    wrong = int(problem.reference) + 1
+    assert not check(problem, f"Let me try {problem.reference} ... no.\nAnswer: {wrong}")
+    assert check(problem, f"First guess {wrong}, recheck.\nAnswer: {problem.reference}")
+
+
+def test_prompt_styles_ask_to_reason_or_not_and_state_the_answer_format():
+    for name in ("sum", "hanoi", "sort", "sat", "output"):
+        family = get_family(name)
+        level = family.default_levels[0]
+        cot, direct = family.generate(level, 4, "cot"), family.generate(level, 4, "direct")
+        assert "step by step" in cot.prompt and "step by step" not in direct.prompt
+        assert "without any working" in direct.prompt
+        assert "Answer" in cot.prompt and "Answer" in direct.prompt  # the format the extractor reads
+        assert cot.reference == direct.reference and cot.data == direct.data and cot.style == "cot"
+        # Reasoning needs room: the cot limit is well above the direct one, and the direct one
+        # still holds the whole answer (a Hanoi move list grows with the disks).
+        assert family.max_tokens(level, "cot") >= family.max_tokens(level, "direct") + 96
+    hanoi = get_family("hanoi")
+    assert hanoi.max_tokens(6, "direct") > 6 * 63 > hanoi.max_tokens(3, "direct")
+    with pytest.raises(InvalidParameterError, match="prompt style 'verbose'.*cot, direct"):
+        get_family("sum").generate(2, 0, "verbose")
+    with pytest.raises(InvalidParameterError, match="prompt style"):
+        generate_problems("sum:2", 2, style="")
+
+
+def test_generate_problems_never_pads_with_repeats():
+    problems = generate_problems("river:2,hanoi:3,sum:2", n_per_level=8, seed=0)
+    by_level = {}
+    for problem in problems:
+        by_level.setdefault((problem.family, problem.level), []).append(problem.prompt)
+    assert all(len(set(prompts)) == len(prompts) for prompts in by_level.values())
+    assert len(by_level[("river", 2)]) == 1  # one instance exists: run once, not 8 times
+    assert len(by_level[("hanoi", 3)]) == 6  # every start/goal peg pair
+    assert len(by_level[("sum", 2)]) == 8
+    assert shortfall(problems, 8) == {("river", 2): 1, ("hanoi", 3): 6}
     sum_family = get_family("sum")
     problem = sum_family.generate(3, 0)
     assert check(problem, f"Let me add.\n**Final Answer:** {int(problem.reference):,}")

@@ -5,6 +5,8 @@ check); the notations small models use are read; and the size knob really scales
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import re
 from collections import deque
@@ -23,6 +25,12 @@ def moves_of(reference: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- Tower of Hanoi
+def hanoi_a_to_c(disks: int):
+    """A Hanoi problem from peg A to peg C (the pegs vary with the seed)."""
+    hanoi = get_family("hanoi")
+    return next(p for p in (hanoi.generate(disks, seed) for seed in range(200))
+                if (p.data["source"], p.data["target"]) == ("A", "C"))
+
 
 
 def test_hanoi_reference_is_optimal_and_doubles_with_each_disk():
@@ -34,7 +42,7 @@ def test_hanoi_reference_is_optimal_and_doubles_with_each_disk():
 @given(disks=st.integers(2, 7), position=st.integers(0, 200))
 def test_hanoi_rejects_illegal_and_extra_moves_and_accepts_detours(disks, position):
     hanoi = get_family("hanoi")
-    problem = hanoi.generate(disks, 0)
+    problem = hanoi_a_to_c(disks)
     moves = moves_of(problem.reference)
     i = position % len(moves)
     assert not hanoi.check(problem, "Answer: " + ", ".join(moves[:i] + moves[i + 1:]))  # a missing move
@@ -48,7 +56,7 @@ def test_hanoi_rejects_illegal_and_extra_moves_and_accepts_detours(disks, positi
 
 def test_hanoi_reads_common_notations_and_checks_named_disks():
     hanoi = get_family("hanoi")
-    problem = hanoi.generate(2, 0)  # A->B, A->C, B->C
+    problem = hanoi_a_to_c(2)  # A->B, A->C, B->C
     for response in ("Answer: A->B, A->C, B->C", "Answer: A → B, A → C, B → C", "Answer: (A, B), (A, C), (B, C)",
                      "Answer: a->b, a->c, b->c", "\\boxed{A \\to B, A \\to C, B \\to C}",
                      "Answer:\n1. Move disk 1 from peg A to peg B\n2. Move disk 2 from A to C\n3. Move disk 1 from B to C",
@@ -279,3 +287,19 @@ def test_sat_reads_literals_and_value_lists_and_needs_every_variable():
     assert not sat.check(problem, "Answer: " + ", ".join(f"x{i + 1}={'T' if v else 'F'}"
                                                          for i, v in enumerate(values[:-1])))
     assert [len(sat.generate(n, 0).data["clauses"]) for n in (3, 10, 30)] == [13, 42, 126]  # 4.2 clauses a variable
+
+
+def test_hanoi_start_and_goal_pegs_vary_and_are_simulated():
+    hanoi = get_family("hanoi")
+    problems = {(p.data["source"], p.data["target"]): p for p in (hanoi.generate(3, seed) for seed in range(40))}
+    assert len(problems) == 6  # every ordered pair of distinct pegs
+    for (source, target), problem in problems.items():
+        assert f"stacked on peg {source}" in problem.prompt and f"to peg {target}" in problem.prompt
+        assert hanoi.check(problem, hanoi.reference_response(problem))
+        others = [p for key, p in problems.items() if key[1] != target]
+        # A solution to another goal peg leaves the stack in the wrong place here.
+        assert not any(hanoi.check(problem, "Answer: " + other.reference) for other in others
+                       if other.data["source"] == source)
+    # Rows written before pegs varied (only "disks") still mean A to C.
+    legacy = dataclasses.replace(problems[("A", "C")], data={"disks": 3})
+    assert hanoi.check(legacy, "Answer: " + problems[("A", "C")].reference)

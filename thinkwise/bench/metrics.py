@@ -9,11 +9,42 @@
   k samples drawn without replacement.
 - Pareto frontier: the points no other point beats on both cost (lower) and accuracy
   (higher).
+- Wilson score interval (95%): for c correct of n, centre (p + z^2/2n) / (1 + z^2/n) and
+  half-width z / (1 + z^2/n) x sqrt(p(1-p)/n + z^2/4n^2), z = 1.959964; unlike p +- z x
+  sqrt(p(1-p)/n) it stays inside [0, 1] and is not zero-width at 0/n or n/n.
+- Exact McNemar test: of the problems two strategies disagree on, b are solved only by
+  the first and c only by the second; under "equally good" each disagreement is a fair
+  coin, so the two-sided p-value is min(1, 2 x P(Binomial(b + c, 1/2) <= min(b, c))).
 """
 
 from __future__ import annotations
 
-from math import comb
+from math import comb, sqrt
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(correct: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion `correct`/`n` (`correct` may be a mean
+    count over seeds, so fractional)."""
+    if n < 1 or not 0 <= correct <= n:
+        raise ValueError(f"a Wilson interval needs n >= 1 and 0 <= correct <= n, got correct={correct}, n={n}")
+    p = correct / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z / denominator * sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar p-value from the discordant pair counts b and c."""
+    if only_first < 0 or only_second < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {only_first}, {only_second}")
+    n = only_first + only_second
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, i) for i in range(min(only_first, only_second) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

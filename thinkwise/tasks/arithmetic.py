@@ -34,6 +34,12 @@ class SumFamily(NumericFamily):
     name, description = "sum", "add three multi-digit numbers (level = digits)"
     min_level, max_level, default_levels = 1, 12, (2, 4, 6)
 
+    def answer_tokens(self, level):
+        return 32
+
+    def reasoning_tokens(self, level):
+        return 96 + 48 * level
+
     def make(self, level, rng):
         terms = [rng.randint(10 ** (level - 1), 10**level - 1) for _ in range(3)]
         return f"Compute {' + '.join(map(str, terms))}. {ANSWER_FORMAT}", str(sum(terms)), {"terms": terms}
@@ -44,6 +50,12 @@ class ProductFamily(NumericFamily):
     name, description = "product", "multiply two multi-digit numbers (level = digits)"
     min_level, max_level, default_levels = 1, 10, (2, 3, 4)
 
+    def answer_tokens(self, level):
+        return 48
+
+    def reasoning_tokens(self, level):
+        return 128 + 96 * level
+
     def make(self, level, rng):
         a, b = (rng.randint(10 ** (level - 1), 10**level - 1) for _ in range(2))
         return f"Compute {a} * {b}. {ANSWER_FORMAT}", str(a * b), {"factors": [a, b]}
@@ -53,6 +65,12 @@ class ProductFamily(NumericFamily):
 class MeanFamily(NumericFamily):
     name, description = "mean", "mean of a list (level = length); integer mean by construction"
     min_level, max_level, default_levels = 2, 40, (4, 8, 16)
+
+    def answer_tokens(self, level):
+        return 32
+
+    def reasoning_tokens(self, level):
+        return 96 + 16 * level
 
     def make(self, level, rng):
         values = _numbers(rng, level)
@@ -66,6 +84,12 @@ class MedianFamily(NumericFamily):
     name, description = "median", "median of an odd-length list (level = length 2*level+1)"
     min_level, max_level, default_levels = 1, 20, (2, 4, 8)
 
+    def answer_tokens(self, level):
+        return 32
+
+    def reasoning_tokens(self, level):
+        return 96 + 16 * (2 * level + 1)
+
     def make(self, level, rng):
         values = _numbers(rng, 2 * level + 1)
         return (f"What is the median of these numbers: {_list_text(values)}? {ANSWER_FORMAT}",
@@ -76,6 +100,12 @@ class MedianFamily(NumericFamily):
 class ModeFamily(NumericFamily):
     name, description = "mode", "the most frequent value (unique by construction; level = list length)"
     min_level, max_level, default_levels = 3, 40, (6, 12, 24)
+
+    def answer_tokens(self, level):
+        return 32
+
+    def reasoning_tokens(self, level):
+        return 96 + 12 * level
 
     def make(self, level, rng):
         pool = rng.sample(range(1, 60), max(2, level // 2))
@@ -95,6 +125,12 @@ class CountFamily(NumericFamily):
     name, description = "count", "how many list items exceed a threshold (level = length)"
     min_level, max_level, default_levels = 3, 60, (8, 16, 32)
 
+    def answer_tokens(self, level):
+        return 32
+
+    def reasoning_tokens(self, level):
+        return 96 + 10 * level
+
     def make(self, level, rng):
         values = _numbers(rng, level)
         threshold = rng.randint(20, 80)
@@ -107,6 +143,12 @@ class CountFamily(NumericFamily):
 class LongestIncreasingFamily(NumericFamily):
     name, description = "lis", "length of the longest strictly increasing subsequence (level = length)"
     min_level, max_level, default_levels = 3, 40, (6, 10, 16)
+
+    def answer_tokens(self, level):
+        return 32
+
+    def reasoning_tokens(self, level):
+        return 128 + 24 * level
 
     def make(self, level, rng):
         values = _numbers(rng, level)
@@ -122,6 +164,12 @@ class LongestIncreasingFamily(NumericFamily):
 class SortFamily(TaskFamily):
     name, description = "sort", "sort a list ascending (level = length); answer compared element by element"
     min_level, max_level, default_levels = 2, 40, (5, 10, 20)
+
+    def answer_tokens(self, level):
+        return 16 + 4 * level
+
+    def reasoning_tokens(self, level):
+        return 96 + 12 * level
 
     def make(self, level, rng):
         values = _numbers(rng, level, -50, 99)
@@ -146,6 +194,12 @@ class SortFamily(TaskFamily):
 class ApproximateFamily(NumericFamily):
     name, description = "approx", "StreetMath: estimate a product of decimals; within 5% counts (level = digits)"
     min_level, max_level, default_levels = 1, 6, (2, 3, 4)
+
+    def answer_tokens(self, level):
+        return 32
+
+    def reasoning_tokens(self, level):
+        return 192
     tolerance = Fraction(5, 100)
 
     def make(self, level, rng):

@@ -2,7 +2,10 @@
 
 A `TaskFamily` turns (level, seed) into a `Problem`, deterministically: the prompt says
 what to answer and in which form, but never contains the answer; `reference` is the
-canonical answer. `extract` reads a model's full response into the canonical form that
+canonical answer. A prompt style decides whether the model is asked to reason first
+("cot": step by step, then the answer line) or to give the answer line alone ("direct");
+each family states the token limit its levels need in either style. `extract` reads a
+model's full response into the canonical form that
 votes are grouped by, and `check` decides correctness exactly (for puzzles, by
 simulating the proposed moves; for constraint problems, by testing the proposed
 solution, so any valid answer counts). Families register themselves by name; task specs
@@ -22,7 +25,18 @@ from thinkwise.errors import InvalidParameterError
 from thinkwise.tasks.extraction import _ANSWER_MARKER, _NUMBER_IN_TEXT, answer_key, answers_equal, extract_answer, \
     parse_number
 
+_BOXED_START = re.compile(r"\\(?:boxed|fbox)\b")
+# "Step 2: ", "3. ", "- 4) " opening a line: a numbering, never the answer.
+_LINE_NUMBERING = re.compile(r"^\s*(?:[-*]\s*)?(?:(?:step|move)\s*)?\d+\s*[.):]\s+", re.IGNORECASE)
+
 ANSWER_FORMAT = "End your reply with a final line of the form `Answer: <your answer>`."
+# What each prompt style adds after the family's question and answer format. "cot" lets the
+# model reason before it commits (a test-time-compute bench must); "direct" forbids it.
+PROMPT_STYLES = {
+    "cot": "Think step by step first and show your working; then give your final answer in the form asked for "
+           "above, at the very end of your reply.",
+    "direct": "Give only the final answer in the form asked for above, without any working.",
+}
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,7 @@ class Problem:
     prompt: str
     reference: str
     data: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    style: str = "cot"  # the prompt style ("cot", "direct"; "file" for JSONL rows, used as written)
 
     @property
     def id(self) -> str:
@@ -50,19 +65,34 @@ class TaskFamily:
     default_levels: tuple[int, ...] = (1, 2, 3)
     cheap_check = True  # False where checking runs something costly (the code sandbox)
 
-    def generate(self, level: int, seed: int) -> Problem:
+    def generate(self, level: int, seed: int, style: str = "cot") -> Problem:
         if not self.min_level <= level <= self.max_level:
             raise InvalidParameterError(
                 f"task {self.name!r} has levels {self.min_level}..{self.max_level}, got {level}", param="tasks")
+        check_prompt_style(style)
         rng = random.Random(f"{self.name}:{level}:{seed}")
         prompt, reference, data = self.make(level, rng)
-        return Problem(self.name, level, seed, prompt, reference, data)
+        return Problem(self.name, level, seed, f"{prompt} {PROMPT_STYLES[style]}", reference, data, style)
+
+    def answer_tokens(self, level: int) -> int:
+        """Tokens the answer line itself needs (a move list grows with the level)."""
+        return 32
+
+    def reasoning_tokens(self, level: int) -> int:
+        """Tokens of working a small model needs before answering at this level."""
+        return 320
+
+    def max_tokens(self, level: int, style: str = "cot") -> int:
+        """The default decode limit for one sample: the answer, plus the working in "cot"
+        style (a margin of 16 in "direct", for a sentence before the answer line)."""
+        check_prompt_style(style)
+        return self.answer_tokens(level) + (self.reasoning_tokens(level) if style == "cot" else 16)
 
     def make(self, level: int, rng: random.Random) -> tuple[str, str, dict]:
         raise NotImplementedError
 
     def extract(self, problem: Problem, text: str) -> str | None:
-        answer = extract_answer(text, "auto")
+        answer = final_answer(text)
         return answer_key(answer) if answer is not None else None
 
     def check(self, problem: Problem, text: str) -> bool:
@@ -72,11 +102,35 @@ class TaskFamily:
         return f"Working it out step by step.\nAnswer: {problem.reference}"
 
 
+def check_prompt_style(style: str) -> None:
+    if style not in PROMPT_STYLES:
+        raise InvalidParameterError(f"unknown prompt style {style!r}; use one of {', '.join(PROMPT_STYLES)}",
+                                    param="prompt_style")
+
+
+def final_answer(text: str) -> str | None:
+    """The answer a response ends with, never a number from its working: whichever of the
+    last `Answer:` marker and the last \\boxed{} comes later; without either, the last
+    number of the last non-empty line ("... so the total is 45."). A reply that reasons
+    and stops mid-way (cut off by the token limit) so gives no answer unless its last line
+    holds one."""
+    markers = list(_ANSWER_MARKER.finditer(text))
+    boxes = list(_BOXED_START.finditer(text))
+    marker_at = markers[-1].start() if markers else -1
+    boxed_at = boxes[-1].start() if boxes else -1
+    if boxed_at > marker_at:
+        return extract_answer(text[boxed_at:], "boxed")
+    if marker_at >= 0:
+        return extract_answer(text[marker_at:], "auto")
+    lines = [line for line in text.strip().split("\n") if line.strip()]
+    return extract_answer(_LINE_NUMBERING.sub("", lines[-1]), "last_number") if lines else None
+
+
 def numeric_answer(text: str) -> str | None:
-    """The number a response answers with: \\boxed{}, else the `Answer:` line, else the last
-    number in the text. An answer that is a calculation ("Answer: 12 + 5 = 17") gives
-    its last number, since small models often restate the sum before the result."""
-    answer = extract_answer(text, "auto")
+    """The number a response answers with (`final_answer`). An answer that is a calculation
+    ("Answer: 12 + 5 = 17") gives its last number, since small models often restate the
+    sum before the result."""
+    answer = final_answer(text)
     if answer is None or parse_number(answer) is not None:
         return answer
     numbers = _NUMBER_IN_TEXT.findall(answer)
@@ -209,12 +263,17 @@ def parse_task_spec(spec: str) -> list[tuple[str, list[int]]]:
     return out
 
 
-def generate_problems(spec: str, n_per_level: int, seed: int = 0) -> list[Problem]:
-    """`n_per_level` problems of every (family, level) in `spec`, the same for the same
-    arguments; problem i of a level has seed `seed * 100_003 + i`. A JSONL file in the
-    spec gives its first `n_per_level` rows (all of them when n_per_level is 0)."""
+def generate_problems(spec: str, n_per_level: int, seed: int = 0, style: str = "cot") -> list[Problem]:
+    """Up to `n_per_level` distinct problems of every (family, level) in `spec`, the same for
+    the same arguments. Problem i of a level has seed `seed * 100_003 + i` while seeds give
+    new prompts; a seed that repeats an earlier prompt is skipped, and a family with fewer
+    distinct instances at a level than asked (river crossing with N pairs has one) gives
+    only those: repeats would count one problem several times. `shortfall` says which
+    levels came short. A JSONL file in the spec gives its first `n_per_level` rows (all of
+    them when n_per_level is 0), with their prompts as written."""
     if n_per_level < 0:
         raise InvalidParameterError(f"n_per_level must be >= 0, got {n_per_level}", param="n_per_level")
+    check_prompt_style(style)
     problems = []
     for name, levels in parse_task_spec(spec):
         if name.startswith("jsonl:"):
@@ -223,8 +282,26 @@ def generate_problems(spec: str, n_per_level: int, seed: int = 0) -> list[Proble
             continue
         family = get_family(name)
         for level in levels:
-            problems += [family.generate(level, seed * 100_003 + i) for i in range(n_per_level)]
+            prompts: set[str] = set()
+            # Enough tries that a family with a handful of variants (Hanoi's six peg
+            # pairs) shows them all, few enough that a one-instance level stays quick.
+            for i in range(3 * n_per_level + 30):
+                if len(prompts) == n_per_level:
+                    break
+                problem = family.generate(level, seed * 100_003 + i, style)
+                if problem.prompt not in prompts:
+                    prompts.add(problem.prompt)
+                    problems.append(problem)
     return problems
+
+
+def shortfall(problems: list[Problem], n_per_level: int) -> dict[tuple[str, int], int]:
+    """(family, level) -> distinct problems generated, for levels with fewer than asked."""
+    counts: dict[tuple[str, int], int] = {}
+    for problem in problems:
+        if problem.family != "jsonl":
+            counts[(problem.family, problem.level)] = counts.get((problem.family, problem.level), 0) + 1
+    return {key: count for key, count in counts.items() if count < n_per_level}
 
 
 class JsonlFamily(TaskFamily):
@@ -236,7 +313,7 @@ class JsonlFamily(TaskFamily):
     description = "problems from a user JSONL file (jsonl:PATH)"
     min_level, max_level, default_levels = 0, 0, (0,)
 
-    def generate(self, level: int, seed: int) -> Problem:
+    def generate(self, level: int, seed: int, style: str = "cot") -> Problem:
         raise InvalidParameterError("jsonl problems come from a file; use the task spec jsonl:PATH", param="tasks")
 
     def _delegate(self, problem: Problem) -> TaskFamily | None:
@@ -293,7 +370,7 @@ def load_jsonl(path: str) -> list[Problem]:
         if not isinstance(level, int) or isinstance(level, bool):
             raise InvalidParameterError(f'{where}: "level" must be an integer, got {level!r}', param="tasks")
         data = dict(row.get("data") or {})
-        problem = Problem("jsonl", level, number, str(row["prompt"]), str(row["answer"]), data)
+        problem = Problem("jsonl", level, number, str(row["prompt"]), str(row["answer"]), data, "file")
         if row.get("checker"):
             family = get_family(str(row["checker"]))  # an unknown name fails with the list of known ones
             data["checker"] = family.name

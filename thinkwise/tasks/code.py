@@ -107,6 +107,9 @@ SPECS = [
 class CodeFamily(TaskFamily):
     name, description = "code", "write a Python function that passes hidden unit tests (level = spec tier)"
     min_level, max_level, default_levels = 1, 4, (1, 2, 3, 4)
+
+    def answer_tokens(self, level):
+        return 256  # the function itself
     cheap_check = False  # every check starts a sandboxed interpreter
     tests_per_problem = 8
 
@@ -188,6 +191,9 @@ def _program(level: int, rng: random.Random) -> str:
 class OutputPredictionFamily(TaskFamily):
     name, description = "output", "predict what a small Python program prints (level = blocks of logic)"
     min_level, max_level, default_levels = 1, 12, (2, 4, 8)
+
+    def reasoning_tokens(self, level):
+        return 128 + 48 * level
     builtins = {"range": range, "print": print, "sum": sum, "len": len}
 
     def make(self, level, rng):

@@ -74,6 +74,12 @@ class HanoiFamily(SimulatedFamily):
     name, description = "hanoi", "Tower of Hanoi with N disks (level = N); moves simulated"
     min_level, max_level, default_levels = 1, 12, (3, 4, 5)
 
+    def answer_tokens(self, level):
+        return 16 + 6 * (2**level - 1)
+
+    def reasoning_tokens(self, level):
+        return 128 + 24 * (2**level - 1)
+
     def make(self, level, rng):
         moves: list[tuple[int, str, str]] = []
 
@@ -83,12 +89,17 @@ class HanoiFamily(SimulatedFamily):
                 moves.append((n, source, target))
                 solve(n - 1, spare, target, source)
 
-        solve(level, "A", "C", "B")  # the optimal 2**level - 1 moves
-        prompt = (f"Tower of Hanoi: {level} disks, numbered 1 (smallest) to {level} (largest), are stacked on peg A, "
-                  "largest at the bottom. Move the whole stack to peg C, using peg B. Move one top disk at a time "
-                  "and never put a larger disk on a smaller one. End your reply with `Answer:` followed by the "
-                  "moves in order, each written as source->target, separated by commas (e.g. A->C, A->B, C->B).")
-        return prompt, self.format(moves), {"disks": level}
+        # The start and goal pegs vary with the seed: six distinct problems per size, where a
+        # fixed A-to-C puzzle would make every seed the same problem.
+        source, target = rng.sample("ABC", 2)
+        spare = next(peg for peg in "ABC" if peg not in (source, target))
+        solve(level, source, target, spare)  # the optimal 2**level - 1 moves
+        prompt = (f"Tower of Hanoi: {level} disks, numbered 1 (smallest) to {level} (largest), are stacked on peg "
+                  f"{source}, largest at the bottom. Move the whole stack to peg {target}, using peg {spare}. Move "
+                  "one top disk at a time and never put a larger disk on a smaller one. End your reply with "
+                  "`Answer:` followed by the moves in order, each written as <from peg>-><to peg> (such as "
+                  f"{source}->{spare}), separated by commas.")
+        return prompt, self.format(moves), {"disks": level, "source": source, "target": target}
 
     # "A->C", "A → C", "A to C", "from peg A to peg C", "a->c", "(A, C)", optionally
     # preceded by the disk: "disk 2 from A to B", "Move 2: A -> B" is a numbering, not a disk.
@@ -111,14 +122,16 @@ class HanoiFamily(SimulatedFamily):
 
     def solved(self, problem, moves):
         n = problem.data["disks"]
-        pegs = {"A": list(range(n, 0, -1)), "B": [], "C": []}
+        start, goal = problem.data.get("source", "A"), problem.data.get("target", "C")
+        pegs = {"A": [], "B": [], "C": []}
+        pegs[start] = list(range(n, 0, -1))
         for disk, source, target in moves:
             if not pegs[source] or (pegs[target] and pegs[target][-1] < pegs[source][-1]):
                 return False
             if disk is not None and pegs[source][-1] != disk:
                 return False  # names a disk that is not the one on top
             pegs[target].append(pegs[source].pop())
-        return pegs["C"] == list(range(n, 0, -1))
+        return pegs[goal] == list(range(n, 0, -1))
 
 
 def _breadth_first(start, goal, successors):
@@ -144,6 +157,12 @@ def _breadth_first(start, goal, successors):
 class CheckerJumpingFamily(SimulatedFamily):
     name, description = "checkers", "checker jumping: swap N red and N blue checkers (level = N; N*N+2N moves)"
     min_level, max_level, default_levels = 1, 12, (2, 3, 4)
+
+    def answer_tokens(self, level):
+        return 16 + 4 * (level * level + 2 * level)
+
+    def reasoning_tokens(self, level):
+        return 128 + 24 * (level * level + 2 * level)
 
     @staticmethod
     def step(board: str, position: int) -> str | None:
@@ -225,6 +244,12 @@ class RiverCrossingFamily(SimulatedFamily):
     name, description = "river", "missionaries and cannibals with N of each (level = N); boat capacity 2-4"
     min_level, max_level, default_levels = 1, 20, (2, 3, 5)
 
+    def answer_tokens(self, level):
+        return 16 + 32 * level
+
+    def reasoning_tokens(self, level):
+        return 128 + 48 * level
+
     @staticmethod
     def capacity(n: int) -> int:
         return 2 if n <= 3 else 3 if n <= 5 else 4
@@ -287,6 +312,12 @@ class RiverCrossingFamily(SimulatedFamily):
 class BlocksWorldFamily(SimulatedFamily):
     name, description = "blocks", "blocks world: restack N blocks into a goal configuration (level = N)"
     min_level, max_level, default_levels = 2, 12, (3, 4, 6)
+
+    def answer_tokens(self, level):
+        return 16 + 16 * level
+
+    def reasoning_tokens(self, level):
+        return 128 + 32 * level
 
     @staticmethod
     def random_stacks(rng, blocks):
@@ -369,6 +400,12 @@ class QueensFamily(TaskFamily):
     name, description = "queens", "N-Queens with one queen fixed (level = N); any valid placement"
     min_level, max_level, default_levels = 4, 12, (5, 6, 8)
 
+    def answer_tokens(self, level):
+        return 16 + 4 * level
+
+    def reasoning_tokens(self, level):
+        return 256 + 32 * level
+
     @staticmethod
     def valid(columns: list[int], n: int) -> bool:
         if len(columns) != n or sorted(columns) != list(range(1, n + 1)):
@@ -430,6 +467,12 @@ class QueensFamily(TaskFamily):
 class ColoringFamily(TaskFamily):
     name, description = "coloring", "3-colour a graph with a planted colouring (level = vertices)"
     min_level, max_level, default_levels = 4, 30, (6, 9, 12)
+
+    def answer_tokens(self, level):
+        return 16 + 6 * level
+
+    def reasoning_tokens(self, level):
+        return 256 + 32 * level
     colors = 3
 
     def make(self, level, rng):
@@ -478,6 +521,12 @@ class ColoringFamily(TaskFamily):
 class SatFamily(TaskFamily):
     name, description = "sat", "3-SAT with a planted satisfying assignment (level = variables)"
     min_level, max_level, default_levels = 3, 30, (4, 6, 10)
+
+    def answer_tokens(self, level):
+        return 16 + 6 * level
+
+    def reasoning_tokens(self, level):
+        return 256 + 32 * level
 
     def make(self, level, rng):
         planted = [rng.random() < 0.5 for _ in range(level)]

@@ -28,6 +28,12 @@ class SequenceFamily(NumericFamily):
     name, description = "sequence", "next term of an arithmetic/geometric/Fibonacci-like/prime pattern"
     min_level, max_level, default_levels = 1, 8, (1, 3, 5)
 
+    def answer_tokens(self, level):
+        return 32
+
+    def reasoning_tokens(self, level):
+        return 192 + 16 * level
+
     def make(self, level, rng):
         kind = KINDS[rng.randrange(len(KINDS))]
         shown = 6 if level <= 5 else 5
