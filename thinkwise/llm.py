@@ -139,10 +139,12 @@ class LLM:
         return self.run_strategy_jobs([StrategyJob(p, spec, params, extract, v, use_chat_template)
                                        for p, v in zip(prompts, verifiers)])
 
-    def run_strategy_jobs(self, jobs: list["StrategyJob"], *, backend_wrapper: Callable | None = None) -> list:
+    def run_strategy_jobs(self, jobs: list["StrategyJob"], *, backend_wrapper: Callable | None = None,
+                          on_finished: Callable | None = None) -> list:
         """Run many (prompt, strategy, params, extractor, verifier) jobs concurrently: every
         sample of every job shares the engine's batches. Returns one `Answer` per job.
-        `backend_wrapper(backend)` may return a backend that watches the sample groups (a live view)."""
+        `backend_wrapper(backend)` may return a backend that watches the sample groups (a live view);
+        `on_finished(index, answer)` runs as each job completes (progress, saving results early)."""
         import asyncio
 
         from thinkwise.engine.async_engine import AsyncEngine
@@ -157,11 +159,16 @@ class LLM:
                 backend = LocalBackend(async_engine)
                 if backend_wrapper is not None:
                     backend = backend_wrapper(backend)
-                return await asyncio.gather(*(
-                    run_strategy(backend, job.spec, ids, job.params, prompt_text=text, extract=job.extract,
-                                 verifier=job.verifier)
-                    for job, (text, ids) in zip(jobs, staged)
-                ))
+
+                async def one(index: int, job: StrategyJob, text: str, ids: list[int]):
+                    answer = await run_strategy(backend, job.spec, ids, job.params, prompt_text=text,
+                                                extract=job.extract, verifier=job.verifier)
+                    if on_finished is not None:
+                        on_finished(index, answer)
+                    return answer
+
+                return await asyncio.gather(*(one(i, job, text, ids)
+                                              for i, (job, (text, ids)) in enumerate(zip(jobs, staged))))
 
             return asyncio.run(main())
         finally:

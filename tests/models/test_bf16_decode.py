@@ -16,25 +16,11 @@ import math
 import pytest
 import torch
 
+from tests.logit_probes import RecordingSampler, prefill_logits
 from thinkwise import LLM, SamplingParams
 
 PROMPT = [256, 5, 9, 77, 31, 2, 200, 45, 45, 8, 19, 3, 101, 7]
 NEW_TOKENS = 16
-
-
-class RecordingSampler:
-    """Keeps every logits matrix the engine samples from (one row per sampled sequence)."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.logits: list[torch.Tensor] = []
-
-    def __call__(self, logits, rows):
-        self.logits.append(logits.float().clone())
-        return self.inner(logits, rows)
-
-    def __getattr__(self, name):  # anything else the engine asks of its sampler
-        return getattr(self.inner, name)
 
 
 def _bf16_spacing(value: float) -> float:
@@ -48,16 +34,7 @@ def _make(directory, device="cpu", **options) -> LLM:
 
 def _prefill_logits(directory, ids: list[int], device="cpu") -> torch.Tensor:
     """Logits at every position of `ids` from one prefill (no cache, no chunking)."""
-    engine = _make(directory, device=device, enable_prefix_caching=False).engine
-    request = engine.add_request(ids, SamplingParams(temperature=0, max_tokens=1))
-    batch = engine.scheduler.schedule()
-    assert batch.num_new_tokens == [len(ids)]
-    runner = engine.runner
-    inputs, positions, metadata, _ = runner.prepare(batch.sequences, batch.num_new_tokens)
-    with torch.inference_mode():
-        logits = runner.model.compute_logits(runner.model(inputs, positions, runner.kv_caches, metadata))
-    engine.abort(request.request_id)
-    return logits.float().cpu()
+    return prefill_logits(_make(directory, device=device, enable_prefix_caching=False).engine, ids)
 
 
 def _transformers_gap(reference, ids: list[int], prompt_len: int) -> float:

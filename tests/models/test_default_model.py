@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.logit_probes import RecordingSampler, prefill_logits
 from thinkwise import LLM, SamplingParams
 from thinkwise.loading import resolve_default_model
 
@@ -85,36 +86,15 @@ def bf16_pair():
     return llm, reference
 
 
-def _our_prefill_logits(llm: LLM, ids: list[int]) -> torch.Tensor:
-    engine = llm.engine
-    request = engine.add_request(ids, SamplingParams(temperature=0, max_tokens=1))
-    batch = engine.scheduler.schedule()
-    assert batch.num_new_tokens == [len(ids)]
-    runner = engine.runner
-    inputs, positions, metadata, _ = runner.prepare(batch.sequences, batch.num_new_tokens)
-    with torch.inference_mode():
-        logits = runner.model.compute_logits(runner.model(inputs, positions, runner.kv_caches, metadata))
-    engine.abort(request.request_id)
-    return logits.float()
-
-
 def test_bf16_greedy_and_decode_drift_match_transformers_bf16(bf16_pair):
     """Greedy bf16 tokens equal transformers' bf16 ones up to the reference's first near-tie, and
     each decode step's logits sit as close to a prefill of the same tokens as transformers' do."""
-
-    class Recorder:
-        def __init__(self, inner):
-            self.inner, self.logits = inner, []
-
-        def __call__(self, logits, rows):
-            self.logits.append(logits.float().clone())
-            return self.inner(logits, rows)
 
     bf16_llm, bf16_reference = bf16_pair
     tokenizer = bf16_llm.tokenizer
     compared = {}
     for prompt in RAW_PROMPTS:
-        recorder = Recorder(bf16_llm.engine.sampler)
+        recorder = RecordingSampler(bf16_llm.engine.sampler)
         bf16_llm.engine.sampler = recorder
         ours = bf16_llm.generate(prompt, SamplingParams(temperature=0, max_tokens=RAW_TOKENS, ignore_eos=True))[0]
         bf16_llm.engine.sampler = recorder.inner
@@ -141,7 +121,7 @@ def test_bf16_greedy_and_decode_drift_match_transformers_bf16(bf16_pair):
                 f"ours {tokenizer.decode(tokens)!r} vs transformers {tokenizer.decode(theirs)!r}")
         compared[prompt] = same
 
-        our_prefill = _our_prefill_logits(bf16_llm, prompt_ids + tokens)[len(prompt_ids) - 1:]
+        our_prefill = prefill_logits(bf16_llm.engine, prompt_ids + tokens)[len(prompt_ids) - 1:]
         our_decode = torch.cat(recorder.logits)
         our_gap = (our_decode - our_prefill[: len(our_decode)]).abs().max().item()
         # Twice transformers' own gap; 0.25 is about its smallest gap on these prompts (0.22-0.39).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from thinkwise import LLM, SamplingParams
+from tests.logit_probes import RecordingSampler
 from tests.tiny_models import reference_greedy
 
 PROMPTS = [
@@ -17,18 +18,6 @@ PROMPTS = [
     [256, 80, 81, 82, 83, 84, 85, 86],
     [256, 200, 150, 100, 50, 25, 12, 6, 3, 1, 0, 2, 4, 8, 16, 32, 64, 128],
 ]
-
-
-class RecordingSampler:
-    """Wraps the engine's sampler to keep every logits row it is given."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self.logits: list[torch.Tensor] = []
-
-    def __call__(self, logits, rows):
-        self.logits.append(logits.clone())
-        return self.inner(logits, rows)
 
 
 def make_llm(directory, **options) -> LLM:

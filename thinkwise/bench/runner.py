@@ -206,32 +206,16 @@ def _empty_prefix_cache(llm) -> None:
 def run_concurrently(llm, spec, jobs: list[tuple[Problem, SamplingParams]], finished) -> list:
     """One strategy on many problems at once, every sample sharing the engine's batches;
     `finished(index, answer)` runs as each problem completes (progress, saving rows)."""
-    import asyncio
+    from thinkwise.llm import StrategyJob
 
-    from thinkwise.engine.async_engine import AsyncEngine
-    from thinkwise.strategies import LocalBackend, run_strategy
+    return llm.run_strategy_jobs([StrategyJob(problem.prompt, spec, params, extract=_family_extractor(problem))
+                                  for problem, params in jobs], on_finished=finished)
 
-    staged = [llm._strategy_prompt(problem.prompt, None) for problem, _ in jobs]
-    for _, ids in staged:
-        llm.engine._check_prompt(ids)
-    async_engine = AsyncEngine(llm.engine).start()
-    try:
-        async def main():
-            backend = LocalBackend(async_engine)
 
-            async def one(index: int, problem: Problem, params: SamplingParams, text: str, ids: list[int]):
-                family = get_family(problem.family)
-                answer = await run_strategy(backend, spec, ids, params, prompt_text=text,
-                                            extract=lambda reply: family.extract(problem, reply))
-                finished(index, answer)
-                return answer
-
-            return await asyncio.gather(*(one(i, problem, params, text, ids)
-                                          for i, ((problem, params), (text, ids)) in enumerate(zip(jobs, staged))))
-
-        return asyncio.run(main())
-    finally:
-        async_engine.shutdown()
+def _family_extractor(problem: Problem):
+    """The problem's family reads the answer out of a reply (one closure per problem)."""
+    family = get_family(problem.family)
+    return lambda reply: family.extract(problem, reply)
 
 
 def _timed_check(family, problem: Problem, text: str) -> tuple[bool, float]:
