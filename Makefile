@@ -27,8 +27,8 @@ $(STAMP): pyproject.toml Makefile
 install: system-deps $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/thinkwise generate --chat --max-tokens 200 \
-		"Write a short Python function that returns the n-th Fibonacci number, and explain it in one sentence."
+	$(BIN)/thinkwise generate --chat --max-tokens 256 \
+		"Write a Python function fib(n) that returns the n-th Fibonacci number."
 
 test: system-deps $(STAMP)
 	$(BIN)/python -m pytest tests
