@@ -176,6 +176,18 @@ def test_writing_outside_is_refused_by_the_audit_layer_and_stopped_by_the_kernel
         assert result.outcome == "refused" and result.score == 0.0, (result.detail, result.stderr)
 
 
+def test_a_sibling_of_the_run_directory_counts_as_outside_it(mode):
+    """`<rundir>-escaped` shares the run directory's name as a prefix: the audit layer must still
+    refuse it (its check compares whole path components), and the kernel keeps it off the host."""
+    verifier = CodeTestVerifier(ADD_TESTS, timeout_s=2, audit_hook=mode)
+    result = verifier.run("import os\nopen(os.getcwd() + '-escaped', 'w').write('x')\n"
+                          "def add(a, b):\n    return a + b\n")
+    assert not os.path.lexists("/sandbox-escaped")
+    assert result.outcome != "passed"
+    if mode:
+        assert result.outcome == "refused" and result.score == 0.0, (result.detail, result.stderr)
+
+
 def test_tmp_is_private_to_the_run(verifier):
     # /tmp inside is the run's own tmpfs: writable, never our /tmp, gone afterwards.
     name = f"thinkwise_private_{secrets.token_hex(6)}"
