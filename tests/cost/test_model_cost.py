@@ -10,7 +10,7 @@ import torch
 from tests.tiny_models import make_tiny_model
 from thinkwise import LLM, SamplingParams
 from thinkwise.cost import ModelCostSpec, attribute_step
-from thinkwise.engine.scheduler import PrefixGroup
+from thinkwise.engine.scheduler import SharedPrefix
 from thinkwise.engine.sequence import TokenCounts
 from thinkwise.loading.hf_dir import load_hf_dir
 from thinkwise.models import build_model
@@ -153,7 +153,7 @@ def test_a_shared_prefix_group_reads_its_prefix_once():
     samples = [fake_sequence(10) for _ in range(3)]
     other = fake_sequence(6)
     sequences = [samples[0], other, samples[1], samples[2]]
-    attribute_step(spec, sequences, [1, 1, 1, 1], [True] * 4, [PrefixGroup(members=[0, 2, 3], shared_tokens=8)])
+    attribute_step(spec, sequences, [1, 1, 1, 1], [True] * 4, [SharedPrefix(members=[0, 2, 3], shared_tokens=8)])
     for seq in samples:
         # a third of the shared 8 tokens, its own 3 (positions 8-10) read, 1 written
         assert seq.request.counts.bytes_kv == pytest.approx(KV_PER_TOKEN * (8 / 3 + 3 + 1), rel=1e-12)

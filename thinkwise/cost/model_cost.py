@@ -17,7 +17,7 @@ Bytes:
   row per computed token (charged to its sequence), not the whole table;
 - KV: each sequence reads K and V of its whole context (cached prefix, earlier chunks
   and the tokens it writes this step) and writes its new tokens. When the step reports a
-  shared-prefix group (cascade attention, see `thinkwise.engine.scheduler.PrefixGroup`)
+  shared-prefix group (cascade attention, see `thinkwise.engine.scheduler.SharedPrefix`)
   the group's shared tokens are read once for all members, split evenly over them.
 """
 

@@ -6,13 +6,11 @@ handful per tensor, and each one costs a launch and a round trip through memory.
 each group is one Triton kernel: residual add + RMSNorm; Qwen3's per-head q/k norm +
 rotary embedding + writing K and V into their paged-cache slots; SiLU(gate) * up. The
 twins are the model's original op sequences (identical numerics to Hugging Face), used on
-CPU, when Triton is missing, and with THINKWISE_FUSED=0; the kernels compute in fp32 and
-round where the twins round, so bf16 results agree to rounding.
+CPU, when Triton is missing, and with `EngineConfig.fused_kernels` off (THINKWISE_FUSED=0);
+the kernels compute in fp32 and round where the twins round, so bf16 results agree to rounding.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +25,12 @@ except ImportError:  # CPU-only installs: the twins run instead
     triton = None
     tl = None
 
-FUSED = os.environ.get("THINKWISE_FUSED", "1") != "0"
+FUSED = True  # set from EngineConfig.fused_kernels by the engine (`set_fused_kernels`)
+
+
+def set_fused_kernels(enabled: bool) -> None:
+    global FUSED
+    FUSED = bool(enabled)
 
 
 def _use_triton(x: torch.Tensor) -> bool:

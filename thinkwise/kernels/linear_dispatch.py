@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import statistics
 import time
 from collections import defaultdict
@@ -73,11 +72,19 @@ def torch_threads(count: int | None):
         torch.set_num_threads(previous)
 
 
+_epilogue_fusion = True  # set from EngineConfig.gemm_epilogue_fusion (THINKWISE_GEMM_EPILOGUE)
+
+
+def set_epilogue_fusion(enabled: bool) -> None:
+    global _epilogue_fusion
+    _epilogue_fusion = bool(enabled)
+
+
 def epilogue_fusion_enabled() -> bool:
-    """Whether a Triton gate/up GEMM applies SiLU(gate) * up in its epilogue
-    (`THINKWISE_GEMM_EPILOGUE=0`: a separate kernel, for A/B runs). Read at each call, like
-    `pdl.pdl_enabled`, so a run can switch it before capturing its graphs."""
-    return os.environ.get("THINKWISE_GEMM_EPILOGUE", "1") != "0"
+    """Whether a Triton gate/up GEMM applies SiLU(gate) * up in its epilogue (off: a
+    separate kernel, for A/B runs). Read at each call, like `pdl.pdl_enabled`, so a run
+    can switch it before capturing its graphs."""
+    return _epilogue_fusion
 
 
 class DispatchLinear(nn.Module):

@@ -12,14 +12,22 @@ batch, because that is the hot loop of generation even on CPU.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 # "torch" forces the reference everywhere (for debugging a kernel); "auto" uses Triton on CUDA.
-ATTENTION_BACKEND = os.environ.get("THINKWISE_ATTENTION", "auto")
+# Set from EngineConfig.attention_backend by the engine (`set_attention_backend`).
+ATTENTION_BACKEND = "auto"
+ATTENTION_BACKENDS = ("auto", "torch")
+
+
+def set_attention_backend(name: str) -> None:
+    global ATTENTION_BACKEND
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {ATTENTION_BACKENDS}")
+    ATTENTION_BACKEND = name
 
 
 MAX_GROUP_MEMBERS = 16  # rows of one cascade group (more samples form more groups)
@@ -93,6 +101,9 @@ class AttentionMetadata:
     # synchronized softmax. Decode rows sharing a prompt prefix, for cascade attention.
     unified_max: float | None = None
     prefix_groups: PrefixGroups | None = None
+    # While a list, prefill attention appends each query row's maximum score to it: the
+    # statistics `ModelRunner.calibrate_unified_max` picks the unified max (phi) from.
+    score_recorder: list[torch.Tensor] | None = None
 
     @property
     def num_seqs(self) -> int:
@@ -176,12 +187,7 @@ def _cascade_merge(scores: torch.Tensor, values: torch.Tensor, starts: torch.Ten
     return weight_a * out_a + weight_b * out_b
 
 
-# While a list, prefill attention appends each query row's maximum score to it: the
-# statistics `calibrate_unified_max` picks the unified max (phi) from.
-score_recorder: list[torch.Tensor] | None = None
-
-
-def _record_row_max_scores(query: torch.Tensor, keys: torch.Tensor, scale: float) -> None:
+def _row_max_scores(query: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
     n, num_heads, head_dim = query.shape
     length, num_kv_heads = keys.shape[:2]
     q = query.float().view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
@@ -189,15 +195,13 @@ def _record_row_max_scores(query: torch.Tensor, keys: torch.Tensor, scale: float
     query_pos = torch.arange(length - n, length, device=query.device)
     future = torch.arange(length, device=query.device)[None, :] > query_pos[:, None]
     scores.masked_fill_(future[:, None, None, :], float("-inf"))
-    score_recorder.append(scores.amax(-1).flatten().cpu())
+    return scores.amax(-1).flatten().cpu()
 
 
 def prefill_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
 ) -> torch.Tensor:
     """Queries are the last `n` of `L` context tokens: [n, H, D] x [L, Hkv, D] -> [n, H, D]."""
-    if score_recorder is not None:
-        _record_row_max_scores(query, keys, scale)
     n, num_heads, _ = query.shape
     length = keys.shape[0]
     q = query.transpose(0, 1).unsqueeze(0)
@@ -285,5 +289,7 @@ def paged_attention(
         table = metadata.block_tables[i]
         keys = gather_context(k_cache, table, length)
         values = gather_context(v_cache, table, length)
+        if metadata.score_recorder is not None:
+            metadata.score_recorder.append(_row_max_scores(query[begin:end], keys, scale))
         output[begin:end] = prefill_attention(query[begin:end], keys, values, scale)
     return output

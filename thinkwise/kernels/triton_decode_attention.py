@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from thinkwise.kernels import pdl
+from thinkwise.kernels.device_info import sm_count
 from thinkwise.kernels.paged_attention import MAX_GROUP_MEMBERS, PrefixGroups  # noqa: F401
 
 try:
@@ -248,15 +249,11 @@ def _next_power_of_two(x: int) -> int:
     return 1 << (max(1, x) - 1).bit_length()
 
 
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def choose_splits(batch: int, num_kv_heads: int, num_tiles: int, device: torch.device) -> int:
     """Enough splits that batch x kv_heads x splits fills the GPU about four times (several
     programs per SM keep loads in flight). Short contexts get one tile per split: a
     program's tiles are sequential, so fewer, longer splits would only add latency."""
-    wanted = max(1, (4 * _sm_count(device)) // max(1, batch * num_kv_heads))
+    wanted = max(1, (4 * sm_count(device)) // max(1, batch * num_kv_heads))
     return max(1, min(wanted, num_tiles, 64))
 
 
