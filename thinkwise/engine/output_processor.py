@@ -166,8 +166,7 @@ class OutputProcessor:
         self.requests.pop(request.request_id, None)
         return output
 
-    @staticmethod
-    def request_output(request: Request) -> RequestOutput:
+    def request_output(self, request: Request) -> RequestOutput:
         """A snapshot of a request: every sample's text, tokens, finish state and counts."""
         outputs = [
             CompletionOutput(
