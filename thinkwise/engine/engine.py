@@ -264,7 +264,7 @@ class Engine:
         """Run the batch on the device, then sample every sequence whose pending tokens are done."""
         sequences, counts = batch.sequences, batch.num_new_tokens
         sample = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in zip(sequences, counts)]
-        shared = self.runner.prefixes_read_once(batch.shared_prefixes)
+        shared = self.runner.prefixes_read_once(batch)
         attribute_step(self.cost_spec, sequences, counts, sample, shared)
         ticket = self.step_meter.start()
         with torch_threads(self.cpu_threads):

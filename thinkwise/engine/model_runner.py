@@ -16,7 +16,7 @@ import torch
 from thinkwise.engine.block_manager import blocks_for
 from thinkwise.engine.config import EngineConfig, stage_to_device
 from thinkwise.engine.cuda_graphs import CudaGraphDecoder
-from thinkwise.engine.scheduler import SharedPrefix
+from thinkwise.engine.scheduler import ScheduledBatch, SharedPrefix
 from thinkwise.engine.sequence import Sequence
 from thinkwise.engine.step_inputs import StepInputs, build_step_inputs
 from thinkwise.kernels.paged_attention import AttentionMetadata, pack_prefix_groups
@@ -81,13 +81,13 @@ class ModelRunner:
                 max_batch=max_num_seqs, unified_max=self.unified_max,
             )
 
-    def prefixes_read_once(self, shared: list[SharedPrefix]) -> list[SharedPrefix]:
-        """The shared prefixes this device attends once for all their members (cascade
-        attention): on CUDA those of at least `cascade_min_shared_tokens`, else none. The
-        cost model charges their KV reads once too."""
+    def prefixes_read_once(self, batch: ScheduledBatch) -> list[SharedPrefix]:
+        """The batch's shared prefixes that this device attends once for all their members
+        (cascade attention): on CUDA those of at least `cascade_min_shared_tokens`, else none.
+        The cost model charges their KV reads once too."""
         if self.cascade_min_shared_tokens is None:
             return []
-        return [group for group in shared if group.shared_tokens >= self.cascade_min_shared_tokens]
+        return [group for group in batch.shared_prefixes if group.shared_tokens >= self.cascade_min_shared_tokens]
 
     @torch.inference_mode()
     def calibrate_unified_max(self, seed: int = 0) -> tuple[float | None, dict | None]:

@@ -13,6 +13,7 @@ Requests join and leave between any two steps.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -35,7 +36,7 @@ class ScheduledBatch:
     sequences: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
-    shared_prefixes: list[SharedPrefix] = field(default_factory=list)
+    block_size: int = 16
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -43,6 +44,12 @@ class ScheduledBatch:
     @property
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
+
+    @functools.cached_property
+    def shared_prefixes(self) -> list[SharedPrefix]:
+        """Which decode sequences share which leading blocks; found on first use, so a device
+        that makes nothing of them (the CPU reference) pays nothing for them."""
+        return find_shared_prefixes(self.sequences, self.num_new_tokens, self.block_size)
 
 
 def find_shared_prefixes(sequences: list[Sequence], num_new_tokens: list[int], block_size: int) -> list[SharedPrefix]:
@@ -63,17 +70,30 @@ def find_shared_prefixes(sequences: list[Sequence], num_new_tokens: list[int], b
     for members in buckets.values():
         if len(members) < 2:
             continue
-        tables = [sequences[i].block_table for i in members]
-        shared = 0
-        for column in zip(*tables):
-            if any(block != column[0] for block in column):
-                break
-            shared += 1
-        limit = min(sequences[i].num_computed_tokens for i in members)
-        tokens = min(shared * block_size, limit // block_size * block_size)
+        # The token being decoded must stay in each sample's own suffix.
+        shared = min(sequences[i].num_computed_tokens for i in members) // block_size
+        first = sequences[members[0]].block_table
+        for i in members[1:]:
+            shared = _common_prefix(first, sequences[i].block_table, shared)
+        tokens = shared * block_size
         if tokens > 0:
             groups.append(SharedPrefix(members, tokens))
     return groups
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the longest common prefix of a and b, at most `limit`: a binary search over
+    slice comparisons, which run in C (this is on every step's path)."""
+    low, high = 0, min(limit, len(a), len(b))
+    if a[:high] == b[:high]:
+        return high
+    while low < high - 1:  # a[:low] == b[:low] and a[:high] != b[:high]
+        middle = (low + high) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 class Scheduler:
@@ -115,7 +135,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
+        batch = ScheduledBatch(block_size=self.block_manager.block_size)
         budget = self.max_num_batched_tokens
         index = 0
         while index < len(self.running) and budget > 0:
@@ -137,7 +157,7 @@ class Scheduler:
                 index += 1
         # Admitting new work right after a preemption would only thrash the cache.
         if batch.preempted:
-            return self._with_shared_prefixes(batch)
+            return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             admitted = self.block_manager.allocate_waiting(seq, budget, keep_watermark=bool(self.running))
@@ -152,9 +172,4 @@ class Scheduler:
             batch.sequences.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
-        return self._with_shared_prefixes(batch)
-
-    def _with_shared_prefixes(self, batch: ScheduledBatch) -> ScheduledBatch:
-        batch.shared_prefixes = find_shared_prefixes(batch.sequences, batch.num_new_tokens,
-                                                     self.block_manager.block_size)
         return batch

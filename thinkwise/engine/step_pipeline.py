@@ -25,7 +25,7 @@ from thinkwise.engine.block_manager import BlockManager
 from thinkwise.engine.model_runner import ModelRunner
 from thinkwise.engine.output_processor import OutputProcessor, StepOutput
 from thinkwise.engine.sampler import Sampler, SamplingRow
-from thinkwise.engine.scheduler import Scheduler, find_shared_prefixes
+from thinkwise.engine.scheduler import ScheduledBatch, Scheduler
 from thinkwise.engine.sequence import Sequence
 from thinkwise.kernels.linear_dispatch import torch_threads
 
@@ -169,7 +169,8 @@ class StepPipeline:
         if not kept:
             return None
         ones = [1] * len(kept)
-        shared = engine.runner.prefixes_read_once(find_shared_prefixes(kept, ones, engine.block_manager.block_size))
+        behind_batch = ScheduledBatch(kept, ones, block_size=engine.block_manager.block_size)
+        shared = engine.runner.prefixes_read_once(behind_batch)
         attribute_step(engine.cost_spec, kept, ones, [True] * len(kept), shared)
         ticket = engine.step_meter.start()
         with torch_threads(engine.cpu_threads):
