@@ -47,19 +47,33 @@ def test_defaults_and_overrides(monkeypatch):
 @pytest.mark.parametrize("name, value, message", [
     ("THINKWISE_PDL", "yes", "THINKWISE_PDL='yes': use 1 (on) or 0 (off)"),
     ("THINKWISE_FUSED", "", "THINKWISE_FUSED='': use 1 (on) or 0 (off)"),
-    ("THINKWISE_PDL_MAX_ROWS", "many", "THINKWISE_PDL_MAX_ROWS='many': use a whole number"),
-    ("THINKWISE_ATTENTION", "flash", "attention_backend 'flash' is not 'auto' or 'torch'"),
-    ("THINKWISE_PDL_MAX_ROWS", "-1", "pdl_max_rows must be >= 0"),
+    ("THINKWISE_PDL_MAX_ROWS", "many", "THINKWISE_PDL_MAX_ROWS='many': use a whole number of rows >= 0"),
+    ("THINKWISE_PDL_MAX_ROWS", "-1", "THINKWISE_PDL_MAX_ROWS='-1': use a whole number of rows >= 0"),
+    ("THINKWISE_ATTENTION", "flash", "THINKWISE_ATTENTION='flash': use auto or torch"),
 ])
 def test_bad_values_are_refused_with_the_fix(monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
     with pytest.raises(InvalidParameterError) as error:
         EngineConfig()
-    assert message in str(error.value)
+    assert message in str(error.value) and error.value.param == name
+
+
+@pytest.mark.parametrize("name, value", [("THINKWISE_PDL", "yes"), ("THINKWISE_ATTENTION", "flash")])
+def test_the_cli_names_the_variable_not_a_flag(tiny_llama, name, value):
+    import os
+    import subprocess
+    import sys
+
+    directory, _ = tiny_llama
+    env = dict(os.environ, **{name: value})
+    done = subprocess.run([sys.executable, "-m", "thinkwise.cli", "generate", "--model", str(directory),
+                           "--max-tokens", "2", "hi"], env=env, capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {name}={value!r}: use ")
 
 
 def test_bad_arguments_are_refused():
-    with pytest.raises(InvalidParameterError, match="attention_backend"):
+    with pytest.raises(InvalidParameterError, match="attention_backend 'triton-please' is not one of auto, torch"):
         EngineConfig(attention_backend="triton-please")
     with pytest.raises(InvalidParameterError, match="pdl_max_rows"):
         EngineConfig(pdl_max_rows=-3)

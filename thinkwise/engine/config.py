@@ -13,6 +13,7 @@ import torch
 
 from thinkwise.engine.env_overrides import env_overrides
 from thinkwise.errors import InvalidParameterError
+from thinkwise.kernels.paged_attention import ATTENTION_BACKENDS
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
@@ -62,9 +63,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         for name, value in env_overrides().items():
             setattr(self, name, value)
-        if self.attention_backend not in ("auto", "torch"):
-            raise InvalidParameterError(f"attention_backend {self.attention_backend!r} is not 'auto' or 'torch'",
-                                        param="attention_backend")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise InvalidParameterError(f"attention_backend {self.attention_backend!r} is not one of "
+                                        f"{', '.join(ATTENTION_BACKENDS)}", param="attention_backend")
         if self.pdl_max_rows < 0:
             raise InvalidParameterError("pdl_max_rows must be >= 0", param="pdl_max_rows")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

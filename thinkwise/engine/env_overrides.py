@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from thinkwise.errors import InvalidParameterError
+from thinkwise.kernels.paged_attention import ATTENTION_BACKENDS
 
 
 def _flag(name: str, text: str) -> bool:
@@ -30,18 +31,23 @@ def _flag(name: str, text: str) -> bool:
 
 def _rows(name: str, text: str) -> int:
     try:
-        return int(text)
+        rows = int(text)
     except ValueError:
-        raise InvalidParameterError(f"{name}={text!r}: use a whole number of rows, e.g. 64", param=name) from None
+        rows = -1
+    if rows < 0:
+        raise InvalidParameterError(f"{name}={text!r}: use a whole number of rows >= 0, e.g. 64", param=name)
+    return rows
 
 
-def _text(name: str, text: str) -> str:
+def _attention(name: str, text: str) -> str:
+    if text not in ATTENTION_BACKENDS:
+        raise InvalidParameterError(f"{name}={text!r}: use {' or '.join(ATTENTION_BACKENDS)}", param=name)
     return text
 
 
-# variable -> (EngineConfig field, parser)
+# variable -> (EngineConfig field, parser); an error's `param` is the variable's name.
 ENV_OVERRIDES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
-    "THINKWISE_ATTENTION": ("attention_backend", _text),
+    "THINKWISE_ATTENTION": ("attention_backend", _attention),
     "THINKWISE_FUSED": ("fused_kernels", _flag),
     "THINKWISE_GEMM_EPILOGUE": ("gemm_epilogue_fusion", _flag),
     "THINKWISE_PDL": ("pdl", _flag),
