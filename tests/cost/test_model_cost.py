@@ -147,7 +147,7 @@ def test_a_shared_prefix_group_reads_its_prefix_once():
     """What the cascade-attention path reports: three samples sharing 8 prompt tokens, plus
     one unrelated decode row, in one step."""
     spec = ModelCostSpec.from_config(SimpleNamespace(
-        hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+        architecture="llama", hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
         intermediate_size=INTER, vocab_size=VOCAB, attention_bias=False, qk_norm=False,
         tie_word_embeddings=False), torch.float32)
     samples = [fake_sequence(10) for _ in range(3)]
@@ -166,7 +166,7 @@ def test_a_shared_prefix_group_reads_its_prefix_once():
 
 def tiny_spec() -> ModelCostSpec:
     return ModelCostSpec.from_config(SimpleNamespace(
-        hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+        architecture="llama", hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
         intermediate_size=INTER, vocab_size=VOCAB, attention_bias=False, qk_norm=False,
         tie_word_embeddings=False), torch.float32)
 
