@@ -81,10 +81,7 @@ def tiny_config(arch: str, **overrides):
 def make_tiny_model(arch: str, directory: Path, seed: int = 0, **overrides):
     """Save a random tiny model + tokenizer to `directory`; return the transformers model (fp32)."""
     torch.manual_seed(seed)
-    config = tiny_config(arch, **overrides)
-    # Soft-capped attention scores exist only in transformers' eager attention (SDPA ignores them).
-    implementation = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation=implementation).eval()
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides), dtype=torch.float32).eval()
     # Random init leaves norms at 1 and biases at 0; perturb them so a wrong mapping shows.
     with torch.no_grad():
         for name, param in model.named_parameters():

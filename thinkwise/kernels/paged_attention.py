@@ -6,8 +6,7 @@ lives in slot `block_table[p // block_size] * block_size + p % block_size`. Thes
 functions write new keys/values into their slots and attend each query token to its own
 sequence's context, causally, optionally within a sliding window (a query at position p
 sees keys p - window + 1 .. p, Mistral's and Gemma's local layers, the rule of
-transformers' `sliding_window_overlay`) and with tanh soft-capping of the scores
-(Gemma's `attn_logit_softcapping`). They are the CPU path and the numerical twin that every
+transformers' `sliding_window_overlay`). They are the CPU path and the numerical twin that every
 GPU kernel is tested against, so they favour clarity and exactness over speed, with one
 concession: single-token (decode) queries of many sequences are handled as one padded
 batch, because that is the hot loop of generation even on CPU.
@@ -132,7 +131,6 @@ def decode_attention(
     unified_max: float | None = None,
     prefix: PrefixGroups | None = None,
     window: int | None = None,
-    softcap: float | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: `query` [B, H, D] -> [B, H, D].
 
@@ -141,7 +139,7 @@ def decode_attention(
     softmax is what the kernel's unified max must reproduce, so `unified_max` changes
     nothing here; with `prefix`, the shared prefix and each row's suffix are attended
     separately and merged by log-sum-exp, the cascade kernel's math. `window`: each row
-    sees only its last `window` positions; `softcap`: scores become cap * tanh(s / cap).
+    sees only its last `window` positions.
     """
     batch, num_heads, head_dim = query.shape
     block_size = k_cache.shape[1]
@@ -158,8 +156,6 @@ def decode_attention(
     # decode drifted from prefill (greedy "Hello" looped on one token; transformers did not).
     q = query.view(batch, num_kv_heads, group, head_dim).float()
     scores = torch.einsum("bhgd,blhd->bhgl", q, keys.float()) * scale
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
     positions = torch.arange(num_blocks * block_size, device=query.device)
     invalid = positions[None, :] >= seq_lens[:batch, None]
     if window is not None:  # the query sits at seq_len - 1 and sees window positions back to itself
@@ -213,23 +209,9 @@ def _causal_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | N
     return mask
 
 
-def _softcapped_attention(q, k, v, mask: torch.Tensor, scale: float, softcap: float) -> torch.Tensor:
-    """SDPA has no soft-capping, so the eager sequence transformers runs for it: scores
-    scaled, capped, masked, softmax in fp32, weights cast back to q's dtype. q [1, H, n, D],
-    k/v [1, Hkv, L, D]."""
-    group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1)
-    v = v.repeat_interleave(group, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    scores = torch.tanh(scores / softcap) * softcap
-    scores = scores.masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(probs, v)
-
-
 def prefill_attention(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
-    window: int | None = None, softcap: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Queries are the last `n` of `L` context tokens: [n, H, D] x [L, Hkv, D] -> [n, H, D]."""
     if score_recorder is not None:
@@ -239,17 +221,14 @@ def prefill_attention(
     q = query.transpose(0, 1).unsqueeze(0)
     k = keys.to(query.dtype).transpose(0, 1).unsqueeze(0)
     v = values.to(query.dtype).transpose(0, 1).unsqueeze(0)
-    if n == length and window is None and softcap is None:
+    if n == length and window is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
         # Query i sits at absolute position length - n + i and sees keys 0..that position
         # (only the last `window` of them in a sliding-window layer).
         query_pos = torch.arange(length - n, length, device=query.device)
         mask = _causal_mask(query_pos, torch.arange(length, device=query.device), window)
-        if softcap is not None:
-            out = _softcapped_attention(q, k, v, mask, scale, softcap)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(0).transpose(0, 1)
 
 
@@ -264,18 +243,13 @@ def window_mask(mask: torch.Tensor, window: int) -> torch.Tensor:
 
 def batched_prefill_attention(
     query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_slots: torch.Tensor,
-    mask: torch.Tensor, scale: float, softcap: float | None = None,
+    mask: torch.Tensor, scale: float,
 ) -> torch.Tensor:
     """All prefill chunks of a step in one attention call: the contexts are gathered into
     one flat sequence and a mask keeps each query to its own sequence, causally."""
     num_heads = query.shape[1]
     keys = k_cache.reshape(-1, *k_cache.shape[2:]).index_select(0, context_slots).to(query.dtype)
     values = v_cache.reshape(-1, *v_cache.shape[2:]).index_select(0, context_slots).to(query.dtype)
-    if softcap is not None:
-        q = query.transpose(0, 1).unsqueeze(0)
-        out = _softcapped_attention(q, keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0),
-                                    mask, scale, softcap)
-        return out.squeeze(0).transpose(0, 1)
     group = num_heads // keys.shape[1]
     if group > 1:  # expand K/V heads so the memory-efficient kernel (which takes a mask) applies
         keys = keys.repeat_interleave(group, dim=1)
@@ -291,11 +265,9 @@ def _is_power_of_two(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def _decode_backend(query: torch.Tensor, k_cache: torch.Tensor, softcap: float | None):
-    """The Triton split-KV kernel on CUDA when it applies, else the PyTorch reference.
-    The kernel has no soft-capping, so a soft-capped layer (no released Gemma 3 sets
-    attn_logit_softcapping) takes the reference rather than wrong scores."""
-    if ATTENTION_BACKEND != "torch" and query.is_cuda and softcap is None:
+def _decode_backend(query: torch.Tensor, k_cache: torch.Tensor):
+    """The Triton split-KV kernel on CUDA when it applies, else the PyTorch reference."""
+    if ATTENTION_BACKEND != "torch" and query.is_cuda:
         from thinkwise.kernels.triton_decode_attention import HAVE_TRITON, triton_decode_attention
 
         if HAVE_TRITON and _is_power_of_two(query.shape[-1]) and _is_power_of_two(k_cache.shape[1]):
@@ -310,18 +282,17 @@ def paged_attention(
     metadata: AttentionMetadata,
     scale: float,
     window: int | None = None,
-    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attend every query token ([num_tokens, H, D]) to its sequence's cached context.
 
     The new tokens' keys/values must already be in the cache (`write_kv_cache`). `window`
-    (a sliding-window layer) and `softcap` are per layer; None for a plain layer, which
-    then runs exactly the code it ran before either existed.
+    is the layer's sliding window; None for a full-attention layer, which then runs exactly
+    the code it ran before windows existed.
     """
     nd = metadata.num_decodes
     decoded = None
     if nd:
-        decoded = _decode_backend(query, k_cache, softcap)(
+        decoded = _decode_backend(query, k_cache)(
             query[:nd], k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
             metadata.decode_max_seq_len or max(metadata.seq_lens_host[:nd]), scale,
             unified_max=metadata.unified_max,
@@ -330,7 +301,7 @@ def paged_attention(
             # windowed layers attend each row's own context (the result is identical,
             # only the shared read is given up).
             prefix=metadata.prefix_groups if window is None else None,
-            window=window, softcap=softcap,
+            window=window,
         )
         if nd == metadata.num_seqs:  # a pure decode step: no output buffer to copy into
             return decoded
@@ -346,7 +317,7 @@ def paged_attention(
                 metadata.window_masks[window] = window_mask(mask, window)
             mask = metadata.window_masks[window]
         output[begin:] = batched_prefill_attention(
-            query[begin:], k_cache, v_cache, metadata.prefill_context_slots, mask, scale, softcap
+            query[begin:], k_cache, v_cache, metadata.prefill_context_slots, mask, scale
         )
         return output
     for i in range(nd, metadata.num_seqs):
@@ -355,5 +326,5 @@ def paged_attention(
         table = metadata.block_tables[i]
         keys = gather_context(k_cache, table, length)
         values = gather_context(v_cache, table, length)
-        output[begin:end] = prefill_attention(query[begin:end], keys, values, scale, window, softcap)
+        output[begin:end] = prefill_attention(query[begin:end], keys, values, scale, window)
     return output

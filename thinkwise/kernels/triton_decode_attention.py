@@ -282,7 +282,6 @@ def triton_decode_attention(
     unified_max: float | None = None,
     prefix: PrefixGroups | None = None,
     window: int | None = None,
-    softcap: float | None = None,
     fallback_flags: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as `paged_attention.decode_attention`: query [B, H, D] -> [B, H, D].
@@ -290,11 +289,8 @@ def triton_decode_attention(
     `unified_max` switches to FlashDecoding++'s unified-max softmax (exact fallback per
     row); `prefix` adds cascade attention over shared prefixes; `fallback_flags` ([B, H]
     int32), if given, receives 1 for the rows that took the fallback (for tests/stats).
-    `window`: a sliding-window layer's window (not combinable with `prefix`). Soft-capped
-    scores are not implemented here; `paged_attention` sends such layers to the reference.
+    `window`: a sliding-window layer's window (not combinable with `prefix`).
     """
-    if softcap is not None:
-        raise ValueError("triton_decode_attention has no soft-capping; use paged_attention.decode_attention")
     if window is not None and prefix is not None:
         raise ValueError("a sliding window cannot be combined with cascade prefix groups")
     batch, num_heads, head_dim = query.shape

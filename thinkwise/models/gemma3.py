@@ -12,7 +12,11 @@ What sets it apart from the Llama family, all of it here:
   use their own rotary base (`rope_local_base_freq`, 10000), global ones the full context
   and `rope_theta` (with any rope scaling);
 - scores scaled by query_pre_attn_scalar^-0.5 instead of head_dim^-0.5;
-- optional tanh soft-capping of attention scores and of the final logits;
+- optional tanh soft-capping of the final logits (`final_logit_softcapping`). Attention
+  soft-capping is not applied: transformers' Gemma3ForCausalLM reads
+  `attn_logit_softcapping` but never passes it to its attention (Gemma 3 replaced
+  Gemma 2's soft-capping with q/k norm, and no released Gemma 3 sets it), so a config
+  that sets it is run as transformers runs it, with a warning;
 - tied embeddings by default.
 Settings only Gemma has travel in `ModelConfig.options` (see `_gemma3_hf`). The registry
 entry at the end says how config.json and llama.cpp's GGUF describe all of it; the
@@ -21,6 +25,7 @@ GGUF converter adds 1 to every norm weight, which `_gemma3_gguf_tensor` takes ba
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -35,6 +40,8 @@ from thinkwise.loading.config import ModelConfig, hf_rope_settings
 from thinkwise.models.architecture import LLAMA_GGUF_TENSORS, Architecture, CostShape, Unsupported
 from thinkwise.models.llama import weight_copier
 from thinkwise.models.rotary import RotaryEmbedding
+
+logger = logging.getLogger(__name__)
 
 SLIDING = "sliding_attention"
 FULL = "full_attention"
@@ -61,7 +68,6 @@ class Gemma3Attention(nn.Module):
         options = config.options
         self.local = config.layer_types[layer] == SLIDING
         self.window = config.layer_window(layer)
-        self.softcap = options.get("attn_logit_softcapping")
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -80,7 +86,7 @@ class Gemma3Attention(nn.Module):
         k_cache, v_cache = kv_cache
         q = qkv_rotary_cache(torch.cat([q, k, v], dim=-1), cos, sin, None, None, 0.0, k_cache, v_cache,
                              metadata.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k_cache, v_cache, metadata, self.scale, self.window, self.softcap)
+        out = paged_attention(q, k_cache, v_cache, metadata, self.scale, self.window)
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
@@ -217,9 +223,13 @@ def _gemma3_hf(raw: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         value = raw.get(key)
         if value is not None:
-            if not isinstance(value, (int, float)) or value <= 0:
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise Unsupported(f"its {key} is {value!r}, not a positive number or null")
             softcaps[key] = float(value)
+    if "attn_logit_softcapping" in softcaps:
+        logger.warning(
+            "this Gemma 3 config sets attn_logit_softcapping=%s; like transformers' Gemma3ForCausalLM, "
+            "thinkwise does not apply it (Gemma 3 attention is not soft-capped)", softcaps.pop("attn_logit_softcapping"))
     head_dim = raw.get("head_dim") or 256  # Gemma3TextConfig's default, not hidden / heads
     return {
         **fields,
