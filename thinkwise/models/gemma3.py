@@ -134,6 +134,7 @@ class Gemma3Model(nn.Module):
                                             options.get("local_rope_scaling"), config.max_position_embeddings)
         self.lm_head = DispatchLinear(config.hidden_size, config.vocab_size, bias=False)
         self.final_softcap = options.get("final_logit_softcapping")
+        self.has_local_layers = SLIDING in config.layer_types
         self._embed_scales: dict[torch.dtype, float] = {}
 
     def _embed_scale(self, dtype: torch.dtype) -> float:
@@ -148,7 +149,7 @@ class Gemma3Model(nn.Module):
         dtype = self.norm.weight.dtype  # the compute dtype (the table may be stored narrower)
         hidden = self.embed_tokens(input_ids).to(dtype) * self._embed_scale(dtype)
         ropes = {False: self.rotary.cos_sin(positions, dtype)}
-        if any(layer.self_attn.local for layer in self.layers):
+        if self.has_local_layers:
             ropes[True] = self.rotary_local.cos_sin(positions, dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden = layer(hidden, ropes, kv_cache, metadata)
