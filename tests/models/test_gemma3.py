@@ -129,3 +129,33 @@ def test_embedding_scale_is_rounded_to_the_compute_dtype():
         "hidden_size": 640})})())
     assert scale(torch.float32) == pytest.approx(640 ** 0.5, rel=1e-7)
     assert scale(torch.bfloat16) == torch.tensor(640 ** 0.5).to(torch.bfloat16).item() != scale(torch.float32)
+
+
+def gguf_fields(**metadata):
+    from thinkwise.models.gemma3 import _gemma3_gguf
+
+    fields = dict(num_layers=3, hidden_size=64, num_heads=4, head_dim=32)
+    return _gemma3_gguf(lambda key, default=None: metadata.get(key, default), fields)
+
+
+def test_gguf_settings_llama_cpp_does_not_write():
+    fields = gguf_fields(**{"attention.sliding_window": 512})
+    assert fields["layer_types"] == ("sliding_attention",) * 3  # every 6th layer is global
+    assert fields["options"]["query_pre_attn_scalar"] == 32 and fields["options"]["local_rope_theta"] == 10000.0
+    flags = gguf_fields(**{"attention.sliding_window": 512, "attention.sliding_window_pattern": [True, False, True]})
+    assert flags["layer_types"] == ("sliding_attention", "full_attention", "sliding_attention")
+    every_second = gguf_fields(**{"attention.sliding_window": 512, "attention.sliding_window_pattern": 2})
+    assert every_second["layer_types"] == flags["layer_types"]
+
+
+@pytest.mark.parametrize("metadata,message", [
+    ({"attention.sliding_window": 0}, "sliding_window is 0"),
+    ({"attention.sliding_window_pattern": [True, False]}, "not one flag per layer"),
+    ({"attention.sliding_window_pattern": 0}, "not one flag per layer"),
+    ({"attention.sliding_window_pattern": "6"}, "not one flag per layer"),
+])
+def test_bad_gguf_window_metadata_is_refused(metadata, message):
+    from thinkwise.models.architecture import Unsupported
+
+    with pytest.raises(Unsupported, match=message):
+        gguf_fields(**metadata)

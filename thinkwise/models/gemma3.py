@@ -258,12 +258,16 @@ def _gemma3_gguf(get, fields: dict[str, Any]) -> dict[str, Any]:
     every 6th layer global, local base 10000, scale 1/sqrt(head_dim) except the 27B's
     1/sqrt(hidden / heads)). A per-layer pattern array, where a newer file has one, wins."""
     window = get("attention.sliding_window")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise Unsupported(f"its attention.sliding_window is {window!r}, not a positive integer")
     num_layers = fields["num_layers"]
     pattern = get("attention.sliding_window_pattern")
-    if isinstance(pattern, list) and len(pattern) == num_layers:
+    if pattern is None or (isinstance(pattern, int) and pattern >= 1):  # every `pattern`-th layer global
+        layer_types = tuple(SLIDING if (i + 1) % (pattern or 6) else FULL for i in range(num_layers))
+    elif isinstance(pattern, list) and len(pattern) == num_layers:
         layer_types = tuple(SLIDING if swa else FULL for swa in pattern)
     else:
-        layer_types = tuple(SLIDING if (i + 1) % 6 else FULL for i in range(num_layers))
+        raise Unsupported(f"its attention.sliding_window_pattern {pattern!r} is not one flag per layer ({num_layers})")
     scalar = fields["hidden_size"] // fields["num_heads"] if num_layers == 62 else fields["head_dim"]
     return {
         **fields,
