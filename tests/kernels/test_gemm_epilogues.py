@@ -103,7 +103,7 @@ def test_dispatch_linear_without_a_table_runs_the_unfused_twin():
     torch.nn.init.normal_(gate_up.weight, std=0.2)
     x = torch.randn(3, 16)
     with torch.no_grad():
-        assert torch.equal(gate_up.forward_silu_mul(x), silu_mul(gate_up(x)))
+        assert torch.equal(gate_up.forward_gated(x, "silu"), silu_mul(gate_up(x)))
 
 
 # ----------------------------------------------------------------------------- GPU

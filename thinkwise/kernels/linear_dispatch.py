@@ -134,18 +134,21 @@ class DispatchLinear(nn.Module):
             weight = weight.to(x.dtype)
         return nn.functional.linear(x, weight, self.bias)
 
-    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """`silu_mul(self(x))` for the fused [gate; up] projection; one launch where the
-        table picks the Triton GEMM (its epilogue applies the activation)."""
-        config = self.triton_config(x)
-        if config is not None and epilogue_fusion_enabled() and self.bias is None:
-            from thinkwise.kernels import triton_gemm
+    def forward_gated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        """`activation(gate) * up` of this fused [gate; up] projection; the model names the
+        activation (`fused.GATED_ACTIVATIONS`). One launch where the table picks the Triton
+        GEMM and an epilogue exists for the activation (SiLU); otherwise GEMM, then the
+        element-wise kernel."""
+        if activation == "silu":
+            config = self.triton_config(x)
+            if config is not None and epilogue_fusion_enabled() and self.bias is None:
+                from thinkwise.kernels import triton_gemm
 
-            if triton_gemm.can_fuse_silu_mul(self.out_features, config):
-                return triton_gemm.triton_flat_gemm_silu_mul(x, self.weight, config, self.split_k_workspace)
-        from thinkwise.kernels.fused import silu_mul
+                if triton_gemm.can_fuse_silu_mul(self.out_features, config):
+                    return triton_gemm.triton_flat_gemm_silu_mul(x, self.weight, config, self.split_k_workspace)
+        from thinkwise.kernels.fused import gated_activation
 
-        return silu_mul(self(x))
+        return gated_activation(self(x), activation)
 
 
 @dataclass
