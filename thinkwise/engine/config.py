@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,8 +46,26 @@ class EngineConfig:
     # on the device, before reading them back, so the host's per-step work overlaps the GPU's.
     # None: on for CUDA with CUDA graphs (on CPU nothing overlaps; tests turn it on to check it).
     async_scheduling: bool | None = None
+    # Reasoning models (thinkwise/reasoning/parser.py): how outputs split thinking from the
+    # answer ("auto": from the chat template and tokenizer), the thinking budget each
+    # `reasoning_effort` means (None: unlimited), and an optional message forced before the
+    # closing marker when a thinking budget runs out (as llama.cpp's --reasoning-budget-message).
+    reasoning_parser: str = "auto"
+    reasoning_effort_budgets: dict = field(default_factory=lambda: {"low": 512, "medium": 2048, "high": 8192})
+    thinking_budget_message: str | None = None
 
     def __post_init__(self) -> None:
+        from thinkwise.reasoning.parser import PARSER_NAMES
+
+        if self.reasoning_parser not in PARSER_NAMES:
+            raise InvalidParameterError(f"unknown reasoning parser {self.reasoning_parser!r}; use one of "
+                                        f"{', '.join(PARSER_NAMES)}", param="reasoning_parser")
+        for effort, budget in self.reasoning_effort_budgets.items():
+            if effort not in ("low", "medium", "high") or (budget is not None and (not isinstance(budget, int)
+                                                                                 or budget < 1)):
+                raise InvalidParameterError(
+                    f"reasoning_effort_budgets maps low/medium/high to a thinking budget >= 1 or None; got "
+                    f"{effort!r}: {budget!r}", param="reasoning_effort_budgets")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(f"{name} must be >= 1", param=name)

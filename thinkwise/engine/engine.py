@@ -27,6 +27,7 @@ from thinkwise.engine.config import EngineConfig, resolve_compute_dtype, resolve
 from thinkwise.engine.detokenizer import IncrementalDetokenizer, find_stop_string
 from thinkwise.engine.model_runner import ModelRunner, kv_bytes_per_token
 from thinkwise.engine.outputs import CompletionOutput, RequestOutput
+from thinkwise.engine.penalties import PenaltyRow
 from thinkwise.engine.sampler import Sampler, SamplingRow, mix_seed
 from thinkwise.engine.sampling_params import SamplingParams
 from thinkwise.engine.scheduler import Scheduler, form_prefix_groups
@@ -34,6 +35,7 @@ from thinkwise.engine.sequence import Request, Sequence, SequenceStatus, TokenCo
 from thinkwise.kernels.linear_dispatch import GpuLinearDispatcher, LinearDispatcher, torch_threads
 from thinkwise.errors import CapacityError, InvalidParameterError, PromptTooLongError
 from thinkwise.loading.config import LoadedModel
+from thinkwise.reasoning.parser import resolve_parser
 
 
 @dataclass
@@ -154,6 +156,7 @@ class Engine:
         if self.runner.unified_max_stats is not None:
             self.run_metadata["unified_max_softmax"] = self.runner.unified_max_stats
         self.sampler = Sampler(self.device)
+        self.reasoning_parser = resolve_parser(config.reasoning_parser, loaded.chat_template, loaded.tokenizer)
         self.cost_spec = ModelCostSpec.from_config(loaded.config, self.weight_dtype, kv_dtype=self.dtype)
         self.step_meter = StepMeter(self.device)
         self.run_metadata["energy"] = "nvml" if self.step_meter.energy_available else "unavailable"
@@ -237,7 +240,11 @@ class Engine:
             raise InvalidParameterError("thinking budgets need a tokenizer to find the end-of-thinking marker",
                                         param="thinking_budget")
         end = list(self.tokenizer.encode(params.thinking_end, add_special_tokens=False))
+        message = (params.thinking_budget_message if params.thinking_budget_message is not None
+                   else self.config.thinking_budget_message)
         forced = end + list(self.tokenizer.encode(params.answer_prefix, add_special_tokens=False))
+        if message:  # said before the marker when the budget runs out (a marker the model wrote needs none)
+            forced = list(self.tokenizer.encode(message, add_special_tokens=False)) + forced
         if params.min_thinking_tokens and len(end) != 1:
             raise InvalidParameterError(
                 f"min_thinking_tokens needs an end-of-thinking marker that is one token; {params.thinking_end!r} "
@@ -574,9 +581,13 @@ class Engine:
         if thinking and seq.thinking_tokens is None and position < p.min_thinking_tokens:
             # The marker, and anything that would end the sample, cannot come before the minimum.
             banned = tuple(set(banned) | {thinking[0][0]} | (set() if p.ignore_eos else self.eos_token_ids))
+        penalty = None
+        if p.has_penalties:
+            penalty = PenaltyRow(seq, seq.seq_id, p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
+                                 seq.token_ids, seq.num_prompt_tokens, position)
         return SamplingRow(
             temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, seed=seq.seed,
-            position=position, logprobs=p.logprobs, banned_token_ids=banned,
+            position=position, logprobs=p.logprobs, banned_token_ids=banned, penalty=penalty,
         )
 
     def _append_token(self, seq: Sequence, token: int, logprob: dict | None) -> TokenEvent:
@@ -674,4 +685,4 @@ class Engine:
             finished=request.is_finished,
             counts=TokenCounts(**vars(request.counts)),
             metrics=metrics,
-        )
+        ).split_reasoning(self.reasoning_parser, self.tokenizer, request.params.skip_special_tokens)
