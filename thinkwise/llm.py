@@ -77,11 +77,19 @@ class LLM:
         chat_template: str | None = None,
         use_tqdm: bool = False,
         on_events: Callable[[list[TokenEvent]], None] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         **template_kwargs: Any,
     ) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"}) or a list of them."""
+        """One conversation (a list of {"role", "content"}) or a list of them. Template
+        variables (e.g. `chat_template_kwargs={"enable_thinking": False}`) go to the chat
+        template; each output's `reasoning_text` / `answer_text` split its thinking."""
         if not messages:
             raise InvalidParameterError("messages is empty; give at least one message", param="messages")
+        if chat_template_kwargs is not None:
+            if not isinstance(chat_template_kwargs, dict) or not all(isinstance(k, str) for k in chat_template_kwargs):
+                raise InvalidParameterError("chat_template_kwargs must be a dict of template variable names to "
+                                            "values, e.g. {'enable_thinking': False}", param="chat_template_kwargs")
+            template_kwargs = {**chat_template_kwargs, **template_kwargs}
         conversations = [messages] if isinstance(messages[0], dict) else messages
         prompts = [
             {"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt=add_generation_prompt,

@@ -5,7 +5,8 @@ Families differ in who opens the block: DeepSeek-R1 distills (`deepseek_r1`) hav
 template that ends the prompt with `<think>`, so the output holds only `…</think>answer`;
 Qwen3/QwQ (`qwen3`) write `<think>…</think>` in the output, or nothing at all when thinking
 is disabled (`enable_thinking=False` closes an empty block in the prompt), and newer Qwen
-templates open the block in the prompt too, which the prompt's tail tells; `none` keeps all
+templates open the block in the prompt too, which the prompt's tail tells (a prompt that
+ends with a closed block, as DeepSeek-V3.1's non-thinking mode, starts the answer at once); `none` keeps all
 text as the answer. `auto` picks one from the chat template and the tokenizer. A sample
 that never closes its block is all reasoning with an empty answer (its finish_reason,
 usually "length", says why). `ReasoningSplitter` splits incrementally for streams: it
@@ -119,8 +120,8 @@ class ReasoningParser:
         """Whether a sample of this prompt starts inside a thinking block."""
         if self.name == "none":
             return False
-        if self.name == "deepseek_r1":
-            return True
+        if self.name == "deepseek_r1":  # unless the prompt closed the block itself (thinking switched off)
+            return not prompt_tail.rstrip().endswith(self.close_marker)
         return prompt_opens_thinking(prompt_tail, self.open_marker)
 
     def splitter(self, prompt_tail: str) -> ReasoningSplitter | None:
