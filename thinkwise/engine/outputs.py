@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from thinkwise.engine.sequence import TokenCounts
+from thinkwise.reasoning.parser import PROMPT_TAIL_TOKENS
 
 
 @dataclass
@@ -49,6 +50,9 @@ class RequestOutput:
         """Fill every sample's reasoning/answer split and `counts.reasoning_tokens` from `parser`
         (a `thinkwise.reasoning.ReasoningParser`); returns self."""
         if parser is None or parser.name == "none":
+            for output in self.outputs:
+                output.reasoning_text, output.answer_text, output.reasoning_tokens = None, output.text, 0
+            self.counts.reasoning_tokens = 0
             return self
         decode = close_ids = None
         prompt_tail = ""
@@ -58,7 +62,7 @@ class RequestOutput:
 
             close_ids = list(tokenizer.encode(parser.close_marker, add_special_tokens=False))
             try:
-                prompt_tail = tokenizer.decode(self.prompt_token_ids[-8:], skip_special_tokens=False)
+                prompt_tail = tokenizer.decode(self.prompt_token_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
             except Exception:  # ids past the tokenizer's vocabulary (a padded embedding)
                 prompt_tail = ""
         total = 0

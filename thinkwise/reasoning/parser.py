@@ -26,6 +26,9 @@ from thinkwise.errors import InvalidParameterError
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 PARSER_NAMES = ("auto", "deepseek_r1", "qwen3", "none")
+# How many of a prompt's last tokens are decoded to see whether the template opened (or
+# closed) a thinking block: enough for a marker spelled byte by byte plus blank lines.
+PROMPT_TAIL_TOKENS = 32
 
 
 def prompt_opens_thinking(prompt_tail: str, open_marker: str = THINK_OPEN) -> bool:

@@ -36,7 +36,7 @@ from thinkwise.server.errors import QueueFullError
 from thinkwise.server.strategy_serving import chat_with_strategy, requested_strategy
 from thinkwise.server.metrics import ServerMetrics
 from thinkwise.server.protocol import ChatCompletionRequest, CompletionRequest
-from thinkwise.reasoning.parser import ReasoningParser, get_parser
+from thinkwise.reasoning.parser import PROMPT_TAIL_TOKENS, ReasoningParser, get_parser
 from thinkwise.server.streaming import chat_stream, completion_stream, dumps
 
 logger = logging.getLogger("thinkwise.server")
@@ -406,7 +406,7 @@ class OpenAIServing:
 
     def prompt_tail(self, prompt: list[int]) -> str:
         """The rendered prompt's last characters: whether the template opened a thinking block."""
-        return self._decode(prompt[-8:])
+        return self._decode(prompt[-PROMPT_TAIL_TOKENS:])
 
     def _admit(self, sequences: int) -> None:
         if self.sequences_in_flight and self.sequences_in_flight + sequences > self.capacity:
