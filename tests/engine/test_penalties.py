@@ -154,3 +154,31 @@ def test_async_scheduling_gives_the_same_penalized_tokens(tiny_llama):
     expected = [visible(o) for o in sync.generate(prompts, params)]
     assert [visible(o) for o in pipelined.generate(prompts, params)] == expected
     assert pipelined.engine.num_steps_behind > 0  # the penalized rows really ran behind
+
+
+def test_the_tracker_never_reads_a_device_value_on_the_host(monkeypatch):
+    """No host sync: apply and record only queue device work. Every way a tensor's value
+    reaches Python (item, tolist, bool, int, float, index, numpy) raises during the draws."""
+    sampler = Sampler("cpu")
+    generator = torch.Generator().manual_seed(3)
+    tokens = [1, 2, 3]
+    history = []
+    logits = [torch.randn(2, VOCAB, generator=generator) for _ in range(6)]
+
+    def boom(*args, **kwargs):
+        raise AssertionError("the penalty path read a tensor value on the host")
+
+    for step in range(6):
+        rows = [sampling_row(penalty_row(0, tokens, 3, 0.5, 0.5, 1.2, ahead=1 if history else 0), temperature=1.0),
+                SamplingRow(0.0, 0, 1.0, 0.0, 0, 0, None)]
+        with monkeypatch.context() as patch:
+            for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy"):
+                patch.setattr(torch.Tensor, name, boom)
+            applied = sampler.penalties.apply(logits[step].clone(), rows)
+            drawn, _ = sampler._draw(applied, rows, exact=False)
+            sampler.penalties.record(rows, drawn)
+        if history:
+            tokens.append(history[-1])  # the host learns a token one step late, as async scheduling does
+        history.append(int(drawn[0]))
+    counts = sampler.penalties.counts[sampler.penalties.states[0].slot]
+    assert int(counts.sum()) == len(history)  # host-known tokens plus the one still in flight
