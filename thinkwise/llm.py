@@ -89,6 +89,10 @@ class LLM:
             if not isinstance(chat_template_kwargs, dict) or not all(isinstance(k, str) for k in chat_template_kwargs):
                 raise InvalidParameterError("chat_template_kwargs must be a dict of template variable names to "
                                             "values, e.g. {'enable_thinking': False}", param="chat_template_kwargs")
+            clash = {"conversation", "add_generation_prompt", "chat_template", "tokenize"} & set(chat_template_kwargs)
+            if clash:
+                raise InvalidParameterError(f"chat_template_kwargs cannot set {sorted(clash)}: pass them as chat() "
+                                            "arguments", param="chat_template_kwargs")
             template_kwargs = {**chat_template_kwargs, **template_kwargs}
         conversations = [messages] if isinstance(messages[0], dict) else messages
         prompts = [
