@@ -273,3 +273,16 @@ def test_reasoning_flags_are_checked_before_the_model_is_read(tmp_path):
     one_line_error(run_cli("generate", "--model", missing, "--repetition-penalty", "0", "hi"), "repetition_penalty")
     one_line_error(run_cli("serve", "--model", missing, "--reasoning-effort-budgets", "low=lots"),
                    "--reasoning-effort-budgets")
+
+
+def test_generate_with_reasoning_controls_reports_the_split(tiny_llama):
+    directory, _ = tiny_llama
+    result = run_cli("generate", "--model", str(directory), "--dtype", "float32", "--device", "cpu", "--chat",
+                     "--max-tokens", "20", "--reasoning-parser", "deepseek_r1", "--reasoning-effort", "low",
+                     "--reasoning-effort-budgets", "low=3", "--thinking-budget-message", "!", "--repetition-penalty",
+                     "1.5", "--json", "hi")
+    assert result.returncode == 0, result.stderr
+    output = json.loads(result.stdout)["outputs"][0]
+    assert output["reasoning_text"].endswith("!") and output["text"].startswith(output["reasoning_text"] + "</think>")
+    assert output["reasoning_tokens"] == 3 + 1 + len("</think>")
+    assert json.loads(result.stdout)["token_counts"]["reasoning_tokens"] == output["reasoning_tokens"]

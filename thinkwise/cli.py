@@ -168,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="> 0: divide (multiply) positive (negative) logits of prompt and generated tokens")
     gen.add_argument("--thinking-budget", type=int, default=None,
                      help="most thinking tokens before </think> is forced")
+    gen.add_argument("--reasoning-effort", default=None, choices=["low", "medium", "high"],
+                     help="a thinking budget from --reasoning-effort-budgets (instead of --thinking-budget)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
     gen.add_argument("--chat-template-kwargs", default=None,
                      help='JSON object of chat template variables (with --chat), e.g. \'{"enable_thinking": false}\'')
@@ -287,6 +289,17 @@ def _generate(args: argparse.Namespace) -> int:
     )
     template_kwargs = _template_kwargs(args.chat_template_kwargs)
     options = _engine_options(args)
+    if args.reasoning_effort is not None:
+        from dataclasses import replace
+
+        from thinkwise.engine.config import EngineConfig
+        from thinkwise.errors import InvalidParameterError
+
+        if args.thinking_budget is not None:
+            raise InvalidParameterError("give --thinking-budget or --reasoning-effort, not both",
+                                        param="reasoning_effort")
+        budget = EngineConfig(**options).reasoning_effort_budgets[args.reasoning_effort]
+        params = replace(params, thinking_budget=budget)
     _check_local_model(args, options)
     llm = LLM(args.model, progress=True, **options)
     stream = TextStream(args.n, stops=args.stop, enabled=not (args.no_stream or args.json))

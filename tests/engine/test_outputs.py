@@ -69,3 +69,16 @@ def test_strategy_costs_split_thinking_and_answer_tokens(llm):
     assert cost.thinking_tokens == 3 * (5 + len(" Enough.") + CLOSE)
     assert cost.thinking_tokens + cost.answer_tokens == cost.decode_tokens + cost.forced_tokens
     assert cost.answer_tokens == 3  # forced tokens overshoot max_tokens: one answer token each, then "length"
+
+
+def test_reasoning_effort_in_chat_uses_the_configured_budget(llm):
+    llm.engine.config.reasoning_effort_budgets = {"low": 2, "medium": 5, "high": None}
+    try:
+        sample = llm.chat(MESSAGES, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                   thinking_budget_message=""), reasoning_effort="medium")[0].outputs[0]
+        assert sample.reasoning_tokens == 5 + CLOSE
+        with pytest.raises(InvalidParameterError) as error:
+            llm.chat(MESSAGES, reasoning_effort="maximal")
+        assert error.value.param == "reasoning_effort"
+    finally:
+        llm.engine.config.reasoning_effort_budgets = {"low": 512, "medium": 2048, "high": 8192}
