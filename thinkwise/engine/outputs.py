@@ -7,11 +7,27 @@ and `reasoning_tokens` the output tokens the thinking took, closing marker inclu
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from thinkwise.engine.sequence import TokenCounts
 from thinkwise.reasoning.parser import PROMPT_TAIL_TOKENS
+
+
+# Marker token ids per tokenizer, encoded once: outputs are built on the engine's thread, and
+# encoding there each time would also share the tokenizer with the server's prepare thread.
+_MARKER_IDS: "weakref.WeakKeyDictionary[Any, dict[str, list[int]]]" = weakref.WeakKeyDictionary()
+
+
+def _marker_ids(tokenizer, marker: str) -> list[int]:
+    try:
+        known = _MARKER_IDS.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: encode each time
+        return list(tokenizer.encode(marker, add_special_tokens=False))
+    if marker not in known:
+        known[marker] = list(tokenizer.encode(marker, add_special_tokens=False))
+    return known[marker]
 
 
 @dataclass
@@ -60,7 +76,7 @@ class RequestOutput:
             def decode(ids):
                 return tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-            close_ids = list(tokenizer.encode(parser.close_marker, add_special_tokens=False))
+            close_ids = _marker_ids(tokenizer, parser.close_marker)
             try:
                 prompt_tail = tokenizer.decode(self.prompt_token_ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
             except Exception:  # ids past the tokenizer's vocabulary (a padded embedding)
