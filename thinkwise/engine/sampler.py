@@ -115,7 +115,8 @@ class Sampler:
         self.penalties.record(rows, tokens)
         return tokens, redo
 
-    def _draw(self, logits: torch.Tensor, rows: list[SamplingRow], exact: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _draw(self, logits: torch.Tensor, rows: list[SamplingRow],
+              exact: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         greedy = [r.temperature == 0 for r in rows]
         if all(greedy):
             return logits.argmax(dim=-1), None  # the common benchmark/greedy case: one kernel

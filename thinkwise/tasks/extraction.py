@@ -6,9 +6,9 @@ last "Answer:" / "answer is" / "Final answer:" marker), "last_number" (the last 
 with signs, thousands separators, decimals, fractions and scientific notation),
 "choice" (a letter A-E), "code" (the last fenced code block) and "auto" (boxed, then
 answer line, then last number). Only the answer part of a reasoning model's text is read
-(`thinkwise.reasoning.answer_part`: after `</think>`; nothing while the block is open). Votes must not split over formatting, so numbers compare
-as numbers: `answers_equal` treats "1,000", "1000.0" and "1e3" as one answer and "0.5" as
-"1/2" (relative tolerance 1e-9), and `answer_key` gives the canonical key that votes are
+(`thinkwise.reasoning.answer_part`: after `</think>`; nothing while the block is open).
+Votes must not split over formatting, so numbers compare as numbers: `answers_equal`
+treats "1,000", "1000.0" and "1e3" as one answer and "0.5" as "1/2" (relative tolerance 1e-9), and `answer_key` gives the canonical key that votes are
 grouped by; anything that is not a number compares as a normalized string (trimmed,
 lowercased, whitespace collapsed, surrounding `$` and a trailing period removed).
 """
