@@ -97,3 +97,12 @@ def test_bad_streamed_strategy_requests_get_400_before_any_event(server, extra, 
     body = {"model": MODEL, "messages": MESSAGES, "stream": True, "thinkwise": {"strategy": "majority@2"}, **extra}
     response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=server.headers, timeout=30)
     assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_a_strategy_that_refuses_its_input_is_a_400_even_when_streamed(client, server):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="verifier"):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, stream=True,
+                                       extra_body={"thinkwise": {"strategy": "best-of-4"}})
+    assert server.wait_idle()["requests_in_flight"] == 0

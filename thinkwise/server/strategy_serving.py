@@ -170,7 +170,27 @@ async def chat_with_strategy(serving, req, http: Request, spec: StrategySpec, mo
             count(answer)
             return answer
 
-        body = strategy_chunks(serving=serving, req=req, spec=spec, work_factory=work, backend=backend, tally=tally,
+        # Start now and wait for the first sample group (or a failure): a strategy that refuses
+        # its input fails before any group starts, and that is still a 400, not an event in a 200 stream.
+        task = asyncio.ensure_future(work())
+        started_waiter = asyncio.ensure_future(wake.wait())
+        try:
+            await asyncio.wait({task, started_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(task, return_exceptions=True)
+                await backend.abort_all()
+            serving._release(samples)
+            raise
+        finally:
+            started_waiter.cancel()
+        if task.done() and task.exception() is not None:
+            with anyio.CancelScope(shield=True):
+                await backend.abort_all()
+            serving._release(samples)
+            raise task.exception()
+        body = strategy_chunks(serving=serving, req=req, spec=spec, task=task, backend=backend, tally=tally,
                                wake=wake, parser=parser, prompt_tail=prompt_tail, usage_of_answer=usage,
                                body_extra=extra, release=lambda: serving._release(samples))
         return StreamingResponse(body, media_type="text/event-stream",

@@ -74,9 +74,9 @@ class LiveTally:
         return tally
 
 
-async def strategy_chunks(*, serving, req, spec, work_factory, backend, tally: LiveTally, wake: asyncio.Event,
+async def strategy_chunks(*, serving, req, spec, task: asyncio.Future, backend, tally: LiveTally, wake: asyncio.Event,
                           parser, prompt_tail: str, usage_of_answer, body_extra, release) -> AsyncIterator[bytes]:
-    """The SSE body of a streamed strategy request (see the module doc)."""
+    """The SSE body of a streamed strategy request (see the module doc); `task` runs the strategy."""
     response_id = f"chatcmpl-{_hex()}"
     created = int(time.time())
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -91,7 +91,6 @@ async def strategy_chunks(*, serving, req, spec, work_factory, backend, tally: L
             body["thinkwise"] = thinkwise
         return f"data: {dumps(body)}\n\n".encode()
 
-    task = asyncio.ensure_future(work_factory())
     try:
         yield chunk({"role": "assistant", "content": ""},
                     {"event": "started", "strategy": asdict(spec), "samples": max(spec.k, 1)})
