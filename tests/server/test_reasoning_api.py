@@ -178,3 +178,33 @@ def test_bad_reasoning_fields_get_a_400_naming_the_field(thinking, fields, param
     assert error["type"] == "invalid_request_error"
     assert error["param"] is not None and error["param"].split(".")[0] == param, error
     assert thinking.health()["status"] == "ok"
+
+
+def stream_strategy(client, strategy):
+    stream = client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=20, temperature=1.0, seed=3, stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"thinkwise": {"strategy": strategy}, "thinking_token_budget": 3, "ignore_eos": True})
+    phases, reasoning, content, usage, done = [], "", "", None, None
+    for chunk in stream:
+        event = (chunk.model_extra or {}).get("thinkwise")
+        if event and event["event"] == "progress":
+            phases.append([s["phase"] for s in event["samples"]])
+        if event and event["event"] == "done":
+            done = event
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            reasoning += (choice.delta.model_extra or {}).get("reasoning_content") or ""
+            content += choice.delta.content or ""
+    return phases, reasoning, content, usage, done
+
+
+def test_a_streamed_strategy_on_a_thinking_model(client):
+    phases, _, _, usage, done = stream_strategy(client, "majority@2")
+    assert phases[-1] == ["answering", "answering"]  # (the phase rule itself: test_strategy_stream.py)
+    assert usage.completion_tokens_details.reasoning_tokens == done["cost"]["thinking_tokens"] == 2 * (3 + CLOSE_TOKENS)
+    # greedy keeps its sample's text whatever its answer: it arrives split into thinking and answer.
+    phases, reasoning, content, usage, done = stream_strategy(client, "greedy")
+    assert done["samples"][0]["text"] == reasoning + "</think>" + content and reasoning and content
+    assert usage.completion_tokens_details.reasoning_tokens == 3 + CLOSE_TOKENS

@@ -106,3 +106,27 @@ def test_a_strategy_that_refuses_its_input_is_a_400_even_when_streamed(client, s
         client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, stream=True,
                                        extra_body={"thinkwise": {"strategy": "best-of-4"}})
     assert server.wait_idle()["requests_in_flight"] == 0
+
+
+def test_the_tally_reports_each_samples_phase_answer_and_abort():
+    from types import SimpleNamespace
+
+    from thinkwise.reasoning import ReasoningParser
+    from thinkwise.server.strategy_stream import LiveTally
+    from thinkwise.tasks.extraction import extract_answer
+
+    group = SimpleNamespace(k=4, texts=["still thinking 41", "done thinking</think>The answer is 42",
+                                        "x</think>42", "thinking, then cut"],
+                            num_tokens=[5, 9, 4, 3], finish_reasons=[None, "stop", "stop", "abort"],
+                            abort_reasons=[None, None, None, "decided"])
+    tally = LiveTally(extract_answer, ReasoningParser("deepseek_r1"), "<think>\n")
+    tally.groups.append(group)
+    rows = tally.samples()
+    assert [r["phase"] for r in rows] == ["thinking", "answering", "answering", "thinking"]
+    assert [r["answer"] for r in rows] == [None, "42", "42", None]  # only finished samples vote, answer part only
+    assert [(r["aborted"], r["abort_reason"]) for r in rows] == [(False, None), (False, None), (False, None),
+                                                                (True, "decided")]
+    assert LiveTally.votes(rows) == {"42": 2}
+    plain = LiveTally(extract_answer, ReasoningParser("none"))
+    plain.groups.append(group)
+    assert {r["phase"] for r in plain.samples()} == {"answering"}

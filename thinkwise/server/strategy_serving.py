@@ -161,7 +161,7 @@ async def chat_with_strategy(serving, req, http: Request, spec: StrategySpec, mo
         from thinkwise.tasks.extraction import extract_answer
 
         wake = asyncio.Event()
-        tally = LiveTally(partial(extract_answer, method=extract))
+        tally = LiveTally(partial(extract_answer, method=extract), parser, prompt_tail)
         backend = _TrackingBackend(serving.async_engine, on_change=wake.set, groups=tally.groups)
 
         async def work():

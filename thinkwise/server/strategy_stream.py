@@ -7,8 +7,9 @@ Every event is an OpenAI `chat.completion.chunk` (one choice, index 0), so the o
 - `{"event": "started", "strategy": {...}, "samples": K}` on the first chunk (role only);
 - `{"event": "progress", "samples": [...], "votes": {...}}` whenever a sample changes state
   (finished, aborted with its reason, hit max_tokens) and, while tokens flow, at most every
-  `PROGRESS_INTERVAL_S`: each sample's index, tokens, finish_reason, abort_reason and
-  extracted answer, and the running tally of finished samples' answers;
+  `PROGRESS_INTERVAL_S`: each sample's index, tokens, phase ("thinking" while its thinking
+  block is open, else "answering"), finish_reason, abort_reason and extracted answer, and
+  the running tally of finished samples' answers;
 - `{"event": "decided", "answer": ..., "votes": {...}, "strategy": ...}` once the strategy
   has chosen;
 - then the chosen sample's text as ordinary deltas (`reasoning_content` for its thinking,
@@ -44,8 +45,9 @@ TEXT_PIECE_CHARS = 256  # the chosen text is sent in pieces of this size
 class LiveTally:
     """The samples of every group a strategy started, as the stream reports them."""
 
-    def __init__(self, extract: Callable[[str], str | None]):
+    def __init__(self, extract: Callable[[str], str | None], parser=None, prompt_tail: str = ""):
         self.extract = extract
+        self.parser, self.prompt_tail = parser, prompt_tail  # for each sample's phase (thinking or answering)
         self.groups: list = []
         self._answers: dict[tuple[int, int], str | None] = {}
 
@@ -59,7 +61,12 @@ class LiveTally:
                     if (g, i) not in self._answers:
                         self._answers[(g, i)] = self.extract(group.texts[i])
                     answer = self._answers[(g, i)]
-                rows.append({"index": label, "tokens": group.num_tokens[i], "finished": reason is not None,
+                phase = "answering"
+                if self.parser is not None and self.parser.name != "none":
+                    reasoning, _, closed = self.parser.split(group.texts[i], self.prompt_tail)
+                    phase = "thinking" if reasoning is not None and not closed else "answering"
+                rows.append({"index": label, "tokens": group.num_tokens[i], "phase": phase,
+                             "finished": reason is not None,
                              "finish_reason": reason, "aborted": group.abort_reasons[i] is not None or reason == "abort",
                              "abort_reason": group.abort_reasons[i], "answer": answer})
                 label += 1
@@ -103,7 +110,7 @@ async def strategy_chunks(*, serving, req, spec, task: asyncio.Future, backend, 
                 waiter.cancel()
             wake.clear()
             rows = tally.samples()
-            state = [(r["finish_reason"], r["abort_reason"], r["answer"]) for r in rows]
+            state = [(r["finish_reason"], r["abort_reason"], r["answer"], r["phase"]) for r in rows]
             tokens = [r["tokens"] for r in rows]
             now = time.monotonic()
             if state != last_state or (tokens != last_tokens and now - last_sent >= PROGRESS_INTERVAL_S):
