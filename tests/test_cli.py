@@ -258,3 +258,31 @@ def test_ctrl_c_in_solve_prints_the_samples_so_far(tiny_llama, monkeypatch, caps
     assert main(args) == 130
     data = json.loads(capsys.readouterr().out)
     assert data["interrupted"] and len(data["samples"]) == 2 and any(s["text"] for s in data["samples"])
+
+
+def test_reasoning_flags_are_checked_before_the_model_is_read(tmp_path):
+    missing = str(tmp_path / "no-model")
+    one_line_error(run_cli("generate", "--model", missing, "--reasoning-parser", "deepseek", "hi"),
+                   "--reasoning-parser")
+    one_line_error(run_cli("generate", "--model", missing, "--chat", "--chat-template-kwargs", "[1]", "hi"),
+                   "--chat-template-kwargs", "JSON object")
+    one_line_error(run_cli("generate", "--model", missing, "--chat", "--chat-template-kwargs",
+                           '{"add_generation_prompt": false}', "hi"), "set by the server itself")
+    one_line_error(run_cli("generate", "--model", missing, "--presence-penalty", "3", "hi"), "presence_penalty",
+                   "[-2, 2]")
+    one_line_error(run_cli("generate", "--model", missing, "--repetition-penalty", "0", "hi"), "repetition_penalty")
+    one_line_error(run_cli("serve", "--model", missing, "--reasoning-effort-budgets", "low=lots"),
+                   "--reasoning-effort-budgets")
+
+
+def test_generate_with_reasoning_controls_reports_the_split(tiny_llama):
+    directory, _ = tiny_llama
+    result = run_cli("generate", "--model", str(directory), "--dtype", "float32", "--device", "cpu", "--chat",
+                     "--max-tokens", "20", "--reasoning-parser", "deepseek_r1", "--reasoning-effort", "low",
+                     "--reasoning-effort-budgets", "low=3", "--thinking-budget-message", "!", "--repetition-penalty",
+                     "1.5", "--json", "hi")
+    assert result.returncode == 0, result.stderr
+    output = json.loads(result.stdout)["outputs"][0]
+    assert output["reasoning_text"].endswith("!") and output["text"].startswith(output["reasoning_text"] + "</think>")
+    assert output["reasoning_tokens"] == 3 + 1 + len("</think>")
+    assert json.loads(result.stdout)["token_counts"]["reasoning_tokens"] == output["reasoning_tokens"]

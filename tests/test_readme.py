@@ -45,6 +45,9 @@ PYTHON_BLOCKS = {
     "answer = llm.solve(": "solve",
     'reply = client.chat.completions.create(model="default", messages=[{"role": "user", "content": "17 * 23?"}],':
         "strategy through the server",
+    "out = llm.chat(": "reasoning outputs",
+    "thought = client.chat.completions.create(": "thinking controls through the server",
+    "for chunk in client.chat.completions.create(": "live strategy stream",
 }
 
 

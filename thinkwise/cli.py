@@ -107,6 +107,14 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256, help="most sequences batched at once")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="cap on prompt + output tokens (default: the model's context)")
+    parser.add_argument("--reasoning-parser", default="auto", choices=["auto", "deepseek_r1", "qwen3", "none"],
+                        help="how outputs split thinking from the answer (reasoning_content); auto: from the chat "
+                             "template and tokenizer")
+    parser.add_argument("--thinking-budget-message", default=None,
+                        help="text forced before </think> when a thinking budget runs out")
+    parser.add_argument("--reasoning-effort-budgets", default=None, metavar="low=N,medium=N,high=N",
+                        help="thinking budget each reasoning_effort means (default low=512,medium=2048,high=8192; "
+                             "'none' for unlimited)")
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
@@ -114,7 +122,26 @@ def _engine_options(args: argparse.Namespace) -> dict:
         device=args.device, dtype=args.dtype, compute_dtype=args.compute_dtype, num_kv_blocks=args.kv_blocks,
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
+        reasoning_parser=args.reasoning_parser, thinking_budget_message=args.thinking_budget_message,
+        **_effort_budgets(args.reasoning_effort_budgets),
     )
+
+
+def _effort_budgets(text: str | None) -> dict:
+    """--reasoning-effort-budgets low=N,medium=N,high=N as EngineConfig.reasoning_effort_budgets."""
+    from thinkwise.errors import InvalidParameterError
+
+    if text is None:
+        return {}
+    budgets: dict = {"low": 512, "medium": 2048, "high": 8192}
+    for part in text.split(","):
+        effort, _, value = part.partition("=")
+        effort, value = effort.strip(), value.strip()
+        if effort not in budgets or not (value.isdigit() or value == "none"):
+            raise InvalidParameterError(f"--reasoning-effort-budgets: {part!r} is not EFFORT=N with EFFORT one of low, "
+                                        "medium, high and N a token count or 'none'", param="reasoning_effort_budgets")
+        budgets[effort] = None if value == "none" else int(value)
+    return {"reasoning_effort_budgets": budgets}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,7 +161,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--n", type=int, default=1, help="samples sharing one prefill (labelled [i] when streamed)")
     gen.add_argument("--seed", type=int, default=None, help="seed: the same seed gives the same tokens")
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2]: penalize generated tokens once")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0,
+                     help="in [-2, 2]: penalize generated tokens by their count")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0,
+                     help="> 0: divide (multiply) positive (negative) logits of prompt and generated tokens")
+    gen.add_argument("--thinking-budget", type=int, default=None,
+                     help="most thinking tokens before </think> is forced")
+    gen.add_argument("--reasoning-effort", default=None, choices=["low", "medium", "high"],
+                     help="a thinking budget from --reasoning-effort-budgets (instead of --thinking-budget)")
     gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message with the chat template")
+    gen.add_argument("--chat-template-kwargs", default=None,
+                     help='JSON object of chat template variables (with --chat), e.g. \'{"enable_thinking": false}\'')
     gen.add_argument("--system", default=None, help="system message (with --chat)")
     gen.add_argument("--json", action="store_true", help="print outputs with token counts as one line of JSON")
     gen.add_argument("--no-stream", action="store_true", help="print the text once it is complete (for scripts)")
@@ -246,8 +284,22 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
         n=args.n, max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=args.stop,
+        presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty, thinking_budget=args.thinking_budget,
     )
+    template_kwargs = _template_kwargs(args.chat_template_kwargs)
     options = _engine_options(args)
+    if args.reasoning_effort is not None:
+        from dataclasses import replace
+
+        from thinkwise.engine.config import EngineConfig
+        from thinkwise.errors import InvalidParameterError
+
+        if args.thinking_budget is not None:
+            raise InvalidParameterError("give --thinking-budget or --reasoning-effort, not both",
+                                        param="reasoning_effort")
+        budget = EngineConfig(**options).reasoning_effort_budgets[args.reasoning_effort]
+        params = replace(params, thinking_budget=budget)
     _check_local_model(args, options)
     llm = LLM(args.model, progress=True, **options)
     stream = TextStream(args.n, stops=args.stop, enabled=not (args.no_stream or args.json))
@@ -255,7 +307,7 @@ def _generate(args: argparse.Namespace) -> int:
         if args.chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])
             messages.append({"role": "user", "content": prompt})
-            output = llm.chat(messages, params, on_events=stream.on_events)[0]
+            output = llm.chat(messages, params, on_events=stream.on_events, chat_template_kwargs=template_kwargs)[0]
         else:
             output = llm.generate(prompt, params, on_events=stream.on_events)[0]
     except KeyboardInterrupt:
@@ -273,6 +325,24 @@ def _generate(args: argparse.Namespace) -> int:
     elif not stream.enabled:
         _print_samples([(c.index, c.text, c.finish_reason) for c in output.outputs])
     return 0
+
+
+def _template_kwargs(text: str | None) -> dict | None:
+    """--chat-template-kwargs: a JSON object, checked as the server checks the request field."""
+    from thinkwise.errors import InvalidParameterError
+
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError("it must be a JSON object")
+        from thinkwise.server.protocol import _check_template_kwargs
+
+        return _check_template_kwargs(value)
+    except ValueError as error:
+        raise InvalidParameterError(f"--chat-template-kwargs {text[:60]!r} is not usable: {error}; give a JSON "
+                                    'object such as \'{"enable_thinking": false}\'', param="chat_template_kwargs") from None
 
 
 def _print_samples(samples: list[tuple[int, str, str | None]]) -> None:

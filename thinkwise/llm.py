@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from thinkwise.engine.async_engine import AsyncEngine
@@ -77,11 +77,25 @@ class LLM:
         chat_template: str | None = None,
         use_tqdm: bool = False,
         on_events: Callable[[list[TokenEvent]], None] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        reasoning_effort: str | None = None,
         **template_kwargs: Any,
     ) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"}) or a list of them."""
+        """One conversation (a list of {"role", "content"}) or a list of them. Template
+        variables (e.g. `chat_template_kwargs={"enable_thinking": False}`) go to the chat
+        template; `reasoning_effort` ("low", "medium", "high") sets the thinking budget the
+        engine's config maps it to; each output's `reasoning_text` / `answer_text` split its thinking."""
         if not messages:
             raise InvalidParameterError("messages is empty; give at least one message", param="messages")
+        if chat_template_kwargs is not None:
+            if not isinstance(chat_template_kwargs, dict) or not all(isinstance(k, str) for k in chat_template_kwargs):
+                raise InvalidParameterError("chat_template_kwargs must be a dict of template variable names to "
+                                            "values, e.g. {'enable_thinking': False}", param="chat_template_kwargs")
+            clash = {"conversation", "add_generation_prompt", "chat_template", "tokenize"} & set(chat_template_kwargs)
+            if clash:
+                raise InvalidParameterError(f"chat_template_kwargs cannot set {sorted(clash)}: pass them as chat() "
+                                            "arguments", param="chat_template_kwargs")
+            template_kwargs = {**chat_template_kwargs, **template_kwargs}
         conversations = [messages] if isinstance(messages[0], dict) else messages
         prompts = [
             {"prompt_token_ids": self.apply_chat_template(c, add_generation_prompt=add_generation_prompt,
@@ -89,7 +103,18 @@ class LLM:
             for c in conversations
         ]
         params_list = self._normalize_params(sampling_params, len(prompts))
+        if reasoning_effort is not None:
+            budget = self.effort_budget(reasoning_effort)
+            params_list = [replace(p, thinking_budget=budget) for p in params_list]
         return self._run(prompts, params_list, use_tqdm, on_events)
+
+    def effort_budget(self, effort: str) -> int | None:
+        """The thinking budget `reasoning_effort` means (EngineConfig.reasoning_effort_budgets)."""
+        budgets = self.engine.config.reasoning_effort_budgets
+        if effort not in budgets:
+            raise InvalidParameterError(f"unknown reasoning_effort {effort!r}; use one of {', '.join(budgets)}",
+                                        param="reasoning_effort")
+        return budgets[effort]
 
     def apply_chat_template(
         self, conversation: list[dict[str, str]], *, add_generation_prompt: bool = True,

@@ -97,10 +97,11 @@ def test_prefix_with_options_and_conflicting_strategies(client):
                                        extra_body={"thinkwise": {"strategy": "short-1@3"}})
 
 
-def test_streaming_with_a_strategy_is_refused(client):
-    with pytest.raises(openai.BadRequestError, match="stream"):
-        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, stream=True,
-                                       extra_body={"thinkwise": {"strategy": "majority@2"}})
+def test_streaming_with_a_strategy_streams(client):
+    """(Refused before issue 14; now live: tests/server/test_strategy_stream.py has the details.)"""
+    chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=4, stream=True,
+                                                 extra_body={"thinkwise": {"strategy": "majority@2"}}))
+    assert chunks[-1].model_extra["thinkwise"]["event"] == "done" and chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_unknown_model_behind_a_prefix_is_404(client):

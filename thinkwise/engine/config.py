@@ -7,13 +7,14 @@ when a config is built; the engine hands them to the kernels (`engine/kernel_set
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from thinkwise.engine.env_overrides import env_overrides
 from thinkwise.errors import InvalidParameterError
 from thinkwise.kernels.paged_attention import ATTENTION_BACKENDS
+from thinkwise.reasoning.parser import PARSER_NAMES
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
@@ -59,6 +60,13 @@ class EngineConfig:
     gemm_epilogue_fusion: bool = True  # SiLU(gate) * up in the Triton gate/up GEMM's epilogue
     pdl: bool = True  # programmatic dependent launch of decode kernels (Hopper and newer)
     pdl_max_rows: int = 64  # steps with more token rows launch without PDL
+    # Reasoning models (thinkwise/reasoning/parser.py): how outputs split thinking from the
+    # answer ("auto": from the chat template and tokenizer), the thinking budget each
+    # `reasoning_effort` means (None: unlimited), and an optional message forced before the
+    # closing marker when a thinking budget runs out (as llama.cpp's --reasoning-budget-message).
+    reasoning_parser: str = "auto"
+    reasoning_effort_budgets: dict = field(default_factory=lambda: {"low": 512, "medium": 2048, "high": 8192})
+    thinking_budget_message: str | None = None
 
     def __post_init__(self) -> None:
         for name, value in env_overrides().items():
@@ -68,6 +76,15 @@ class EngineConfig:
                                         f"{', '.join(ATTENTION_BACKENDS)}", param="attention_backend")
         if self.pdl_max_rows < 0:
             raise InvalidParameterError("pdl_max_rows must be >= 0", param="pdl_max_rows")
+        if self.reasoning_parser not in PARSER_NAMES:
+            raise InvalidParameterError(f"unknown reasoning parser {self.reasoning_parser!r}; use one of "
+                                        f"{', '.join(PARSER_NAMES)}", param="reasoning_parser")
+        for effort, budget in self.reasoning_effort_budgets.items():
+            if effort not in ("low", "medium", "high") or (budget is not None and (not isinstance(budget, int)
+                                                                                 or budget < 1)):
+                raise InvalidParameterError(
+                    f"reasoning_effort_budgets maps low/medium/high to a thinking budget >= 1 or None; got "
+                    f"{effort!r}: {budget!r}", param="reasoning_effort_budgets")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(f"{name} must be >= 1", param=name)

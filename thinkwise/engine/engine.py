@@ -41,6 +41,7 @@ from thinkwise.engine.step_pipeline import StepPipeline
 from thinkwise.errors import CapacityError, InvalidParameterError
 from thinkwise.kernels.linear_dispatch import torch_threads
 from thinkwise.loading.config import LoadedModel
+from thinkwise.reasoning.parser import resolve_parser
 
 __all__ = ["Engine", "StepOutput", "TokenEvent"]
 
@@ -84,6 +85,7 @@ class Engine:
         if self.runner.unified_max_stats is not None:
             self.run_metadata["unified_max_softmax"] = self.runner.unified_max_stats
         self.sampler = Sampler(self.device)
+        self.reasoning_parser = resolve_parser(config.reasoning_parser, loaded.chat_template, loaded.tokenizer)
         self.step_meter = StepMeter(self.device)
         self.run_metadata["energy"] = "nvml" if self.step_meter.energy_available else "unavailable"
         self.eos_token_ids = set(loaded.config.eos_token_ids)
@@ -93,9 +95,11 @@ class Engine:
         self.num_steps = 0
         self.inputs = InputProcessor(self.tokenizer, self.chat_template, vocab_size=loaded.config.vocab_size,
                                      max_model_len=self.max_model_len, num_kv_blocks=num_blocks,
-                                     block_size=config.block_size)
+                                     block_size=config.block_size,
+                                     thinking_budget_message=config.thinking_budget_message)
         self.outputs = OutputProcessor(eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
-                                       requests=self.requests, finish=self._finish, force_tokens=self.force_tokens)
+                                       requests=self.requests, finish=self._finish, force_tokens=self.force_tokens,
+                                       reasoning_parser=self.reasoning_parser, tokenizer=self.tokenizer)
         # Async scheduling by default wherever decode steps replay as CUDA graphs.
         self.pipeline = StepPipeline(self, enabled=config.async_scheduling if config.async_scheduling is not None
                                      else self.runner.graph_decoder is not None)

@@ -22,13 +22,14 @@ Prompt = str | list[int] | dict[str, Any]
 
 class InputProcessor:
     def __init__(self, tokenizer: Any, chat_template: str | None, *, vocab_size: int, max_model_len: int,
-                 num_kv_blocks: int, block_size: int):
+                 num_kv_blocks: int, block_size: int, thinking_budget_message: str | None = None):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.num_kv_blocks = num_kv_blocks
         self.block_size = block_size
+        self.thinking_budget_message = thinking_budget_message  # the config's default for every request
 
     # ------------------------------------------------------------------ tokens
     def tokenize(self, prompt: str) -> list[int]:
@@ -111,7 +112,11 @@ class InputProcessor:
             raise InvalidParameterError("thinking budgets need a tokenizer to find the end-of-thinking marker",
                                         param="thinking_budget")
         end = list(self.tokenizer.encode(params.thinking_end, add_special_tokens=False))
+        message = (params.thinking_budget_message if params.thinking_budget_message is not None
+                   else self.thinking_budget_message)
         forced = end + list(self.tokenizer.encode(params.answer_prefix, add_special_tokens=False))
+        if message:  # said before the marker when the budget runs out (a marker the model wrote needs none)
+            forced = list(self.tokenizer.encode(message, add_special_tokens=False)) + forced
         if params.min_thinking_tokens and len(end) != 1:
             raise InvalidParameterError(
                 f"min_thinking_tokens needs an end-of-thinking marker that is one token; {params.thinking_end!r} "

@@ -19,6 +19,7 @@ from typing import Any
 
 from thinkwise.engine.detokenizer import find_stop_string
 from thinkwise.engine.outputs import CompletionOutput, RequestOutput
+from thinkwise.engine.penalties import PenaltyRow
 from thinkwise.engine.sampler import SamplingRow
 from thinkwise.engine.sequence import Request, Sequence, TokenCounts
 
@@ -59,12 +60,15 @@ class OutputProcessor:
 
     def __init__(self, *, eos_token_ids: set[int], max_model_len: int, requests: dict[str, Request],
                  finish: Callable[[Sequence, str, int | str | None], None],
-                 force_tokens: Callable[[Sequence, list[int]], None]):
+                 force_tokens: Callable[[Sequence, list[int]], None], reasoning_parser: Any = None,
+                 tokenizer: Any = None):
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.requests = requests
         self.finish = finish
         self.force_tokens = force_tokens
+        self.reasoning_parser = reasoning_parser  # splits each output's thinking from its answer
+        self.tokenizer = tokenizer
 
     # ------------------------------------------------------------------ before the draw
     def sampling_row(self, seq: Sequence, ahead: int = 0) -> SamplingRow:
@@ -78,9 +82,13 @@ class OutputProcessor:
         if thinking and seq.thinking_tokens is None and position < p.min_thinking_tokens:
             # The marker, and anything that would end the sample, cannot come before the minimum.
             banned = tuple(set(banned) | {thinking[0][0]} | (set() if p.ignore_eos else self.eos_token_ids))
+        penalty = None
+        if p.has_penalties:
+            penalty = PenaltyRow(seq, seq.seq_id, p.presence_penalty, p.frequency_penalty, p.repetition_penalty,
+                                 seq.token_ids, seq.num_prompt_tokens, position)
         return SamplingRow(
             temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, seed=seq.seed,
-            position=position, logprobs=p.logprobs, banned_token_ids=banned,
+            position=position, logprobs=p.logprobs, banned_token_ids=banned, penalty=penalty,
         )
 
     # ------------------------------------------------------------------ after the draw
@@ -191,4 +199,4 @@ class OutputProcessor:
             finished=request.is_finished,
             counts=TokenCounts(**vars(request.counts)),
             metrics=metrics,
-        )
+        ).split_reasoning(self.reasoning_parser, self.tokenizer, request.params.skip_special_tokens)

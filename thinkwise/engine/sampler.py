@@ -6,7 +6,8 @@ position alone, so a seeded sample draws the same tokens whatever else shares it
 batch, whichever step it lands in, and after preemption and recomputation (given the
 same logits). One number per row also keeps sampling cheap next to a 150k-token
 vocabulary; top-p looks at the top 1,024 tokens first and sorts the whole vocabulary
-only for rows whose nucleus is larger.
+only for rows whose nucleus is larger. Presence, frequency and repetition penalties
+(engine/penalties.py) change the logits first, from token counts kept on the device.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from thinkwise.engine.config import stage_to_device
+from thinkwise.engine.penalties import PenaltyRow, PenaltyTracker
 
 _MASK64 = (1 << 64) - 1
 
@@ -46,6 +48,7 @@ class SamplingRow:
     position: int  # index of the token being sampled among the sample's outputs
     logprobs: int | None
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS before min_tokens
+    penalty: PenaltyRow | None = None  # presence/frequency/repetition penalties, None: none
 
 
 @dataclass
@@ -69,6 +72,7 @@ def _nucleus(sorted_probs: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
 class Sampler:
     def __init__(self, device: torch.device | str):
         self.device = torch.device(device)
+        self.penalties = PenaltyTracker(self.device)
 
     @staticmethod
     def device_ready(row: SamplingRow) -> bool:
@@ -106,7 +110,13 @@ class Sampler:
         """The sampled token ids, left on the device (banned ids must already be masked),
         and None or a device flag per row: True where the token is not the exact draw (a
         top-p nucleus wider than the candidates; never with `exact`, which may sync)."""
-        logits = logits.float()
+        logits = self.penalties.apply(logits.float(), rows)
+        tokens, redo = self._draw(logits, rows, exact)
+        self.penalties.record(rows, tokens)
+        return tokens, redo
+
+    def _draw(self, logits: torch.Tensor, rows: list[SamplingRow],
+              exact: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         greedy = [r.temperature == 0 for r in rows]
         if all(greedy):
             return logits.argmax(dim=-1), None  # the common benchmark/greedy case: one kernel

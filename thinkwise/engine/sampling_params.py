@@ -38,6 +38,15 @@ class SamplingParams:
     min_thinking_tokens: int = 0
     thinking_end: str = "</think>"
     answer_prefix: str = ""
+    # Forced before the closing marker when the thinking budget runs out (e.g. "Time is up,
+    # answering now."); None: the engine's EngineConfig.thinking_budget_message.
+    thinking_budget_message: str | None = None
+    # Penalties with vLLM's semantics (applied on the device by the sampler): presence and
+    # frequency subtract over the generated tokens, repetition divides positive (multiplies
+    # negative) logits of every token in the prompt or the output; 0, 0, 1 are neutral.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -72,7 +81,20 @@ class SamplingParams:
             _fail("min_thinking_tokens", "must not exceed thinking_budget")
         if not self.thinking_end:
             _fail("thinking_end", "must be a non-empty marker such as '</think>'")
+        if self.thinking_budget_message is not None and not isinstance(self.thinking_budget_message, str):
+            _fail("thinking_budget_message", f"must be a string or None, got {type(self.thinking_budget_message).__name__}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not -2 <= value <= 2:
+                _fail(name, f"must be a number in [-2, 2] (0 disables), got {value!r}")
+        value = self.repetition_penalty
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            _fail("repetition_penalty", f"must be a finite number > 0 (1 disables), got {value!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             _fail("stop", "must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             _fail("stop_token_ids", "must be non-negative integers")
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

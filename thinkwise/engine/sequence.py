@@ -38,6 +38,7 @@ class TokenCounts:
     recomputed_tokens: int = 0  # generated tokens whose KV was computed again after preemption
     forced_tokens: int = 0  # tokens appended by a caller rather than sampled
     aborted_tokens: int = 0  # output tokens (sampled or forced) of samples aborted before they finished
+    reasoning_tokens: int = 0  # output tokens of thinking spans, closing markers included (set by RequestOutput)
     # Analytic work charged by `cost.attribute_step` from the steps that served this request.
     flops: float = 0.0
     bytes_weights: float = 0.0  # its share of the weights read each step, plus its embedding rows

@@ -4,7 +4,7 @@ Request models are strict (a string is not a number, a number is not a string) a
 forbid unknown fields, so a typo or an unsupported OpenAI feature is answered with a
 400 that names the field instead of being silently ignored; the same models generate
 the OpenAPI schema, so the schema states exactly what is accepted. Fields OpenAI
-defines but thinkwise cannot honour (penalties, logit bias, tools, ...) are declared
+defines but thinkwise cannot honour (logit bias, tools, ...) are declared
 so that their neutral values pass and anything else is refused by the serving layer
 with a message. Response models document the JSON the server writes; the hot streaming
 path builds the same shapes as plain dicts (see `streaming.py`), and tests validate
@@ -13,6 +13,8 @@ those chunks against these models.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Annotated, Any, Literal
 
 from annotated_types import Ge
@@ -28,12 +30,6 @@ def _integral(value: Any) -> Any:
     return value
 
 
-def _unsupported_unless_zero(value: float) -> float:
-    if value != 0:
-        raise ValueError("is not supported by thinkwise; leave it unset or 0")
-    return value
-
-
 def _unsupported_unless_empty(value: dict) -> dict:
     if value:
         raise ValueError("is not supported by thinkwise; leave it unset or empty")
@@ -41,10 +37,6 @@ def _unsupported_unless_empty(value: dict) -> dict:
 
 
 _AS_INT = BeforeValidator(_integral)
-# OpenAI's penalties: declared so that clients sending the neutral value work; only 0 is accepted.
-ZeroOnly = Annotated[float, AfterValidator(_unsupported_unless_zero),
-                     WithJsonSchema({"type": "number", "minimum": 0, "maximum": 0,
-                                     "description": "not supported by thinkwise: only 0"})]
 EmptyOnly = Annotated[dict[str, float], AfterValidator(_unsupported_unless_empty),
                       WithJsonSchema({"type": "object", "maxProperties": 0,
                                       "description": "not supported by thinkwise: only {}"})]
@@ -106,8 +98,10 @@ class _SamplingFields(StrictModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    presence_penalty: ZeroOnly | None = None
-    frequency_penalty: ZeroOnly | None = None
+    # Penalties with vLLM's semantics and ranges (engine/penalties.py): 0, 0 and 1 are neutral.
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
     logit_bias: EmptyOnly | None = None
     # Extensions in the vLLM vocabulary.
     top_k: Annotated[int, Field(ge=-1), _AS_INT] | None = None
@@ -137,8 +131,57 @@ class ThinkwiseOptions(BaseModel):
         | None = None
 
 
+_TEMPLATE_KWARG_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}")
+# What transformers' apply_chat_template passes itself or the template reads as the conversation:
+# a request must not replace them (template injection), so they are refused by name.
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "tokenize",
+    "padding", "truncation", "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "continue_final_message", "tokenizer_kwargs", "raise_exception", "strftime_now", "bos_token", "eos_token",
+    "unk_token", "pad_token", "namespace", "range", "dict", "cycler", "joiner", "lipsum", "self", "loop",
+})
+MAX_TEMPLATE_KWARGS_BYTES = 4096
+
+
+def _json_depth(value: Any, depth: int = 0) -> int:
+    if isinstance(value, dict):
+        return max((_json_depth(v, depth + 1) for v in value.values()), default=depth + 1)
+    if isinstance(value, list):
+        return max((_json_depth(v, depth + 1) for v in value), default=depth + 1)
+    return depth
+
+
+def _check_template_kwargs(value: dict[str, Any]) -> dict[str, Any]:
+    if len(value) > 16:
+        raise ValueError(f"has {len(value)} keys; at most 16 are accepted")
+    for key in value:
+        if not _TEMPLATE_KWARG_KEY.fullmatch(key):
+            raise ValueError(f"key {key[:40]!r} is not a template variable name (letters, digits, _; at most 64)")
+        if key in _RESERVED_TEMPLATE_KWARGS:
+            raise ValueError(f"key {key!r} is set by the server itself and cannot be passed to the chat template")
+    if _json_depth(value) > 4:
+        raise ValueError("nests deeper than 4 levels")
+    size = len(json.dumps(value))
+    if size > MAX_TEMPLATE_KWARGS_BYTES:
+        raise ValueError(f"is {size} bytes as JSON; at most {MAX_TEMPLATE_KWARGS_BYTES} are accepted")
+    return value
+
+
+TemplateKwargs = Annotated[dict[str, Any], AfterValidator(_check_template_kwargs), Field(description=(
+    "variables for the chat template, e.g. {\"enable_thinking\": false} for Qwen3; names the template itself "
+    "receives (messages, tools, add_generation_prompt, ...) are refused"))]
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    # Reasoning models (thinkwise/reasoning/, README "Reasoning models").
+    chat_template_kwargs: TemplateKwargs | None = None
+    reasoning_effort: Literal["low", "medium", "high"] | None = None
+    thinking_token_budget: Annotated[int, Field(ge=1, description=(
+        "most thinking tokens before the end-of-thinking marker is forced (as budget:N)")), _AS_INT] | None = None
+    thinking_budget_message: Annotated[str, Field(max_length=1000, description=(
+        "text forced before the end-of-thinking marker when the budget runs out"))] | None = None
+    reasoning_parser: Literal["auto", "deepseek_r1", "qwen3", "none"] | None = None
     thinkwise: ThinkwiseOptions | None = None
     max_completion_tokens: Annotated[int, Field(ge=1), _AS_INT] | None = None
     logprobs: bool | None = False
@@ -176,11 +219,16 @@ class PromptTokensDetails(BaseModel):
     cached_tokens: int
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int = Field(description="completion tokens of thinking spans, closing markers included")
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class TopLogprob(BaseModel):

@@ -37,7 +37,7 @@ from thinkwise.server.errors import QueueFullError
 from thinkwise.server.strategy_serving import chat_with_strategy, requested_strategy
 from thinkwise.server.metrics import ServerMetrics
 from thinkwise.server.protocol import ChatCompletionRequest, CompletionRequest
-from thinkwise.server.reasoning import prompt_opens_thinking, split_reasoning
+from thinkwise.reasoning.parser import PROMPT_TAIL_TOKENS, ReasoningParser, get_parser
 from thinkwise.server.streaming import chat_stream, completion_stream, dumps
 
 logger = logging.getLogger("thinkwise.server")
@@ -187,10 +187,15 @@ class ResponseContext:
     include_usage: bool = False
     echo: bool = False
     prompt_texts: list[str] = field(default_factory=list)
-    thinking_open: bool = False  # the chat template opened a <think> block: output starts as reasoning
+    reasoning: ReasoningParser | None = None  # splits chat outputs into reasoning_content and content
+    prompt_tail: str = ""  # the rendered prompt's end (did the template open a thinking block?)
 
     def usage(self, finals: list[RequestOutput | None]) -> dict[str, Any]:
-        return usage_of([f for f in finals if f is not None])
+        finals = [f for f in finals if f is not None]
+        if self.reasoning is not None and self.reasoning is not self.serving.engine.reasoning_parser:
+            for final in finals:  # the request chose another parser than the engine's: count by it
+                final.split_reasoning(self.reasoning, self.serving.engine.tokenizer)
+        return usage_of(finals)
 
     def chat_logprobs(self, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         token, raw = self.serving.token_text, self.serving.token_bytes
@@ -220,8 +225,10 @@ def usage_of(finals: list[RequestOutput]) -> dict[str, Any]:
     prompt = sum(f.counts.prompt_tokens for f in finals)
     completion = sum(f.counts.generated_tokens + f.counts.forced_tokens for f in finals)
     cached = sum(min(f.counts.prompt_tokens_cached, f.counts.prompt_tokens) for f in finals)
+    reasoning = sum(f.counts.reasoning_tokens for f in finals)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "completion_tokens_details": {"reasoning_tokens": reasoning}}
 
 
 def _finite(value: float) -> float:
@@ -368,7 +375,39 @@ class OpenAIServing:
             top_p=1.0 if req.top_p is None else float(req.top_p),
             top_k=req.top_k or 0, min_p=float(req.min_p or 0.0), seed=req.seed, stop=_stops(req.stop),
             ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0, logprobs=logprobs,
+            presence_penalty=float(req.presence_penalty or 0.0), frequency_penalty=float(req.frequency_penalty or 0.0),
+            repetition_penalty=1.0 if req.repetition_penalty is None else float(req.repetition_penalty),
+            thinking_budget=self._thinking_budget(req),
+            thinking_budget_message=getattr(req, "thinking_budget_message", None),
         )
+
+    def _thinking_budget(self, req) -> int | None:
+        """thinking_token_budget (vLLM's name; budget:N's meaning), or the budget reasoning_effort maps to."""
+        budget, effort = getattr(req, "thinking_token_budget", None), getattr(req, "reasoning_effort", None)
+        if budget is not None and effort is not None:
+            raise InvalidParameterError("give thinking_token_budget or reasoning_effort, not both (an effort is a "
+                                        "budget set in the server's config)", param="reasoning_effort")
+        if effort is not None:
+            budgets = self.engine.config.reasoning_effort_budgets
+            if effort not in budgets:
+                raise InvalidParameterError(f"reasoning_effort {effort!r} has no budget in this server's config; use "
+                                            f"one of {', '.join(sorted(budgets))}", param="reasoning_effort")
+            budget = budgets[effort]
+        if budget is not None and self.engine.tokenizer is None:
+            raise InvalidParameterError("thinking budgets need the model's tokenizer (to find the end-of-thinking "
+                                        "marker); this model has none", param="thinking_token_budget")
+        return budget
+
+    def reasoning_parser(self, req) -> ReasoningParser:
+        """The request's reasoning parser: its own `reasoning_parser`, else the server's (--reasoning-parser)."""
+        name = getattr(req, "reasoning_parser", None)
+        if name is None or name == "auto":
+            return self.engine.reasoning_parser
+        return get_parser(name)
+
+    def prompt_tail(self, prompt: list[int]) -> str:
+        """The rendered prompt's last characters: whether the template opened a thinking block."""
+        return self._decode(prompt[-PROMPT_TAIL_TOKENS:])
 
     def admit(self, sequences: int) -> None:
         if self.sequences_in_flight and self.sequences_in_flight + sequences > self.capacity:
@@ -386,6 +425,7 @@ class OpenAIServing:
         self.metrics.requests_in_flight.dec()
 
     async def chat_prompt(self, req: ChatCompletionRequest) -> list[int]:
+        """The request's conversation rendered by the chat template (with its chat_template_kwargs) and tokenized."""
         conversation = []
         total = [0]
         for index, message in enumerate(req.messages):
@@ -396,19 +436,20 @@ class OpenAIServing:
                 self._check_text(message.name, f"messages[{index}].name", total)
                 entry["name"] = message.name
             conversation.append(entry)
-        return await self._prepare(self._render_chat, conversation)
+        return await self._prepare(self._render_chat, conversation, dict(req.chat_template_kwargs or {}))
 
-    def _render_chat(self, conversation: list[dict[str, Any]]) -> list[int]:
+    def _render_chat(self, conversation: list[dict[str, Any]], template_kwargs: dict[str, Any]) -> list[int]:
         try:
-            return self.llm.apply_chat_template(conversation)
+            return self.llm.apply_chat_template(conversation, **template_kwargs)
         except InvalidParameterError:
             raise
         except Exception as error:  # the model's template refused these messages (jinja raise, wrong roles)
             import jinja2
 
             if isinstance(error, (jinja2.TemplateError, TypeError, ValueError, KeyError, IndexError)):
-                raise InvalidParameterError(f"the model's chat template cannot render these messages: {error}",
-                                            param="messages") from error
+                what = "these messages" + (" with these chat_template_kwargs" if template_kwargs else "")
+                raise InvalidParameterError(f"the model's chat template cannot render {what}: {str(error)[:300]}",
+                                            param="chat_template_kwargs" if template_kwargs else "messages") from error
             raise
 
     async def completion_prompts(self, req: CompletionRequest) -> tuple[list[list[int]], list[str]]:
@@ -453,7 +494,7 @@ class OpenAIServing:
         ctx = ResponseContext(self, request_id, f"chatcmpl-{request_id}", req.model, int(time.time()), n,
                               params.stop, logprobs,
                               include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
-                              thinking_open=prompt_opens_thinking(self._decode(prompt[-8:])))
+                              reasoning=self.reasoning_parser(req), prompt_tail=self.prompt_tail(prompt))
         return await self._run(http, [prompt], params, ctx, n, bool(req.stream), chat_stream, self._chat_body, arrival)
 
     async def completions(self, req: CompletionRequest, http: Request) -> Response:
@@ -507,7 +548,7 @@ class OpenAIServing:
         final = finals[0]
         choices = []
         for o in final.outputs:
-            reasoning, content = split_reasoning(o.text, ctx.thinking_open)
+            reasoning, content, _ = ctx.reasoning.split(o.text, ctx.prompt_tail)
             message = {"role": "assistant", "content": content}
             if reasoning is not None:
                 message["reasoning_content"] = reasoning
@@ -516,7 +557,7 @@ class OpenAIServing:
                 "logprobs": {"content": ctx.chat_logprobs(o.logprobs or [])} if ctx.logprobs is not None else None,
                 "finish_reason": o.finish_reason})
         return {"id": ctx.response_id, "object": "chat.completion", "created": ctx.created, "model": ctx.model,
-                "choices": choices, "usage": usage_of(finals), "system_fingerprint": None}
+                "choices": choices, "usage": ctx.usage(finals), "system_fingerprint": None}
 
     def _completion_body(self, ctx: ResponseContext, finals: list[RequestOutput]) -> dict[str, Any]:
         choices = []

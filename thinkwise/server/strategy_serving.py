@@ -11,17 +11,22 @@ every other request (max_tokens defaults to 512 per sample); the response is an
 ordinary chat completion whose message is the chosen sample's text, plus a `thinkwise`
 object with the extracted answer, the votes, every sample's outcome and the cost, and a
 `usage` that counts every token the strategy computed (prompt once per engine request,
-cached prompt tokens, all decoded tokens, aborted samples included). Streaming is refused
-with a 400: the answer exists only once the samples are decided. A client that
-disconnects aborts every sample at once.
+cached prompt tokens, all decoded tokens, aborted samples included; reasoning_tokens are
+the thinking tokens). The message splits the chosen text into `reasoning_content` and
+`content` by the request's reasoning parser. With `stream=true` the samples' progress,
+the vote tally, the decision and then the chosen text stream as chat chunks
+(`strategy_stream.py`). A client that disconnects aborts every sample at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import anyio
@@ -80,15 +85,27 @@ def requested_strategy(serving, req) -> tuple[StrategySpec, str] | None:
 
 
 class _TrackingBackend(LocalBackend):
-    """A LocalBackend that remembers its groups, so a cancelled strategy can abort them."""
+    """A LocalBackend that remembers its groups, so a cancelled strategy can abort them;
+    `on_change()` (if given) runs after every step's events of every group (live streams)."""
 
-    def __init__(self, engine):
+    def __init__(self, engine, on_change: Callable[[], None] | None = None, groups: list | None = None):
         super().__init__(engine)
-        self.groups = []
+        self.groups = [] if groups is None else groups
+        self.on_change = on_change
 
     async def start(self, prompt_token_ids, params):
         group = await super().start(prompt_token_ids, params)
         self.groups.append(group)
+        if self.on_change is not None:
+            next_events, on_change = group.next_events, self.on_change
+
+            async def watched_next_events():
+                changes = await next_events()
+                on_change()
+                return changes
+
+            group.next_events = watched_next_events  # wait() calls it too, so every step is seen
+            on_change()
         return group
 
     async def abort_all(self) -> None:
@@ -98,9 +115,6 @@ class _TrackingBackend(LocalBackend):
 
 
 async def chat_with_strategy(serving, req, http: Request, spec: StrategySpec, model: str) -> Response:
-    if req.stream:
-        raise InvalidParameterError("stream=true is not supported with a thinkwise strategy: the answer is decided "
-                                    "only when the samples are; send stream=false", param="stream")
     if req.n not in (None, 1):
         raise InvalidParameterError("n must be 1 with a thinkwise strategy (the strategy's k sets the samples)",
                                     param="n")
@@ -117,7 +131,69 @@ async def chat_with_strategy(serving, req, http: Request, spec: StrategySpec, mo
 
         verifier = ExactChecker(options.answer)
     extract = options.extract if options is not None else "auto"
+    parser, prompt_tail = serving.reasoning_parser(req), serving.prompt_tail(prompt)
+
+    def usage(answer) -> dict[str, Any]:
+        cost = answer.cost
+        completion_tokens = cost.decode_tokens + cost.forced_tokens
+        return {"prompt_tokens": cost.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": cost.prompt_tokens + completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": cost.prompt_tokens_cached},
+                "completion_tokens_details": {"reasoning_tokens": cost.thinking_tokens}}
+
+    def extra(answer) -> dict[str, Any]:
+        return {"strategy": answer.strategy, "answer": answer.answer, "votes": answer.votes,
+                "samples": [asdict(s) for s in answer.samples], "cost": asdict(answer.cost),
+                "cost_basis": answer.cost_basis, "served_model": model}
+
+    def count(answer) -> None:
+        cost = answer.cost
+        serving.metrics.prompt_tokens.inc(cost.prompt_tokens)
+        serving.metrics.prompt_tokens_cached.inc(cost.prompt_tokens_cached)
+        serving.metrics.generation_tokens.inc(cost.decode_tokens)
+
     serving.admit(samples)
+    if req.stream:
+        from starlette.responses import StreamingResponse
+
+        from thinkwise.server.strategy_stream import LiveTally, strategy_chunks
+        from thinkwise.tasks.extraction import extract_answer
+
+        wake = asyncio.Event()
+        tally = LiveTally(partial(extract_answer, method=extract), parser, prompt_tail)
+        backend = _TrackingBackend(serving.async_engine, on_change=wake.set, groups=tally.groups)
+
+        async def work():
+            answer = await run_strategy(backend, spec, prompt, params, prompt_text=req.messages[-1].text(),
+                                        extract=extract, verifier=verifier)
+            count(answer)
+            return answer
+
+        # Start now and wait for the first sample group (or a failure): a strategy that refuses
+        # its input fails before any group starts, and that is still a 400, not an event in a 200 stream.
+        task = asyncio.ensure_future(work())
+        started_waiter = asyncio.ensure_future(wake.wait())
+        try:
+            await asyncio.wait({task, started_waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(task, return_exceptions=True)
+                await backend.abort_all()
+            serving.release(samples)
+            raise
+        finally:
+            started_waiter.cancel()
+        if task.done() and task.exception() is not None:
+            with anyio.CancelScope(shield=True):
+                await backend.abort_all()
+            serving.release(samples)
+            raise task.exception()
+        body = strategy_chunks(serving=serving, req=req, spec=spec, task=task, backend=backend, tally=tally,
+                               wake=wake, parser=parser, prompt_tail=prompt_tail, usage_of_answer=usage,
+                               body_extra=extra, release=lambda: serving.release(samples))
+        return StreamingResponse(body, media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
     backend = _TrackingBackend(serving.async_engine)
     started = time.time()
     try:
@@ -131,20 +207,15 @@ async def chat_with_strategy(serving, req, http: Request, spec: StrategySpec, mo
     if answer is None:  # the client went away
         serving.metrics.aborted.inc()
         return Response(status_code=499)
-    cost = answer.cost
-    serving.metrics.prompt_tokens.inc(cost.prompt_tokens)
-    serving.metrics.prompt_tokens_cached.inc(cost.prompt_tokens_cached)
-    serving.metrics.generation_tokens.inc(cost.decode_tokens)
-    completion_tokens = cost.decode_tokens + cost.forced_tokens
+    count(answer)
+    reasoning, content, _ = parser.split(answer.text, prompt_tail)
+    message = {"role": "assistant", "content": content}
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning
     body: dict[str, Any] = {
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(started), "model": req.model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": answer.text},
-                     "logprobs": None, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": cost.prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": cost.prompt_tokens + completion_tokens,
-                  "prompt_tokens_details": {"cached_tokens": cost.prompt_tokens_cached}},
-        "thinkwise": {"strategy": answer.strategy, "answer": answer.answer, "votes": answer.votes,
-                      "samples": [asdict(s) for s in answer.samples], "cost": asdict(cost), "cost_basis": answer.cost_basis,
-                      "served_model": model},
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}],
+        "usage": usage(answer),
+        "thinkwise": extra(answer),
     }
     return Response(dumps(body), media_type="application/json")

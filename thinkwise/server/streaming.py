@@ -25,7 +25,6 @@ from typing import Any
 import anyio
 
 from thinkwise.engine.async_engine import StreamItem
-from thinkwise.server.reasoning import ReasoningSplitter
 
 logger = logging.getLogger("thinkwise.server")
 
@@ -111,7 +110,9 @@ async def chat_stream(run, ctx) -> AsyncIterator[bytes]:
             + ',"model":' + dumps(ctx.model) + ',"system_fingerprint":null,"choices":[')
     tail = "]" + usage_field + "}\n\n"
     streamers = [TextStreamer(ctx.n, ctx.stops) for _ in run.prompts]
-    splitters = [ReasoningSplitter(ctx.thinking_open) for _ in range(ctx.n)]  # thinking -> reasoning_content
+    # thinking -> reasoning_content, by the request's reasoning parser (None: all content)
+    splitters = [ctx.reasoning.splitter(ctx.prompt_tail) if ctx.reasoning is not None else None
+                 for _ in range(ctx.n)]
     try:
         opening = "".join(
             "data: " + head + dumps({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -124,8 +125,8 @@ async def chat_stream(run, ctx) -> AsyncIterator[bytes]:
             for prompt_index, item in batch:
                 for delta in streamers[prompt_index].deltas(item):
                     splitter = splitters[delta.index]
-                    reasoning, text = splitter.feed(delta.text)
-                    if delta.finish_reason is not None:
+                    reasoning, text = splitter.feed(delta.text) if splitter is not None else ("", delta.text)
+                    if delta.finish_reason is not None and splitter is not None:
                         held_reasoning, held_text = splitter.flush()
                         reasoning, text = reasoning + held_reasoning, text + held_text
                     if not text and not reasoning and not delta.logprobs and delta.finish_reason is None:

@@ -58,6 +58,10 @@ class StrategyCost:
     device_time_s: float = 0.0
     energy_j: float | None = None  # None: no energy counter on this machine
     effective_flops: float = 0.0  # Kinetics: flops + I x bytes_moved (I of this device)
+    # decode_tokens + forced_tokens split by the reasoning parser: inside thinking spans (closing
+    # markers included; a sample that never closed its block is all thinking) and after them.
+    thinking_tokens: int = 0
+    answer_tokens: int = 0
 
     def add(self, counts: TokenCounts, intensity: float = 0.0) -> None:
         """Sum one engine request's counts; `intensity` (FLOP/byte) prices its bytes."""
@@ -69,6 +73,9 @@ class StrategyCost:
         self.forced_tokens += counts.forced_tokens
         self.recomputed_tokens += counts.recomputed_tokens
         self.aborted_tokens += counts.aborted_tokens
+        thinking = getattr(counts, "reasoning_tokens", 0)
+        self.thinking_tokens += thinking
+        self.answer_tokens += counts.generated_tokens + counts.forced_tokens - thinking
         moved = counts.bytes_weights + counts.bytes_kv
         self.flops += counts.flops
         self.bytes_moved += moved

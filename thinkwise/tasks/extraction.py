@@ -5,9 +5,10 @@ per call: "boxed" (the last balanced `\\boxed{...}`), "answer_line" (the text af
 last "Answer:" / "answer is" / "Final answer:" marker), "last_number" (the last number,
 with signs, thousands separators, decimals, fractions and scientific notation),
 "choice" (a letter A-E), "code" (the last fenced code block) and "auto" (boxed, then
-answer line, then last number). Votes must not split over formatting, so numbers compare
-as numbers: `answers_equal` treats "1,000", "1000.0" and "1e3" as one answer and "0.5" as
-"1/2" (relative tolerance 1e-9), and `answer_key` gives the canonical key that votes are
+answer line, then last number). Only the answer part of a reasoning model's text is read
+(`thinkwise.reasoning.answer_part`: after `</think>`; nothing while the block is open).
+Votes must not split over formatting, so numbers compare as numbers: `answers_equal`
+treats "1,000", "1000.0" and "1e3" as one answer and "0.5" as "1/2" (relative tolerance 1e-9), and `answer_key` gives the canonical key that votes are
 grouped by; anything that is not a number compares as a normalized string (trimmed,
 lowercased, whitespace collapsed, surrounding `$` and a trailing period removed).
 """
@@ -20,6 +21,7 @@ from decimal import Context, Decimal
 from fractions import Fraction
 
 from thinkwise.errors import InvalidParameterError
+from thinkwise.reasoning.parser import answer_part
 
 __all__ = [
     "METHODS", "extract_answer", "normalize_answer", "answers_equal", "answer_key", "fenced_code_blocks",
@@ -61,6 +63,7 @@ def extract_answer(text: str, method: str = "auto") -> str | None:
     if method not in METHODS:
         raise InvalidParameterError(
             f"unknown answer extraction method {method!r}; use one of {', '.join(METHODS)}", param="extract")
+    text = answer_part(text)  # a reasoning model's answer, not numbers from its thinking
     if not text:
         return None
     if method == "boxed":
