@@ -32,6 +32,7 @@ from thinkwise.engine.sampling_params import SamplingParams
 from thinkwise.engine.scheduler import Scheduler, form_prefix_groups
 from thinkwise.engine.sequence import Request, Sequence, SequenceStatus, TokenCounts
 from thinkwise.kernels.linear_dispatch import GpuLinearDispatcher, LinearDispatcher, torch_threads
+from thinkwise.kernels.linear_methods import quantize_model, quantized_cost_spec
 from thinkwise.errors import CapacityError, InvalidParameterError, PromptTooLongError
 from thinkwise.loading.config import LoadedModel
 
@@ -117,8 +118,11 @@ class Engine:
         self.layercast = self.dtype != self.weight_dtype
         model = build_model(loaded, device=self.device, dtype=self.weight_dtype, compute_dtype=self.dtype)
         loaded.weights.clear()  # the model holds its own copy; don't keep two
+        # Before any dispatch table or graph: they see each layer's method (kernels/linear_methods).
+        linear_methods = quantize_model(model, config.quantization, dtype=self.dtype, gguf_source=(
+            loaded.source if (loaded.extra or {}).get("format") == "gguf" else None))
         self.run_metadata: dict[str, Any] = {"device": str(self.device), "dtype": str(self.weight_dtype),
-                                             "compute_dtype": str(self.dtype)}
+                                             "compute_dtype": str(self.dtype), "linear_methods": linear_methods}
         self.cpu_threads = None
         if self.layercast:
             # One matmul implementation at every batch size (weights upcast, torch's fp32 GEMM):
@@ -154,7 +158,8 @@ class Engine:
         if self.runner.unified_max_stats is not None:
             self.run_metadata["unified_max_softmax"] = self.runner.unified_max_stats
         self.sampler = Sampler(self.device)
-        self.cost_spec = ModelCostSpec.from_config(loaded.config, self.weight_dtype, kv_dtype=self.dtype)
+        self.cost_spec = quantized_cost_spec(
+            ModelCostSpec.from_config(loaded.config, self.weight_dtype, kv_dtype=self.dtype), model)
         self.step_meter = StepMeter(self.device)
         self.run_metadata["energy"] = "nvml" if self.step_meter.energy_available else "unavailable"
         self.eos_token_ids = set(loaded.config.eos_token_ids)
