@@ -133,6 +133,8 @@ class Engine:
             dispatcher = LinearDispatcher()
             with torch_threads(self.cpu_threads):
                 dispatcher.profile(model, self.dtype, preset=config.cpu_gemm_table)
+            if linear_methods["method"] is not None and all(v is None for v in dispatcher.table.values()):
+                self.cpu_threads = None  # no BLAS in the step: the quantized kernels get PyTorch's threads
             self.run_metadata["gemm_dispatch"] = {"blas_from_rows": dispatcher.describe(),
                                                   "timings_ms": dispatcher.timings_ms}
         elif self.device.type == "cuda" and config.gpu_gemm_dispatch:
