@@ -124,3 +124,19 @@ def test_layers_follow_the_installed_plan():
     assert planned_config(Layer, 1) == "one-row" and planned_config(Layer, 2) == "two-rows"
     assert planned_config(Layer, 300) == "prefill"
     assert planned_config(object(), 1) is None  # no table: dequantize + cuBLAS
+
+
+@needs_triton
+@pytest.mark.parametrize("group", [64, 128])
+def test_int4_wider_groups_match_twin(group):
+    device = device_and_check()
+    g = torch.Generator().manual_seed(1)
+    for config in SMALL_CONFIGS:  # tiles narrower and wider than the group
+        dtype = torch.float32
+        w = torch.randn(24, 256, generator=g)
+        x = torch.randn(3, 256, generator=g)
+        codes, scales, zeros = quantize_int4(w, group, dtype)
+        q = pack_int4(codes)
+        got = triton_quant_gemm(x.to(device), q.to(device), scales.to(device), zeros.to(device), None, group, config)
+        want = quant_gemm_reference(x.double(), q, scales.double(), zeros.double(), None, group)
+        assert rel_error(got.cpu(), want) < 1e-6, config.name

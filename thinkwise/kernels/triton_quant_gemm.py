@@ -100,10 +100,16 @@ if HAVE_TRITON:
                 packed = tl.load(q_ptr + rows[:, None] * stride_qn + byte[None, :],
                                  mask=(byte < K // 2)[None, :], other=0)
                 codes = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K])  # k = 2 * byte + nibble
-                group = (kk // GROUP)[None, :]
-                scale = tl.load(scale_ptr + rows[:, None] * stride_sn + group, mask=k_ok[None, :], other=0.0)
-                zero = tl.load(zero_ptr + rows[:, None] * stride_sn + group, mask=k_ok[None, :], other=0.0)
-                w = (codes.to(tl.float32) - 8.0) * scale.to(tl.float32) + zero.to(tl.float32)
+                # One scale and zero per row and group, loaded once per tile (not per weight) and
+                # broadcast over the group's codes; a tile narrower than a group has one of each.
+                TILE_GROUPS: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1
+                group = k // GROUP + tl.arange(0, TILE_GROUPS)
+                group_ok = (group < K // GROUP)[None, :]
+                where = rows[:, None] * stride_sn + group[None, :]
+                scale = tl.load(scale_ptr + where, mask=group_ok, other=0.0).to(tl.float32)
+                zero = tl.load(zero_ptr + where, mask=group_ok, other=0.0).to(tl.float32)
+                grouped = tl.reshape(codes.to(tl.float32) - 8.0, [BLOCK_N, TILE_GROUPS, BLOCK_K // TILE_GROUPS])
+                w = tl.reshape(grouped * scale[:, :, None] + zero[:, :, None], [BLOCK_N, BLOCK_K])
             else:
                 w = tl.load(q_ptr + rows[:, None] * stride_qn + kk[None, :], mask=k_ok[None, :], other=0).to(tl.float32)
             x = tl.load(x_ptr + safe_m[None, :] * stride_xm + kk[:, None], mask=k_ok[:, None], other=0.0)
@@ -135,8 +141,9 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
     k = q.shape[1] * (2 if int4 else 1)
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
-    if int4 and (config.block_k % 2 or k % group):
-        raise ValueError(f"int4 needs an even block_k and K ({k}) divisible by the group ({group})")
+    if int4 and (k % group or group & (group - 1) or config.block_k & (config.block_k - 1)):
+        raise ValueError(f"int4 needs K ({k}) divisible by the group ({group}), and the group and "
+                         f"block_k ({config.block_k}) powers of two")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:

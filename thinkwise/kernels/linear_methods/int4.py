@@ -37,12 +37,13 @@ def quantize_int4(weight: torch.Tensor, group: int, scale_dtype: torch.dtype
     zeros = torch.empty_like(scales)
     for start in range(0, n, ROWS_PER_CHUNK):  # bounded fp32 temporaries (lm_head)
         rows = slice(start, start + ROWS_PER_CHUNK)
-        w = weight[rows].float().reshape(-1, k // group, group)
-        low, high = w.amin(dim=-1), w.amax(dim=-1)
+        w = weight[rows].to(torch.float32, copy=True).reshape(-1, k // group, group)
+        low, high = torch.aminmax(w, dim=-1)
         s = ((high - low) / 15.0).clamp(min=1e-10).to(scale_dtype)
         z = (low + 8.0 * s.float()).to(scale_dtype)
-        c = torch.round((w - z.float()[..., None]) / s.float()[..., None] + 8.0).clamp(0, 15)
-        codes[rows], scales[rows], zeros[rows] = c.reshape(-1, k), s, z
+        # In place, one fp32 temporary: (w - z) / s + 8, rounded and clamped to 0..15.
+        w.sub_(z.float()[..., None]).div_(s.float()[..., None]).add_(8.0).round_().clamp_(0, 15)
+        codes[rows], scales[rows], zeros[rows] = w.reshape(-1, k), s, z
     return codes, scales, zeros
 
 

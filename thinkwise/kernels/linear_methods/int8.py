@@ -24,9 +24,9 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch
     codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
     scales = torch.empty(weight.shape[0], dtype=scale_dtype, device=weight.device)
     for start in range(0, weight.shape[0], ROWS_PER_CHUNK):  # bounded fp32 temporaries (lm_head)
-        w = weight[start:start + ROWS_PER_CHUNK].float()
+        w = weight[start:start + ROWS_PER_CHUNK].to(torch.float32, copy=True)
         s = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-10).to(scale_dtype)
-        codes[start:start + ROWS_PER_CHUNK] = torch.round(w / s.float()[:, None]).clamp(-127, 127)
+        codes[start:start + ROWS_PER_CHUNK] = w.div_(s.float()[:, None]).round_().clamp_(-127, 127)
         scales[start:start + ROWS_PER_CHUNK] = s
     return codes, scales
 

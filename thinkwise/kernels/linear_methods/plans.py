@@ -39,7 +39,7 @@ def quant_candidates(layer, rows: int, q, scales, zeros, group: int) -> dict[str
         return {}
     out = {}
     for config in tq.DEFAULT_CONFIGS:
-        if rows > config.max_rows or (zeros is not None and config.block_k % 2):
+        if rows > config.max_rows:
             continue
         out[f"triton:{config.name}"] = (
             config, lambda x, c=config: tq.triton_quant_gemm(x, q, scales, zeros, layer.bias, group, c))
