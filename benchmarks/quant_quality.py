@@ -10,7 +10,7 @@ scores a fixed text and compares with the 16-bit column:
 The text is this repository's README.md (or --text FILE), tokenized by the model; its
 sha256 is recorded. No download. Writes JSON (benchmarks/results/quant_quality-<UTC>.json).
 
-    python benchmarks/quant_quality.py [--quantization none,int8,int4,int4-g128,gguf] [--max-tokens 1024]
+    python benchmarks/quant_quality.py [--quantization none,int8,int4,int4-all,gguf] [--max-tokens 1024]
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def score(llm: LLM, ids: list[int], window: int) -> tuple[float, list[int], int]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
-    parser.add_argument("--quantization", default="none,int8,int4,int4-g128,gguf",
+    parser.add_argument("--quantization", default="none,int8,int4,int4-all,gguf",
                         help="comma-separated columns; the first is the reference (use none)")
     parser.add_argument("--text", default=str(Path(__file__).resolve().parents[1] / "README.md"))
     parser.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text scored")

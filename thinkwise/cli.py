@@ -103,8 +103,9 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dtype of activations, attention and the KV cache (default: --dtype); float32 with "
                              "16-bit weights is LayerCast: reproducible whatever is batched, slower")
     parser.add_argument("--quantization", default=None, metavar="METHOD",
-                        help="weights quantized on load: int8 (per channel), int4 (groups of 32; int4-g64, "
-                             "int4-g128), gguf (a GGUF's own bit widths); default: the 16-bit weights")
+                        help="weights quantized on load: int8 (per channel), int4 (MLP in groups of 32, attention "
+                             "int8; -g64/-g128 for wider groups, int4-all for attention too), gguf (a GGUF's own "
+                             "bit widths); default: the 16-bit weights")
     parser.add_argument("--kv-blocks", type=int, default=None, help="number of KV cache blocks (default: sized to memory)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="most sequences batched at once")

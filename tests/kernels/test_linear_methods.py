@@ -70,7 +70,8 @@ def test_parse_quantization_accepts_the_documented_names_and_refuses_others():
     assert parse_quantization("int4").label == "int4-g32"
     assert parse_quantization("INT4-G128").label == "int4-g128"
     assert parse_quantization("gguf").kind == "gguf"
-    for bad in ("int3", "int4-g48", "fp8", "int4-g", 8):
+    assert parse_quantization("int4-all").label == "int4-all-g32" and parse_quantization("int4-all-g64").everywhere
+    for bad in ("int3", "int4-g48", "fp8", "int4-g", "int4-all-all", "int4-g32-all", 8):
         with pytest.raises(InvalidParameterError, match="quantization") as error:
             parse_quantization(bad)
         assert error.value.param == "quantization"
@@ -94,7 +95,7 @@ def test_cli_names_the_flag():
 
 def test_layers_a_method_cannot_hold_fall_back_to_int8_and_say_so():
     model = torch.nn.ModuleDict({"a": linear(32, 64), "b": linear(32, 96)})
-    record = quantize_model(model, "int4-g64", dtype=torch.bfloat16)
+    record = quantize_model(model, "int4-all-g64", dtype=torch.bfloat16)
     assert record["layers"] == {"a": "int4-g64", "b": "int8"}
     assert "not a multiple of the group size 64" in record["notes"]["b"]
     with pytest.raises(ModelFormatError, match="already quantized"):
@@ -148,10 +149,13 @@ def test_tiny_model_int8_and_int4_logits_track_bf16(tiny_dir):
     record = int8.run_metadata["linear_methods"]
     assert record["method"] == "int8" and set(record["layers"].values()) == {"int8"}
     assert "lm_head" in record["layers"] and len(record["layers"]) == 1 + 4 * int8.model_config.num_layers
-    int4 = engine_for(tiny_dir, "int4")
+    int4 = engine_for(tiny_dir, "int4-all")
     assert close_logits(reference, prefill_logits(int4, ids), INT4_BOUND)
     assert int4.run_metadata["linear_methods"]["layers"]["lm_head"] == "int8"
     assert int4.run_metadata["linear_methods"]["counts"]["int4-g32"] == 4 * int4.model_config.num_layers
+    mixed = engine_for(tiny_dir, "int4").run_metadata["linear_methods"]
+    assert mixed["layers"]["layers.0.mlp.gate_up_proj"] == "int4-g32"
+    assert mixed["layers"]["layers.0.self_attn.qkv_proj"] == "int8" and "attention" in mixed["notes"]["layers.1.self_attn.o_proj"]
     # The cost model charges the stored bytes: fewer under int8, fewer still under int4.
     bf16_bytes = engine_for(tiny_dir, None).cost_spec.body_weight_bytes
     assert int4.cost_spec.body_weight_bytes < int8.cost_spec.body_weight_bytes < bf16_bytes
@@ -180,7 +184,7 @@ def test_a_broken_scale_layout_fails_the_closeness_check(tiny_dir):
         if isinstance(module, DispatchLinear):
             module.scales.copy_(module.scales.flip(0))
     assert not close_logits(reference, prefill_logits(int8, ids), INT8_BOUND)
-    int4 = engine_for(tiny_dir, "int4")
+    int4 = engine_for(tiny_dir, "int4-all")
     for module in int4.runner.model.modules():
         if isinstance(module, DispatchLinear) and hasattr(module, "scales_zeros"):
             module.scales_zeros.copy_(module.scales_zeros.flip(-1))

@@ -47,8 +47,9 @@ class EngineConfig:
     # None: on for CUDA with CUDA graphs (on CPU nothing overlaps; tests turn it on to check it).
     async_scheduling: bool | None = None
     # How linear layers store and multiply their weights (kernels/linear_methods): None keeps the
-    # 16-bit weights; "int8" (per output channel), "int4" / "int4-g32|g64|g128" (group-wise),
-    # "gguf" (each layer near its GGUF block type's bits). Quantized on load, round-to-nearest.
+    # 16-bit weights; "int8" (per output channel), "int4[-g32|-g64|-g128]" (group-wise MLP weights;
+    # attention and lm_head int8), "int4-all[-gN]" (attention int4 too), "gguf" (each layer near its
+    # GGUF block type's bits). Quantized on load, round-to-nearest.
     quantization: str | None = None
 
     def __post_init__(self) -> None:

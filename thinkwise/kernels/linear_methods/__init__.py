@@ -1,12 +1,13 @@
 """Linear methods: how each linear layer stores and multiplies its weight, chosen at load.
 
 `METHODS` is the registry (name -> class); `parse_quantization` validates a user's
-`quantization` value ("int8", "int4", "int4-g32|g64|g128", "gguf", or None for the 16-bit
+`quantization` value ("int8", "int4[-all][-g32|-g64|-g128]", "gguf", or None for the 16-bit
 weights as loaded); `quantize_model` walks a built model's `DispatchLinear` layers after
 their 16-bit weights are loaded and hands each the method chosen for it, returning the
 per-layer record that goes into the run metadata. Rules, all stated in that record:
 under int4 the output projection (lm_head) gets int8, since the logits are the layer most
-sensitive to rounding (llama.cpp's Q4_K_M keeps it at 6-8 bits too); a layer a method
+sensitive to rounding (llama.cpp's Q4_K_M keeps it at 6-8 bits too), and so do the
+attention projections unless "int4-all" is asked for (`INT4_KEEPS_INT8`); a layer a method
 cannot hold (int4 with inputs not a multiple of the group) falls back to int8;
 "gguf" follows the file's per-tensor block types (`gguf`). `quantized_cost_spec` makes
 the cost model charge the bytes the layers really store. Adding a method is one module
@@ -16,6 +17,7 @@ with a `LinearMethod` subclass plus one line in `METHODS` (docs/extending_linear
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import Counter
 from typing import Any
 
@@ -31,28 +33,38 @@ __all__ = ["LinearMethod", "METHODS", "QUANTIZATION_CHOICES", "parse_quantizatio
            "quantized_cost_spec"]
 
 METHODS: dict[str, type[LinearMethod]] = {"int8": Int8Method, "int4": Int4Method}
-QUANTIZATION_CHOICES = ("int8", "int4", *(f"int4-g{g}" for g in GROUP_SIZES), "gguf")
+QUANTIZATION_CHOICES = ("int8", "int4", *(f"int4-g{g}" for g in GROUP_SIZES), "int4-all",
+                        *(f"int4-all-g{g}" for g in GROUP_SIZES), "gguf")
+_INT4 = re.compile(r"^int4(-all)?(?:-g(\d+))?$")
+# Layers int4 leaves at int8 unless "-all": the attention projections. Measured on the default
+# model (benchmarks/quant_quality.py, README text): RTN int4-g32 everywhere +4.1% perplexity,
+# q/k/v at int8 +2.1%, q/k/v and o at int8 +0.8%, ffn_down at int8 +4.7% (no help); the
+# attention projections are ~12% of a layer's weights, so the mix costs ~7% more bytes.
+INT4_KEEPS_INT8 = ("qkv_proj", "o_proj")
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizationSpec:
     kind: str  # "int8", "int4" or "gguf"
     group: int = DEFAULT_GROUP
+    everywhere: bool = False  # int4: also the attention projections
 
     @property
     def label(self) -> str:
-        return f"int4-g{self.group}" if self.kind == "int4" else self.kind
+        if self.kind != "int4":
+            return self.kind
+        return f"int4{'-all' if self.everywhere else ''}-g{self.group}"
 
 
 def parse_quantization(value: str | None) -> QuantizationSpec | None:
     """The validated spec for a `quantization` value; None means the 16-bit weights as loaded."""
     if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
         return None
-    text = value.lower().strip() if isinstance(value, str) else value
-    if text in ("int8", "gguf", "int4"):
+    text = value.lower().strip() if isinstance(value, str) else ""
+    if text in ("int8", "gguf"):
         return QuantizationSpec(text)
-    if isinstance(text, str) and text.startswith("int4-g") and text[6:].isdigit() and int(text[6:]) in GROUP_SIZES:
-        return QuantizationSpec("int4", int(text[6:]))
+    if (match := _INT4.match(text)) and (match.group(2) is None or int(match.group(2)) in GROUP_SIZES):
+        return QuantizationSpec("int4", int(match.group(2) or DEFAULT_GROUP), everywhere=bool(match.group(1)))
     raise InvalidParameterError(
         f"quantization {value!r} is not supported; choose one of {', '.join(QUANTIZATION_CHOICES)} "
         "or leave it unset for the 16-bit weights", param="quantization")
@@ -66,6 +78,8 @@ def _method_for(spec: QuantizationSpec, name: str, dtype: torch.dtype, gguf_type
     if spec.kind == "int4":
         if name == "lm_head":
             return Int8Method(dtype), "the output projection is kept at int8 under int4"
+        if not spec.everywhere and name.rpartition(".")[2] in INT4_KEEPS_INT8:
+            return Int8Method(dtype), "attention projections are kept at int8 under int4 (int4-all: int4 too)"
         return Int4Method(dtype, spec.group), None
     from thinkwise.kernels.linear_methods.gguf import layer_bits
 
