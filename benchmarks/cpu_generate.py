@@ -84,7 +84,13 @@ def run_thinkwise(args, quantization: str) -> dict:
     b1 = best_time(batch1, args.repeats)
     nk = best_time(n_samples, args.repeats)
     meta = llm.engine.run_metadata
+    model = llm.engine.runner.model
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    weight_bytes += sum(getattr(m, "blas_weight", None).nbytes for m in model.modules()
+                        if getattr(m, "blas_weight", None) is not None and m.blas_weight.base is None)
+    kv_bytes = llm.engine.runner.kv_cache.numel() * llm.engine.runner.kv_cache.element_size()
     return {"prompt_ids": prompt_ids, "greedy_ids": list(greedy), "load_s": round(load_s, 2),
+            "weights_mib": round(weight_bytes / 2**20), "kv_cache_mib": round(kv_bytes / 2**20),
             "rss_mib": {"before_load": round(rss_before), "after_load": round(rss_loaded), "end": round(rss_mib())},
             "batch1_tok_s": round(n_new / b1, 2), f"n{k}_tok_s": round(k * n_new / nk, 2),
             "linear_methods": {key: meta["linear_methods"].get(key) for key in ("method", "counts", "notes")},
@@ -244,8 +250,9 @@ def main() -> None:
             print(f"{column:>20}: {result.get('skipped') or 'failed: ' + result['failed'][-400:]}")
             continue
         rss = result["rss_mib"]
+        weights = f"   weights {result['weights_mib']} MiB + KV {result['kv_cache_mib']} MiB" if "weights_mib" in result else ""
         print(f"{column:>20}: batch-1 {result['batch1_tok_s']:7.2f} tok/s   n={k} {result[f'n{k}_tok_s']:7.2f} tok/s   "
-              f"load {result['load_s']:6.2f} s   RSS {rss['before_load']} -> {rss['after_load']} MiB")
+              f"load {result['load_s']:6.2f} s   RSS {rss['before_load']} -> {rss['after_load']} MiB{weights}")
     ratios = {}
     reference = results.get("llama.cpp", {})
     if "batch1_tok_s" in reference:
