@@ -66,7 +66,7 @@ def score(llm: LLM, ids: list[int], window: int) -> tuple[float, list[int], int]
     return nll, argmax, count
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--quantization", default="none,int8,int4,int4-all,gguf",
@@ -77,7 +77,11 @@ def main() -> None:
     parser.add_argument("--greedy-tokens", type=int, default=48)
     parser.add_argument("--device", default="cpu")
     add_output_arguments(parser, "quant_quality")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     out = output_path(args, "quant_quality")
     text = Path(args.text).read_text()
     columns = [c.strip() for c in args.quantization.split(",") if c.strip()]
