@@ -34,6 +34,7 @@ except ImportError:  # CPU-only installs: the PyTorch twin runs instead
 HAVE_TRITON = triton is not None
 DOT_MIN_ROWS = 16  # tl.dot needs every dimension >= 16
 GEMV_MAX_ROWS = 4
+MIN_INT4_BLOCK_K = 32
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class QuantGemmConfig:
 DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=16, block_k=256, num_warps=4, num_stages=3, use_dot=False, max_rows=4),
     QuantGemmConfig(block_n=8, block_k=512, num_warps=4, num_stages=3, use_dot=False, max_rows=4),
+    QuantGemmConfig(block_n=4, block_k=1024, num_warps=4, num_stages=3, use_dot=False, max_rows=2),
+    QuantGemmConfig(block_n=32, block_k=256, num_warps=8, num_stages=3, use_dot=False, max_rows=2),
     QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=4),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, max_rows=4096),
 )
@@ -87,6 +90,17 @@ if HAVE_TRITON:
         safe_m = offs_m % M
         rows = (offs_n % N).to(tl.int64)
         offs_k = tl.arange(0, BLOCK_K)
+        # The weight codes are streamed one tile ahead of their use (register double-buffering:
+        # Triton's pipeliner stages only loads feeding a dot directly), the first tile before
+        # PDL's wait, since no kernel writes the weights.
+        if INT4:
+            HALF: tl.constexpr = BLOCK_K // 2
+            offs_b = tl.arange(0, HALF)
+            q_ptrs = q_ptr + rows[:, None] * stride_qn + offs_b[None, :]
+            q_next = tl.load(q_ptrs, mask=(offs_b < K // 2)[None, :], other=0)
+        else:
+            q_ptrs = q_ptr + rows[:, None] * stride_qn + offs_k[None, :]
+            q_next = tl.load(q_ptrs, mask=(offs_k < K)[None, :], other=0)
         if PDL:  # x is the previous kernel's output
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -95,23 +109,23 @@ if HAVE_TRITON:
             kk = k + offs_k
             k_ok = kk < K
             if INT4:
-                HALF: tl.constexpr = BLOCK_K // 2
-                byte = k // 2 + tl.arange(0, HALF)
-                packed = tl.load(q_ptr + rows[:, None] * stride_qn + byte[None, :],
-                                 mask=(byte < K // 2)[None, :], other=0)
+                packed = q_next
+                q_next = tl.load(q_ptrs + (k + BLOCK_K) // 2, mask=((k + BLOCK_K) // 2 + offs_b < K // 2)[None, :],
+                                 other=0)
                 codes = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K])  # k = 2 * byte + nibble
                 # One scale and zero per row and group, loaded once per tile (not per weight) and
-                # broadcast over the group's codes; a tile narrower than a group has one of each.
-                TILE_GROUPS: tl.constexpr = BLOCK_K // GROUP if BLOCK_K >= GROUP else 1
+                # broadcast over the group's codes (BLOCK_K is a multiple of GROUP).
+                TILE_GROUPS: tl.constexpr = BLOCK_K // GROUP
                 group = k // GROUP + tl.arange(0, TILE_GROUPS)
                 group_ok = (group < K // GROUP)[None, :]
                 where = rows[:, None] * stride_sn + group[None, :]
                 scale = tl.load(scale_ptr + where, mask=group_ok, other=0.0).to(tl.float32)
                 zero = tl.load(zero_ptr + where, mask=group_ok, other=0.0).to(tl.float32)
-                grouped = tl.reshape(codes.to(tl.float32) - 8.0, [BLOCK_N, TILE_GROUPS, BLOCK_K // TILE_GROUPS])
+                grouped = tl.reshape(codes.to(tl.float32) - 8.0, [BLOCK_N, TILE_GROUPS, GROUP])
                 w = tl.reshape(grouped * scale[:, :, None] + zero[:, :, None], [BLOCK_N, BLOCK_K])
             else:
-                w = tl.load(q_ptr + rows[:, None] * stride_qn + kk[None, :], mask=k_ok[None, :], other=0).to(tl.float32)
+                w = q_next.to(tl.float32)
+                q_next = tl.load(q_ptrs + k + BLOCK_K, mask=(k + BLOCK_K + offs_k < K)[None, :], other=0)
             x = tl.load(x_ptr + safe_m[None, :] * stride_xm + kk[:, None], mask=k_ok[:, None], other=0.0)
             if USE_DOT:
                 if IEEE:
@@ -144,6 +158,9 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
     if int4 and (k % group or group & (group - 1) or config.block_k & (config.block_k - 1)):
         raise ValueError(f"int4 needs K ({k}) divisible by the group ({group}), and the group and "
                          f"block_k ({config.block_k}) powers of two")
+    # int4 tiles span whole groups and at least 16 bytes a row (narrower tiles computed wrong
+    # on an H100, compiled, where the interpreter was right: dot_n32_k16 with groups of 32).
+    block_k = max(config.block_k, group, MIN_INT4_BLOCK_K) if int4 else config.block_k
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -156,7 +173,7 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
         _quant_gemm_kernel[grid](
             x2, q, scales, zeros if int4 else scales, bias if bias is not None else out, out,
             rows, n, k, x2.stride(0), q.stride(0), scales.stride(0), out.stride(0),
-            GROUP=group, INT4=int4, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            GROUP=group, INT4=int4, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
             USE_DOT=config.use_dot, HAS_BIAS=bias is not None, IEEE=x2.dtype == torch.float32,
             num_warps=config.num_warps, num_stages=config.num_stages, **pdl.kernel_args(x2.device, rows),
         )
