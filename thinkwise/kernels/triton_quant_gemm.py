@@ -68,6 +68,7 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=8, block_k=512, num_warps=4, num_stages=3, use_dot=False, max_rows=4),
     QuantGemmConfig(block_n=4, block_k=1024, num_warps=4, num_stages=3, use_dot=False, max_rows=2),
     QuantGemmConfig(block_n=32, block_k=256, num_warps=8, num_stages=3, use_dot=False, max_rows=2),
+    QuantGemmConfig(block_n=32, block_k=128, num_warps=4, num_stages=4),  # more programs for small N, long K
     QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=4),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, max_rows=4096),
 )
@@ -108,32 +109,55 @@ if HAVE_TRITON:
         for k in range(0, K, BLOCK_K):
             kk = k + offs_k
             k_ok = kk < K
-            if INT4:
+            if INT4 and not USE_DOT and BLOCK_M == 1:
+                # One token row: sum codes x inputs per group, then scale once per group,
+                # sum_k ((c - 8) s + z) x = s (sum c x - 8 sum x) + z sum x, with the even and
+                # odd inputs against the low and high nibbles: ~2 operations a weight instead of
+                # dequantizing each one (the int4 GEMV is bound by these, not by the bytes).
                 packed = q_next
                 q_next = tl.load(q_ptrs + (k + BLOCK_K) // 2, mask=((k + BLOCK_K) // 2 + offs_b < K // 2)[None, :],
                                  other=0)
-                codes = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K])  # k = 2 * byte + nibble
-                # One scale and zero per row and group, loaded once per tile (not per weight) and
-                # broadcast over the group's codes (BLOCK_K is a multiple of GROUP).
-                TILE_GROUPS: tl.constexpr = BLOCK_K // GROUP
-                group = k // GROUP + tl.arange(0, TILE_GROUPS)
+                TILE_GROUPS_1: tl.constexpr = BLOCK_K // GROUP
+                x_row = x_ptr + (pid_m * BLOCK_M % M) * stride_xm + k + 2 * offs_b
+                x_even = tl.load(x_row, mask=k + 2 * offs_b < K, other=0.0).to(tl.float32)
+                x_odd = tl.load(x_row + 1, mask=k + 2 * offs_b + 1 < K, other=0.0).to(tl.float32)
+                products = (packed & 15).to(tl.float32) * x_even[None, :] + (packed >> 4).to(tl.float32) * x_odd[None, :]
+                per_group = tl.sum(tl.reshape(products, [BLOCK_N, TILE_GROUPS_1, GROUP // 2]), axis=2)
+                x_sums = tl.sum(tl.reshape(x_even + x_odd, [TILE_GROUPS_1, GROUP // 2]), axis=1)
+                group = k // GROUP + tl.arange(0, TILE_GROUPS_1)
                 group_ok = (group < K // GROUP)[None, :]
                 where = rows[:, None] * stride_sn + group[None, :]
                 scale = tl.load(scale_ptr + where, mask=group_ok, other=0.0).to(tl.float32)
                 zero = tl.load(zero_ptr + where, mask=group_ok, other=0.0).to(tl.float32)
-                grouped = tl.reshape(codes.to(tl.float32) - 8.0, [BLOCK_N, TILE_GROUPS, GROUP])
-                w = tl.reshape(grouped * scale[:, :, None] + zero[:, :, None], [BLOCK_N, BLOCK_K])
+                contribution = scale * (per_group - 8.0 * x_sums[None, :]) + zero * x_sums[None, :]
+                acc += tl.sum(contribution, axis=1)[:, None]
             else:
-                w = q_next.to(tl.float32)
-                q_next = tl.load(q_ptrs + k + BLOCK_K, mask=(k + BLOCK_K + offs_k < K)[None, :], other=0)
-            x = tl.load(x_ptr + safe_m[None, :] * stride_xm + kk[:, None], mask=k_ok[:, None], other=0.0)
-            if USE_DOT:
-                if IEEE:
-                    acc = tl.dot(w.to(x.dtype), x, acc, input_precision="ieee")
+                if INT4:
+                    packed = q_next
+                    q_next = tl.load(q_ptrs + (k + BLOCK_K) // 2, mask=((k + BLOCK_K) // 2 + offs_b < K // 2)[None, :],
+                                     other=0)
+                    codes = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K])  # k = 2 * byte + nibble
+                    # One scale and zero per row and group, loaded once per tile (not per weight) and
+                    # broadcast over the group's codes (BLOCK_K is a multiple of GROUP).
+                    TILE_GROUPS: tl.constexpr = BLOCK_K // GROUP
+                    group = k // GROUP + tl.arange(0, TILE_GROUPS)
+                    group_ok = (group < K // GROUP)[None, :]
+                    where = rows[:, None] * stride_sn + group[None, :]
+                    scale = tl.load(scale_ptr + where, mask=group_ok, other=0.0).to(tl.float32)
+                    zero = tl.load(zero_ptr + where, mask=group_ok, other=0.0).to(tl.float32)
+                    grouped = tl.reshape(codes.to(tl.float32) - 8.0, [BLOCK_N, TILE_GROUPS, GROUP])
+                    w = tl.reshape(grouped * scale[:, :, None] + zero[:, :, None], [BLOCK_N, BLOCK_K])
                 else:
-                    acc = tl.dot(w.to(x.dtype), x, acc)
-            else:
-                acc += tl.sum(w[:, :, None] * x.to(tl.float32)[None, :, :], axis=1)
+                    w = q_next.to(tl.float32)
+                    q_next = tl.load(q_ptrs + k + BLOCK_K, mask=(k + BLOCK_K + offs_k < K)[None, :], other=0)
+                x = tl.load(x_ptr + safe_m[None, :] * stride_xm + kk[:, None], mask=k_ok[:, None], other=0.0)
+                if USE_DOT:
+                    if IEEE:
+                        acc = tl.dot(w.to(x.dtype), x, acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(w.to(x.dtype), x, acc)
+                else:
+                    acc += tl.sum(w[:, :, None] * x.to(tl.float32)[None, :, :], axis=1)
         if not INT4:  # per-row scale: once, on the finished sums
             acc = acc * tl.load(scale_ptr + rows * stride_sn).to(tl.float32)[:, None]
         result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
