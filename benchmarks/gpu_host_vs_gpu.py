@@ -5,11 +5,12 @@ reports per step: the wall time, the time the host sat blocked waiting for a ste
 (near zero means the host is the bottleneck), the host's time in launching the step behind
 and in reading one back, and the GPU time of one graph replay, the decode graph replayed
 back to back. Steps are timed after the graphs of every context width they use were
-captured. A/B runs switch environment flags (THINKWISE_PDL, THINKWISE_GEMM_EPILOGUE).
+captured. A/B runs switch the kernel knobs by their environment overrides (THINKWISE_PDL,
+THINKWISE_GEMM_EPILOGUE; see thinkwise/engine/env_overrides.py).
 
     python benchmarks/gpu_host_vs_gpu.py qwen3-0.6b
 """
-import argparse, json, os, sys, time
+import argparse, json, sys, time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python benchmarks/X.py`: put the repository root on the path
@@ -19,7 +20,7 @@ import torch
 from benchmarks.common import require_cuda
 from benchmarks.gpu_throughput import SHAPES, random_llm
 from thinkwise import SamplingParams
-from thinkwise.engine import engine as engine_mod
+from thinkwise.engine import step_pipeline
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("shape", nargs="?", default="qwen3-0.6b", choices=sorted(SHAPES))
@@ -28,26 +29,26 @@ require_cuda("gpu_host_vs_gpu.py")
 llm, config = random_llm(shape_name, num_kv_blocks=64, max_num_seqs=1)
 engine = llm.engine
 waits = []
-real_read = engine_mod._InflightStep.read
+real_read = step_pipeline.InflightStep.read
 def read(self):
     t = time.perf_counter()
     if self.copied is not None:
         self.copied.synchronize()
     waits.append(time.perf_counter() - t)
     return real_read(self)
-engine_mod._InflightStep.read = read
+step_pipeline.InflightStep.read = read
 params = SamplingParams(temperature=0, max_tokens=600, ignore_eos=True)
 engine.add_request([int(t) for t in torch.randint(0, config.vocab_size, (128,))], params)
 phases = {"launch_behind": 0.0, "read_back": 0.0}
 for name in list(phases):
-    real = getattr(engine, "_" + name)
+    real = getattr(engine.pipeline, name)
     def timed(*a, _real=real, _name=name, **k):
         t = time.perf_counter()
         try:
             return _real(*a, **k)
         finally:
             phases[_name] += time.perf_counter() - t
-    setattr(engine, "_" + name, timed)
+    setattr(engine.pipeline, name, timed)
 for _ in range(150):  # past 256 tokens: the width-32 graph is captured before timing
     engine.step()
 waits.clear()
@@ -72,8 +73,8 @@ for _ in range(200):
 end.record()
 torch.cuda.synchronize()
 replay = start.elapsed_time(end) * 1e3 / 200
-print(json.dumps({"shape": shape_name, "epilogue": os.environ.get("THINKWISE_GEMM_EPILOGUE", "1"),
-                  "pdl": os.environ.get("THINKWISE_PDL", "1"), "wall_us": round(wall * 1e6, 1),
+print(json.dumps({"shape": shape_name, "epilogue": int(engine.config.gemm_epilogue_fusion),
+                  "pdl": int(engine.config.pdl), "wall_us": round(wall * 1e6, 1),
                   "blocked_us": round(wait * 1e6, 1), "host_us": round((wall - wait) * 1e6, 1),
                   "graph_replay_us": round(replay, 1),
                   **{k + "_us": round(v * 1e6 / n, 1) for k, v in phases.items()}, "graphs": [str(k) for k in gd.graphs]}))

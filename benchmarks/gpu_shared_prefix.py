@@ -29,7 +29,7 @@ from benchmarks.gpu_throughput import SHAPES, hf_config
 def decode_step_ms(engine, prompt, n: int, steps: int, cascade: bool) -> float:
     from thinkwise import SamplingParams
 
-    engine.scheduler.cascade_min_shared_tokens = 256 if cascade else None
+    engine.runner.cascade_min_shared_tokens = 256 if cascade else None
     request = engine.add_request(prompt, SamplingParams(n=n, temperature=1.0, seed=1, max_tokens=steps + 16,
                                                         ignore_eos=True))
     while any(s.num_computed_tokens < s.num_prompt_tokens for s in request.sequences) or len(request.sequences) < n:

@@ -1,5 +1,9 @@
 """Tiny random-weight models of every supported architecture, made with `transformers`.
 
+`ARCHITECTURES` (the Llama family the shared `tiny` fixture runs) plus the windowed
+ones, `WINDOWED_ARCHITECTURES`: Mistral and Gemma 3 with a sliding window of
+`TINY_WINDOW` tokens, shorter than the tests' sequences so the window changes the result.
+
 Each is saved as a Hugging Face directory (config.json, safetensors, a byte-level
 tokenizer with a ChatML template) so tests exercise the real loading path, and the
 `transformers` model itself is returned as the reference.
@@ -11,13 +15,23 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
+WINDOWED_ARCHITECTURES = ("mistral", "gemma3")
+TINY_WINDOW = 6
 VOCAB_SIZE = 260  # 256 byte symbols + 4 specials
 EOS_ID = 257
 
@@ -46,8 +60,22 @@ def tiny_config(arch: str, **overrides):
     )
     if arch == "qwen3":
         common["head_dim"] = 32  # Qwen3's head_dim is independent of hidden/heads
+    if arch == "mistral":
+        common.update(sliding_window=TINY_WINDOW, head_dim=24)
+    if arch == "gemma3":
+        # Every Gemma quirk set off its default, so a wrong one shows: a global layer between
+        # two local ones, local and global rotary bases apart, a query scale that is not
+        # head_dim^-0.5, untied embeddings, a padding id other than 0.
+        common.update(
+            num_hidden_layers=3, head_dim=32, sliding_window=TINY_WINDOW, query_pre_attn_scalar=20,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1_000_000.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}},
+        )
     common.update(overrides)
-    return {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch](**common)
+    classes = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "mistral": MistralConfig,
+               "gemma3": Gemma3TextConfig}
+    return classes[arch](**common)
 
 
 def make_tiny_model(arch: str, directory: Path, seed: int = 0, **overrides):

@@ -100,6 +100,8 @@ def check_engine_options(options: dict) -> None:
     try:
         EngineConfig(**options)
     except InvalidParameterError as error:
+        if (error.param or "").startswith("THINKWISE_"):  # an environment override: its message names it
+            raise
         flag = "--" + {"num_kv_blocks": "kv-blocks"}.get(error.param or "", (error.param or "").replace("_", "-"))
         raise InvalidParameterError(f"{flag}: {error.message}", param=error.param) from None
 

@@ -7,19 +7,21 @@ batched together exactly as concurrent server requests would be.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import asyncio
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceABC
+from dataclasses import dataclass
 from typing import Any
 
-from thinkwise.engine.config import EngineConfig
+from thinkwise.engine.async_engine import AsyncEngine
+from thinkwise.engine.config import EngineConfig, resolve_placement
 from thinkwise.engine.engine import Engine, TokenEvent
+from thinkwise.engine.input_processor import Prompt
 from thinkwise.engine.outputs import RequestOutput
 from thinkwise.engine.sampling_params import SamplingParams
 from thinkwise.errors import InvalidParameterError
-
-Prompt = str | list[int] | dict[str, Any]
+from thinkwise.loading import load_model
+from thinkwise.strategies import LocalBackend, parse_strategy, run_strategy
 
 
 @dataclass
@@ -37,12 +39,10 @@ class StrategyJob:
 
 class LLM:
     def __init__(self, model: str = "default", *, progress: bool = False, cache_dir: str | None = None, **engine_options):
-        from thinkwise.loading import load_model
-        from thinkwise.engine.config import resolve_device, resolve_dtype
-
         config = EngineConfig(**engine_options)
-        dtype = resolve_dtype(config.dtype, resolve_device(config.device))
-        loaded = load_model(model, dtype=dtype, progress=progress, cache_dir=cache_dir)
+        # The weights load in the dtype the engine stores them in (the engine resolves it the same way).
+        loaded = load_model(model, dtype=resolve_placement(config).weight_dtype, progress=progress,
+                            cache_dir=cache_dir)
         self.engine = Engine(loaded, config)
         self.tokenizer = self.engine.tokenizer
 
@@ -95,22 +95,8 @@ class LLM:
         self, conversation: list[dict[str, str]], *, add_generation_prompt: bool = True,
         chat_template: str | None = None, **template_kwargs: Any,
     ) -> list[int]:
-        if self.tokenizer is None:
-            raise InvalidParameterError("this model has no tokenizer, so chat() is unavailable", param="messages")
-        template = chat_template or self.engine.chat_template or getattr(self.tokenizer, "chat_template", None)
-        if not template:
-            raise InvalidParameterError(
-                "this model has no chat template; pass chat_template=... or use generate() with a plain prompt",
-                param="messages",
-            )
-        for message in conversation:
-            if not isinstance(message, dict) or "role" not in message or "content" not in message:
-                raise InvalidParameterError("each message must be a dict with 'role' and 'content'", param="messages")
-        text = self.tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=add_generation_prompt,
-            chat_template=template, **template_kwargs,
-        )
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.engine.inputs.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt,
+                                                      chat_template=chat_template, **template_kwargs)
 
     # ------------------------------------------------------------------ strategies
     def solve(self, prompt: Prompt | list[dict[str, str]], strategy: str = "majority@k", *, k: int | None = None,
@@ -129,8 +115,6 @@ class LLM:
         has one (pass use_chat_template=False for raw completion); a list of messages
         always is; token ids never are. `verifier` is one object or one per prompt.
         """
-        from thinkwise.strategies import parse_strategy
-
         spec = parse_strategy(strategy, k=k, m=m, budget=budget)
         params = sampling_params or SamplingParams(temperature=0.7, top_p=0.95, max_tokens=512)
         verifiers = verifier if isinstance(verifier, (list, tuple)) else [verifier] * len(prompts)
@@ -145,14 +129,9 @@ class LLM:
         sample of every job shares the engine's batches. Returns one `Answer` per job.
         `backend_wrapper(backend)` may return a backend that watches the sample groups (a live view);
         `on_finished(index, answer)` runs as each job completes (progress, saving results early)."""
-        import asyncio
-
-        from thinkwise.engine.async_engine import AsyncEngine
-        from thinkwise.strategies import LocalBackend, run_strategy
-
         staged = [self._strategy_prompt(job.prompt, job.use_chat_template) for job in jobs]
         for _, ids in staged:
-            self.engine._check_prompt(ids)
+            self.engine.check_prompt(ids)
         async_engine = AsyncEngine(self.engine).start()
         try:
             async def main():
@@ -175,16 +154,18 @@ class LLM:
             async_engine.shutdown()
 
     def _strategy_prompt(self, prompt, use_chat_template: bool | None) -> tuple[str, list[int]]:
-        has_template = bool(self.tokenizer is not None and (self.engine.chat_template or
-                                                            getattr(self.tokenizer, "chat_template", None)))
+        """(text the strategy shows, token ids) of a strategy prompt: chat messages and (by
+        default, where the model has a template) plain text go through the chat template."""
+        inputs = self.engine.inputs
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
             return prompt[-1].get("content", ""), self.apply_chat_template(prompt)
         if isinstance(prompt, str):
-            if use_chat_template if use_chat_template is not None else has_template:
+            if use_chat_template if use_chat_template is not None else inputs.has_chat_template:
                 return prompt, self.apply_chat_template([{"role": "user", "content": prompt}])
-            return prompt, self.engine.tokenize(prompt)
+            return prompt, inputs.tokenize(prompt)
         if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            return prompt.get("prompt") or "", list(prompt["prompt_token_ids"])
+            text, ids = inputs.prompt_ids(prompt)
+            return text or "", ids
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return "", list(prompt)
         raise InvalidParameterError("a prompt is a string, a list of chat messages or a list of token ids",
@@ -218,21 +199,9 @@ class LLM:
         engine = self.engine
         ids = []
         # Validate everything before queueing anything, so a bad prompt loses no work.
-        staged = []
-        for prompt, params in zip(prompts, params_list):
-            if isinstance(prompt, dict):
-                if "prompt_token_ids" in prompt:
-                    staged.append((prompt.get("prompt"), list(prompt["prompt_token_ids"])))
-                elif "prompt" in prompt:
-                    staged.append((prompt["prompt"], engine.tokenize(prompt["prompt"])))
-                else:
-                    raise InvalidParameterError("a prompt dict needs 'prompt' or 'prompt_token_ids'", param="prompt")
-            elif isinstance(prompt, str):
-                staged.append((prompt, engine.tokenize(prompt)))
-            else:
-                staged.append((None, list(prompt)))
+        staged = [engine.inputs.prompt_ids(prompt) for prompt in prompts]
         for text, token_ids in staged:
-            engine._check_prompt(token_ids)
+            engine.check_prompt(token_ids)
         for (text, token_ids), params in zip(staged, params_list):
             ids.append(engine.add_request(text, params, prompt_token_ids=token_ids).request_id)
         results: dict[str, RequestOutput] = {}

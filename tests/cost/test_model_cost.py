@@ -10,7 +10,7 @@ import torch
 from tests.tiny_models import make_tiny_model
 from thinkwise import LLM, SamplingParams
 from thinkwise.cost import ModelCostSpec, attribute_step
-from thinkwise.engine.scheduler import PrefixGroup
+from thinkwise.engine.scheduler import SharedPrefix
 from thinkwise.engine.sequence import TokenCounts
 from thinkwise.loading.hf_dir import load_hf_dir
 from thinkwise.models import build_model
@@ -53,9 +53,11 @@ def test_spec_is_the_hand_computation(llm):
     assert spec.attention_flops(0, 1) == ATTENTION_PER_PAIR and spec.lm_head_flops() == LM_HEAD_FLOPS
 
 
-@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", False), ("qwen3", False), ("qwen2", True)])
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("qwen2", False), ("qwen3", False), ("qwen2", True),
+                                       ("mistral", False), ("gemma3", False), ("gemma3", True)])
 def test_weight_bytes_are_the_model_parameters(arch, tied, tmp_path):
-    """Biases (Qwen2), q/k norms (Qwen3) and a tied lm_head are counted as the model stores them."""
+    """Biases (Qwen2), q/k norms (Qwen3, Gemma 3), Gemma's four norms a layer and a tied
+    lm_head are counted as the model stores them (the registry's cost shape)."""
     make_tiny_model(arch, tmp_path, tie_word_embeddings=tied)
     loaded = load_hf_dir(tmp_path, dtype=torch.bfloat16)
     spec = ModelCostSpec.from_config(loaded.config, torch.bfloat16)
@@ -147,13 +149,13 @@ def test_a_shared_prefix_group_reads_its_prefix_once():
     """What the cascade-attention path reports: three samples sharing 8 prompt tokens, plus
     one unrelated decode row, in one step."""
     spec = ModelCostSpec.from_config(SimpleNamespace(
-        hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+        architecture="llama", hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
         intermediate_size=INTER, vocab_size=VOCAB, attention_bias=False, qk_norm=False,
         tie_word_embeddings=False), torch.float32)
     samples = [fake_sequence(10) for _ in range(3)]
     other = fake_sequence(6)
     sequences = [samples[0], other, samples[1], samples[2]]
-    attribute_step(spec, sequences, [1, 1, 1, 1], [True] * 4, [PrefixGroup(members=[0, 2, 3], shared_tokens=8)])
+    attribute_step(spec, sequences, [1, 1, 1, 1], [True] * 4, [SharedPrefix(members=[0, 2, 3], shared_tokens=8)])
     for seq in samples:
         # a third of the shared 8 tokens, its own 3 (positions 8-10) read, 1 written
         assert seq.request.counts.bytes_kv == pytest.approx(KV_PER_TOKEN * (8 / 3 + 3 + 1), rel=1e-12)
@@ -166,7 +168,7 @@ def test_a_shared_prefix_group_reads_its_prefix_once():
 
 def tiny_spec() -> ModelCostSpec:
     return ModelCostSpec.from_config(SimpleNamespace(
-        hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+        architecture="llama", hidden_size=HIDDEN, num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
         intermediate_size=INTER, vocab_size=VOCAB, attention_bias=False, qk_norm=False,
         tie_word_embeddings=False), torch.float32)
 
@@ -194,3 +196,16 @@ def test_a_step_that_samples_nothing_reads_no_lm_head():
     attribute_step(tiny_spec(), chunks, [8, 4], [False, False])
     assert sum(s.request.counts.bytes_weights for s in chunks) == BODY_BYTES + 12 * ROW_BYTES
     assert chunks[0].request.counts.flops == step_flops(8, 8, sampled=False)
+
+
+@pytest.mark.parametrize("first,end", [(0, 1), (0, 23), (5, 6), (4, 9), (9, 30), (30, 31)])
+def test_windowed_layers_count_only_the_keys_they_see(tmp_path, first, end):
+    """Gemma 3's tiny config: layers 0 and 2 see the last TINY_WINDOW keys, layer 1 all."""
+    from tests.tiny_models import TINY_WINDOW
+
+    make_tiny_model("gemma3", tmp_path)
+    config = load_hf_dir(tmp_path).config
+    spec = ModelCostSpec.from_config(config, torch.float32)
+    assert spec.layer_windows == (TINY_WINDOW, None, TINY_WINDOW)
+    pairs = sum(min(p + 1, w or p + 1) for w in spec.layer_windows for p in range(first, end))
+    assert spec.attention_flops(first, end) == 4 * config.num_heads * config.head_dim * pairs

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from thinkwise import LLM, SamplingParams
-from thinkwise.engine.engine import REDO_LIMIT
+from thinkwise.engine.step_pipeline import REDO_LIMIT
 from tests.tiny_models import EOS_ID
 
 PROMPT = [256, 10, 20, 30, 40, 50, 60, 70, 80, 90, 11]
@@ -59,7 +59,7 @@ def test_mixed_batch_same_outputs_and_counts(tiny_llama, device):
     expected = [visible(o) for o in sync.generate(prompts, params)]
     assert [visible(o) for o in pipelined.generate(prompts, params)] == expected
     # Once the host-drawn rows are done, the seeded and greedy rows run pipelined.
-    assert pipelined.engine.num_steps_behind >= 8 and sync.engine.num_steps_behind == 0
+    assert pipelined.engine.pipeline.num_steps_behind >= 8 and sync.engine.pipeline.num_steps_behind == 0
     assert_idle(pipelined)
 
 
@@ -78,7 +78,7 @@ def test_every_step_returns_the_same_events(tiny_llama, device):
                           sorted(o.request_id for o in out.finished)))
         traces.append(trace)
     assert traces[0] == traces[1]
-    assert pipelined.engine.num_steps_behind >= 8
+    assert pipelined.engine.pipeline.num_steps_behind >= 8
 
 
 def test_a_step_really_runs_behind_the_one_in_flight(tiny_llama):
@@ -86,10 +86,10 @@ def test_a_step_really_runs_behind_the_one_in_flight(tiny_llama):
     engine = pipelined.engine
     request = engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     engine.step()  # prefill: synchronous
-    assert engine._inflight is None
+    assert engine.pipeline.inflight is None
     engine.step()  # first decode: launched with the next one behind it
     seq = request.sequences[0]
-    assert engine._inflight is not None and seq.inflight is not None
+    assert engine.pipeline.inflight is not None and seq.inflight is not None
     # The in-flight step already computes the last token's KV; the host has all tokens so far.
     assert seq.num_computed_tokens == seq.num_tokens and seq.num_output_tokens == 2
     while engine.has_unfinished_requests():
@@ -112,7 +112,7 @@ def test_eos_finish_wastes_one_step_and_it_is_charged(tiny_llama):
 
 @on_every_device
 def test_primitives_between_steps(tiny_llama, device):
-    """force_tokens, fork, extend and abort_sequence while a step is in flight act on the
+    """force_tokens, fork and abort_sequence while a step is in flight act on the
     sequence as the caller sees it, exactly as between two synchronous steps."""
     sync, pipelined = pair(tiny_llama, device)
     results = []
@@ -127,7 +127,6 @@ def test_primitives_between_steps(tiny_llama, device):
         for _ in range(3):
             finished += engine.step().finished
         engine.force_tokens(forced.sequences[0], [65, 66, 67])
-        engine.extend(forced.sequences[0], 4)
         engine.fork(forking.sequences[0], 2)
         engine.abort_sequence(aborted.sequences[1])
         for _ in range(2):
@@ -155,9 +154,9 @@ def test_top_p_wider_than_the_device_candidates_is_redrawn_exactly(tiny_llama, d
     expected = [visible(o) for o in sync.generate(prompts, params)]
     assert [visible(o) for o in pipelined.generate(prompts, params)] == expected
     engine = pipelined.engine
-    assert engine.num_host_redraws > 0 and engine.num_steps_behind > 0
+    assert engine.pipeline.num_host_redraws > 0 and engine.pipeline.num_steps_behind > 0
     # So many redos: top-p rows went back to host draws instead of redoing every step.
-    assert engine._top_p_on_host_until > 0 and engine.num_host_redraws <= 2 * REDO_LIMIT
+    assert engine.pipeline.top_p_on_host_until > 0 and engine.pipeline.num_host_redraws <= 2 * REDO_LIMIT
     assert_idle(pipelined)
 
 
@@ -193,7 +192,7 @@ def test_abort_whole_request_mid_flight(tiny_llama):
     other = engine.add_request([256, 9, 9], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     for _ in range(4):
         engine.step()
-    assert engine._inflight is not None
+    assert engine.pipeline.inflight is not None
     output = engine.abort(request.request_id)
     assert all(o.finish_reason == "abort" for o in output.outputs)
     assert output.counts.aborted_tokens == sum(len(o.token_ids) for o in output.outputs)

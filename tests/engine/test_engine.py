@@ -251,15 +251,15 @@ def test_prompt_larger_than_the_kv_cache(tiny_llama):
         small.generate([5] * 20, SamplingParams(max_tokens=1))
 
 
-def test_force_tokens_and_extend(llm):
+def test_force_tokens(llm):
+    """Forced tokens count toward max_tokens and appear in the text."""
     engine = llm.engine
-    request = engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    request = engine.add_request(PROMPT, SamplingParams(temperature=0, max_tokens=14, ignore_eos=True))
     engine.step()
     seq = request.sequences[0]
     forced = llm.tokenizer.encode("ABC", add_special_tokens=False)
     assert len(forced) == 3
     engine.force_tokens(seq, forced)
-    engine.extend(seq, 10)
     finished = []
     while engine.has_unfinished_requests():
         finished += engine.step().finished

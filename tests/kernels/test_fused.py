@@ -87,6 +87,26 @@ def test_silu_mul(force_triton, device, dtype, rows, cols):
     torch.testing.assert_close(fused.silu_mul(gate_up), fused.silu_mul_reference(gate_up), **tolerance(dtype))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,cols", [(1, 64), (3, 1100)])
+def test_gelu_tanh_gate(force_triton, device, dtype, rows, cols):
+    """Gemma's gated activation: the kernel equals transformers' gelu_pytorch_tanh(gate) * up."""
+    from transformers.activations import ACT2FN
+
+    run_triton_on(device)
+    gate_up = 3 * torch.randn(rows, 2 * cols, generator=torch.Generator().manual_seed(cols)).to(dtype).to(device)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = ACT2FN["gelu_pytorch_tanh"](gate) * up
+    torch.testing.assert_close(fused.gated_activation(gate_up, "gelu_tanh"), expected, **tolerance(dtype))
+    torch.testing.assert_close(fused.gated_activation_reference(gate_up, "gelu_tanh"), expected, rtol=0, atol=0)
+
+
+def test_unknown_gated_activation_is_refused():
+    with pytest.raises(ValueError, match="relu.*known: silu, gelu_tanh"):
+        fused.gated_activation(torch.zeros(1, 4), "relu")
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_table_rows_are_the_computed_values(dtype):
     from thinkwise.models.rotary import RotaryEmbedding

@@ -75,6 +75,7 @@ def test_model_with_fused_epilogues_generates_the_same_tokens(monkeypatch, tiny_
     common = dict(device="cpu", dtype="float32", block_size=4, num_kv_blocks=64)
     expected = [o.outputs[0].token_ids for o in LLM(str(directory), **common).generate(prompts, params)]
 
+    monkeypatch.setenv("THINKWISE_GEMM_EPILOGUE", fusion)  # read when the engine's config is built
     llm = LLM(str(directory), **common)
     model = llm.engine.runner.model
     shapes = {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, DispatchLinear)}
@@ -88,7 +89,6 @@ def test_model_with_fused_epilogues_generates_the_same_tokens(monkeypatch, tiny_
         return real_silu(*args, **kwargs)
 
     monkeypatch.setattr(tg, "triton_flat_gemm_silu_mul", silu)
-    monkeypatch.setenv("THINKWISE_GEMM_EPILOGUE", fusion)
     got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert got == expected
     if fusion == "1":  # every decode step (5 after each prefill) runs one fused MLP activation per layer
@@ -103,7 +103,7 @@ def test_dispatch_linear_without_a_table_runs_the_unfused_twin():
     torch.nn.init.normal_(gate_up.weight, std=0.2)
     x = torch.randn(3, 16)
     with torch.no_grad():
-        assert torch.equal(gate_up.forward_silu_mul(x), silu_mul(gate_up(x)))
+        assert torch.equal(gate_up.forward_gated(x, "silu"), silu_mul(gate_up(x)))
 
 
 # ----------------------------------------------------------------------------- GPU

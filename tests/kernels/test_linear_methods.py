@@ -55,13 +55,14 @@ def test_cpu_kernel_matches_twin_and_the_16_bit_layer(method, shape):
     assert method.storage_bytes(layer) < weight.numel() * 2
 
 
-def test_forward_silu_mul_runs_through_the_method():
-    from thinkwise.kernels.fused import silu_mul
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_gated_epilogue_runs_through_the_method(activation):
+    from thinkwise.kernels.fused import gated_activation
 
     layer = linear(64, 32)
     quantize_model(torch.nn.ModuleDict({"mlp": layer}), "int8", dtype=torch.bfloat16)
     x = torch.randn(2, 32).bfloat16()
-    assert torch.equal(layer.forward_silu_mul(x), silu_mul(layer(x)))
+    assert torch.equal(layer.forward_gated(x, activation), gated_activation(layer(x), activation))
 
 
 def test_parse_quantization_accepts_the_documented_names_and_refuses_others():

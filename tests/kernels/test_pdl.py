@@ -14,13 +14,21 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 
 hopper_only = pytest.mark.skipif(not HOPPER, reason="PDL needs a GPU of compute capability 9.0 or newer")
 
 
-def test_off_on_cpu_and_when_disabled(monkeypatch):
+@pytest.fixture(autouse=True)
+def pdl_defaults():
+    """Each test starts from, and leaves, the default PDL settings (they are process-wide)."""
+    pdl.configure()
+    yield
+    pdl.configure()
+
+
+def test_off_on_cpu_and_when_disabled():
     assert not pdl.pdl_enabled(torch.device("cpu"))
     assert pdl.launch_options(torch.device("cpu")) == {}
     if HOPPER:
         assert pdl.launch_options(torch.device("cuda")) == {"launch_pdl": True}
         assert pdl.launch_options(torch.device("cuda"), rows=pdl.max_rows() + 1) == {}  # big steps: plain
-        monkeypatch.setenv("THINKWISE_PDL", "0")
+        pdl.configure(enabled=False)
         assert not pdl.pdl_enabled(torch.device("cuda"))
 
 
@@ -72,11 +80,11 @@ def _chain_outputs(rows: int, replays: int, layers: int = 6) -> list[torch.Tenso
 
 @hopper_only
 @pytest.mark.parametrize("rows", [1, 3, 8])
-def test_pdl_chain_equals_plain_launches(monkeypatch, rows):
-    monkeypatch.setenv("THINKWISE_PDL", "0")
+def test_pdl_chain_equals_plain_launches(rows):
+    pdl.configure(enabled=False)
     expected = _chain_outputs(rows, replays=4)
     assert not all(torch.equal(expected[0], e) for e in expected[1:])  # the inputs really differ
-    monkeypatch.setenv("THINKWISE_PDL", "1")
+    pdl.configure(enabled=True)
     got = _chain_outputs(rows, replays=4)
     for g, e in zip(got, expected):
         assert torch.equal(g, e), f"PDL changed the result (rows {rows})"

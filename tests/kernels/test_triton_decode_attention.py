@@ -157,3 +157,60 @@ def test_cascade_and_unified_on_gpu(dtype, members, prefix_len, group):
             # Peaked softmax (scores x300) amplifies rounding: a looser bound for this row.
             assert ((got - hot_expected).norm() / hot_expected.norm()).item() < max(tolerance, 1e-4)
             assert flags[0].all() and not flags[1:].any()
+
+
+def brute_force_window(q, k, v, tables, seq_lens, scale, window):
+    """Each row's last `window` cached positions gathered one by one, plain softmax."""
+    block_size, out = k.shape[1], torch.empty_like(q)
+    group = q.shape[1] // k.shape[2]
+    for b, n in enumerate(seq_lens.tolist()):
+        positions = range(max(0, n - window), n)
+        slots = [(int(tables[b, p // block_size]), p % block_size) for p in positions]
+        keys = torch.stack([k[blk, off] for blk, off in slots]).repeat_interleave(group, dim=1)  # [L, H, D]
+        values = torch.stack([v[blk, off] for blk, off in slots]).repeat_interleave(group, dim=1)
+        probs = torch.softmax(torch.einsum("hd,lhd->hl", q[b], keys) * scale, dim=-1)
+        out[b] = torch.einsum("hl,lhd->hd", probs, values)
+    return out
+
+
+WINDOWS = [1, 5, 16, 37, 70, 1000]  # 70 and 1000 reach past every context: full attention
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_reference_window_is_the_last_positions(window):
+    q, k, v, tables, seq_lens = make_case(3, 4, 2, 16, 4, [1, 37, 70], torch.float32, "cpu")
+    got = decode_attention(q, k, v, tables, seq_lens, 70, 0.25, window=window)
+    assert (got - brute_force_window(q, k, v, tables, seq_lens, 0.25, window)).abs().max().item() < 1e-5
+    if window >= 70:
+        assert torch.equal(got, decode_attention(q, k, v, tables, seq_lens, 70, 0.25))
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("unified", [None, 0.0, 500.0])  # synchronized; unified; unified, every row falls back
+def test_window_kernel_matches_reference_in_interpreter(window, unified):
+    interpreter_only()
+    q, k, v, tables, seq_lens = make_case(3, 4, 2, 16, 4, [1, 37, 70], torch.float32, "cpu")
+    expected = decode_attention(q, k, v, tables, seq_lens, 70, 0.25, window=window)
+    flags = torch.zeros(3, 4, dtype=torch.int32)
+    got = tda.triton_decode_attention(q, k, v, tables, seq_lens, 70, 0.25, window=window, unified_max=unified,
+                                      fallback_flags=flags)
+    assert (got - expected).abs().max().item() < 1e-4
+    if unified == 500.0:
+        assert flags.all()  # the exact fallback ran for every row, and honoured the window too
+
+
+def test_window_with_cascade_groups_is_refused():
+    q, k, v, tables, lens, prefix = shared_prefix_case(3, 32, [1, 9, 17], 4, 2, 16, 4, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="sliding window"):
+        tda.triton_decode_attention(q, k, v, tables, lens, int(lens.max()), 0.25, prefix=prefix, window=8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [16, 500, 4096])
+def test_window_on_gpu(dtype, window):
+    lens = [5, 900, 33, 2048]
+    q, k, v, tables, seq_lens = make_case(4, 14, 2, 64, 16, lens, dtype, "cuda")
+    expected = decode_attention(q.float(), k.float(), v.float(), tables, seq_lens, max(lens), 0.125, window=window)
+    got = tda.triton_decode_attention(q, k, v, tables, seq_lens, max(lens), 0.125, window=window).float()
+    assert ((got - expected).norm() / expected.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -1,8 +1,9 @@
 """Writing small GGUF files the way llama.cpp's converter does, for loader tests.
 
 `write_gguf_from_hf` takes a transformers model's state dict and writes it under GGUF
-names, applying llama.cpp's q/k row permutation for the `llama` architecture, so a test
-can check that thinkwise recovers the original tensors exactly.
+names, applying llama.cpp's q/k row permutation for the `llama` architecture and, for
+`gemma3`, its tensor names and the +1 it adds to every norm weight, so a test can check
+that thinkwise recovers the original tensors exactly.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ HF_TO_GGUF_LAYER = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# Gemma 3's four norms per layer (llama.cpp's tensor_mapping for gemma2/gemma3).
+GEMMA3_LAYER = {
+    **HF_TO_GGUF_LAYER,
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
 HF_TO_GGUF_TOP = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
@@ -41,12 +49,12 @@ def llamacpp_permute(weights: np.ndarray, n_head: int, n_head_kv: int | None) ->
     )
 
 
-def gguf_name(hf_name: str) -> str:
+def gguf_name(hf_name: str, arch: str = "llama") -> str:
     stem, kind = hf_name.rsplit(".", 1)
     if stem in HF_TO_GGUF_TOP:
         return f"{HF_TO_GGUF_TOP[stem]}.{kind}"
     _, _, layer, rest = stem.split(".", 3)
-    return f"blk.{layer}.{HF_TO_GGUF_LAYER[rest]}.{kind}"
+    return f"blk.{layer}.{(GEMMA3_LAYER if arch == 'gemma3' else HF_TO_GGUF_LAYER)[rest]}.{kind}"
 
 
 def llama3_rope_factors(theta: float, head_dim: int, factor: float, low: float, high: float, old: int) -> np.ndarray:
@@ -89,7 +97,10 @@ def write_gguf_from_hf(
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(config.rope_parameters["rope_theta"]))
+    rope = config.rope_parameters
+    writer.add_rope_freq_base(float(rope["full_attention"]["rope_theta"] if arch == "gemma3" else rope["rope_theta"]))
+    if getattr(config, "sliding_window", None):
+        writer.add_sliding_window(config.sliding_window)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     for key, value in (metadata or {}).items():
         if isinstance(value, str):
@@ -101,7 +112,11 @@ def write_gguf_from_hf(
     written: dict[str, np.ndarray] = {}
     for name, tensor in state_dict.items():
         array = tensor.detach().float().numpy().copy()
-        gname = gguf_name(name)
+        if arch == "gemma3" and name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # the converter writes a tied output once, as token_embd
+        gname = gguf_name(name, arch)
+        if arch == "gemma3" and name.endswith("norm.weight"):
+            array = array + 1.0  # llama.cpp's Gemma norms multiply by w, so it stores 1 + w
         if arch == "llama" and (".attn_q." in gname or ".attn_k." in gname):
             array = llamacpp_permute(array, heads, heads if ".attn_q." in gname else kv_heads)
         written[gname] = array

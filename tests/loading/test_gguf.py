@@ -138,6 +138,28 @@ def test_synthetic_gguf_roundtrips_exactly(arch, tmp_path):
     assert loaded.tokenizer is None and loaded.chat_template is None  # no tokenizer metadata written
 
 
+def test_synthetic_gemma3_gguf_loads_the_checkpoint_and_runs_like_transformers(tmp_path):
+    """Gemma 3's GGUF names (four norms a layer), the +1 on its norms taken back, and the
+    settings llama.cpp does not write (every 6th layer global, local rope base 10000,
+    query scale 1/sqrt(head_dim)) restored as transformers' defaults have them."""
+    from tests.models.model_checks import check_greedy
+    from tests.tiny_models import TINY_WINDOW, make_tiny_model
+
+    reference = make_tiny_model("gemma3", tmp_path / "hf", seed=13, num_hidden_layers=7, layer_types=None,
+                                rope_parameters=None, query_pre_attn_scalar=32, tie_word_embeddings=True)
+    path = tmp_path / "gemma3.gguf"
+    write_gguf_from_hf(path, "gemma3", reference.config, reference.state_dict())
+    loaded = load_model(str(path), dtype=torch.float32, cache_dir=str(tmp_path / "cache"))
+    state = {k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}
+    assert set(loaded.weights) == set(state)
+    for name, tensor in state.items():
+        assert torch.allclose(loaded.weights[name], tensor, rtol=0, atol=1e-6), name  # w + 1 - 1 rounds
+    c = loaded.config
+    assert c.architecture == "gemma3" and c.sliding_window == TINY_WINDOW and c.tie_word_embeddings
+    assert list(c.layer_types) == list(reference.config.layer_types)  # 5 local, global, local
+    check_greedy(path, reference, max_tokens=12, cache_dir=str(tmp_path / "cache"))
+
+
 def test_directory_with_one_gguf_loads_it(tmp_path):
     config, state = tiny_hf_model("qwen2")
     directory = tmp_path / "model"

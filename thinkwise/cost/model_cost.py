@@ -4,10 +4,13 @@
 sequences the scheduler picked, the tokens each computes, which rows are sampled) to the
 `TokenCounts` of the requests it served. FLOPs count matmuls only, 2 per multiply-add
 (norms, rotary, softmax, SiLU and bias adds are a fraction of a percent and left out):
-- dense: 2 x (q/k/v + o + gate/up/down parameters of every layer) per computed token;
+- dense: 2 x (q/k/v + o + MLP parameters of every layer) per computed token; the MLP's
+  matrix count (3 for a gated MLP) and the norms per layer come from the architecture's
+  registry entry (`thinkwise.models.registry`), not from an assumed SwiGLU;
 - attention: QK^T and PV, 2 x 2 x heads x head_dim per layer per (query token, visible
-  key); a token at position i sees keys 0..i, so a chunk computing positions a..b-1
-  costs the causal sum over exactly those positions (a cached prefix costs nothing);
+  key); a token at position i sees keys 0..i, or only the last `window` of them in a
+  sliding-window layer, so a chunk computing positions a..b-1 costs the sum over exactly
+  those positions (a cached prefix costs nothing);
 - lm_head: 2 x hidden x vocab per sampled row only, as the runner computes logits only
   for a sequence's last token once all its pending tokens are computed.
 Bytes:
@@ -17,8 +20,10 @@ Bytes:
   row per computed token (charged to its sequence), not the whole table;
 - KV: each sequence reads K and V of its whole context (cached prefix, earlier chunks
   and the tokens it writes this step) and writes its new tokens. When the step reports a
-  shared-prefix group (cascade attention, see `thinkwise.engine.scheduler.PrefixGroup`)
+  shared-prefix group (cascade attention, see `thinkwise.engine.scheduler.SharedPrefix`)
   the group's shared tokens are read once for all members, split evenly over them.
+  (Sliding-window layers are charged their whole context here, an upper bound: the
+  kernels read only the window, but the paged cache still holds every position.)
 """
 
 from __future__ import annotations
@@ -41,17 +46,24 @@ class ModelCostSpec:
     lm_head_bytes: int  # vocab x hidden: read in a step that samples any row
     weight_bytes: int  # every weight tensor stored (a tied lm_head counted once)
     kv_bytes_per_token: int  # K and V of one position, all layers
+    layer_windows: tuple[int | None, ...] = ()  # per layer: its sliding window, None for full attention
 
     @classmethod
     def from_config(cls, config, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> ModelCostSpec:
         """`dtype` stores the weights; `kv_dtype` the KV cache (default: the same)."""
         element = torch.empty((), dtype=dtype).element_size()
         kv_element = torch.empty((), dtype=kv_dtype or dtype).element_size()
+        # Imported here: the registry loads every model file and its Triton kernels, which
+        # `import thinkwise` (this module included) must not do before TRITON_INTERPRET is set.
+        from thinkwise.models import registry
+
+        shape = registry.get(config.architecture).cost
         h, layers = config.hidden_size, config.num_layers
         q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        per_layer = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
+        per_layer = h * (q + 2 * kv) + q * h + shape.mlp_matrices * h * config.intermediate_size
         bias = q + 2 * kv if config.attention_bias else 0
-        norms = 2 * h + (2 * config.head_dim if config.qk_norm else 0)
+        norms = shape.norms_per_layer * h + (2 * config.head_dim if config.qk_norm else 0)
+        windows = getattr(config, "layer_window", None)
         body = layers * (per_layer + bias + norms) + h
         table = config.vocab_size * h
         return cls(
@@ -60,6 +72,7 @@ class ModelCostSpec:
             body_weight_bytes=body * element, lm_head_bytes=table * element,
             weight_bytes=(body + table * (1 if config.tie_word_embeddings else 2)) * element,
             kv_bytes_per_token=2 * layers * config.num_kv_heads * config.head_dim * kv_element,
+            layer_windows=tuple(windows(i) for i in range(layers)) if windows else (),
         )
 
     @property
@@ -70,12 +83,23 @@ class ModelCostSpec:
         return 2.0 * self.dense_params * num_tokens
 
     def attention_flops(self, first: int, end: int) -> float:
-        """QK^T and PV for query positions first..end-1, each seeing keys 0..itself."""
-        pairs = (end * (end + 1) - first * (first + 1)) // 2
-        return 4.0 * self.num_layers * self.num_heads * self.head_dim * pairs
+        """QK^T and PV for query positions first..end-1, each seeing keys 0..itself (the
+        last `window` of them in a windowed layer), summed over the layers."""
+        full = (end * (end + 1) - first * (first + 1)) // 2
+        if not any(self.layer_windows):
+            return 4.0 * self.num_layers * self.num_heads * self.head_dim * full
+        pairs = sum(full if w is None else _windowed_pairs(first, end, w) for w in self.layer_windows)
+        return 4.0 * self.num_heads * self.head_dim * pairs
 
     def lm_head_flops(self) -> float:
         return 2.0 * self.hidden_size * self.vocab_size
+
+
+def _windowed_pairs(first: int, end: int, window: int) -> int:
+    """sum of min(p + 1, window) for p in first..end-1: keys seen under a sliding window."""
+    ramp_end = max(first, min(end, window))  # positions below window - 1 see p + 1 keys
+    ramp = (ramp_end * (ramp_end + 1) - first * (first + 1)) // 2
+    return ramp + window * (end - ramp_end)
 
 
 def attribute_step(spec: ModelCostSpec, sequences, num_new_tokens, sample, prefix_groups=()) -> None:

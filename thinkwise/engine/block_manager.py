@@ -19,6 +19,11 @@ from collections import OrderedDict
 from thinkwise.engine.sequence import Sequence
 
 
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """KV blocks that hold `num_tokens` tokens."""
+    return (num_tokens + block_size - 1) // block_size
+
+
 def chain_hash(previous: int, tokens: tuple[int, ...]) -> int:
     return hash((previous, tokens))
 
@@ -50,7 +55,7 @@ class BlockManager:
         return self.num_blocks - len(self.free_blocks)
 
     def blocks_for(self, num_tokens: int) -> int:
-        return (num_tokens + self.block_size - 1) // self.block_size
+        return blocks_for(num_tokens, self.block_size)
 
     # ----------------------------------------------------------------- primitives
     def _take_free_block(self) -> int:

@@ -1,4 +1,9 @@
-"""Engine settings (memory, batching, device) and their defaults per device."""
+"""Engine settings (memory, batching, device, kernels) and their defaults per device.
+
+Every knob of the engine is a field here. The kernel knobs can also be overridden by
+environment variables, read in one place (`engine/env_overrides.py`, which lists them)
+when a config is built; the engine hands them to the kernels (`engine/kernel_settings.py`).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from thinkwise.engine.env_overrides import env_overrides
 from thinkwise.errors import InvalidParameterError
+from thinkwise.kernels.paged_attention import ATTENTION_BACKENDS
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
@@ -46,6 +53,12 @@ class EngineConfig:
     # on the device, before reading them back, so the host's per-step work overlaps the GPU's.
     # None: on for CUDA with CUDA graphs (on CPU nothing overlaps; tests turn it on to check it).
     async_scheduling: bool | None = None
+    # Kernel knobs (CUDA), each overridable by an environment variable (engine/env_overrides.py).
+    attention_backend: str = "auto"  # "auto": Triton decode attention on CUDA; "torch": the reference everywhere
+    fused_kernels: bool = True  # fused Triton element-wise kernels (RMSNorm, q/k norm + rotary + KV write, SiLU*up)
+    gemm_epilogue_fusion: bool = True  # SiLU(gate) * up in the Triton gate/up GEMM's epilogue
+    pdl: bool = True  # programmatic dependent launch of decode kernels (Hopper and newer)
+    pdl_max_rows: int = 64  # steps with more token rows launch without PDL
     # How linear layers store and multiply their weights (kernels/linear_methods): None keeps the
     # 16-bit weights; "int8" (per output channel), "int4[-g32|-g64|-g128]" (group-wise MLP weights;
     # attention and lm_head int8), "int4-all[-gN]" (attention int4 too), "gguf" (each layer near its
@@ -53,6 +66,13 @@ class EngineConfig:
     quantization: str | None = None
 
     def __post_init__(self) -> None:
+        for name, value in env_overrides().items():
+            setattr(self, name, value)
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise InvalidParameterError(f"attention_backend {self.attention_backend!r} is not one of "
+                                        f"{', '.join(ATTENTION_BACKENDS)}", param="attention_backend")
+        if self.pdl_max_rows < 0:
+            raise InvalidParameterError("pdl_max_rows must be >= 0", param="pdl_max_rows")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if getattr(self, name) < 1:
                 raise InvalidParameterError(f"{name} must be >= 1", param=name)
@@ -71,6 +91,21 @@ class EngineConfig:
                     param="quantization")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise InvalidParameterError("gpu_memory_utilization must be in (0, 1]", param="gpu_memory_utilization")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and in which dtypes an engine runs, resolved from an `EngineConfig`."""
+
+    device: torch.device
+    weight_dtype: torch.dtype  # how the weights are stored
+    compute_dtype: torch.dtype  # activations, norms, softmax and the KV cache
+
+
+def resolve_placement(config: EngineConfig) -> Placement:
+    device = resolve_device(config.device)
+    weight_dtype = resolve_dtype(config.dtype, device)
+    return Placement(device, weight_dtype, resolve_compute_dtype(config.compute_dtype, weight_dtype, device))
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from thinkwise.engine.scheduler import PrefixGroup
+from thinkwise.engine.scheduler import SharedPrefix
 from thinkwise.engine.sequence import Sequence
+from thinkwise.engine.step_inputs import StepInputs, build_step_inputs
 from thinkwise.kernels.paged_attention import AttentionMetadata, PrefixGroups, pack_prefix_groups
 
 BATCH_LADDER = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -89,7 +90,7 @@ class CudaGraphDecoder:
         packed = torch.zeros(5 * batch + batch * width, dtype=torch.long, device=device)
         input_ids, positions, slot_mapping, seq_lens, source_rows = packed[: 5 * batch].view(5, batch).unbind(0)
         block_tables = packed[5 * batch:].view(batch, width)
-        packed.copy_(self._pad_inputs(batch, width, [], [], [], [], [], []))
+        packed.copy_(self._pad_inputs(batch, width, StepInputs(), []))
         metadata = AttentionMetadata(
             slot_mapping=slot_mapping, block_tables=block_tables, seq_lens=seq_lens,
             query_start_loc=list(range(batch + 1)), seq_lens_host=[1] * batch, num_decodes=batch,
@@ -116,22 +117,22 @@ class CudaGraphDecoder:
             self.pool = graph.pool()
         return _Graph(graph, packed, input_ids, source_rows, logits, metadata.prefix_groups)
 
-    def _pad_inputs(self, batch: int, width: int, ids: list[int], pos: list[int], slots: list[int], lens: list[int],
-                    rows: list[int], tables: list[list[int]]) -> torch.Tensor:
-        """`packed`'s host image for these rows, padded to the graph's batch and width: padding
-        rows write to and attend only to the scratch block."""
-        pad = batch - len(ids)
+    def _pad_inputs(self, batch: int, width: int, inputs: StepInputs, rows: list[int]) -> torch.Tensor:
+        """`packed`'s host image for these decode inputs and source rows, padded to the graph's
+        batch and width: padding rows write to and attend only to the scratch block."""
+        pad = batch - len(inputs.input_ids)
         scratch = self.scratch_block
         flat: list[int] = []
-        for table in tables:
+        for table in inputs.block_tables:
             flat += table
             flat += [scratch] * (width - len(table))
         flat += [scratch] * (width * pad)
-        return torch.tensor(ids + [0] * pad + pos + [0] * pad + slots + [scratch * self.block_size] * pad
-                            + lens + [1] * pad + rows + [0] * (batch - len(rows)) + flat, dtype=torch.long)
+        return torch.tensor(inputs.input_ids + [0] * pad + inputs.positions + [0] * pad + inputs.slots
+                            + [scratch * self.block_size] * pad + inputs.seq_lens + [1] * pad
+                            + rows + [0] * (batch - len(rows)) + flat, dtype=torch.long)
 
     @torch.inference_mode()
-    def run(self, sequences: list[Sequence], prefix_groups: list[PrefixGroup] | None = None,
+    def run(self, sequences: list[Sequence], shared_prefixes: list[SharedPrefix] | None = None,
             token_source: tuple[torch.Tensor, list[int]] | None = None) -> torch.Tensor:
         """Logits [len(sequences), vocab] for a batch where every sequence computes one token.
         With `token_source` (tokens on the device, host rows), sequence i's input token is
@@ -140,27 +141,20 @@ class CudaGraphDecoder:
         device, and the step adds two operations to the graph (the copy, the token gather)."""
         n = len(sequences)
         max_blocks = max(len(s.block_table) for s in sequences)
-        key = (round_up(n, self.batch_ladder), round_up(max_blocks, self.width_ladder), bool(prefix_groups))
+        key = (round_up(n, self.batch_ladder), round_up(max_blocks, self.width_ladder), bool(shared_prefixes))
         entry = self.graphs.get(key)
         if entry is None:
             entry = self.graphs[key] = self._capture(*key)
-        bs = self.block_size
-        ids, pos, slots, lens, tables = [], [], [], [], []
-        for seq in sequences:
-            p = seq.num_computed_tokens
-            ids.append(seq.token_ids[p] if token_source is None else 0)
-            pos.append(p)
-            slots.append(seq.block_table[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            tables.append(seq.block_table)
+        inputs = build_step_inputs(sequences, [1] * n, self.block_size, with_ids=token_source is None)
         rows = list(token_source[1]) if token_source is not None else []
         staging = entry.staging_buffer()
-        staging.copy_(self._pad_inputs(key[0], key[1], ids, pos, slots, lens, rows, tables))
+        staging.copy_(self._pad_inputs(key[0], key[1], inputs, rows))
         entry.packed.copy_(staging, non_blocking=True)
         if token_source is not None:
             torch.index_select(token_source[0], 0, entry.source_rows[:n], out=entry.input_ids[:n])
         if entry.prefix is not None:
-            packed = pack_prefix_groups([g.members for g in prefix_groups], [g.shared_tokens for g in prefix_groups],
+            packed = pack_prefix_groups([g.members for g in shared_prefixes],
+                                        [g.shared_tokens for g in shared_prefixes],
                                         key[0], "cpu", num_groups=entry.prefix.rows.shape[0])
             entry.prefix.rows.copy_(packed.rows.pin_memory().to(self.device, non_blocking=True))
             entry.prefix.prefix_lens.copy_(packed.prefix_lens.pin_memory().to(self.device, non_blocking=True))

@@ -9,22 +9,30 @@ will be sampled: a sequence's last token, once all its pending tokens are comput
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
-from thinkwise.engine.config import stage_to_device
-from thinkwise.engine.scheduler import PrefixGroup
+from thinkwise.engine.block_manager import blocks_for
+from thinkwise.engine.config import EngineConfig, stage_to_device
+from thinkwise.engine.cuda_graphs import CudaGraphDecoder
+from thinkwise.engine.scheduler import ScheduledBatch, SharedPrefix
 from thinkwise.engine.sequence import Sequence
-from thinkwise.kernels import paged_attention
+from thinkwise.engine.step_inputs import StepInputs, build_step_inputs
 from thinkwise.kernels.paged_attention import AttentionMetadata, pack_prefix_groups
 from thinkwise.loading.config import ModelConfig
 
 CALIBRATION_PROMPTS = 4
 CALIBRATION_TOKENS = 256
+ACTIVATION_RESERVE_BYTES = 512 << 20  # CUDA: free memory left for activations besides the KV cache
 
 
-def kv_bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * element
+def kv_cache_budget_bytes(device: torch.device, config: EngineConfig) -> int:
+    """Bytes the KV cache may take: a share of the GPU's free memory, or the CPU budget."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * config.gpu_memory_utilization) - ACTIVATION_RESERVE_BYTES
+    return int(config.kv_cache_memory_gb * (1 << 30))
 
 
 class ModelRunner:
@@ -41,6 +49,7 @@ class ModelRunner:
         cuda_graphs: bool = True,
         max_num_seqs: int = 256,
         unified_max_softmax: bool = False,
+        cascade_min_shared_tokens: int | None = None,
     ):
         self.model = model
         self.config = config
@@ -48,6 +57,10 @@ class ModelRunner:
         self.dtype = dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
+        on_cuda = device.type == "cuda"
+        # Cascade attention is a GPU kernel's saving (a shared prefix read once); on CPU the
+        # reference attends each row whole, so shared prefixes are not used there.
+        self.cascade_min_shared_tokens = cascade_min_shared_tokens if on_cuda else None
         # One tensor for the whole cache: [layers, k/v, blocks, block_size, kv_heads, head_dim],
         # plus one scratch block past the end that padded CUDA-graph rows may write into.
         self.kv_cache = torch.zeros(
@@ -58,17 +71,23 @@ class ModelRunner:
         # Only the Triton decode kernel uses phi; the PyTorch path is exact without it.
         self.unified_max: float | None = None
         self.unified_max_stats: dict | None = None
-        if unified_max_softmax and device.type == "cuda":
+        if unified_max_softmax and on_cuda:
             self.unified_max, self.unified_max_stats = self.calibrate_unified_max()
-        self.graph_decoder = None
-        if cuda_graphs and device.type == "cuda":
-            from thinkwise.engine.cuda_graphs import CudaGraphDecoder
-
+        self.graph_decoder: CudaGraphDecoder | None = None
+        if cuda_graphs and on_cuda:
             self.graph_decoder = CudaGraphDecoder(
                 model, self.kv_caches, block_size=block_size, scratch_block=num_blocks,
-                max_blocks_per_seq=max(1, (max_model_len + block_size - 1) // block_size), device=device,
+                max_blocks_per_seq=max(1, blocks_for(max_model_len, block_size)), device=device,
                 max_batch=max_num_seqs, unified_max=self.unified_max,
             )
+
+    def prefixes_read_once(self, batch: ScheduledBatch) -> list[SharedPrefix]:
+        """The batch's shared prefixes that this device attends once for all their members
+        (cascade attention): on CUDA those of at least `cascade_min_shared_tokens`, else none.
+        The cost model charges their KV reads once too."""
+        if self.cascade_min_shared_tokens is None:
+            return []
+        return [group for group in batch.shared_prefixes if group.shared_tokens >= self.cascade_min_shared_tokens]
 
     @torch.inference_mode()
     def calibrate_unified_max(self, seed: int = 0) -> tuple[float | None, dict | None]:
@@ -79,29 +98,24 @@ class ModelRunner:
         exactly at run time, so phi only has to be typical, not a bound. The cache is empty
         at load time; the calibration writes into its first blocks, which are later reused.
         """
+        # Imported here: importing it defines Triton kernels, after TRITON_INTERPRET is set.
         from thinkwise.kernels.triton_decode_attention import UNIFIED_WINDOW
 
         generator = torch.Generator().manual_seed(seed)
         tokens = min(CALIBRATION_TOKENS, self.num_blocks * self.block_size // CALIBRATION_PROMPTS)
         if tokens < 2:
             return None, None
-        blocks_per_prompt = (tokens + self.block_size - 1) // self.block_size
-        paged_attention.score_recorder = recorded = []
-        try:
-            for prompt in range(CALIBRATION_PROMPTS):
-                ids = torch.randint(0, self.config.vocab_size, (tokens,), generator=generator)
-                table = list(range(prompt * blocks_per_prompt, (prompt + 1) * blocks_per_prompt))
-                positions = torch.arange(tokens)
-                metadata = AttentionMetadata(
-                    slot_mapping=torch.tensor([table[p // self.block_size] * self.block_size + p % self.block_size
-                                               for p in range(tokens)], device=self.device),
-                    block_tables=torch.tensor([table], device=self.device),
-                    seq_lens=torch.tensor([tokens], device=self.device),
-                    query_start_loc=[0, tokens], seq_lens_host=[tokens], num_decodes=0, block_size=self.block_size,
-                )
-                self.model(ids.to(self.device), positions.to(self.device), self.kv_caches, metadata)
-        finally:
-            paged_attention.score_recorder = None
+        blocks_per_prompt = blocks_for(tokens, self.block_size)
+        recorded: list[torch.Tensor] = []
+        for prompt in range(CALIBRATION_PROMPTS):
+            ids = torch.randint(0, self.config.vocab_size, (tokens,), generator=generator).tolist()
+            table = list(range(prompt * blocks_per_prompt, (prompt + 1) * blocks_per_prompt))
+            calibration = SimpleNamespace(token_ids=ids, num_computed_tokens=0, block_table=table)
+            inputs = build_step_inputs([calibration], [tokens], self.block_size)
+            metadata = self.attention_metadata(inputs, num_decodes=0)
+            metadata.score_recorder = recorded
+            self.model(torch.tensor(inputs.input_ids, device=self.device),
+                       torch.tensor(inputs.positions, device=self.device), self.kv_caches, metadata)
         row_max = torch.cat(recorded)
         phi = float(row_max.median())
         low, high = UNIFIED_WINDOW.get(self.dtype, (-8.0, 10.0))
@@ -120,59 +134,47 @@ class ModelRunner:
         dst = stage_to_device([d for _, d in copies], torch.long, self.device)
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
 
+    def attention_metadata(self, inputs: StepInputs, num_decodes: int) -> AttentionMetadata:
+        """Device tensors of the step's slots, padded block tables and lengths."""
+        device = self.device
+        width = max(len(t) for t in inputs.block_tables)
+        padded = [t + [0] * (width - len(t)) for t in inputs.block_tables]
+        return AttentionMetadata(
+            slot_mapping=torch.tensor(inputs.slots, dtype=torch.long, device=device),
+            block_tables=torch.tensor(padded, dtype=torch.long, device=device),
+            seq_lens=torch.tensor(inputs.seq_lens, dtype=torch.long, device=device),
+            query_start_loc=inputs.query_start_loc,
+            seq_lens_host=inputs.seq_lens,
+            num_decodes=num_decodes,
+            block_size=self.block_size,
+            unified_max=self.unified_max,
+        )
+
     def prepare(self, sequences: list[Sequence], num_new_tokens: list[int],
-                prefix_groups: list[PrefixGroup] | None = None, token_source: torch.Tensor | None = None):
+                shared_prefixes: list[SharedPrefix] | None = None, token_source: torch.Tensor | None = None):
         """Flat inputs and attention metadata; returns the permutation used (decodes first).
+        `shared_prefixes` are attended as cascade groups (`prefixes_read_once` picks them).
         `token_source` (one decode token per sequence, on the device) replaces the input ids
         of a step launched before its inputs reached the host."""
         order = sorted(range(len(sequences)), key=lambda i: num_new_tokens[i] != 1)
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        starts = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        for i in order:
-            seq, n = sequences[i], num_new_tokens[i]
-            begin = seq.num_computed_tokens
-            end = begin + n
-            if token_source is None:
-                input_ids.extend(seq.token_ids[begin:end])
-            positions.extend(range(begin, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
-            starts.append(starts[-1] + n)
-            seq_lens.append(end)
-            tables.append(table)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+        inputs = build_step_inputs([sequences[i] for i in order], [num_new_tokens[i] for i in order],
+                                   self.block_size, with_ids=token_source is None)
         device = self.device
-        metadata = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
-            block_tables=torch.tensor(padded, dtype=torch.long, device=device),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.long, device=device),
-            query_start_loc=starts,
-            seq_lens_host=seq_lens,
-            num_decodes=sum(1 for i in order if num_new_tokens[i] == 1),
-            block_size=bs,
-            unified_max=self.unified_max,
-        )
-        if prefix_groups:
+        metadata = self.attention_metadata(inputs, num_decodes=sum(1 for n in num_new_tokens if n == 1))
+        if shared_prefixes:
             row_of = {index: row for row, index in enumerate(order)}
             metadata.prefix_groups = pack_prefix_groups(
-                [[row_of[i] for i in group.members] for group in prefix_groups],
-                [group.shared_tokens for group in prefix_groups], metadata.num_decodes, device)
+                [[row_of[i] for i in group.members] for group in shared_prefixes],
+                [group.shared_tokens for group in shared_prefixes], metadata.num_decodes, device)
         if token_source is None:
-            inputs = torch.tensor(input_ids, dtype=torch.long, device=device)
+            ids = torch.tensor(inputs.input_ids, dtype=torch.long, device=device)
         else:
             assert metadata.num_decodes == len(sequences), "device-fed steps are pure decode steps"
-            inputs = token_source
-        pos = torch.tensor(positions, dtype=torch.long, device=device)
+            ids = token_source
+        positions = torch.tensor(inputs.positions, dtype=torch.long, device=device)
         if device.type == "cuda":
-            self._add_batched_prefill(metadata, pos)
-        return inputs, pos, metadata, order
-
+            self._add_batched_prefill(metadata, positions)
+        return ids, positions, metadata, order
     # The mask is [prefill tokens x context tokens]; past this many elements the per-sequence
     # loop is cheaper than materialising it.
     MAX_PREFILL_MASK = 1 << 28
@@ -205,17 +207,17 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(
         self, sequences: list[Sequence], num_new_tokens: list[int], sample: list[bool], copies: list[tuple[int, int]],
-        prefix_groups: list[PrefixGroup] | None = None,
+        shared_prefixes: list[SharedPrefix] | None = None,
     ) -> torch.Tensor:
         """Run the step; logits [num_sampled, vocab] (fp32) in the order of `sequences`
-        filtered by `sample`. `prefix_groups` (decode rows sharing prompt blocks) turn on
-        cascade attention for them."""
+        filtered by `sample`. `shared_prefixes` (from `prefixes_read_once`) are attended
+        with cascade attention."""
         self.copy_blocks(copies)
         decoder = self.graph_decoder
         if (decoder is not None and all(n == 1 for n in num_new_tokens) and all(sample)
                 and decoder.supports(len(sequences), max(len(s.block_table) for s in sequences))):
-            return decoder.run(sequences, prefix_groups)
-        inputs, positions, metadata, order = self.prepare(sequences, num_new_tokens, prefix_groups)
+            return decoder.run(sequences, shared_prefixes)
+        inputs, positions, metadata, order = self.prepare(sequences, num_new_tokens, shared_prefixes)
         hidden = self.model(inputs, positions, self.kv_caches, metadata)
         # Row of each sequence's last token in the flat (reordered) batch.
         last_row = {}
@@ -228,15 +230,15 @@ class ModelRunner:
         return self.model.compute_logits(selected)
 
     @torch.inference_mode()
-    def execute_fed(self, sequences: list[Sequence], copies: list[tuple[int, int]], prefix_groups: list[PrefixGroup],
-                    source: torch.Tensor, source_rows: list[int]) -> torch.Tensor:
+    def execute_fed(self, sequences: list[Sequence], copies: list[tuple[int, int]],
+                    shared_prefixes: list[SharedPrefix], source: torch.Tensor, source_rows: list[int]) -> torch.Tensor:
         """A decode step whose input tokens are still on the device: sequence i reads
         `source[source_rows[i]]` (the tokens a step in flight sampled). Logits [n, vocab]."""
         self.copy_blocks(copies)
         if self.graph_decoder is not None:
-            return self.graph_decoder.run(sequences, prefix_groups, token_source=(source, source_rows))
+            return self.graph_decoder.run(sequences, shared_prefixes, token_source=(source, source_rows))
         rows = stage_to_device(source_rows, torch.long, self.device)
-        inputs, positions, metadata, _order = self.prepare(sequences, [1] * len(sequences), prefix_groups,
+        inputs, positions, metadata, _order = self.prepare(sequences, [1] * len(sequences), shared_prefixes,
                                                            token_source=source.index_select(0, rows))
         hidden = self.model(inputs, positions, self.kv_caches, metadata)
         return self.model.compute_logits(hidden)

@@ -76,7 +76,3 @@ class SamplingParams:
             _fail("stop", "must be non-empty strings")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             _fail("stop_token_ids", "must be non-negative integers")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0

@@ -13,6 +13,7 @@ Requests join and leave between any two steps.
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -21,9 +22,10 @@ from thinkwise.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass
-class PrefixGroup:
+class SharedPrefix:
     """Decode sequences of one batch whose block tables start with the same blocks (forked
-    samples of one prompt): cascade attention reads those `shared_tokens` once for all."""
+    samples of one prompt): a fact about the batch, whatever a device makes of it (a GPU
+    reads those `shared_tokens` of KV once for all members: cascade attention)."""
 
     members: list[int]  # indices into ScheduledBatch.sequences
     shared_tokens: int
@@ -34,7 +36,7 @@ class ScheduledBatch:
     sequences: list[Sequence] = field(default_factory=list)
     num_new_tokens: list[int] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
-    prefix_groups: list[PrefixGroup] = field(default_factory=list)
+    block_size: int = 16
 
     def __len__(self) -> int:
         return len(self.sequences)
@@ -43,16 +45,22 @@ class ScheduledBatch:
     def num_tokens(self) -> int:
         return sum(self.num_new_tokens)
 
+    @functools.cached_property
+    def shared_prefixes(self) -> list[SharedPrefix]:
+        """Which decode sequences share which leading blocks; found on first use, so a device
+        that makes nothing of them (the CPU reference) pays nothing for them."""
+        return find_shared_prefixes(self.sequences, self.num_new_tokens, self.block_size)
 
-def form_prefix_groups(sequences: list[Sequence], num_new_tokens: list[int], block_size: int,
-                       min_shared_tokens: int) -> list[PrefixGroup]:
+
+def find_shared_prefixes(sequences: list[Sequence], num_new_tokens: list[int], block_size: int) -> list[SharedPrefix]:
     """Group the batch's decode sequences by shared leading KV blocks.
 
     Forked samples hold the same physical blocks for their prompt (reference-counted, so
     the ids are equal); a shared block is always full, because a write into a shared
     block copies it first. Candidates are bucketed by their first block, then each
-    bucket's shared run is the longest common prefix of its block tables. Groups whose
-    shared run is shorter than `min_shared_tokens` are not worth a separate pass.
+    bucket's shared run is the longest common prefix of its block tables, cut so the
+    token being decoded stays in each sample's own suffix. Runs shorter than a block
+    share nothing and are left out.
     """
     buckets: dict[int, list[int]] = {}
     for index, (seq, n) in enumerate(zip(sequences, num_new_tokens)):
@@ -62,26 +70,35 @@ def form_prefix_groups(sequences: list[Sequence], num_new_tokens: list[int], blo
     for members in buckets.values():
         if len(members) < 2:
             continue
-        tables = [sequences[i].block_table for i in members]
-        shared = 0
-        for column in zip(*tables):
-            if any(block != column[0] for block in column):
-                break
-            shared += 1
         # The token being decoded must stay in each sample's own suffix.
-        limit = min(sequences[i].num_computed_tokens for i in members)
-        tokens = min(shared * block_size, limit // block_size * block_size)
-        if tokens >= min_shared_tokens:
-            groups.append(PrefixGroup(members, tokens))
+        shared = min(sequences[i].num_computed_tokens for i in members) // block_size
+        first = sequences[members[0]].block_table
+        for i in members[1:]:
+            shared = _common_prefix(first, sequences[i].block_table, shared)
+        tokens = shared * block_size
+        if tokens > 0:
+            groups.append(SharedPrefix(members, tokens))
     return groups
 
 
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    """Length of the longest common prefix of a and b, at most `limit`: a binary search over
+    slice comparisons, which run in C (this is on every step's path)."""
+    low, high = 0, min(limit, len(a), len(b))
+    if a[:high] == b[:high]:
+        return high
+    while low < high - 1:  # a[:low] == b[:low] and a[:high] != b[:high]
+        middle = (low + high) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 cascade_min_shared_tokens: int | None = None):
+    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int):
         self.block_manager = block_manager
-        # None: no shared-prefix groups are formed (the CPU path gains nothing from them).
-        self.cascade_min_shared_tokens = cascade_min_shared_tokens
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -118,7 +135,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
+        batch = ScheduledBatch(block_size=self.block_manager.block_size)
         budget = self.max_num_batched_tokens
         index = 0
         while index < len(self.running) and budget > 0:
@@ -140,7 +157,7 @@ class Scheduler:
                 index += 1
         # Admitting new work right after a preemption would only thrash the cache.
         if batch.preempted:
-            return self._with_prefix_groups(batch)
+            return batch
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             admitted = self.block_manager.allocate_waiting(seq, budget, keep_watermark=bool(self.running))
@@ -155,10 +172,4 @@ class Scheduler:
             batch.sequences.append(seq)
             batch.num_new_tokens.append(num_new)
             budget -= num_new
-        return self._with_prefix_groups(batch)
-
-    def _with_prefix_groups(self, batch: ScheduledBatch) -> ScheduledBatch:
-        if self.cascade_min_shared_tokens is not None:
-            batch.prefix_groups = form_prefix_groups(batch.sequences, batch.num_new_tokens,
-                                                     self.block_manager.block_size, self.cascade_min_shared_tokens)
         return batch

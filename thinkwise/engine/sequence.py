@@ -67,7 +67,6 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.text = ""  # detokenized output, maintained by the engine
         self.thinking_tokens: int | None = None  # output tokens spent thinking, once thinking ended
-        self.thinking_forced = False  # the end-of-thinking marker was forced by the budget
         self.detokenizer: Any = None
         # (step, row) of a launched decode step whose sampled token is not read back yet
         # (async scheduling); its KV for the last token is then already being computed.
@@ -97,6 +96,15 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
+
+    def mark_computed(self, n: int) -> None:
+        """The next `n` pending tokens now have KV; counts prompt work and recomputation."""
+        start, end = self.num_computed_tokens, self.num_computed_tokens + n
+        counts = self.request.counts
+        counts.prompt_tokens_computed += max(0, min(end, self.num_prompt_tokens) - start)
+        counts.recomputed_tokens += max(0, min(end, self.max_computed_tokens) - max(start, self.num_prompt_tokens))
+        self.num_computed_tokens = end
+        self.max_computed_tokens = max(self.max_computed_tokens, end)
 
     def __repr__(self) -> str:
         return (

@@ -6,13 +6,11 @@ handful per tensor, and each one costs a launch and a round trip through memory.
 each group is one Triton kernel: residual add + RMSNorm; Qwen3's per-head q/k norm +
 rotary embedding + writing K and V into their paged-cache slots; SiLU(gate) * up. The
 twins are the model's original op sequences (identical numerics to Hugging Face), used on
-CPU, when Triton is missing, and with THINKWISE_FUSED=0; the kernels compute in fp32 and
-round where the twins round, so bf16 results agree to rounding.
+CPU, when Triton is missing, and with `EngineConfig.fused_kernels` off (THINKWISE_FUSED=0);
+the kernels compute in fp32 and round where the twins round, so bf16 results agree to rounding.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +25,12 @@ except ImportError:  # CPU-only installs: the twins run instead
     triton = None
     tl = None
 
-FUSED = os.environ.get("THINKWISE_FUSED", "1") != "0"
+FUSED = True  # set from EngineConfig.fused_kernels by the engine (`set_fused_kernels`)
+
+
+def set_fused_kernels(enabled: bool) -> None:
+    global FUSED
+    FUSED = bool(enabled)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -80,6 +83,20 @@ def qkv_rotary_cache_reference(qkv, cos, sin, q_norm_weight, k_norm_weight, eps,
 def silu_mul_reference(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
+
+
+# The gated activations a model may pick for its MLP: act(gate) * up. "gelu_tanh" is
+# transformers' `gelu_pytorch_tanh` (Gemma); the kernel's ACTIVATION code is the index.
+GATED_ACTIVATIONS = ("silu", "gelu_tanh")
+
+
+def gated_activation_reference(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "silu":
+        return silu_mul_reference(gate_up)
+    if activation == "gelu_tanh":
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh") * up
+    raise ValueError(f"unknown gated activation {activation!r}; known: {', '.join(GATED_ACTIVATIONS)}")
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -157,7 +174,8 @@ if triton is not None:
                 tl.store(dst + HEAD_DIM // 2 + half, out2.to(dtype).to(k_cache_ptr.dtype.element_ty))
 
     @triton.jit
-    def _silu_mul_kernel(gate_up_ptr, out_ptr, n_cols, stride_in, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _gated_kernel(gate_up_ptr, out_ptr, n_cols, stride_in, stride_out, BLOCK: tl.constexpr,
+                      ACTIVATION: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -167,8 +185,13 @@ if triton is not None:
         gate = tl.load(gate_up_ptr + row * stride_in + cols, mask=mask, other=0.0)
         up = tl.load(gate_up_ptr + row * stride_in + n_cols + cols, mask=mask, other=0.0)
         g = gate.to(tl.float32)
-        silu = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)
-        tl.store(out_ptr + row * stride_out + cols, (silu * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
+        if ACTIVATION == 0:  # silu
+            act = g / (1.0 + tl.exp(-g))
+        else:  # gelu_tanh: 0.5 g (1 + tanh(u)), with tanh(u) = 1 - 2 / (1 + exp(2u))
+            u = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            act = 0.5 * g * (2.0 - 2.0 / (1.0 + tl.exp(2.0 * u)))
+        act = act.to(gate.dtype).to(tl.float32)  # the activation rounds to its dtype, as in PyTorch
+        tl.store(out_ptr + row * stride_out + cols, (act * up.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- entry points
@@ -211,14 +234,22 @@ def qkv_rotary_cache(qkv, cos, sin, q_norm_weight, k_norm_weight, eps, k_cache, 
     return q
 
 
-def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for the fused [.., 2 x intermediate] gate/up projection output."""
+def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
+    """activation(gate) * up for the fused [.., 2 x intermediate] gate/up projection output;
+    `activation` is one of GATED_ACTIVATIONS."""
+    if activation not in GATED_ACTIVATIONS:
+        raise ValueError(f"unknown gated activation {activation!r}; known: {', '.join(GATED_ACTIVATIONS)}")
     if not _use_triton(gate_up) or gate_up.dim() != 2:
-        return silu_mul_reference(gate_up)
+        return gated_activation_reference(gate_up, activation)
     rows, width = gate_up.shape
     cols = width // 2
     out = torch.empty(rows, cols, dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(cols, block))](gate_up, out, cols, gate_up.stride(0), out.stride(0),
-                                                        BLOCK=block, **_pdl(gate_up))
+    _gated_kernel[(rows, triton.cdiv(cols, block))](gate_up, out, cols, gate_up.stride(0), out.stride(0), BLOCK=block,
+                                                    ACTIVATION=GATED_ACTIVATIONS.index(activation), **_pdl(gate_up))
     return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (the Llama family's gated activation)."""
+    return gated_activation(gate_up, "silu")

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import statistics
 import time
 from collections import defaultdict
@@ -74,11 +73,19 @@ def torch_threads(count: int | None):
         torch.set_num_threads(previous)
 
 
+_epilogue_fusion = True  # set from EngineConfig.gemm_epilogue_fusion (THINKWISE_GEMM_EPILOGUE)
+
+
+def set_epilogue_fusion(enabled: bool) -> None:
+    global _epilogue_fusion
+    _epilogue_fusion = bool(enabled)
+
+
 def epilogue_fusion_enabled() -> bool:
-    """Whether a Triton gate/up GEMM applies SiLU(gate) * up in its epilogue
-    (`THINKWISE_GEMM_EPILOGUE=0`: a separate kernel, for A/B runs). Read at each call, like
-    `pdl.pdl_enabled`, so a run can switch it before capturing its graphs."""
-    return os.environ.get("THINKWISE_GEMM_EPILOGUE", "1") != "0"
+    """Whether a Triton gate/up GEMM applies SiLU(gate) * up in its epilogue (off: a
+    separate kernel, for A/B runs). Read at each call, like `pdl.pdl_enabled`, so a run
+    can switch it before capturing its graphs."""
+    return _epilogue_fusion
 
 
 class DispatchLinear(nn.Module):
@@ -133,18 +140,21 @@ class DispatchLinear(nn.Module):
             weight = weight.to(x.dtype)
         return nn.functional.linear(x, weight, self.bias)
 
-    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
-        """`silu_mul(self(x))` for the fused [gate; up] projection; one launch where the
-        table picks the Triton GEMM (its epilogue applies the activation)."""
-        config = self.triton_config(x) if self.method is None else None
-        if config is not None and epilogue_fusion_enabled() and self.bias is None:
-            from thinkwise.kernels import triton_gemm
+    def forward_gated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+        """`activation(gate) * up` of this fused [gate; up] projection; the model names the
+        activation (`fused.GATED_ACTIVATIONS`). One launch where the table picks the Triton
+        GEMM and an epilogue exists for the activation (SiLU); otherwise GEMM, then the
+        element-wise kernel."""
+        if activation == "silu":
+            config = self.triton_config(x) if self.method is None else None
+            if config is not None and epilogue_fusion_enabled() and self.bias is None:
+                from thinkwise.kernels import triton_gemm
 
-            if triton_gemm.can_fuse_silu_mul(self.out_features, config):
-                return triton_gemm.triton_flat_gemm_silu_mul(x, self.weight, config, self.split_k_workspace)
-        from thinkwise.kernels.fused import silu_mul
+                if triton_gemm.can_fuse_silu_mul(self.out_features, config):
+                    return triton_gemm.triton_flat_gemm_silu_mul(x, self.weight, config, self.split_k_workspace)
+        from thinkwise.kernels.fused import gated_activation
 
-        return silu_mul(self(x))
+        return gated_activation(self(x), activation)
 
 
 @dataclass

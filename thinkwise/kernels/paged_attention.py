@@ -4,7 +4,9 @@ The KV cache of one layer is two tensors `[num_blocks, block_size, num_kv_heads,
 head_dim]`; a sequence owns a list of block ids (its block table) and token `p` of it
 lives in slot `block_table[p // block_size] * block_size + p % block_size`. These
 functions write new keys/values into their slots and attend each query token to its own
-sequence's context, causally. They are the CPU path and the numerical twin that every
+sequence's context, causally, optionally within a sliding window (a query at position p
+sees keys p - window + 1 .. p, Mistral's and Gemma's local layers, the rule of
+transformers' `sliding_window_overlay`). They are the CPU path and the numerical twin that every
 GPU kernel is tested against, so they favour clarity and exactness over speed, with one
 concession: single-token (decode) queries of many sequences are handled as one padded
 batch, because that is the hot loop of generation even on CPU.
@@ -12,14 +14,22 @@ batch, because that is the hot loop of generation even on CPU.
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 # "torch" forces the reference everywhere (for debugging a kernel); "auto" uses Triton on CUDA.
-ATTENTION_BACKEND = os.environ.get("THINKWISE_ATTENTION", "auto")
+# Set from EngineConfig.attention_backend by the engine (`set_attention_backend`).
+ATTENTION_BACKEND = "auto"
+ATTENTION_BACKENDS = ("auto", "torch")
+
+
+def set_attention_backend(name: str) -> None:
+    global ATTENTION_BACKEND
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {ATTENTION_BACKENDS}")
+    ATTENTION_BACKEND = name
 
 
 MAX_GROUP_MEMBERS = 16  # rows of one cascade group (more samples form more groups)
@@ -93,6 +103,12 @@ class AttentionMetadata:
     # synchronized softmax. Decode rows sharing a prompt prefix, for cascade attention.
     unified_max: float | None = None
     prefix_groups: PrefixGroups | None = None
+    # While a list, prefill attention appends each query row's maximum score to it: the
+    # statistics `ModelRunner.calibrate_unified_max` picks the unified max (phi) from.
+    score_recorder: list[torch.Tensor] | None = None
+    # prefill_mask narrowed to a sliding window, made once per step per window size
+    # (every windowed layer of the step reuses it).
+    window_masks: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def num_seqs(self) -> int:
@@ -125,6 +141,7 @@ def decode_attention(
     scale: float,
     unified_max: float | None = None,
     prefix: PrefixGroups | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """One query token per sequence: `query` [B, H, D] -> [B, H, D].
 
@@ -132,7 +149,8 @@ def decode_attention(
     sequence's length; grouped-query heads attend without repeating K/V. The exact
     softmax is what the kernel's unified max must reproduce, so `unified_max` changes
     nothing here; with `prefix`, the shared prefix and each row's suffix are attended
-    separately and merged by log-sum-exp, the cascade kernel's math.
+    separately and merged by log-sum-exp, the cascade kernel's math. `window`: each row
+    sees only its last `window` positions.
     """
     batch, num_heads, head_dim = query.shape
     block_size = k_cache.shape[1]
@@ -151,6 +169,8 @@ def decode_attention(
     scores = torch.einsum("bhgd,blhd->bhgl", q, keys.float()) * scale
     positions = torch.arange(num_blocks * block_size, device=query.device)
     invalid = positions[None, :] >= seq_lens[:batch, None]
+    if window is not None:  # the query sits at seq_len - 1 and sees window positions back to itself
+        invalid |= positions[None, :] < seq_lens[:batch, None] - window
     scores.masked_fill_(invalid[:, None, None, :], float("-inf"))
     if prefix is not None:
         return _cascade_merge(scores, values.float(), prefix.row_starts[:batch], positions).reshape(
@@ -176,42 +196,53 @@ def _cascade_merge(scores: torch.Tensor, values: torch.Tensor, starts: torch.Ten
     return weight_a * out_a + weight_b * out_b
 
 
-# While a list, prefill attention appends each query row's maximum score to it: the
-# statistics `calibrate_unified_max` picks the unified max (phi) from.
-score_recorder: list[torch.Tensor] | None = None
-
-
-def _record_row_max_scores(query: torch.Tensor, keys: torch.Tensor, scale: float) -> None:
+def _row_max_scores(query: torch.Tensor, keys: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
     n, num_heads, head_dim = query.shape
     length, num_kv_heads = keys.shape[:2]
     q = query.float().view(n, num_kv_heads, num_heads // num_kv_heads, head_dim)
     scores = torch.einsum("nhgd,lhd->nhgl", q, keys.float()) * scale
     query_pos = torch.arange(length - n, length, device=query.device)
-    future = torch.arange(length, device=query.device)[None, :] > query_pos[:, None]
-    scores.masked_fill_(future[:, None, None, :], float("-inf"))
-    score_recorder.append(scores.amax(-1).flatten().cpu())
+    unseen = ~_causal_mask(query_pos, torch.arange(length, device=query.device), window)
+    scores.masked_fill_(unseen[:, None, None, :], float("-inf"))
+    return scores.amax(-1).flatten().cpu()
+
+
+def _causal_mask(query_pos: torch.Tensor, key_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """[queries, keys] True where the query may see the key: causal, and within `window`."""
+    mask = key_pos[None, :] <= query_pos[:, None]
+    if window is not None:
+        mask &= key_pos[None, :] > query_pos[:, None] - window
+    return mask
 
 
 def prefill_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Queries are the last `n` of `L` context tokens: [n, H, D] x [L, Hkv, D] -> [n, H, D]."""
-    if score_recorder is not None:
-        _record_row_max_scores(query, keys, scale)
     n, num_heads, _ = query.shape
     length = keys.shape[0]
     q = query.transpose(0, 1).unsqueeze(0)
     k = keys.to(query.dtype).transpose(0, 1).unsqueeze(0)
     v = values.to(query.dtype).transpose(0, 1).unsqueeze(0)
-    if n == length:
+    if n == length and window is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        # Query i sits at absolute position length - n + i and sees keys 0..that position.
+        # Query i sits at absolute position length - n + i and sees keys 0..that position
+        # (only the last `window` of them in a sliding-window layer).
         query_pos = torch.arange(length - n, length, device=query.device)
-        key_pos = torch.arange(length, device=query.device)
-        mask = key_pos[None, :] <= query_pos[:, None]
+        mask = _causal_mask(query_pos, torch.arange(length, device=query.device), window)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     return out.squeeze(0).transpose(0, 1)
+
+
+def window_mask(mask: torch.Tensor, window: int) -> torch.Tensor:
+    """A batched-prefill mask narrowed to a sliding window. Each query row's visible keys
+    are one contiguous run of the flat context ending at the query's own key (its
+    sequence's context, causally), so keeping the last `window` of the run is the window."""
+    index = torch.arange(mask.shape[1], device=mask.device)
+    last = torch.where(mask, index[None, :], -1).amax(dim=1, keepdim=True)
+    return mask & (index[None, :] > last - window)
 
 
 def batched_prefill_attention(
@@ -254,10 +285,13 @@ def paged_attention(
     v_cache: torch.Tensor,
     metadata: AttentionMetadata,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Attend every query token ([num_tokens, H, D]) to its sequence's cached context.
 
-    The new tokens' keys/values must already be in the cache (`write_kv_cache`).
+    The new tokens' keys/values must already be in the cache (`write_kv_cache`). `window`
+    is the layer's sliding window; None for a full-attention layer, which then runs exactly
+    the code it ran before windows existed.
     """
     nd = metadata.num_decodes
     decoded = None
@@ -265,7 +299,13 @@ def paged_attention(
         decoded = _decode_backend(query, k_cache)(
             query[:nd], k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
             metadata.decode_max_seq_len or max(metadata.seq_lens_host[:nd]), scale,
-            unified_max=metadata.unified_max, prefix=metadata.prefix_groups,
+            unified_max=metadata.unified_max,
+            # Cascade attention reads a group's shared prefix once for all members; in a
+            # window layer part of that prefix may lie outside some member's window, so
+            # windowed layers attend each row's own context (the result is identical,
+            # only the shared read is given up).
+            prefix=metadata.prefix_groups if window is None else None,
+            window=window,
         )
         if nd == metadata.num_seqs:  # a pure decode step: no output buffer to copy into
             return decoded
@@ -275,8 +315,13 @@ def paged_attention(
     starts = metadata.query_start_loc
     if metadata.prefill_context_slots is not None and nd < metadata.num_seqs:
         begin = starts[nd]
+        mask = metadata.prefill_mask
+        if window is not None:
+            if window not in metadata.window_masks:
+                metadata.window_masks[window] = window_mask(mask, window)
+            mask = metadata.window_masks[window]
         output[begin:] = batched_prefill_attention(
-            query[begin:], k_cache, v_cache, metadata.prefill_context_slots, metadata.prefill_mask, scale
+            query[begin:], k_cache, v_cache, metadata.prefill_context_slots, mask, scale
         )
         return output
     for i in range(nd, metadata.num_seqs):
@@ -285,5 +330,7 @@ def paged_attention(
         table = metadata.block_tables[i]
         keys = gather_context(k_cache, table, length)
         values = gather_context(v_cache, table, length)
-        output[begin:end] = prefill_attention(query[begin:end], keys, values, scale)
+        if metadata.score_recorder is not None:
+            metadata.score_recorder.append(_row_max_scores(query[begin:end], keys, scale, window))
+        output[begin:end] = prefill_attention(query[begin:end], keys, values, scale, window)
     return output

@@ -14,8 +14,10 @@ attention) or right after its wait (GEMMs), so the next kernel's launch overlaps
 Every kernel in the chain waits before its first dependent read or any write, so
 completion stays transitive: a kernel's completion implies its predecessors'.
 CUDA-graph capture keeps the programmatic edges. Off on CPU, under TRITON_INTERPRET,
-before compute capability 9.0, and with THINKWISE_PDL=0 (results are identical either
-way: only the scheduling differs), and for steps of more than THINKWISE_PDL_MAX_ROWS rows.
+before compute capability 9.0, and with `EngineConfig.pdl` off (THINKWISE_PDL=0; results
+are identical either way: only the scheduling differs), and for steps of more than
+`EngineConfig.pdl_max_rows` rows (THINKWISE_PDL_MAX_ROWS). The engine sets both through
+`configure`.
 
 Measured on an H100 (benchmarks/gpu_throughput.py, same machine, PDL on vs off): Qwen3-0.6B
 shape batch 1 742 -> 867 tok/s, Llama-3-8B shape batch 1 158.7 -> 161.5 (171 once the GEMM
@@ -37,6 +39,16 @@ import torch
 # batches); it was neutral at batch 64, and prefill steps (many rows) launch plainly.
 DEFAULT_MAX_ROWS = 64
 
+_enabled = True
+_max_rows = DEFAULT_MAX_ROWS
+
+
+def configure(enabled: bool = True, max_rows: int = DEFAULT_MAX_ROWS) -> None:
+    """Turn PDL on or off and set its row limit, for every launch from now on (the engine
+    calls this from its config before capturing graphs; tests and A/B runs may too)."""
+    global _enabled, _max_rows
+    _enabled, _max_rows = bool(enabled), int(max_rows)
+
 
 @functools.lru_cache(maxsize=None)
 def _device_supports(index: int) -> bool:
@@ -44,15 +56,20 @@ def _device_supports(index: int) -> bool:
 
 
 def max_rows() -> int:
-    """The most token rows a step may have for its kernels to use PDL (THINKWISE_PDL_MAX_ROWS)."""
-    return int(os.environ.get("THINKWISE_PDL_MAX_ROWS", DEFAULT_MAX_ROWS))
+    """The most token rows a step may have for its kernels to use PDL."""
+    return _max_rows
+
+
+def enabled() -> bool:
+    """Whether PDL is switched on (`configure`); the device may still not support it."""
+    return _enabled
 
 
 def pdl_enabled(device: torch.device, rows: int = 1) -> bool:
     """Whether kernels on `device` for a step of `rows` token rows launch with PDL (read at
-    each call, so tests and A/B runs can switch it)."""
-    env = os.environ
-    if device.type != "cuda" or env.get("THINKWISE_PDL", "1") == "0" or env.get("TRITON_INTERPRET", "0") == "1":
+    each launch, so a `configure` call takes effect for the next graphs captured)."""
+    # TRITON_INTERPRET is Triton's own switch (kernels run on the CPU), not a thinkwise knob.
+    if device.type != "cuda" or not _enabled or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return False
     if rows > max_rows():
         return False

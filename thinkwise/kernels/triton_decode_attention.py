@@ -23,6 +23,11 @@ matmul per tile, so the prefix is read once per group per step; the split kernel
 covers each sequence's own suffix; the merge combines both by log-sum-exp. Every entry
 point has the signature of its PyTorch twin in `paged_attention`, which tests compare
 against (on CPU under TRITON_INTERPRET=1, on the GPU for speed).
+
+Sliding-window layers (Mistral, Gemma's local layers) pass `window`: each row's context
+then starts at max(0, seq_len - window), in the split kernel and in the unified-max
+fallback alike; a window as long as the context is full attention. The caller never
+combines a window with cascade groups (see `paged_attention.paged_attention`).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import torch
 
 from thinkwise.kernels import pdl
+from thinkwise.kernels.device_info import sm_count
 from thinkwise.kernels.paged_attention import MAX_GROUP_MEMBERS, PrefixGroups  # noqa: F401
 
 try:
@@ -95,7 +101,7 @@ if HAVE_TRITON:
     @triton.jit
     def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, starts_ptr, acc_ptr, max_ptr, sum_ptr,
-        scale, phi, split_offset,
+        scale, phi, split_offset, window,
         stride_qb, stride_qh,
         stride_kblock, stride_ktok, stride_khead,
         stride_tb,
@@ -103,7 +109,7 @@ if HAVE_TRITON:
         stride_mb, stride_mh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, UNIFIED: tl.constexpr,
-        HAS_STARTS: tl.constexpr, PDL: tl.constexpr,
+        HAS_STARTS: tl.constexpr, HAS_WINDOW: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
             tl.extra.cuda.gdc_launch_dependents()
@@ -114,6 +120,8 @@ if HAVE_TRITON:
         seq_len = tl.load(lens_ptr + b)
         # Cascade: the shared prefix [0, start) is attended by the prefix kernel.
         seq_start = tl.load(starts_ptr + b) if HAS_STARTS else 0
+        if HAS_WINDOW:  # sliding window: only the last `window` positions
+            seq_start = tl.maximum(seq_start, seq_len - window)
         g = tl.arange(0, GROUP_PAD)
         d = tl.arange(0, HEAD_DIM)
         heads = kv_head * GROUP + g
@@ -185,11 +193,12 @@ if HAVE_TRITON:
     @triton.jit
     def _merge_splits_kernel(
         acc_ptr, max_ptr, sum_ptr, out_ptr, num_splits, num_prefix_splits, starts_ptr, flags_ptr,
-        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, scale, phi, window_low, window_high,
+        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, scale, phi, window_low, window_high, window,
         stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ob, stride_oh,
         stride_qb, stride_qh, stride_kblock, stride_ktok, stride_khead, stride_tb,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-        TILE: tl.constexpr, UNIFIED: tl.constexpr, HAS_STARTS: tl.constexpr, PDL: tl.constexpr,
+        TILE: tl.constexpr, UNIFIED: tl.constexpr, HAS_STARTS: tl.constexpr, HAS_WINDOW: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
             tl.extra.cuda.gdc_launch_dependents()
@@ -216,13 +225,16 @@ if HAVE_TRITON:
                 # Exact fallback for this row: the synchronized online softmax over its whole
                 # context (one query row, so plain multiply-adds instead of a matmul).
                 seq_len = tl.load(lens_ptr + b)
+                first_pos = 0
+                if HAS_WINDOW:
+                    first_pos = tl.maximum(seq_len - window, 0)
                 q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d).to(tl.float32)
                 t = tl.arange(0, TILE)
                 kv_offset = (h // GROUP) * stride_khead
                 m_run = tl.max(tl.full([TILE], float("-inf"), tl.float32), 0)
                 l_run = tl.sum(tl.zeros([TILE], tl.float32), 0)
                 acc_run = tl.zeros([HEAD_DIM], tl.float32)
-                for start in range(0, seq_len, TILE):
+                for start in range(first_pos, seq_len, TILE):
                     pos = start + t
                     valid = pos < seq_len
                     block_ids = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0)
@@ -248,15 +260,11 @@ def _next_power_of_two(x: int) -> int:
     return 1 << (max(1, x) - 1).bit_length()
 
 
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def choose_splits(batch: int, num_kv_heads: int, num_tiles: int, device: torch.device) -> int:
     """Enough splits that batch x kv_heads x splits fills the GPU about four times (several
     programs per SM keep loads in flight). Short contexts get one tile per split: a
     program's tiles are sequential, so fewer, longer splits would only add latency."""
-    wanted = max(1, (4 * _sm_count(device)) // max(1, batch * num_kv_heads))
+    wanted = max(1, (4 * sm_count(device)) // max(1, batch * num_kv_heads))
     return max(1, min(wanted, num_tiles, 64))
 
 
@@ -270,6 +278,7 @@ def triton_decode_attention(
     scale: float,
     unified_max: float | None = None,
     prefix: PrefixGroups | None = None,
+    window: int | None = None,
     fallback_flags: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Same contract as `paged_attention.decode_attention`: query [B, H, D] -> [B, H, D].
@@ -277,7 +286,10 @@ def triton_decode_attention(
     `unified_max` switches to FlashDecoding++'s unified-max softmax (exact fallback per
     row); `prefix` adds cascade attention over shared prefixes; `fallback_flags` ([B, H]
     int32), if given, receives 1 for the rows that took the fallback (for tests/stats).
+    `window`: a sliding-window layer's window (not combinable with `prefix`).
     """
+    if window is not None and prefix is not None:
+        raise ValueError("a sliding window cannot be combined with cascade prefix groups")
     batch, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -320,14 +332,15 @@ def triton_decode_attention(
         )
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         query, k_cache, v_cache, tables, seq_lens, starts, acc, maxes, sums,
-        scale, phi, num_prefix_splits,
+        scale, phi, num_prefix_splits, window or 0,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2),
         maxes.stride(0), maxes.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, HAS_STARTS=prefix is not None, **launch,
+        BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, HAS_STARTS=prefix is not None,
+        HAS_WINDOW=window is not None, **launch,
     )
     out = torch.empty_like(query)
     flags = fallback_flags
@@ -335,10 +348,10 @@ def triton_decode_attention(
         flags = torch.empty(batch, num_heads, dtype=torch.int32, device=device) if unified else maxes
     _merge_splits_kernel[(batch, num_heads)](
         acc, maxes, sums, out, total_splits, num_prefix_splits, starts, flags,
-        query, k_cache, v_cache, tables, seq_lens, scale, phi, low, high,
+        query, k_cache, v_cache, tables, seq_lens, scale, phi, low, high, window or 0,
         acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1), out.stride(0), out.stride(1),
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, SPLITS_PAD=max(2, _next_power_of_two(total_splits)), BLOCK_SIZE=block_size,
-        TILE=tile, UNIFIED=unified, HAS_STARTS=prefix is not None, **launch,
+        TILE=tile, UNIFIED=unified, HAS_STARTS=prefix is not None, HAS_WINDOW=window is not None, **launch,
     )
     return out

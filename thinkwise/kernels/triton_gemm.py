@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from thinkwise.kernels import pdl
+from thinkwise.kernels.device_info import sm_count
 
 try:
     import triton
@@ -126,16 +127,6 @@ class LaunchPlan:
     k_per_split: int  # a multiple of block_k
 
 
-_SM_COUNT: dict[int, int] = {}
-
-
-def sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: any small number exercises split-K
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
 
 
 def plan_launch(rows: int, n: int, k: int, config: FlatGemmConfig, device: torch.device) -> LaunchPlan:

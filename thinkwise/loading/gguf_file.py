@@ -2,10 +2,11 @@
 
 Tensors are dequantized with `gguf.quants.dequantize` (numpy) and renamed from llama.cpp's
 scheme (`blk.N.attn_q.weight`) to Hugging Face's (`model.layers.N.self_attn.q_proj.weight`)
-so one model implementation serves every source. llama.cpp's converter interleaves the
-rows of the q and k projections of `llama` models (to suit its own rotary layout); that is
-undone here exactly as transformers' GGUF loader does, so the weights equal the original
-checkpoint's. Qwen2/Qwen3 GGUFs are written without that permutation. Dequantizing the
+so one model implementation serves every source. The per-layer names and what llama.cpp's
+converter did to a tensor (it interleaves the q/k rows of `llama` models; it adds 1 to
+Gemma's norm weights) belong to the architecture: its registry entry names the tensors
+and undoes the change, exactly as transformers' GGUF loader does, so the weights equal
+the original checkpoint's. Dequantizing the
 default 0.5B model takes ~15 s on two CPU cores, so the result (in the requested dtype),
 the config and the rebuilt tokenizer are cached under the cache entry of the file's
 identity; a later load reads only the cache and never parses the GGUF again.
@@ -29,27 +30,16 @@ from thinkwise.loading.cache import atomic_path, cache_root, file_identity, writ
 from thinkwise.loading.config import LoadedModel, ModelConfig
 from thinkwise.loading.gguf_reading import ensure_gguf_path, field_value, gguf_config, open_gguf, tensor_torch_shape
 from thinkwise.loading.tokenizer_cache import gguf_eos_ids, load_gguf_tokenizer, tokenizer_chat_template
+from thinkwise.models import registry
+from thinkwise.models.architecture import Architecture
 
 logger = logging.getLogger(__name__)
 
 # Bump when the conversion (naming, permutation, config fields) changes: old cache
 # entries then stop matching instead of serving stale results.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: ModelConfig gained sliding_window, layer_types, options
 
 _TOP_LEVEL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-_PER_LAYER = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
 # Tensors that carry no weights of their own: rope_freqs became config.rope_scaling;
 # attn_rot_embd is a precomputed table some old converters wrote.
 _IGNORED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.attn_rot_embd\.weight)$")
@@ -57,34 +47,23 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 _GLOBAL = re.compile(r"^([a-z_]+)\.(weight|bias)$")
 
 
-def hf_name(gguf_name: str) -> str | None:
-    """The Hugging Face parameter name for a GGUF tensor name; None for tensors to skip."""
+def hf_name(gguf_name: str, entry: Architecture) -> str | None:
+    """The Hugging Face parameter name for a GGUF tensor name of architecture `entry`;
+    None for tensors to skip."""
     if _IGNORED.match(gguf_name):
         return None
     if m := _BLOCK.match(gguf_name):
         layer, part, kind = m.groups()
-        # Only q/k/v carry biases in these architectures (Qwen2); any other bias would be
-        # silently dropped by the model, so it falls through to the error below.
-        if part in _PER_LAYER and (kind == "weight" or part in ("attn_q", "attn_k", "attn_v")):
-            return f"model.layers.{layer}.{_PER_LAYER[part]}.{kind}"
+        # Only the parts the entry lists carry biases; any other bias would be silently
+        # dropped by the model, so it falls through to the error below.
+        if part in entry.gguf_tensors and (kind == "weight" or part in entry.gguf_bias_parts):
+            return f"model.layers.{layer}.{entry.gguf_tensors[part]}.{kind}"
     elif (m := _GLOBAL.match(gguf_name)) and m.group(1) in _TOP_LEVEL and m.group(2) == "weight":
         return f"{_TOP_LEVEL[m.group(1)]}.{m.group(2)}"
     raise UnsupportedArchitectureError(
-        f"GGUF tensor {gguf_name!r} has no counterpart in thinkwise's llama/qwen2/qwen3 implementation; "
-        "this file is a variant thinkwise cannot run correctly. Use a plain llama/qwen2/qwen3 GGUF."
+        f"GGUF tensor {gguf_name!r} has no counterpart in thinkwise's {entry.name} implementation; "
+        f"this file is a variant thinkwise cannot run correctly. Use a plain {entry.name} GGUF."
     )
-
-
-def unpermute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's `LlamaModel.permute` of q/k projection rows (weights and biases).
-
-    The converter reshapes rows as (n_head, 2, head_dim/2) and swaps the last two axes, so
-    each head's two rotary halves end up interleaved. Reading rows as (n_head, head_dim/2,
-    2) and swapping back restores them; for k, n_head is the number of KV heads (llama.cpp
-    permutes k with n_head_kv). Same as transformers' `_reverse_permute_weights`.
-    """
-    dim = weight.shape[0] // n_head // 2
-    return weight.reshape(n_head, dim, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def dequantize_weights(reader, config: ModelConfig, path: Path, dtype: torch.dtype, progress: bool) -> dict[str, torch.Tensor]:
@@ -92,9 +71,10 @@ def dequantize_weights(reader, config: ModelConfig, path: Path, dtype: torch.dty
     from gguf.quants import dequantize
     from tqdm.auto import tqdm
 
+    entry = registry.get(config.architecture)
     weights: dict[str, torch.Tensor] = {}
     for tensor in tqdm(reader.tensors, desc="dequantizing GGUF", unit="tensor", disable=not progress):
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, entry)
         if name is None:
             continue
         try:
@@ -111,11 +91,7 @@ def dequantize_weights(reader, config: ModelConfig, path: Path, dtype: torch.dty
             if array.size != int(np.prod(expected)):
                 raise ModelFormatError(f"tensor {tensor.name!r} of {path} has {array.size} values, expected shape {expected}")
             array = array.reshape(expected)
-        if config.architecture == "llama":
-            if ".attn_q." in tensor.name:
-                array = unpermute_qk(array, config.num_heads)
-            elif ".attn_k." in tensor.name:
-                array = unpermute_qk(array, config.num_kv_heads)
+        array = entry.gguf_tensor(name, array, config)
         # np.array copies: float32 tensors come back as views of the read-only file mapping.
         weights[name] = torch.from_numpy(np.array(array, dtype=np.float32, copy=True)).to(dtype)
     return weights
@@ -134,6 +110,7 @@ def _config_to_json(config: ModelConfig) -> dict[str, Any]:
 def _config_from_json(data: dict[str, Any]) -> ModelConfig:
     data = dict(data)
     data["eos_token_ids"] = tuple(data.get("eos_token_ids", ()))
+    data["layer_types"] = tuple(data.get("layer_types", ()))
     return ModelConfig(**data)
 
 

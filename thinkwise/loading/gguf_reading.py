@@ -23,7 +23,8 @@ import numpy as np
 from gguf import GGUFReader
 
 from thinkwise.errors import ModelFormatError, UnsupportedArchitectureError
-from thinkwise.loading.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from thinkwise.loading.config import ModelConfig
+from thinkwise.models import registry
 
 
 class FastGGUFReader(GGUFReader):
@@ -121,14 +122,11 @@ def tensor_torch_shape(tensor) -> tuple[int, ...]:
 
 
 def gguf_architecture(reader: GGUFReader, path: Path) -> str:
+    """The file's general.architecture, checked against the model registry."""
     arch = field_value(reader, "general.architecture")
     if not isinstance(arch, str):
         raise ModelFormatError(f"{path} has no general.architecture metadata; it is not a model GGUF (or is corrupted)")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"{path} is a {arch!r} model; thinkwise supports the architectures {', '.join(SUPPORTED_ARCHITECTURES)}. "
-            "Use a model of one of those architectures."
-        )
+    registry.for_gguf(arch, str(path))
     return arch
 
 
@@ -162,8 +160,10 @@ def llama3_rope_from_factors(factors: np.ndarray, head_dim: int, theta: float, h
 
 
 def gguf_config(reader: GGUFReader, path: Path) -> ModelConfig:
-    """ModelConfig from `{arch}.*` metadata plus what the tensor table implies."""
+    """ModelConfig from `{arch}.*` metadata plus what the tensor table implies; the
+    registry entry of the architecture adds and checks its own settings."""
     arch = gguf_architecture(reader, path)
+    entry = registry.for_gguf(arch, str(path))
     tensors = {t.name: t for t in reader.tensors}
 
     def need(key: str) -> Any:
@@ -186,7 +186,7 @@ def gguf_config(reader: GGUFReader, path: Path) -> ModelConfig:
     if rope_dim is not None and int(rope_dim) != head_dim:
         raise UnsupportedArchitectureError(
             f"{path} applies rotary embeddings to {rope_dim} of {head_dim} head dimensions (partial rotary), "
-            "which thinkwise's llama/qwen2/qwen3 implementation does not support"
+            f"which thinkwise's {entry.name} implementation does not support"
         )
     theta = _f32(field_value(reader, f"{arch}.rope.freq_base", 10000.0))
 
@@ -213,8 +213,8 @@ def gguf_config(reader: GGUFReader, path: Path) -> ModelConfig:
 
     eos = field_value(reader, "tokenizer.ggml.eos_token_id")
     bos = field_value(reader, "tokenizer.ggml.bos_token_id")
-    return ModelConfig(
-        architecture=arch,
+    fields: dict[str, Any] = dict(
+        architecture=entry.name,
         vocab_size=tensor_torch_shape(tensors["token_embd.weight"])[0],
         hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")),
@@ -232,6 +232,13 @@ def gguf_config(reader: GGUFReader, path: Path) -> ModelConfig:
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=() if eos is None else (int(eos),),
     )
+    try:
+        fields = entry.gguf_config(lambda key, default=None: field_value(reader, f"{arch}.{key}", default), fields)
+    except registry.Unsupported as exc:
+        raise UnsupportedArchitectureError(
+            f"{path}: {exc}, which thinkwise's {entry.name} implementation does not support"
+        ) from exc
+    return ModelConfig(**fields)
 
 
 def ensure_gguf_path(path: Path) -> Path:

@@ -4,10 +4,12 @@ The directory is read as `save_pretrained` writes it: `config.json`, one
 `model.safetensors` or shards listed by `model.safetensors.index.json`, optional tokenizer
 files, optional `generation_config.json` and chat template files. The config is mapped by
 hand rather than through `transformers.AutoConfig` so that what thinkwise cannot run
-(another model_type, biases on o_proj or the MLP, sliding-window attention, a non-SiLU
-activation) is refused with a clear error instead of producing wrong text; the
-transformers-4 (`rope_theta`/`rope_scaling`) and transformers-5 (`rope_parameters`) ways of
-writing rotary settings are both read. Nothing is ever fetched from the Hub.
+(another model_type, biases on o_proj or the MLP, an activation the model does not
+implement) is refused with a clear error instead of producing wrong text. The fields
+every architecture shares are read here; the model registry's entry for the model_type
+reads the rest and refuses what its model class cannot run. The transformers-4
+(`rope_theta`/`rope_scaling`) and transformers-5 (`rope_parameters`) ways of writing
+rotary settings are both read. Nothing is ever fetched from the Hub.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any
 import torch
 
 from thinkwise.errors import ModelFormatError, UnsupportedArchitectureError
-from thinkwise.loading.config import SUPPORTED_ARCHITECTURES, LoadedModel, ModelConfig
+from thinkwise.loading.config import LoadedModel, ModelConfig, hf_rope_settings
+from thinkwise.models import registry
 from thinkwise.loading.tokenizer_cache import (
     as_id_tuple,
     load_hf_tokenizer,
@@ -41,68 +44,23 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _rope_settings(raw: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
-    """(rope_theta, rope_scaling or None) from either config style.
-
-    transformers 5 writes `rope_parameters: {"rope_type": ..., "rope_theta": ..., <scaling
-    keys>}`; older files have top-level `rope_theta` and an optional `rope_scaling` dict.
-    """
-    params = raw.get("rope_parameters")
-    if isinstance(params, dict) and "full_attention" in params:  # per-layer-type variant
-        params = params["full_attention"]
-    params = dict(params) if isinstance(params, dict) else {}
-    theta = raw.get("rope_theta", params.pop("rope_theta", 10000.0))
-    params.pop("rope_theta", None)
-    scaling = raw.get("rope_scaling") or params or None
-    if scaling is not None:
-        scaling = dict(scaling)
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        scaling.pop("type", None)
-        scaling["rope_type"] = rope_type
-        if rope_type == "default" and set(scaling) == {"rope_type"}:
-            scaling = None
-    return float(theta), scaling
-
-
-def _refuse(directory: Path, what: str) -> UnsupportedArchitectureError:
-    return UnsupportedArchitectureError(
-        f"{directory}: {what}, which thinkwise's llama/qwen2/qwen3 implementation does not support; "
-        "use a standard Llama, Qwen2/Qwen2.5 or Qwen3 checkpoint"
-    )
-
-
 def hf_config(directory: Path, raw: dict[str, Any]) -> ModelConfig:
     """ModelConfig from a parsed config.json (eos ids are filled in by the caller)."""
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED_ARCHITECTURES:
-        raise UnsupportedArchitectureError(
-            f"{directory} holds a {model_type!r} model (config.json model_type); thinkwise supports "
-            f"{', '.join(SUPPORTED_ARCHITECTURES)}. Use a model of one of those architectures."
-        )
+    entry = registry.for_hf_model_type(raw.get("model_type"), str(directory))
     if isinstance(raw.get("text_config"), dict) and "hidden_size" not in raw:
-        raise _refuse(directory, "it is a multimodal wrapper config")
-    act = raw.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise _refuse(directory, f"it uses the {act!r} activation")
-    if raw.get("mlp_bias"):
-        raise _refuse(directory, "it has biases on the MLP projections (mlp_bias)")
-    if model_type == "qwen2":
-        attention_bias = True  # Qwen2 hard-codes bias on q/k/v (and none on o_proj)
-    else:
-        attention_bias = bool(raw.get("attention_bias", False))
-        if attention_bias:  # Llama/Qwen3 then put a bias on o_proj as well
-            raise _refuse(directory, "it has attention_bias=true (a bias on o_proj too)")
-    if model_type in ("qwen2", "qwen3") and raw.get("use_sliding_window"):
-        raise _refuse(directory, "it enables sliding-window attention (use_sliding_window)")
-
+        raise UnsupportedArchitectureError(
+            f"{directory}: it is a multimodal wrapper config, which thinkwise does not run; use the text-only "
+            f"checkpoint. Supported: {registry.supported_list()}"
+        )
+    config_file = directory / "config.json"
     try:
         hidden = int(raw["hidden_size"])
         heads = int(raw["num_attention_heads"])
         kv_heads = raw.get("num_key_value_heads")
-        theta, rope_scaling = _rope_settings(raw)
+        theta, rope_scaling = hf_rope_settings(raw)
         head_dim = raw.get("head_dim")
-        return ModelConfig(
-            architecture=model_type,
+        fields: dict[str, Any] = dict(
+            architecture=entry.name,
             vocab_size=int(raw["vocab_size"]),
             hidden_size=hidden,
             intermediate_size=int(raw["intermediate_size"]),
@@ -113,17 +71,23 @@ def hf_config(directory: Path, raw: dict[str, Any]) -> ModelConfig:
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
-            attention_bias=attention_bias,
-            qk_norm=model_type == "qwen3",
-            # All three transformers config classes default to untied embeddings.
+            # The Llama-family config classes default to untied embeddings; an entry whose
+            # class defaults otherwise (Gemma 3) overrides this.
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
             rope_scaling=rope_scaling,
             bos_token_id=raw.get("bos_token_id") if isinstance(raw.get("bos_token_id"), int) else None,
         )
+        fields = entry.hf_config(raw, fields)
+        return ModelConfig(**fields)
+    except registry.Unsupported as exc:
+        raise UnsupportedArchitectureError(
+            f"{directory}: {exc}, which thinkwise's {entry.name} implementation does not support; "
+            f"use a standard checkpoint of one of: {registry.supported_list()}"
+        ) from exc
     except KeyError as exc:
-        raise ModelFormatError(f"{directory / 'config.json'} lacks the required key {exc}; re-download config.json") from exc
+        raise ModelFormatError(f"{config_file} lacks the required key {exc}; re-download config.json") from exc
     except (TypeError, ValueError) as exc:
-        raise ModelFormatError(f"{directory / 'config.json'} has a malformed value ({exc}); re-download config.json") from exc
+        raise ModelFormatError(f"{config_file} has a malformed value ({exc}); re-download config.json") from exc
 
 
 def _shard_files(directory: Path) -> list[Path]:

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
 # Tokens that end a turn or a document in the chat formats of the supported families
 # (ChatML for Qwen/SmolLM, Llama 3's header format).
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>")
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>",
+                      "<end_of_turn>")  # the last: Gemma
 
 
 def load_hf_tokenizer(directory: Path) -> Any | None:

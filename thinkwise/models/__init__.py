@@ -1,15 +1,16 @@
-"""Model implementations, chosen by `ModelConfig.architecture`."""
+"""Model implementations, chosen by `ModelConfig.architecture` through the registry."""
 
 from __future__ import annotations
 
 import torch
 
-from thinkwise.errors import UnsupportedArchitectureError
 from thinkwise.kernels.linear_dispatch import DispatchLinear
-from thinkwise.loading.config import SUPPORTED_ARCHITECTURES, LoadedModel
-from thinkwise.models.llama import LlamaFamilyModel
+from thinkwise.loading.config import LoadedModel
+from thinkwise.models import registry
+from thinkwise.models.registry import SUPPORTED_ARCHITECTURES
+from thinkwise.models.rotary import RotaryEmbedding
 
-_FAMILIES = {"llama": LlamaFamilyModel, "qwen2": LlamaFamilyModel, "qwen3": LlamaFamilyModel}
+__all__ = ["build_model", "SUPPORTED_ARCHITECTURES"]
 
 
 def build_model(loaded: LoadedModel, *, device: torch.device | str, dtype: torch.dtype,
@@ -20,20 +21,19 @@ def build_model(loaded: LoadedModel, *, device: torch.device | str, dtype: torch
     table stay in `dtype` and everything small (norms, biases) is stored in `compute_dtype`;
     activations follow the norms' dtype and each linear layer upcasts its weight per call."""
     config = loaded.config
-    family = _FAMILIES.get(config.architecture)
-    if family is None:
-        raise UnsupportedArchitectureError(
-            f"architecture {config.architecture!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    family = registry.get(config.architecture).model_class
     with torch.device("meta"):
         model = family(config)
     # Built on "meta" so no memory is spent on random init of weights that load_weights
-    # overwrites anyway; only the rotary frequencies are real buffers to recompute.
+    # overwrites anyway; only the rotary frequencies (one table per rope setting the model
+    # uses) are real buffers to recompute.
     model = model.to_empty(device=device).to(compute_dtype or dtype)
     if compute_dtype is not None and compute_dtype != dtype:
         for module in model.modules():
             if isinstance(module, (DispatchLinear, torch.nn.Embedding)):
                 module.weight.data = module.weight.data.to(dtype)
-    model.rotary.reset_buffers(device)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.reset_buffers(device)
     model.load_weights(loaded.weights)
     return model.eval()

@@ -1,8 +1,10 @@
-"""The Llama family decoder: Llama 2/3, SmolLM2, Qwen2/Qwen2.5 and Qwen3.
+"""The Llama family decoder: Llama 2/3, SmolLM2, Qwen2/Qwen2.5, Qwen3 and Mistral.
 
 One implementation covers them because they differ only in switches the config
 carries: bias on the q/k/v projections (Qwen2), RMSNorm on each head's q and k before
-rotary (Qwen3), an explicit head_dim (Qwen3), tied embeddings, and rope scaling.
+rotary (Qwen3), an explicit head_dim (Qwen3, Mistral), tied embeddings, rope scaling,
+and a sliding attention window in every layer (Mistral). The registry entries at the end
+say how each member's config.json and GGUF files map onto those switches.
 Projections that read the same input are fused (q/k/v into one matrix, gate/up into
 another) so a step runs two large matmuls instead of five; `load_weights` takes the
 Hugging Face names and does the fusing. The forward pass takes a flat batch of tokens
@@ -11,13 +13,18 @@ and an `AttentionMetadata`; the KV cache tensors are handed in by the runner.
 
 from __future__ import annotations
 
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 
+from thinkwise.errors import ModelFormatError
 from thinkwise.kernels.fused import add_rms_norm, qkv_rotary_cache
 from thinkwise.kernels.linear_dispatch import DispatchLinear
 from thinkwise.kernels.paged_attention import AttentionMetadata, paged_attention
 from thinkwise.loading.config import ModelConfig
+from thinkwise.models.architecture import Architecture, Unsupported
 from thinkwise.models.rotary import RotaryEmbedding
 
 
@@ -37,8 +44,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
+        self.window = config.layer_window(layer)  # None: full attention (no extra work)
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
@@ -68,7 +76,7 @@ class Attention(nn.Module):
             self.q_norm.eps if self.q_norm is not None else 0.0,
             k_cache, v_cache, metadata.slot_mapping, self.num_heads, self.num_kv_heads, self.head_dim,
         )
-        out = paged_attention(q, k_cache, v_cache, metadata, self.scale)
+        out = paged_attention(q, k_cache, v_cache, metadata, self.scale, self.window)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -81,14 +89,14 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # SiLU(gate) * up: in the gate/up GEMM's epilogue where the Triton GEMM runs.
-        return self.down_proj(self.gate_up_proj.forward_silu_mul(x))
+        return self.down_proj(self.gate_up_proj.forward_gated(x, "silu"))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
@@ -106,12 +114,34 @@ class DecoderLayer(nn.Module):
         return self.mlp(normed), residual
 
 
+def weight_copier(model: nn.Module, weights: dict[str, torch.Tensor]):
+    """(take, put) for a model's load_weights: take(HF name) fetches a checkpoint tensor,
+    put(parameter name, tensor) copies it in; both name what is missing or misshapen."""
+    params = dict(model.named_parameters())
+
+    def take(name: str) -> torch.Tensor:
+        if name not in weights:
+            raise ModelFormatError(f"weight {name!r} is missing from the model files; the download may be incomplete")
+        return weights[name]
+
+    def put(param_name: str, tensor: torch.Tensor) -> None:
+        param = params[param_name]
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise ModelFormatError(
+                f"weight for {param_name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}; "
+                "the config and the weights disagree"
+            )
+        param.copy_(tensor)
+
+    return take, put
+
+
 class LlamaFamilyModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling,
                                       config.max_position_embeddings)
@@ -139,28 +169,7 @@ class LlamaFamilyModel(nn.Module):
     @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up."""
-        params = dict(self.named_parameters())
-        used: set[str] = set()
-
-        def take(name: str) -> torch.Tensor:
-            if name not in weights:
-                from thinkwise.errors import ModelFormatError
-
-                raise ModelFormatError(f"weight {name!r} is missing from the model files; the download may be incomplete")
-            used.add(name)
-            return weights[name]
-
-        def put(param_name: str, tensor: torch.Tensor) -> None:
-            param = params[param_name]
-            if tuple(param.shape) != tuple(tensor.shape):
-                from thinkwise.errors import ModelFormatError
-
-                raise ModelFormatError(
-                    f"weight for {param_name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}; "
-                    "the config and the weights disagree"
-                )
-            param.copy_(tensor)
-
+        take, put = weight_copier(self, weights)
         put("embed_tokens.weight", take("model.embed_tokens.weight"))
         put("norm.weight", take("model.norm.weight"))
         if self.config.tie_word_embeddings:
@@ -182,3 +191,94 @@ class LlamaFamilyModel(nn.Module):
             put(dst + "mlp.down_proj.weight", take(mlp + "down_proj.weight"))
             put(dst + "input_layernorm.weight", take(src + "input_layernorm.weight"))
             put(dst + "post_attention_layernorm.weight", take(src + "post_attention_layernorm.weight"))
+
+
+# ----------------------------------------------------------------------------- registry entries
+
+
+def _plain_gated_silu_mlp(raw: dict[str, Any]) -> None:
+    act = raw.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise Unsupported(f"it uses the {act!r} activation")
+    if raw.get("mlp_bias"):
+        raise Unsupported("it has biases on the MLP projections (mlp_bias)")
+
+
+def _no_output_bias(raw: dict[str, Any]) -> None:
+    if raw.get("attention_bias"):  # Llama/Qwen3 then put a bias on o_proj as well
+        raise Unsupported("it has attention_bias=true (a bias on o_proj too)")
+
+
+def _no_qwen_window(raw: dict[str, Any]) -> None:
+    # Qwen2/Qwen3 window only the layers from max_window_layers on; not implemented.
+    if raw.get("use_sliding_window"):
+        raise Unsupported("it enables sliding-window attention (use_sliding_window)")
+
+
+def _llama_hf(raw: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    _plain_gated_silu_mlp(raw)
+    _no_output_bias(raw)
+    return fields
+
+
+def _qwen2_hf(raw: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    _plain_gated_silu_mlp(raw)
+    _no_qwen_window(raw)
+    return {**fields, "attention_bias": True}  # Qwen2 hard-codes bias on q/k/v (and none on o_proj)
+
+
+def _qwen3_hf(raw: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    _plain_gated_silu_mlp(raw)
+    _no_output_bias(raw)
+    _no_qwen_window(raw)
+    return {**fields, "qk_norm": True}
+
+
+def _mistral_hf(raw: dict[str, Any], fields: dict[str, Any]) -> dict[str, Any]:
+    _plain_gated_silu_mlp(raw)
+    window = raw.get("sliding_window")
+    if window is not None and (not isinstance(window, int) or isinstance(window, bool) or window < 1):
+        raise Unsupported(f"its sliding_window is {window!r}, not a positive integer or null")
+    return {**fields, "sliding_window": window}
+
+
+def unpermute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's `LlamaModel.permute` of q/k projection rows (weights and biases).
+
+    The converter reshapes rows as (n_head, 2, head_dim/2) and swaps the last two axes, so
+    each head's two rotary halves end up interleaved. Reading rows as (n_head, head_dim/2,
+    2) and swapping back restores them; for k, n_head is the number of KV heads (llama.cpp
+    permutes k with n_head_kv). Same as transformers' `_reverse_permute_weights`.
+    """
+    dim = weight.shape[0] // n_head // 2
+    return weight.reshape(n_head, dim, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _llama_gguf_tensor(hf_name: str, array: np.ndarray, config: ModelConfig) -> np.ndarray:
+    # llama.cpp permutes the q/k rows of `llama` models (not of qwen2/qwen3) for its rotary layout.
+    if ".self_attn.q_proj." in hf_name:
+        return unpermute_qk(array, config.num_heads)
+    if ".self_attn.k_proj." in hf_name:
+        return unpermute_qk(array, config.num_kv_heads)
+    return array
+
+
+LLAMA = Architecture(
+    name="llama", model_class=LlamaFamilyModel, description="Llama 2/3, SmolLM2",
+    hf_model_types=("llama",), hf_config=_llama_hf,
+    gguf_architecture="llama", gguf_tensor=_llama_gguf_tensor,
+)
+QWEN2 = Architecture(
+    name="qwen2", model_class=LlamaFamilyModel, description="Qwen2, Qwen2.5",
+    hf_model_types=("qwen2",), hf_config=_qwen2_hf, gguf_architecture="qwen2",
+)
+QWEN3 = Architecture(
+    name="qwen3", model_class=LlamaFamilyModel, description="Qwen3",
+    hf_model_types=("qwen3",), hf_config=_qwen3_hf, gguf_architecture="qwen3",
+)
+# llama.cpp converts Mistral checkpoints to its "llama" architecture (so such GGUFs load as
+# llama); only Hugging Face directories arrive as "mistral", with their sliding window.
+MISTRAL = Architecture(
+    name="mistral", model_class=LlamaFamilyModel, description="Mistral, with its sliding window",
+    hf_model_types=("mistral",), hf_config=_mistral_hf,
+)

@@ -125,10 +125,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
 
-def request_id_of(request: Request) -> str:
-    return request.scope.get("state", {}).get("request_id") or uuid.uuid4().hex
-
-
 class RequestContextMiddleware:
     """Request ids, body-size limit, 500s for uncaught errors, and per-route status counts.
 

@@ -32,6 +32,7 @@ from thinkwise.engine.async_engine import AsyncEngine, EngineDeadError, StreamIt
 from thinkwise.engine.outputs import RequestOutput
 from thinkwise.engine.sampling_params import SamplingParams
 from thinkwise.errors import InvalidParameterError, ModelNotFoundError, PromptTooLongError
+from thinkwise.server.disconnect import unless_disconnected
 from thinkwise.server.errors import QueueFullError
 from thinkwise.server.strategy_serving import chat_with_strategy, requested_strategy
 from thinkwise.server.metrics import ServerMetrics
@@ -340,15 +341,15 @@ class OpenAIServing:
             raise ModelNotFoundError(f"the model {name!r} does not exist; this server serves {served} "
                                      "(see GET /v1/models)", param="model")
 
-    def _check_n(self, n: int) -> None:
+    def check_n(self, n: int) -> None:
         if n > self.max_n:
             raise InvalidParameterError(f"n is {n} but this server allows at most {self.max_n} samples per prompt "
                                         "(its --max-n / --max-num-seqs)", param="n")
 
-    def _max_tokens(self, requested: int | None, param: str, prompts: list[list[int]], default: int | None) -> int | None:
+    def max_tokens_for(self, requested: int | None, param: str, prompts: list[list[int]], default: int | None) -> int | None:
         longest = max(len(p) for p in prompts)
         for ids in prompts:
-            self.engine._check_prompt(ids)  # prompt too long for the context or the KV cache: the engine's message
+            self.engine.check_prompt(ids)  # prompt too long for the context or the KV cache: the engine's message
         room = self.engine.max_model_len - longest
         if requested is None:
             return None if default is None else min(default, room)
@@ -360,7 +361,7 @@ class OpenAIServing:
             )
         return requested
 
-    def _sampling_params(self, req, *, n: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def sampling_params_for(self, req, *, n: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(
             n=n, max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else float(req.temperature),
@@ -369,7 +370,7 @@ class OpenAIServing:
             ignore_eos=bool(req.ignore_eos), min_tokens=req.min_tokens or 0, logprobs=logprobs,
         )
 
-    def _admit(self, sequences: int) -> None:
+    def admit(self, sequences: int) -> None:
         if self.sequences_in_flight and self.sequences_in_flight + sequences > self.capacity:
             self.metrics.rejected.labels("queue_full").inc()
             raise QueueFullError(
@@ -379,7 +380,7 @@ class OpenAIServing:
         self.requests_in_flight += 1
         self.metrics.requests_in_flight.inc()
 
-    def _release(self, sequences: int) -> None:
+    def release(self, sequences: int) -> None:
         self.sequences_in_flight -= sequences
         self.requests_in_flight -= 1
         self.metrics.requests_in_flight.dec()
@@ -439,15 +440,15 @@ class OpenAIServing:
             return await chat_with_strategy(self, req, http, *strategy)
         self.check_model(req.model)
         n = req.n or 1
-        self._check_n(n)
+        self.check_n(n)
         prompt = await self.chat_prompt(req)
         if req.max_completion_tokens is not None:
             requested, param = req.max_completion_tokens, "max_completion_tokens"
         else:
             requested, param = req.max_tokens, "max_tokens"
-        max_tokens = self._max_tokens(requested, param, [prompt], default=None)
+        max_tokens = self.max_tokens_for(requested, param, [prompt], default=None)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self._sampling_params(req, n=n, max_tokens=max_tokens, logprobs=logprobs)
+        params = self.sampling_params_for(req, n=n, max_tokens=max_tokens, logprobs=logprobs)
         request_id = uuid.uuid4().hex
         ctx = ResponseContext(self, request_id, f"chatcmpl-{request_id}", req.model, int(time.time()), n,
                               params.stop, logprobs,
@@ -459,13 +460,13 @@ class OpenAIServing:
         arrival = time.monotonic()
         self.check_model(req.model)
         n = req.n or 1
-        self._check_n(n)
+        self.check_n(n)
         if req.echo and req.logprobs is not None:
             raise InvalidParameterError("echo with logprobs would need prompt logprobs, which thinkwise does not "
                                         "compute; drop one of them", param="echo")
         prompts, texts = await self.completion_prompts(req)
-        max_tokens = self._max_tokens(req.max_tokens, "max_tokens", prompts, default=COMPLETIONS_DEFAULT_MAX_TOKENS)
-        params = self._sampling_params(req, n=n, max_tokens=max_tokens, logprobs=req.logprobs)
+        max_tokens = self.max_tokens_for(req.max_tokens, "max_tokens", prompts, default=COMPLETIONS_DEFAULT_MAX_TOKENS)
+        params = self.sampling_params_for(req, n=n, max_tokens=max_tokens, logprobs=req.logprobs)
         request_id = uuid.uuid4().hex
         ctx = ResponseContext(self, request_id, f"cmpl-{request_id}", req.model, int(time.time()), n, params.stop,
                               req.logprobs,
@@ -476,12 +477,12 @@ class OpenAIServing:
 
     async def _run(self, http: Request, prompts, params, ctx, n, stream, stream_writer, body_writer, arrival) -> Response:
         sequences = n * len(prompts)
-        self._admit(sequences)
+        self.admit(sequences)
         run = EngineRun(self.async_engine, self.metrics, ctx.request_id, arrival)
         try:
             await run.start(prompts, params)
         except BaseException:
-            self._release(sequences)
+            self.release(sequences)
             raise
         if stream:
             async def body():
@@ -489,14 +490,14 @@ class OpenAIServing:
                     async for chunk in stream_writer(run, ctx):
                         yield chunk
                 finally:
-                    self._release(sequences)
+                    self.release(sequences)
 
             return StreamingResponse(body(), media_type="text/event-stream",
                                      headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
         try:
-            finished = await _unless_disconnected(http, _collect(run))
+            finished = await unless_disconnected(http, _collect(run))
         finally:
-            self._release(sequences)
+            self.release(sequences)
         if finished is None:  # the client went away; nobody reads this
             return Response(status_code=499)
         return Response(dumps(body_writer(ctx, run.finals)), media_type="application/json")
@@ -545,32 +546,3 @@ async def _collect(run: EngineRun) -> bool:
     finally:
         with anyio.CancelScope(shield=True):
             await run.close()
-
-
-async def _unless_disconnected(http: Request, work) -> Any:
-    """Run `work`; if the client disconnects first, cancel it (which aborts its engine requests)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(http))
-    try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:
-        task.cancel()
-        watcher.cancel()
-        with anyio.CancelScope(shield=True):
-            await asyncio.gather(task, watcher, return_exceptions=True)
-        raise
-    if task in done:
-        watcher.cancel()
-        return task.result()
-    task.cancel()
-    with anyio.CancelScope(shield=True):
-        await asyncio.gather(task, return_exceptions=True)
-    return None
-
-
-async def _disconnected(http: Request) -> None:
-    while True:
-        message = await http.receive()
-        if message["type"] == "http.disconnect":
-            return
-

@@ -29,6 +29,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from thinkwise.errors import InvalidParameterError
+from thinkwise.server.disconnect import unless_disconnected
+from thinkwise.server.streaming import dumps
 from thinkwise.strategies import LocalBackend, StrategySpec, parse_strategy, run_strategy
 
 _PREFIX_SHORT = re.compile(r"short-m@k-(\d+)-(\d+)")
@@ -96,9 +98,6 @@ class _TrackingBackend(LocalBackend):
 
 
 async def chat_with_strategy(serving, req, http: Request, spec: StrategySpec, model: str) -> Response:
-    from thinkwise.server.serving import _unless_disconnected
-    from thinkwise.server.streaming import dumps
-
     if req.stream:
         raise InvalidParameterError("stream=true is not supported with a thinkwise strategy: the answer is decided "
                                     "only when the samples are; send stream=false", param="stream")
@@ -106,11 +105,11 @@ async def chat_with_strategy(serving, req, http: Request, spec: StrategySpec, mo
         raise InvalidParameterError("n must be 1 with a thinkwise strategy (the strategy's k sets the samples)",
                                     param="n")
     samples = max(spec.k, 1)
-    serving._check_n(samples)
+    serving.check_n(samples)
     prompt = await serving.chat_prompt(req)
     requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    max_tokens = serving._max_tokens(requested, "max_tokens", [prompt], default=512)
-    params = serving._sampling_params(req, n=1, max_tokens=max_tokens, logprobs=None)
+    max_tokens = serving.max_tokens_for(requested, "max_tokens", [prompt], default=512)
+    params = serving.sampling_params_for(req, n=1, max_tokens=max_tokens, logprobs=None)
     options = req.thinkwise
     verifier = None
     if options is not None and options.answer is not None:
@@ -118,17 +117,17 @@ async def chat_with_strategy(serving, req, http: Request, spec: StrategySpec, mo
 
         verifier = ExactChecker(options.answer)
     extract = options.extract if options is not None else "auto"
-    serving._admit(samples)
+    serving.admit(samples)
     backend = _TrackingBackend(serving.async_engine)
     started = time.time()
     try:
         work = run_strategy(backend, spec, prompt, params, prompt_text=req.messages[-1].text(), extract=extract,
                             verifier=verifier)
-        answer = await _unless_disconnected(http, work)
+        answer = await unless_disconnected(http, work)
     finally:
         with anyio.CancelScope(shield=True):  # even when this handler is cancelled (shutdown)
             await backend.abort_all()  # a cancelled or failed strategy leaves nothing running
-        serving._release(samples)
+        serving.release(samples)
     if answer is None:  # the client went away
         serving.metrics.aborted.inc()
         return Response(status_code=499)

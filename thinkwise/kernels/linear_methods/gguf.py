@@ -39,14 +39,17 @@ def bits_of(type_name: str, tensor: str) -> int:
 
 def gguf_tensor_types(source: str) -> dict[str, str]:
     """Hugging Face weight name -> GGUF block type name, read from the file's tensor table."""
-    from thinkwise.loading.gguf_file import hf_name
-    from thinkwise.loading.gguf_reading import open_gguf
     from pathlib import Path
 
+    from thinkwise.loading.gguf_file import hf_name
+    from thinkwise.loading.gguf_reading import field_value, open_gguf
+    from thinkwise.models import registry
+
     reader = open_gguf(Path(source))
+    entry = registry.for_gguf(field_value(reader, "general.architecture"), source)
     types = {}
     for tensor in reader.tensors:
-        name = hf_name(tensor.name)
+        name = hf_name(tensor.name, entry)
         if name is not None:
             types[name] = tensor.tensor_type.name
     return types
