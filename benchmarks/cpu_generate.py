@@ -1,38 +1,187 @@
-"""CPU generation speed: thinkwise vs transformers on the default model, side by side.
+"""CPU generation speed on the default model: thinkwise (16-bit and quantized) vs llama.cpp.
 
-Both load the same GGUF in the same process and dtype, decode the same chat prompt with
-every request forced to its full length (EOS ignored), and are timed the same way:
-batch-1 greedy decode, then n=8 samples of one prompt. Prints tokens/s and the ratios,
-and writes a new JSON file (benchmarks/results/cpu_generate-<UTC time>.json unless --out) with
-the command, the machine and the versions of thinkwise, torch and transformers.
+Every column loads the same GGUF and decodes the same chat prompt (as token ids) with
+every request forced to its full length (EOS ignored) on the same number of threads, timed
+the same way: batch-1 greedy decode, then n samples of one prompt decoded together
+(warm-up first, which also fills each engine's prompt cache, then the best of --repeats).
+Columns: thinkwise at each `--quantization` (none = the 16-bit weights; int8, int4, gguf:
+see thinkwise/kernels/linear_methods), llama.cpp through the `xllamacpp` wheel (its embedded
+server, n_parallel = n; `pip install thinkwise[bench]`), and optionally transformers. Each
+column runs in its own child process, one after another, so its load time and resident
+memory (RSS before and after loading, and at the end) are its own. Prints tokens/s, the
+ratios to llama.cpp, and writes a JSON file (benchmarks/results/cpu_generate-<UTC time>.json
+unless --out) with the command, machine and versions.
 
-    python benchmarks/cpu_generate.py [--new-tokens 48] [--samples 8] [--dtype bfloat16] [--out FILE]
+    python benchmarks/cpu_generate.py [--quantization none,int8,int4,gguf] [--baselines llama.cpp]
+        [--new-tokens 48] [--samples 8] [--threads 2] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python benchmarks/X.py`: put the repository root on the path
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import thinkwise  # noqa: F401  (thread settings before torch)
-import torch
-
 from benchmarks.common import add_output_arguments, output_path, write_result
-from thinkwise import LLM, SamplingParams
-from thinkwise.loading import resolve_default_model
 
 QUESTION = "Explain step by step how to compute 17 * 23 without a calculator."
+BASELINES = ("llama.cpp", "transformers")
 
 
-def time_call(fn) -> float:
+def rss_mib() -> float:
+    """This process's resident set size (VmRSS), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def best_time(fn, repeats: int) -> float:
+    fn()  # warm-up (also fills the prompt cache the same way for every timed run)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def run_thinkwise(args, quantization: str) -> dict:
+    import thinkwise  # noqa: F401  (thread settings before torch)
+    import torch
+
+    from thinkwise import LLM, SamplingParams
+
+    torch.set_num_threads(args.threads)
+    rss_before = rss_mib()
     start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    llm = LLM("default", dtype=args.dtype, device="cpu", quantization=None if quantization == "none" else quantization)
+    load_s = time.perf_counter() - start
+    rss_loaded = rss_mib()
+    prompt_ids = llm.apply_chat_template([{"role": "user", "content": QUESTION}])
+    n_new, k = args.new_tokens, args.samples
+
+    def batch1():
+        out = llm.generate({"prompt_token_ids": prompt_ids},
+                           SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))[0]
+        assert len(out.outputs[0].token_ids) == n_new
+
+    def n_samples():
+        out = llm.generate({"prompt_token_ids": prompt_ids},
+                           SamplingParams(n=k, temperature=0.7, top_p=0.95, seed=0, max_tokens=n_new, ignore_eos=True))[0]
+        assert sum(len(o.token_ids) for o in out.outputs) == k * n_new
+
+    greedy = llm.generate({"prompt_token_ids": prompt_ids},
+                          SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))[0].outputs[0].token_ids
+    b1 = best_time(batch1, args.repeats)
+    nk = best_time(n_samples, args.repeats)
+    meta = llm.engine.run_metadata
+    model = llm.engine.runner.model
+    weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    weight_bytes += sum(getattr(m, "blas_weight", None).nbytes for m in model.modules()
+                        if getattr(m, "blas_weight", None) is not None and m.blas_weight.base is None)
+    kv_bytes = llm.engine.runner.kv_cache.numel() * llm.engine.runner.kv_cache.element_size()
+    return {"prompt_ids": prompt_ids, "greedy_ids": list(greedy), "load_s": round(load_s, 2),
+            "weights_mib": round(weight_bytes / 2**20), "kv_cache_mib": round(kv_bytes / 2**20),
+            "rss_mib": {"before_load": round(rss_before), "after_load": round(rss_loaded), "end": round(rss_mib())},
+            "batch1_tok_s": round(n_new / b1, 2), f"n{k}_tok_s": round(k * n_new / nk, 2),
+            "linear_methods": {key: meta["linear_methods"].get(key) for key in ("method", "counts", "notes")},
+            "gemm_dispatch": meta.get("gemm_dispatch")}
+
+
+def run_llamacpp(args, prompt_ids: list[int]) -> dict:
+    import threading
+
+    try:
+        import xllamacpp
+    except ImportError:
+        return {"skipped": "xllamacpp is not installed: pip install 'thinkwise[bench]'"}
+    from thinkwise.loading import resolve_default_model
+
+    params = xllamacpp.CommonParams()
+    params.model.path = str(resolve_default_model())
+    params.n_parallel = args.samples
+    params.n_ctx = args.samples * (len(prompt_ids) + args.new_tokens + 64)
+    params.cpuparams.n_threads = args.threads
+    params.cpuparams_batch.n_threads = args.threads
+    rss_before = rss_mib()
+    start = time.perf_counter()
+    server = xllamacpp.Server(params)
+    load_s = time.perf_counter() - start
+    rss_loaded = rss_mib()
+    n_new, k = args.new_tokens, args.samples
+
+    def complete(temperature: float, seed: int) -> list[int]:
+        body = {"prompt": prompt_ids, "n_predict": n_new, "ignore_eos": True, "temperature": temperature,
+                "top_p": 0.95, "seed": seed, "cache_prompt": True, "return_tokens": True}
+        result = server.handle_completions(body)
+        if not isinstance(result, dict) or "choices" not in result and "tokens" not in result:
+            raise RuntimeError(f"llama.cpp answered {str(result)[:300]}")
+        usage = result.get("usage", {})
+        assert usage.get("completion_tokens", n_new) == n_new, usage
+        choice = result.get("choices", [{}])[0]
+        return list(choice.get("tokens") or result.get("tokens") or [])
+
+    def batch1():
+        complete(0.0, 0)
+
+    def n_samples():
+        threads = [threading.Thread(target=complete, args=(0.7, i)) for i in range(k)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    greedy = complete(0.0, 0)
+    b1 = best_time(batch1, args.repeats)
+    nk = best_time(n_samples, args.repeats)
+    return {"load_s": round(load_s, 2), "greedy_ids": greedy,
+            "rss_mib": {"before_load": round(rss_before), "after_load": round(rss_loaded), "end": round(rss_mib())},
+            "batch1_tok_s": round(n_new / b1, 2), f"n{k}_tok_s": round(k * n_new / nk, 2),
+            "build": dict(xllamacpp.BUILD_INFO)}
+
+
+def run_transformers(args, prompt_ids: list[int]) -> dict:
+    import thinkwise  # noqa: F401
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from thinkwise.loading import resolve_default_model
+
+    torch.set_num_threads(args.threads)
+    gguf_path = resolve_default_model()
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    rss_before = rss_mib()
+    start = time.perf_counter()
+    hf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=dtype).eval()
+    load_s = time.perf_counter() - start
+    rss_loaded = rss_mib()
+    ids = torch.tensor([prompt_ids])
+    mask = torch.ones_like(ids)
+    n_new, k = args.new_tokens, args.samples
+
+    def batch1():
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+
+    def n_samples():
+        with torch.inference_mode():
+            hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=True,
+                        temperature=0.7, top_p=0.95, num_return_sequences=k)
+
+    b1 = best_time(batch1, args.repeats)
+    nk = best_time(n_samples, args.repeats)
+    return {"load_s": round(load_s, 2),
+            "rss_mib": {"before_load": round(rss_before), "after_load": round(rss_loaded), "end": round(rss_mib())},
+            "batch1_tok_s": round(n_new / b1, 2), f"n{k}_tok_s": round(k * n_new / nk, 2)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,66 +189,84 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--new-tokens", type=int, default=48, help="forced new tokens per sample")
     parser.add_argument("--samples", type=int, default=8, help="n of the n-samples measurement")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement; the best is kept")
+    parser.add_argument("--quantization", default="none,int8,int4,gguf",
+                        help="comma-separated thinkwise columns: none (16-bit), int8, int4, int4-g64, int4-g128, gguf")
+    parser.add_argument("--baselines", default="llama.cpp",
+                        help=f"comma-separated: {', '.join(BASELINES)} (or none)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for every engine")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per measurement after a warm-up; the best is kept")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one column, in a child process
+    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--prompt-ids", default=None, help=argparse.SUPPRESS)
     add_output_arguments(parser, "cpu_generate")
     return parser
 
 
+def worker(args) -> None:
+    prompt_ids = json.loads(args.prompt_ids) if args.prompt_ids else None
+    if args.worker == "llama.cpp":
+        result = run_llamacpp(args, prompt_ids)
+    elif args.worker == "transformers":
+        result = run_transformers(args, prompt_ids)
+    else:
+        result = run_thinkwise(args, args.worker.removeprefix("thinkwise:"))
+    Path(args.worker_out).write_text(json.dumps(result))
+
+
+def run_column(args, column: str, prompt_ids: list[int] | None) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "column.json"
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", column, "--worker-out", str(out),
+                   "--new-tokens", str(args.new_tokens), "--samples", str(args.samples), "--dtype", args.dtype,
+                   "--threads", str(args.threads), "--repeats", str(args.repeats)]
+        if prompt_ids is not None:
+            command += ["--prompt-ids", json.dumps(prompt_ids)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0 or not out.exists():
+            return {"failed": done.stderr[-2000:]}
+        return json.loads(out.read_text())
+
+
 def main() -> None:
     args = build_parser().parse_args()
+    if args.worker:
+        worker(args)
+        return
     out = output_path(args, "cpu_generate")
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    torch.set_num_threads(min(torch.get_num_threads(), 2) if torch.get_num_threads() else 2)
-
-    gguf_path = resolve_default_model(progress=True)
-    llm = LLM("default", dtype=args.dtype, device="cpu", progress=True)
-    prompt_ids = llm.apply_chat_template([{"role": "user", "content": QUESTION}])
-    n_new, k = args.new_tokens, args.samples
-
-    def ours_b1():
-        out = llm.generate({"prompt_token_ids": prompt_ids},
-                           SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))[0]
-        assert len(out.outputs[0].token_ids) == n_new
-
-    def ours_nk():
-        out = llm.generate({"prompt_token_ids": prompt_ids},
-                           SamplingParams(n=k, temperature=0.7, top_p=0.95, seed=0, max_tokens=n_new, ignore_eos=True))[0]
-        assert sum(len(o.token_ids) for o in out.outputs) == k * n_new
-
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=dtype).eval()
-    ids = torch.tensor([prompt_ids])
-    mask = torch.ones_like(ids)
-
-    def hf_b1():
-        with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
-        assert out.shape[1] == ids.shape[1] + n_new
-
-    def hf_nk():
-        with torch.inference_mode():
-            out = hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=True,
-                              temperature=0.7, top_p=0.95, num_return_sequences=k)
-        assert out.shape == (k, ids.shape[1] + n_new)
-
-    results = {}
-    for name, fn, tokens in [("thinkwise_batch1", ours_b1, n_new), ("transformers_batch1", hf_b1, n_new),
-                             (f"thinkwise_n{k}", ours_nk, k * n_new), (f"transformers_n{k}", hf_nk, k * n_new)]:
-        fn()  # warm-up (also primes thinkwise's prefix cache the same way for every run)
-        best = min(time_call(fn) for _ in range(args.repeats))
-        results[name] = {"seconds": round(best, 3), "tokens_per_s": round(tokens / best, 2)}
-        print(f"{name:>22}: {tokens / best:8.2f} tok/s")
-    ratio_b1 = results["thinkwise_batch1"]["tokens_per_s"] / results["transformers_batch1"]["tokens_per_s"]
-    ratio_nk = results[f"thinkwise_n{k}"]["tokens_per_s"] / results[f"transformers_n{k}"]["tokens_per_s"]
-    print(f"ratio batch-1: {ratio_b1:.2f}x   ratio n={k}: {ratio_nk:.2f}x")
-    report = {
-        "model": "default (Qwen2.5-Coder-0.5B-Instruct GGUF)", "dtype": args.dtype, "new_tokens": n_new,
-        "prompt_tokens": len(prompt_ids), "samples": k, "results": results,
-        "ratio_batch1": round(ratio_b1, 3), f"ratio_n{k}": round(ratio_nk, 3),
-        "thinkwise_run_metadata": {k2: v for k2, v in llm.engine.run_metadata.items()},
-    }
-    write_result(out, report)
+    k = args.samples
+    columns = [f"thinkwise:{q.strip()}" for q in args.quantization.split(",") if q.strip()]
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip() and b.strip() != "none"]
+    for name in baselines:
+        if name not in BASELINES:
+            sys.exit(f"error: --baselines {name!r} is not one of {', '.join(BASELINES)}")
+    results: dict[str, dict] = {}
+    prompt_ids = None
+    for column in columns + baselines:
+        result = run_column(args, column, prompt_ids)
+        results[column] = result
+        prompt_ids = prompt_ids or result.get("prompt_ids")
+        if "failed" in result or "skipped" in result:
+            print(f"{column:>20}: {result.get('skipped') or 'failed: ' + result['failed'][-400:]}")
+            continue
+        rss = result["rss_mib"]
+        weights = f"   weights {result['weights_mib']} MiB + KV {result['kv_cache_mib']} MiB" if "weights_mib" in result else ""
+        print(f"{column:>20}: batch-1 {result['batch1_tok_s']:7.2f} tok/s   n={k} {result[f'n{k}_tok_s']:7.2f} tok/s   "
+              f"load {result['load_s']:6.2f} s   RSS {rss['before_load']} -> {rss['after_load']} MiB{weights}")
+    ratios = {}
+    reference = results.get("llama.cpp", {})
+    if "batch1_tok_s" in reference:
+        for column in columns:
+            if "batch1_tok_s" in results[column]:
+                ratios[column] = {"batch1_vs_llama.cpp": round(results[column]["batch1_tok_s"] / reference["batch1_tok_s"], 3),
+                                  f"n{k}_vs_llama.cpp": round(results[column][f"n{k}_tok_s"] / reference[f"n{k}_tok_s"], 3)}
+                print(f"{column:>20}: {ratios[column]['batch1_vs_llama.cpp']:.2f}x llama.cpp at batch 1, "
+                      f"{ratios[column][f'n{k}_vs_llama.cpp']:.2f}x at n={k}")
+    for result in results.values():
+        result.pop("prompt_ids", None)
+    write_result(out, {"model": "default (Qwen2.5-Coder-0.5B-Instruct GGUF, Q4_K_M)", "dtype": args.dtype,
+                       "new_tokens": args.new_tokens, "prompt_tokens": len(prompt_ids or []), "samples": k,
+                       "threads": args.threads, "results": results, "ratios": ratios})
 
 
 if __name__ == "__main__":

@@ -4,10 +4,14 @@ Random bf16 weights of real shapes (speed does not depend on the values), 128-to
 prompts, every request forced to its length (EOS ignored). For each shape and batch size
 it measures thinkwise's decode tokens/s, transformers' `generate` on the same shapes in
 the same process, and the roofline: measured device-copy bandwidth over the bytes one
-decode step must read (all weights once + every sequence's KV). Prints ratios and writes
-JSON to $OUT (or --out).
+decode step must read (all weights once, as stored + every sequence's KV). With
+`--quantization none,int8,int4` each shape is also run with its weights quantized on load
+(thinkwise/kernels/linear_methods), one engine after another in the same process, and the
+tokens/s of each method over the 16-bit column's at the same batch size are printed.
+Prints ratios and writes JSON to $OUT (or --out).
 
     python benchmarks/gpu_throughput.py [--shapes qwen3-0.6b,llama3-8b] [--batches 1,64] [--new-tokens 256]
+        [--quantization none,int8,int4]
 """
 
 from __future__ import annotations
@@ -90,6 +94,9 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--quantization", default="none",
+                        help="comma-separated weight methods per shape: none (16-bit), int8, int4, int4-g64, int4-g128; "
+                             "transformers runs beside the 16-bit column only")
     parser.add_argument("--top-p", type=float, default=None,
                         help="sample (temperature 0.7, this top-p, seeded) instead of greedy; thinkwise only")
     parser.add_argument("--sync-too", action="store_true",
@@ -103,8 +110,6 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from thinkwise import LLM, SamplingParams
-    from thinkwise.kernels import pdl
     from thinkwise.loading.config import LoadedModel, ModelConfig
 
     bandwidth = copy_bandwidth()
@@ -119,72 +124,102 @@ def main() -> None:
         with torch.device("cuda"):
             hf = AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.bfloat16).eval()
         config = ModelConfig(rms_norm_eps=1e-6, max_position_embeddings=4096, **shape)
-        weights = dict(hf.state_dict())
-        loaded = LoadedModel(config, weights, None, None, "random", shape_name)
-        blocks = max(batches) * ((args.prompt_tokens + args.new_tokens) // 16 + 2) + 64
-        llm = LLM.from_loaded(loaded, device="cuda", dtype="bfloat16", num_kv_blocks=blocks,
-                              max_num_seqs=max(batches), enable_prefix_caching=False)
-        weight_bytes = sum(p.numel() * p.element_size() for p in hf.parameters())
-        kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
-        for batch in batches:
-            prompts = [[int(t) for t in torch.randint(0, config.vocab_size, (args.prompt_tokens,))] for _ in range(batch)]
-            params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
-            if args.top_p is not None:
-                params = SamplingParams(temperature=0.7, top_p=args.top_p, seed=1, max_tokens=args.new_tokens,
-                                        ignore_eos=True)
-            # Warm-up with the same shapes, so CUDA graphs of every batch/context bucket are
-            # captured before timing (capture is a one-time cost per bucket).
-            llm.generate(prompts, params)
+        for quantization in [q.strip() for q in args.quantization.split(",") if q.strip()]:
+            # The engine empties the weights dict it loads from: a fresh dict (same tensors) per column.
+            loaded = LoadedModel(config, dict(hf.state_dict()), None, None, "random", shape_name)
+            run_shape(args, llm_for(loaded, quantization, batches, args), hf, config, shape_name, quantization,
+                      batches, bandwidth, report)
+            torch.cuda.empty_cache()
+        del hf
+        torch.cuda.empty_cache()
+    print_quantization_ratios(report["results"])
+    write_result(out, report)
 
-            def timed() -> tuple[float, list]:
+
+def llm_for(loaded, quantization: str, batches: list[int], args):
+    from thinkwise import LLM
+
+    blocks = max(batches) * ((args.prompt_tokens + args.new_tokens) // 16 + 2) + 64
+    return LLM.from_loaded(loaded, device="cuda", dtype="bfloat16", num_kv_blocks=blocks, max_num_seqs=max(batches),
+                           enable_prefix_caching=False, quantization=None if quantization == "none" else quantization)
+
+
+def print_quantization_ratios(rows: list[dict]) -> None:
+    """Each quantized column's tokens/s over the 16-bit column's, same shape and batch; stored in its row."""
+    base = {(r["shape"], r["batch"]): r["thinkwise_tok_s"] for r in rows if r["quantization"] == "none"}
+    for row in rows:
+        key = (row["shape"], row["batch"])
+        if row["quantization"] != "none" and key in base:
+            row["vs_bf16"] = round(row["thinkwise_tok_s"] / base[key], 3)
+            print(f"{row['shape']} batch {row['batch']}: {row['quantization']} {row['thinkwise_tok_s']} tok/s = "
+                  f"{row['vs_bf16']:.2f}x bf16 ({base[key]} tok/s)")
+
+
+def run_shape(args, llm, hf, config, shape_name: str, quantization: str, batches: list[int], bandwidth: float,
+              report: dict) -> None:
+    from thinkwise import SamplingParams
+    from thinkwise.kernels import pdl
+
+    weight_bytes = llm.engine.cost_spec.weight_bytes  # as stored: quantized layers at their own bytes
+    kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
+    for batch in batches:
+        torch.manual_seed(batch)  # the same prompts for every quantization column
+        prompts = [[int(t) for t in torch.randint(0, config.vocab_size, (args.prompt_tokens,))] for _ in range(batch)]
+        params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+        if args.top_p is not None:
+            params = SamplingParams(temperature=0.7, top_p=args.top_p, seed=1, max_tokens=args.new_tokens,
+                                    ignore_eos=True)
+        # Warm-up with the same shapes, so CUDA graphs of every batch/context bucket are
+        # captured before timing (capture is a one-time cost per bucket).
+        llm.generate(prompts, params)
+
+        def timed() -> tuple[float, list]:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params)
+            torch.cuda.synchronize()
+            assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outputs)
+            return batch * args.new_tokens / (time.perf_counter() - start), outputs
+
+        runs = [timed() for _ in range(max(1, args.repeats))]
+        rates = sorted(rate for rate, _ in runs)
+        ours, outputs = rates[len(rates) // 2], runs[0][1]
+        mean_context = args.prompt_tokens + args.new_tokens / 2
+        step_bytes = weight_bytes + batch * mean_context * kv_per_token
+        roofline = batch * bandwidth / step_bytes
+        row = {"shape": shape_name, "quantization": quantization, "batch": batch, "thinkwise_tok_s": round(ours, 1),
+               "roofline_tok_s": round(roofline, 1), "thinkwise_vs_roofline": round(ours / roofline, 3),
+               "async_scheduling": llm.engine.async_scheduling,
+               "pdl": pdl.pdl_enabled(torch.device("cuda"), batch),
+               "sampling": "greedy" if args.top_p is None else f"temperature 0.7, top_p {args.top_p}"}
+        if len(rates) > 1:
+            row["runs_tok_s"] = [round(rate, 1) for rate in rates]
+        if batch == batches[0]:  # which GEMM each weight shape runs, from the start-up profile
+            gemms = llm.engine.run_metadata.get("gemm_dispatch", {})
+            row["gemm_dispatch"] = {"implementations": gemms.get("implementations"),
+                                    "timings_us": gemms.get("timings_us")}
+            row["linear_methods"] = {k: llm.engine.run_metadata["linear_methods"].get(k) for k in ("method", "counts")}
+        if args.sync_too and llm.engine.async_scheduling:
+            llm.engine.async_scheduling = False
+            sync_rate, sync_outputs = timed()
+            llm.engine.async_scheduling = True
+            same = [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in sync_outputs]
+            row.update(sync_tok_s=round(sync_rate, 1), async_over_sync=round(ours / sync_rate, 3),
+                       same_tokens_as_sync=same)
+        if not args.skip_hf and args.top_p is None and quantization == "none":
+            ids = torch.tensor(prompts, device="cuda")
+            with torch.inference_mode():
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
+                            do_sample=False)
                 torch.cuda.synchronize()
                 start = time.perf_counter()
-                outputs = llm.generate(prompts, params)
+                hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                            min_new_tokens=args.new_tokens, do_sample=False)
                 torch.cuda.synchronize()
-                assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outputs)
-                return batch * args.new_tokens / (time.perf_counter() - start), outputs
-
-            runs = [timed() for _ in range(max(1, args.repeats))]
-            rates = sorted(rate for rate, _ in runs)
-            ours, outputs = rates[len(rates) // 2], runs[0][1]
-            mean_context = args.prompt_tokens + args.new_tokens / 2
-            step_bytes = weight_bytes + batch * mean_context * kv_per_token
-            roofline = batch * bandwidth / step_bytes
-            row = {"shape": shape_name, "batch": batch, "thinkwise_tok_s": round(ours, 1),
-                   "roofline_tok_s": round(roofline, 1), "thinkwise_vs_roofline": round(ours / roofline, 3),
-                   "async_scheduling": llm.engine.async_scheduling,
-                   "pdl": pdl.pdl_enabled(torch.device("cuda"), batch),
-                   "sampling": "greedy" if args.top_p is None else f"temperature 0.7, top_p {args.top_p}"}
-            if len(rates) > 1:
-                row["runs_tok_s"] = [round(rate, 1) for rate in rates]
-            if batch == batches[0]:  # which GEMM each weight shape runs, from the start-up profile
-                gemms = llm.engine.run_metadata.get("gemm_dispatch", {})
-                row["gemm_dispatch"] = {"implementations": gemms.get("implementations"),
-                                        "timings_us": gemms.get("timings_us")}
-            if args.sync_too and llm.engine.async_scheduling:
-                llm.engine.async_scheduling = False
-                sync_rate, sync_outputs = timed()
-                llm.engine.async_scheduling = True
-                same = [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in sync_outputs]
-                row.update(sync_tok_s=round(sync_rate, 1), async_over_sync=round(ours / sync_rate, 3),
-                           same_tokens_as_sync=same)
-            if not args.skip_hf and args.top_p is None:
-                ids = torch.tensor(prompts, device="cuda")
-                with torch.inference_mode():
-                    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
-                                do_sample=False)
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                                min_new_tokens=args.new_tokens, do_sample=False)
-                    torch.cuda.synchronize()
-                hf_rate = batch * args.new_tokens / (time.perf_counter() - start)
-                row.update(transformers_tok_s=round(hf_rate, 1), thinkwise_vs_transformers=round(ours / hf_rate, 2))
-            report["results"].append(row)
-            print(json.dumps({k: v for k, v in row.items() if k != "gemm_dispatch"}))
-        del llm, hf, weights, loaded
-        torch.cuda.empty_cache()
-    write_result(out, report)
+            hf_rate = batch * args.new_tokens / (time.perf_counter() - start)
+            row.update(transformers_tok_s=round(hf_rate, 1), thinkwise_vs_transformers=round(ours / hf_rate, 2))
+        report["results"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("gemm_dispatch", "linear_methods")}))
 
 
 if __name__ == "__main__":

@@ -102,6 +102,10 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-dtype", default=None, choices=DTYPE_CHOICES, metavar="DTYPE",
                         help="dtype of activations, attention and the KV cache (default: --dtype); float32 with "
                              "16-bit weights is LayerCast: reproducible whatever is batched, slower")
+    parser.add_argument("--quantization", default=None, metavar="METHOD",
+                        help="weights quantized on load: int8 (per channel), int4 (MLP in groups of 32, attention "
+                             "int8; -g64/-g128 for wider groups, int4-all for attention too), gguf (a GGUF's own "
+                             "bit widths); default: the 16-bit weights")
     parser.add_argument("--kv-blocks", type=int, default=None, help="number of KV cache blocks (default: sized to memory)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="most sequences batched at once")
@@ -120,6 +124,7 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def _engine_options(args: argparse.Namespace) -> dict:
     return dict(
         device=args.device, dtype=args.dtype, compute_dtype=args.compute_dtype, num_kv_blocks=args.kv_blocks,
+        quantization=args.quantization,
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         reasoning_parser=args.reasoning_parser, thinking_budget_message=args.thinking_budget_message,

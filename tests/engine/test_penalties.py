@@ -153,7 +153,7 @@ def test_async_scheduling_gives_the_same_penalized_tokens(tiny_llama):
               SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=20, ignore_eos=True, frequency_penalty=1.5)]
     expected = [visible(o) for o in sync.generate(prompts, params)]
     assert [visible(o) for o in pipelined.generate(prompts, params)] == expected
-    assert pipelined.engine.num_steps_behind > 0  # the penalized rows really ran behind
+    assert pipelined.engine.pipeline.num_steps_behind > 0  # the penalized rows really ran behind
 
 
 def test_the_tracker_never_reads_a_device_value_on_the_host(monkeypatch):

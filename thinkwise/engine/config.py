@@ -67,6 +67,11 @@ class EngineConfig:
     reasoning_parser: str = "auto"
     reasoning_effort_budgets: dict = field(default_factory=lambda: {"low": 512, "medium": 2048, "high": 8192})
     thinking_budget_message: str | None = None
+    # How linear layers store and multiply their weights (kernels/linear_methods): None keeps the
+    # 16-bit weights; "int8" (per output channel), "int4[-g32|-g64|-g128]" (group-wise MLP weights;
+    # attention and lm_head int8), "int4-all[-gN]" (attention int4 too), "gguf" (each layer near its
+    # GGUF block type's bits). Quantized on load, round-to-nearest.
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         for name, value in env_overrides().items():
@@ -92,6 +97,15 @@ class EngineConfig:
             raise InvalidParameterError("num_kv_blocks must be >= 1", param="num_kv_blocks")
         if self.compute_dtype is not None:  # a bad or narrower compute dtype fails before any loading
             resolve_compute_dtype(self.compute_dtype, resolve_dtype(self.dtype, None), None)
+        if self.quantization is not None:
+            from thinkwise.kernels.linear_methods import parse_quantization
+
+            if parse_quantization(self.quantization) is not None and self.compute_dtype is not None and \
+                    resolve_dtype(self.compute_dtype, None) != resolve_dtype(self.dtype, None):
+                raise InvalidParameterError(
+                    "quantization cannot be combined with a compute_dtype other than dtype (LayerCast upcasts "
+                    "16-bit weights; quantized weights are dequantized inside their kernels): drop one of them",
+                    param="quantization")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise InvalidParameterError("gpu_memory_utilization must be in (0, 1]", param="gpu_memory_utilization")
 

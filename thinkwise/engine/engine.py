@@ -40,6 +40,7 @@ from thinkwise.engine.sequence import Request, Sequence, SequenceStatus
 from thinkwise.engine.step_pipeline import StepPipeline
 from thinkwise.errors import CapacityError, InvalidParameterError
 from thinkwise.kernels.linear_dispatch import torch_threads
+from thinkwise.kernels.linear_methods import quantize_model, quantized_cost_spec
 from thinkwise.loading.config import LoadedModel
 from thinkwise.reasoning.parser import resolve_parser
 
@@ -64,14 +65,18 @@ class Engine:
         apply_kernel_settings(config)  # before GEMM profiling and graph capture, which launch kernels
         model = build_model(loaded, device=self.device, dtype=self.weight_dtype, compute_dtype=self.dtype)
         loaded.weights.clear()  # the model holds its own copy; don't keep two
+        # Before any dispatch table or graph: they see each layer's method (kernels/linear_methods).
+        linear_methods = quantize_model(model, config.quantization, dtype=self.dtype, gguf_source=(
+            loaded.source if (loaded.extra or {}).get("format") == "gguf" else None))
         self.run_metadata: dict[str, Any] = {"device": str(self.device), "dtype": str(self.weight_dtype),
-                                             "compute_dtype": str(self.dtype)}
+                                             "compute_dtype": str(self.dtype), "linear_methods": linear_methods}
         gemm_dispatch, self.cpu_threads = profile_gemm_dispatch(model, self.device, self.dtype, self.layercast, config)
         if gemm_dispatch is not None:
             self.run_metadata["gemm_dispatch"] = gemm_dispatch
         self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
                                  loaded.config.max_position_embeddings)
-        self.cost_spec = ModelCostSpec.from_config(loaded.config, self.weight_dtype, kv_dtype=self.dtype)
+        self.cost_spec = quantized_cost_spec(
+            ModelCostSpec.from_config(loaded.config, self.weight_dtype, kv_dtype=self.dtype), model)
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,

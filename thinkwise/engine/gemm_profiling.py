@@ -27,6 +27,8 @@ def profile_gemm_dispatch(model: torch.nn.Module, device: torch.device, dtype: t
         dispatcher = LinearDispatcher()
         with torch_threads(threads):
             dispatcher.profile(model, dtype, preset=config.cpu_gemm_table)
+        if config.quantization is not None and all(v is None for v in dispatcher.table.values()):
+            threads = None  # no BLAS in the step: the quantized kernels (linear_methods) get PyTorch's threads
         return {"blas_from_rows": dispatcher.describe(), "timings_ms": dispatcher.timings_ms}, threads
     if device.type == "cuda" and config.gpu_gemm_dispatch:
         gpu_dispatcher = GpuLinearDispatcher()

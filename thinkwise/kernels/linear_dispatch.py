@@ -43,6 +43,7 @@ from torch import nn
 from thinkwise.kernels import pdl
 
 if TYPE_CHECKING:
+    from thinkwise.kernels.linear_methods.base import LinearMethod
     from thinkwise.kernels.triton_gemm import FlatGemmConfig, SplitKWorkspace
 
 # `triton_gemm` is imported where it is used: importing it defines Triton kernels, which
@@ -89,7 +90,9 @@ def epilogue_fusion_enabled() -> bool:
 
 class DispatchLinear(nn.Module):
     """nn.Linear whose matmul may run in fp32 BLAS for larger M (CPU), or in the Triton
-    flat GEMM for small M (CUDA), as a dispatcher's table says."""
+    flat GEMM for small M (CUDA), as a dispatcher's table says. With a `method` (a
+    `linear_methods.LinearMethod`, set after loading) the layer holds that method's
+    quantized buffers instead of `weight`, and the method does the multiply."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
@@ -101,6 +104,7 @@ class DispatchLinear(nn.Module):
         # GPU: row_plan[M] is the Triton config for M rows (None: F.linear); past its end, F.linear.
         self.row_plan: tuple[FlatGemmConfig | None, ...] | None = None
         self.split_k_workspace: SplitKWorkspace | None = None
+        self.method: LinearMethod | None = None  # None: the 16-bit weight above, multiplied as below
 
     def enable_blas(self) -> None:
         weight = self.weight.detach()
@@ -118,6 +122,8 @@ class DispatchLinear(nn.Module):
         return plan[rows]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.method is not None:
+            return self.method.apply(self, x)
         config = self.triton_config(x)
         if config is not None:
             from thinkwise.kernels import triton_gemm
@@ -140,7 +146,7 @@ class DispatchLinear(nn.Module):
         GEMM and an epilogue exists for the activation (SiLU); otherwise GEMM, then the
         element-wise kernel."""
         if activation == "silu":
-            config = self.triton_config(x)
+            config = self.triton_config(x) if self.method is None else None
             if config is not None and epilogue_fusion_enabled() and self.bias is None:
                 from thinkwise.kernels import triton_gemm
 
@@ -180,7 +186,9 @@ class LinearDispatcher:
         rerun) must share one table rather than re-time under a different machine load."""
         groups: dict[tuple[int, int], list[DispatchLinear]] = defaultdict(list)
         for module in model.modules():
-            if isinstance(module, DispatchLinear):
+            # A quantized layer always runs its method's packed kernel: an fp32 BLAS copy
+            # would undo the memory it saves.
+            if isinstance(module, DispatchLinear) and module.method is None:
                 groups[(module.out_features, module.in_features)].append(module)
         for shape, layers in groups.items():
             key = f"{shape[0]}x{shape[1]}"
@@ -226,6 +234,18 @@ TRITON_MIN_GAIN_PDL = 0.0
 L2_SWEEP = 3  # time over weights of at least this many L2 sizes, so reads come from HBM
 GRAPH_BYTES = 256 << 20  # weight bytes one timed graph replay reads (long enough to time well)
 MAX_GRAPH_CALLS = 64
+
+
+QUANT_PREFILL_ROWS = 256  # quantized shapes: one prefill-sized rung, Triton GEMM vs dequantize + cuBLAS
+
+
+def quantized_groups(model: nn.Module) -> dict[str, list[DispatchLinear]]:
+    """Quantized layers grouped by method and shape ("int4-g32:9728x896" -> layers)."""
+    groups: dict[str, list[DispatchLinear]] = defaultdict(list)
+    for module in model.modules():
+        if isinstance(module, DispatchLinear) and module.method is not None:
+            groups[f"{module.method.describe()}:{module.out_features}x{module.in_features}"].append(module)
+    return groups
 
 
 def pick_implementation(cublas_us: float, triton_us: dict[FlatGemmConfig, float],
@@ -274,6 +294,9 @@ class GpuLinearDispatcher:
     table: dict[tuple[int, int], list[FlatGemmConfig | None]] = field(default_factory=dict)
     timings_us: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
     timed_layers: dict[str, int] = field(default_factory=dict)
+    # Quantized layers, per "METHOD:NxK": the Triton tiling per rung of rows + (QUANT_PREFILL_ROWS,), or None
+    # for dequantize-then-cuBLAS (the last rung decides every M above the ladder).
+    quant_table: dict[str, list[Any]] = field(default_factory=dict)
     profile_seconds: float = 0.0
     device_name: str = ""
     skipped: str | None = None  # why no profile ran (then every shape uses cuBLAS)
@@ -282,7 +305,7 @@ class GpuLinearDispatcher:
     def _groups(model: nn.Module) -> dict[tuple[int, int], list[DispatchLinear]]:
         groups: dict[tuple[int, int], list[DispatchLinear]] = defaultdict(list)
         for module in model.modules():
-            if isinstance(module, DispatchLinear):
+            if isinstance(module, DispatchLinear) and module.method is None:
                 groups[(module.out_features, module.in_features)].append(module)
         return groups
 
@@ -293,9 +316,11 @@ class GpuLinearDispatcher:
         if self.candidates is None:
             self.candidates = triton_gemm.DEFAULT_CONFIGS
         groups = self._groups(model)
-        if not groups:
+        quantized = quantized_groups(model)
+        if not groups and not quantized:
             return
-        device = next(iter(groups.values()))[0].weight.device
+        device = (next(iter(groups.values()))[0].weight.device if groups
+                  else next(next(iter(quantized.values()))[0].buffers()).device)
         if device.type != "cuda":
             self.skipped = "not a CUDA device"
         elif not triton_gemm.HAVE_TRITON:
@@ -310,6 +335,8 @@ class GpuLinearDispatcher:
         with torch.inference_mode():
             for shape, layers in groups.items():
                 self._profile_shape(shape, layers, props.L2_cache_size, dtype, device)
+            for key, layers in quantized.items():
+                self._profile_quantized(key, layers, props.L2_cache_size, dtype, device)
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()  # graph pools: leave the memory to the KV cache
         self.profile_seconds = time.perf_counter() - started
@@ -368,6 +395,55 @@ class GpuLinearDispatcher:
         self.table[shape] = choices
         self.timings_us[key] = {"rows": list(self.rows), **timings}
 
+    def _profile_quantized(self, key: str, layers: list[DispatchLinear], l2_bytes: int, dtype: torch.dtype,
+                           device: torch.device) -> None:
+        """Per M: the method's Triton tilings (dequantizing in the kernel) against
+        dequantize-then-cuBLAS (the method's twin), each after an RMSNorm, captured and
+        replayed like the 16-bit shapes; then install `quant_plan` on the layers."""
+        from thinkwise.kernels.fused import add_rms_norm
+
+        k = layers[0].in_features
+        layer_bytes = layers[0].method.storage_bytes(layers[0])
+        count = min(len(layers), max(1, math.ceil(L2_SWEEP * l2_bytes / layer_bytes)))
+        sample = layers[:count]
+        passes = max(1, min(math.ceil(GRAPH_BYTES / (count * layer_bytes)), MAX_GRAPH_CALLS // count))
+        norm_weight = torch.ones(k, device=device, dtype=dtype)
+
+        def neighbour(x: torch.Tensor) -> torch.Tensor:
+            return add_rms_norm(x, None, norm_weight, 1e-6)[0]
+
+        ladder = (*self.rows, QUANT_PREFILL_ROWS)
+        timings: dict[str, list[float | None]] = {"dequantize+cublas": []}
+        choices: list[Any] = []
+        for rows in ladder:
+            x = torch.randn(rows, k, device=device, dtype=dtype)
+            base = cuda_graph_time_us([lambda x=x, layer=layer: layer.method.reference(layer, neighbour(x))
+                                       for _ in range(passes) for layer in sample])
+            timings["dequantize+cublas"].append(round(base, 2))
+            per_name: dict[str, list] = defaultdict(list)
+            for layer in sample:
+                for name, (config, call) in layer.method.gpu_candidates(layer, rows).items():
+                    per_name[name].append((config, call))
+            triton_us: dict[Any, float] = {}
+            for name, calls in per_name.items():
+                us = cuda_graph_time_us([lambda x=x, call=call: call(neighbour(x)) for _ in range(passes)
+                                         for _config, call in calls])
+                timings.setdefault(name, [None] * (len(timings["dequantize+cublas"]) - 1)).append(round(us, 2))
+                triton_us[calls[0][0]] = us
+            for values in timings.values():  # tilings not offered at this M
+                values.extend([None] * (len(timings["dequantize+cublas"]) - len(values)))
+            gain = TRITON_MIN_GAIN_PDL if pdl.pdl_enabled(device, rows) else TRITON_MIN_GAIN
+            choices.append(pick_implementation(base, triton_us, gain))
+        self.quant_table[key] = choices
+        self.timings_us[key] = {"rows": list(ladder), **timings}
+        self.timed_layers[key] = count
+        plan: list[Any] = [None]
+        for rows in range(1, self.rows[-1] + 1):
+            plan.append(choices[next(i for i, top in enumerate(self.rows) if rows <= top)])
+        for layer in layers:
+            layer.quant_plan = tuple(plan)
+            layer.quant_plan_above = choices[-1]
+
     def row_plan(self, shape: tuple[int, int]) -> tuple[FlatGemmConfig | None, ...] | None:
         """The per-M list DispatchLinear reads: entry M is the config for M rows."""
         choices = self.table.get(shape)
@@ -415,6 +491,18 @@ class GpuLinearDispatcher:
                 low = top + 1
             ranges.append({"rows": [low, None], "impl": "cublas"})
             shapes[f"{n}x{k}"] = ranges
+        for key, choices in self.quant_table.items():
+            ranges = []
+            low = 1
+            for top, config in zip((*self.rows, QUANT_PREFILL_ROWS), choices):
+                impl = "dequantize+cublas" if config is None else f"triton:{config.name}"
+                if ranges and ranges[-1]["impl"] == impl:
+                    ranges[-1]["rows"][1] = top
+                else:
+                    ranges.append({"rows": [low, top], "impl": impl})
+                low = top + 1
+            ranges[-1]["rows"][1] = None  # the last rung's choice holds for every larger M
+            shapes[key] = ranges
         out: dict[str, Any] = {"device": self.device_name, "implementations": shapes, "timings_us": self.timings_us,
                                "timed": "each GEMM call with the RMSNorm kernel before it",
                                "timed_layers": self.timed_layers, "profile_seconds": round(self.profile_seconds, 2)}

@@ -1,0 +1,142 @@
+"""The int8/int4 dequantizing Triton GEMM against its twin (CPU: TRITON_INTERPRET=1)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from thinkwise.kernels import triton_quant_gemm as tq
+from thinkwise.kernels.linear_methods.int4 import quantize_int4
+from thinkwise.kernels.linear_methods.int8 import quantize_int8
+from thinkwise.kernels.linear_methods.plans import planned_config
+from thinkwise.kernels.triton_quant_gemm import QuantGemmConfig, pack_int4, quant_gemm_reference, triton_quant_gemm, \
+    unpack_int4
+
+CUDA = torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(not tq.HAVE_TRITON, reason="triton is not installed")
+
+# Small tiles so CPU-sized shapes have several N tiles, K steps and M tiles; block_k both
+# below and above the int4 group (a tile inside one group, a tile over several).
+SMALL_CONFIGS = [
+    QuantGemmConfig(block_n=16, block_k=32, use_dot=False, max_rows=4),
+    QuantGemmConfig(block_n=8, block_k=128, use_dot=False, max_rows=4),
+    QuantGemmConfig(block_n=16, block_k=64),
+    QuantGemmConfig(block_n=32, block_k=16),
+]
+# (M, N, K): N off the tile, K a multiple of the int4 group but not always of block_k.
+SHAPES = [(1, 40, 96), (3, 33, 128), (17, 24, 64)]
+
+
+def device_and_check():
+    if CUDA:
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("set TRITON_INTERPRET=1 (the test suite's conftest does) to run Triton on CPU")
+    return torch.device("cpu")
+
+
+def rel_error(got, expected) -> float:
+    assert torch.isfinite(got).all()
+    return ((got.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def dtypes_for(config):
+    # The interpreter's bf16 tl.dot is broken (bits read as integers): dot tiles are checked
+    # in fp32 and fp16 there, bf16 in the GPU run.
+    if CUDA:
+        return [torch.float32, torch.bfloat16]
+    return [torch.float32, torch.float16] if config.use_dot else [torch.float32, torch.bfloat16]
+
+
+@needs_triton
+@pytest.mark.parametrize("config", SMALL_CONFIGS, ids=lambda c: c.name)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_matches_twin(config, bits):
+    device = device_and_check()
+    g = torch.Generator().manual_seed(0)
+    for dtype in dtypes_for(config):
+        for m, n, k in SHAPES:
+            w = torch.randn(n, k, generator=g)
+            x = torch.randn(m, k, generator=g).to(dtype)
+            bias = torch.randn(n, generator=g).to(dtype) if m == 3 else None
+            if bits == 8:
+                q, scales = quantize_int8(w, dtype)
+                zeros, group = None, k
+            else:
+                group = 32
+                codes, scales, zeros = quantize_int4(w, group, dtype)
+                q = pack_int4(codes)
+            args = [t.to(device) if t is not None else None for t in (q, scales, zeros, bias)]
+            got = triton_quant_gemm(x.to(device), *args, group, config)
+            assert got.shape == (m, n) and got.dtype == dtype
+            want = quant_gemm_reference(x.double(), q, scales.double(), None if zeros is None else zeros.double(),
+                                        None if bias is None else bias.double(), group)
+            tol = 1e-6 if dtype == torch.float32 else 1e-2
+            assert rel_error(got.cpu(), want) < tol, (dtype, m, n, k)
+
+
+@needs_triton
+def test_leading_dimensions_and_strided_input():
+    device = device_and_check()
+    w = torch.randn(20, 64)
+    q, scales = quantize_int8(w, torch.float32)
+    x = torch.randn(2, 3, 64)
+    got = triton_quant_gemm(x.to(device), q.to(device), scales.to(device), None, None, 64, SMALL_CONFIGS[2])
+    assert got.shape == (2, 3, 20)
+    assert rel_error(got.cpu(), quant_gemm_reference(x, q, scales, None, None, 64)) < 1e-6
+    strided = torch.randn(64, 4).t()
+    got = triton_quant_gemm(strided.to(device), q.to(device), scales.to(device), None, None, 64, SMALL_CONFIGS[0])
+    assert rel_error(got.cpu(), quant_gemm_reference(strided, q, scales, None, None, 64)) < 1e-6
+
+
+@needs_triton
+def test_a_wrong_group_size_is_refused():
+    codes, scales, zeros = quantize_int4(torch.randn(16, 96), 32, torch.float32)
+    with pytest.raises(ValueError, match="divisible by the group"):
+        triton_quant_gemm(torch.randn(1, 96), pack_int4(codes), scales, zeros, None, 64, SMALL_CONFIGS[0])
+
+
+def test_pack_unpack_round_trip_and_nibble_order():
+    codes = torch.randint(0, 16, (5, 8), dtype=torch.uint8)
+    packed = pack_int4(codes)
+    assert packed.shape == (5, 4) and torch.equal(unpack_int4(packed), codes)
+    assert int(packed[0, 0]) == int(codes[0, 0]) | (int(codes[0, 1]) << 4)  # low nibble = even k
+
+
+def test_twin_dequantizes_the_stored_form():
+    w = torch.randn(8, 64)
+    codes, scales, zeros = quantize_int4(w, 32, torch.float32)
+    deq = tq.dequantize_reference(pack_int4(codes), scales, zeros, 32)
+    # Round to nearest: each weight within half a step of its group's grid.
+    step = scales.repeat_interleave(32, dim=1)
+    assert ((deq - w).abs() <= step / 2 + 1e-6).all()
+    q8, s8 = quantize_int8(w, torch.float32)
+    assert ((tq.dequantize_reference(q8, s8, None, 64) - w).abs() <= s8[:, None] / 2 + 1e-6).all()
+
+
+def test_layers_follow_the_installed_plan():
+    class Layer:
+        quant_plan = (None, "one-row", "two-rows")
+        quant_plan_above = "prefill"
+
+    assert planned_config(Layer, 1) == "one-row" and planned_config(Layer, 2) == "two-rows"
+    assert planned_config(Layer, 300) == "prefill"
+    assert planned_config(object(), 1) is None  # no table: dequantize + cuBLAS
+
+
+@needs_triton
+@pytest.mark.parametrize("group", [64, 128])
+def test_int4_wider_groups_match_twin(group):
+    device = device_and_check()
+    g = torch.Generator().manual_seed(1)
+    for config, rows in [(c, m) for c in SMALL_CONFIGS for m in (1, 3)]:  # one row: the grouped-sum GEMV
+        dtype = torch.float32
+        w = torch.randn(24, 256, generator=g)
+        x = torch.randn(rows, 256, generator=g)
+        codes, scales, zeros = quantize_int4(w, group, dtype)
+        q = pack_int4(codes)
+        got = triton_quant_gemm(x.to(device), q.to(device), scales.to(device), zeros.to(device), None, group, config)
+        want = quant_gemm_reference(x.double(), q, scales.double(), zeros.double(), None, group)
+        assert rel_error(got.cpu(), want) < 1e-6, config.name

@@ -1,0 +1,46 @@
+"""What the quantized methods share on CUDA: following the dispatch table, and offering
+their Triton tilings to it.
+
+`linear_dispatch.GpuLinearDispatcher` times each quantized weight shape per row count
+(the same ladder as the 16-bit table, plus one prefill-sized M) between the method's
+Triton tilings and dequantize-then-cuBLAS, and installs on each layer `quant_plan` (entry
+M: the tiling for M rows, or None) and `quant_plan_above` (the choice for more rows than
+the plan covers). Without a table every call takes the dequantize-then-cuBLAS path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def planned_config(layer, rows: int):
+    plan = getattr(layer, "quant_plan", None)
+    if plan is None:
+        return None
+    return plan[rows] if rows < len(plan) else getattr(layer, "quant_plan_above", None)
+
+
+def gpu_apply(method, layer, x: torch.Tensor, q, scales, zeros, group: int) -> torch.Tensor:
+    config = planned_config(layer, x.reshape(-1, layer.in_features).shape[0])
+    if config is None:
+        return method.reference(layer, x)
+    from thinkwise.kernels.triton_quant_gemm import triton_quant_gemm
+
+    return triton_quant_gemm(x, q, scales, zeros, layer.bias, group, config)
+
+
+def quant_candidates(layer, rows: int, q, scales, zeros, group: int) -> dict[str, tuple[object, Callable]]:
+    """name -> (tiling, call x -> y) for every Triton tiling offered for `rows` rows."""
+    from thinkwise.kernels import triton_quant_gemm as tq
+
+    if not tq.HAVE_TRITON:
+        return {}
+    out = {}
+    for config in tq.DEFAULT_CONFIGS:
+        if rows > config.max_rows:
+            continue
+        out[f"triton:{config.name}"] = (
+            config, lambda x, c=config: tq.triton_quant_gemm(x, q, scales, zeros, layer.bias, group, c))
+    return out
