@@ -50,6 +50,7 @@ class TokenEvent:
     # With finish_reason: the sample's whole final text (a stop string may have cut text an
     # earlier event reported), so streams can settle one sample without waiting for the rest.
     final_text: str | None = None
+    confidence: float | None = None  # DeepConf token confidence of the sampled token (params.confidence_top_k)
 
 
 # Async scheduling backs off from device top-p draws for REDO_BACKOFF_STEPS steps once
@@ -70,6 +71,8 @@ class _InflightStep:
     redo: torch.Tensor | None = None  # rows whose draw must be redone exactly on the host
     host_copy: torch.Tensor | None = None  # pinned [tokens; redo], filled when `copied` fires (CUDA)
     copied: Any = None  # CUDA event after the copy
+    confidence: torch.Tensor | None = None  # per-row token confidence (DeepConf), on the device
+    host_confidence: torch.Tensor | None = None  # its pinned host copy, under the same event
 
     def __post_init__(self) -> None:
         packed = self.tokens if self.redo is None else torch.stack([self.tokens, self.redo.long()])
@@ -78,10 +81,19 @@ class _InflightStep:
             # the stream behind the step launched since, and wait for that one too.
             self.host_copy = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             self.host_copy.copy_(packed, non_blocking=True)
+            if self.confidence is not None:  # rides the same read-back: one event, no extra sync
+                self.host_confidence = torch.empty(self.confidence.shape, dtype=self.confidence.dtype,
+                                                   pin_memory=True)
+                self.host_confidence.copy_(self.confidence, non_blocking=True)
             self.copied = torch.cuda.Event()
             self.copied.record()
         else:
             self.host_copy = packed
+            self.host_confidence = self.confidence
+
+    def confidences(self) -> list[float] | None:
+        """Per-row token confidences on the host (after `read`, which waited for the copy)."""
+        return None if self.host_confidence is None else self.host_confidence.tolist()
 
     def read(self) -> tuple[list[int], list[bool]]:
         """Token ids and redo flags, on the host (waits for this step only)."""
@@ -400,8 +412,10 @@ class Engine:
             # one, then read this one back while the GPU works.
             with torch_threads(self.cpu_threads):
                 tokens, redo = self.sampler.draw(logits, sampling_rows)
+                confidence = self.sampler.confidence(logits, sampling_rows)
             self.step_meter.end(ticket)
-            launched = _InflightStep(list(targets), tokens, [True] * len(targets), ticket, redo)
+            launched = _InflightStep(list(targets), tokens, [True] * len(targets), ticket, redo,
+                                     confidence=confidence)
             for row, seq in enumerate(targets):
                 seq.inflight = (launched, row)
             self._inflight = self._launch_behind(launched)
@@ -416,7 +430,8 @@ class Engine:
             logprob = None
             if drawn.logprobs is not None and seq.params.logprobs is not None:
                 logprob = {"token_id": drawn.token_ids[i], "logprob": drawn.logprobs[i], "top": drawn.top_logprobs[i]}
-            result.events.append(self._append_token(seq, drawn.token_ids[i], logprob))
+            confidence = drawn.confidence[i] if drawn.confidence is not None else None
+            result.events.append(self._append_token(seq, drawn.token_ids[i], logprob, confidence))
         self._settle(targets, result)
         return result
 
@@ -480,11 +495,13 @@ class Engine:
         with torch_threads(self.cpu_threads):
             logits = self.runner.execute_fed(kept, self.block_manager.take_pending_copies(), groups, ahead.tokens,
                                              kept_rows)
-            tokens, redo = self.sampler.draw(logits, [sampling_row for _, _, sampling_row in members])
+            member_rows = [sampling_row for _, _, sampling_row in members]
+            tokens, redo = self.sampler.draw(logits, member_rows)
+            confidence = self.sampler.confidence(logits, member_rows)
         self.step_meter.end(ticket)
         self.num_steps += 1
         self.num_steps_behind += 1
-        behind = _InflightStep(kept, tokens, [True] * len(kept), ticket, redo)
+        behind = _InflightStep(kept, tokens, [True] * len(kept), ticket, redo, confidence=confidence)
         for row, seq in enumerate(kept):
             self._account_computed(seq, 1)
             seq.inflight = (behind, row)
@@ -494,6 +511,7 @@ class Engine:
         """Bring a launched step's tokens to the host (waiting only for that step) and apply
         them as a synchronous step would; samples cancelled meanwhile are skipped."""
         token_ids, redo = step.read()
+        confidences = step.confidences()
         self.step_meter.charge(step.ticket, step.sequences, [1] * len(step.sequences))
         redone = False
         appended: list[Sequence] = []
@@ -513,7 +531,8 @@ class Engine:
                 redone = True
                 continue
             self.block_manager.register_computed_blocks(seq)  # before a finish frees its blocks
-            result.events.append(self._append_token(seq, token_ids[row], None))
+            confidence = confidences[row] if confidences is not None else None
+            result.events.append(self._append_token(seq, token_ids[row], None, confidence))
             if not seq.is_finished:
                 self.block_manager.register_computed_blocks(seq)  # now its newest token is known
             appended.append(seq)
@@ -576,10 +595,11 @@ class Engine:
             banned = tuple(set(banned) | {thinking[0][0]} | (set() if p.ignore_eos else self.eos_token_ids))
         return SamplingRow(
             temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, seed=seq.seed,
-            position=position, logprobs=p.logprobs, banned_token_ids=banned,
+            position=position, logprobs=p.logprobs, banned_token_ids=banned, confidence_k=p.confidence_top_k,
         )
 
-    def _append_token(self, seq: Sequence, token: int, logprob: dict | None) -> TokenEvent:
+    def _append_token(self, seq: Sequence, token: int, logprob: dict | None,
+                      confidence: float | None = None) -> TokenEvent:
         params = seq.params
         seq.token_ids.append(token)
         seq.request.counts.generated_tokens += 1
@@ -588,7 +608,7 @@ class Engine:
             seq.cumulative_logprob += logprob["logprob"]
         delta = seq.detokenizer.add(token) if seq.detokenizer is not None else ""
         event = TokenEvent(seq.request.request_id, seq.sample_index, seq.seq_id, [token], "",
-                           logprobs=[logprob] if logprob else [])
+                           logprobs=[logprob] if logprob else [], confidence=confidence)
         text_before = len(seq.text)
         seq.text += delta
         reason, stop_reason = None, None

@@ -38,6 +38,9 @@ class SamplingParams:
     min_thinking_tokens: int = 0
     thinking_end: str = "</think>"
     answer_prefix: str = ""
+    # DeepConf: > 0 makes every sampled token carry its confidence, -mean of the model's top-k
+    # logprobs, computed on the device with the draw (TokenEvent.confidence); 0 = off.
+    confidence_top_k: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -70,6 +73,9 @@ class SamplingParams:
             _fail("min_thinking_tokens", f"must be an integer >= 0, got {self.min_thinking_tokens!r}")
         if self.thinking_budget is not None and self.min_thinking_tokens > self.thinking_budget:
             _fail("min_thinking_tokens", "must not exceed thinking_budget")
+        if not isinstance(self.confidence_top_k, int) or isinstance(self.confidence_top_k, bool) \
+                or not 0 <= self.confidence_top_k <= 1024:
+            _fail("confidence_top_k", f"must be an integer in [0, 1024] (0: off), got {self.confidence_top_k!r}")
         if not self.thinking_end:
             _fail("thinking_end", "must be a non-empty marker such as '</think>'")
         if any(not isinstance(s, str) or not s for s in self.stop):
