@@ -251,22 +251,26 @@ class LocalSampleGroup:
     async def abort_sample(self, index: int, reason: str) -> None:
         rid = self.request_id
 
-        def abort(engine) -> None:
+        def abort(engine) -> bool:
             request = engine.requests.get(rid)
             if request is None:
-                return
+                return False
             for seq in request.sequences:
                 if seq.sample_index == index:
                     engine.abort_sequence(seq)
+            return request.is_finished
 
         if self.finish_reasons[index] is None:
             self.abort_reasons[index] = reason
-            await self.engine.call(abort)
+            if await self.engine.call(abort):
+                # It was the last live sequence: no step will finish the request, so settle it
+                # here (its final output reaches this group's stream).
+                await self.engine.abort(rid)
 
     async def abort_rest(self, reason: str) -> RequestOutput:
         """Abort every unfinished sample; their KV blocks are free when this returns."""
         for i in range(self.k):
-            if self.finish_reasons[i] is None:
+            if self.finish_reasons[i] is None and self.abort_reasons[i] is None:  # keep an earlier abort's reason
                 self.abort_reasons[i] = reason
         if self.final is None:
             await self.engine.abort(self.request_id)
