@@ -80,9 +80,11 @@ def requested_strategy(serving, req) -> tuple[StrategySpec, str] | None:
     options = req.thinkwise
     extras = _option_values(options)
     prefixed = _prefix_strategy(serving, req.model)
-    if prefixed is not None and extras:  # the object's fields set the prefix's strategy's options
+    declared = {"k": options.k, "m": options.m, "budget": options.budget} if options is not None else {}
+    if prefixed is not None and (extras or any(v is not None for v in declared.values())):
+        # The object's fields set the prefix's strategy's options (as they do a thinkwise.strategy's).
         try:
-            prefixed = model_prefix_strategy(req.model.split("/", 1)[0], **extras), prefixed[1]
+            prefixed = model_prefix_strategy(req.model.split("/", 1)[0], **declared, **extras), prefixed[1]
         except InvalidParameterError as error:
             raise _field_error(error) from None
     if options is None or options.strategy is None:
