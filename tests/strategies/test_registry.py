@@ -182,3 +182,18 @@ def test_both_backends_implement_the_protocols():
     group = RemoteGroup(remote, "/chat/completions", [(0, {"n": 2})], 2, [])
     assert isinstance(group, SampleGroup) and group.token_confidences == [[], []]
     assert LocalBackend.is_local and isinstance(StrategySpec("greedy"), StrategySpec)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--strategy", "first-pass@4"], "first-pass@4 needs a checker"),
+    (["--strategy", "deepconf-online@4", "--tau", "3"], "tau (of deepconf-online@K) must be in (0, 1]"),
+    (["--strategy", "deepconf@4", "--eta", "ten"], "eta (of deepconf@K) must be a number"),
+    (["--strategy", "majority@4", "--probe-every", "8"], "probe_every is not a parameter of majority@K"),
+    (["--strategy", "probe:32", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1"],
+     "probe:P cannot run over a remote server"),
+])
+def test_cli_refuses_before_loading_a_model(argv, message, capsys):
+    from thinkwise.cli import main
+
+    assert main(["solve", *argv, "question"]) == 2
+    assert message in capsys.readouterr().err
