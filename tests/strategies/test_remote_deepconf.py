@@ -46,3 +46,24 @@ def test_deepconf_reads_confidences_from_top_logprobs(server):  # noqa: F811
         asyncio.run(run_strategy(backend, parse_strategy("deepconf@2(confidence_k=21)"),
                                  [{"role": "user", "content": "q"}], params))
     assert error.value.param == "confidence_k"
+
+
+@pytest.mark.parametrize("thinkwise, field", [
+    ({"strategy": "deepconf@4", "eta": 0}, "thinkwise.eta"),
+    ({"strategy": "deepconf-online@4", "tau": 1.5}, "thinkwise.tau"),
+    ({"strategy": "deepconf-online@4", "warmup": 4}, "thinkwise.warmup"),
+    ({"strategy": "deepconf@4", "window": 0}, "thinkwise.window"),
+    ({"strategy": "probe:0"}, "thinkwise.probe_every"),
+    ({"strategy": "probe-majority@2", "probe_agree": 99}, "thinkwise.probe_agree"),
+    ({"strategy": "first-pass@2"}, "verifier"),
+    ({"strategy": "deepconf@4(eta=10"}, "thinkwise.strategy"),
+])
+def test_out_of_range_fields_are_openai_400s_naming_the_field(server, thinkwise, field):  # noqa: F811
+    import httpx
+
+    response = httpx.post(f"{server.url}/v1/chat/completions", headers=server.headers, timeout=60,
+                          json={"model": server.model, "messages": [{"role": "user", "content": "q"}],
+                                "max_tokens": 4, "thinkwise": thinkwise})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and field in (error.get("param") or "") + error["message"]
