@@ -16,7 +16,8 @@ of its bottom 10% of groups, its tail (the last W tokens) or its mean.
   at once (its KV blocks freed); after every finished trace the confidence-weighted vote
   is checked, and once the leader holds a share >= tau (paper 0.95) the rest are
   aborted. Votes: warm-up traces scoring at least the threshold, then every later trace
-  that finished (a trace too short to fill a window must also score at least it).
+  that finished without being stopped (as in the paper, a trace shorter than W is never
+  checked), each weighted by its score.
 """
 
 from __future__ import annotations
@@ -194,9 +195,8 @@ async def deepconf_online(run: StrategyRun) -> Answer:
                     if reason != "stop" or decided:
                         continue
                     outcome = _late_outcome(group, index, run.extract, spec, len(samples))
-                    if outcome.answer is not None and outcome.score is not None and \
-                            (threshold is None or outcome.score >= threshold):
-                        voters.append(outcome)
+                    if outcome.answer is not None and outcome.score is not None:
+                        voters.append(outcome)  # it passed every check it met (none, if shorter than W)
                     if consensus(voters) >= spec.tau:
                         decided = True
                 if decided and not group.done:
