@@ -89,9 +89,12 @@ class Sampler:
         if not any(ks):
             return None
         k_max = min(max(ks), logits.shape[-1])
-        top = torch.log_softmax(logits.float(), dim=-1).topk(k_max, dim=-1).values.cumsum(dim=-1)
+        values = logits.float()
+        # log p = logit - logsumexp: the top-k of the raw logits and one reduction, without
+        # writing a whole log-softmax matrix.
+        top = values.topk(k_max, dim=-1).values.cumsum(dim=-1)
         k_index = stage_to_device([max(min(k, k_max), 1) - 1 for k in ks], torch.long, logits.device)
-        mean = top.gather(1, k_index[:, None]).squeeze(1) / (k_index + 1)
+        mean = top.gather(1, k_index[:, None]).squeeze(1) / (k_index + 1) - torch.logsumexp(values, dim=-1)
         wanted = stage_to_device([k > 0 for k in ks], torch.bool, logits.device)
         return torch.where(wanted, -mean, torch.full_like(mean, float("nan")))
 
