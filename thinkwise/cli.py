@@ -90,8 +90,38 @@ def _bench_epilog() -> str:
         lines.append(f"  {name:<9} levels {family.min_level}-{family.max_level}, default {defaults}: "
                      f"{family.description}")
     lines.append("  jsonl:PATH  your own problems, one JSON object per line")
-    lines.append("strategies (--strategies): greedy, majority@K, short-M@K, adaptive:MAX, budget:TOKENS")
+    lines.append(_strategies_epilog("--strategies, comma-separated"))
     return "\n".join(lines)
+
+
+def _strategies_epilog(where: str) -> str:
+    """Every registered strategy with its options (from the strategy registry)."""
+    from thinkwise.strategies import strategy_help
+
+    return (f"strategies ({where}; options as NAME(key=value, ...), e.g. deepconf@16(eta=10)):\n"
+            + strategy_help(verbose=True))
+
+
+def _add_strategy_options(parser: argparse.ArgumentParser) -> None:
+    """One --flag per strategy parameter in the registry (k, m and budget have their own)."""
+    from thinkwise.strategies import option_params
+
+    group = parser.add_argument_group("strategy options (each applies to the strategies that take it)")
+    for param in option_params():
+        choices = f" ({'|'.join(param.choices)})" if param.choices else ""
+        group.add_argument("--" + param.name.replace("_", "-"), dest="strategy_" + param.name, default=None,
+                           metavar=param.name.upper(), help=f"{param.help}{choices}".replace("%", "%%"))
+
+
+def _strategy_options(args: argparse.Namespace) -> dict:
+    return {key[len("strategy_"):]: value for key, value in vars(args).items()
+            if key.startswith("strategy_") and value is not None}
+
+
+def _strategy_names() -> str:
+    from thinkwise.strategies import STRATEGY_HELP
+
+    return STRATEGY_HELP
 
 
 def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -185,10 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     solve = commands.add_parser("solve", help="answer a question with a test-time strategy",
                                 description="Answer a question with a test-time strategy; the samples stream to "
-                                            "stderr with a live status line, the answer goes to stdout.")
+                                            "stderr with a live status line, the answer goes to stdout.",
+                                epilog=_strategies_epilog("--strategy"))
     _add_engine_arguments(solve)
-    solve.add_argument("--strategy", default="majority@k",
-                       help="greedy, majority@k, short-m@k, best-of-n, weighted-best-of-n, adaptive:N, budget:N")
+    solve.add_argument("--strategy", default="majority@k", help=_strategy_names())
     solve.add_argument("--k", type=int, default=8, help="samples (k)")
     solve.add_argument("--m", type=int, default=None, help="short-m@k: vote among the first m to finish")
     solve.add_argument("--budget", type=int, default=None, help="budget: thinking tokens")
@@ -209,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     solve.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
                        help="with --backend openai (default: $OPENAI_API_KEY)")
     solve.add_argument("question", help="the question ('-' reads standard input)")
+    _add_strategy_options(solve)
 
     bench = commands.add_parser(
         "bench", help="accuracy vs cost of strategies on verifiable tasks",
@@ -364,8 +395,9 @@ def _solve(args: argparse.Namespace) -> int:
     from thinkwise.errors import InvalidParameterError
 
     question = sys.stdin.read() if args.question == "-" else args.question
-    spec = check_strategy(args.strategy, k=args.k, m=args.m, budget=args.budget)  # before loading
-    if spec.kind in ("best_of_n", "weighted_best_of_n") and args.answer is None:
+    spec = check_strategy(args.strategy, k=args.k, m=args.m, budget=args.budget,
+                          **_strategy_options(args))  # before loading
+    if spec.definition.needs_verifier and args.answer is None:
         raise InvalidParameterError(f"{args.strategy} needs a checker: pass --answer REFERENCE (samples are checked "
                                     "against it), or use majority@k, which needs none", param="answer")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
@@ -407,7 +439,8 @@ def _run_solve(args: argparse.Namespace, question: str, spec, params, verifier, 
         # --model names the model on the remote server.
         backend = RemoteBackend(args.base_url, model=args.model, api_key=args.api_key)
         return solve_remote(view.watch(backend), question, args.strategy, k=args.k, m=args.m,
-                            sampling_params=params, extract=args.extract, verifier=verifier)
+                            sampling_params=params, extract=args.extract, verifier=verifier,
+                            options=_strategy_options(args))
     from thinkwise import LLM
     from thinkwise.llm import StrategyJob
 
@@ -508,7 +541,9 @@ def _bench(args: argparse.Namespace) -> int:
     from thinkwise.bench import plan_benchmark, run_benchmark
     from thinkwise.errors import InvalidParameterError
 
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    from thinkwise.strategies import split_strategies
+
+    strategies = split_strategies(args.strategies)
     # Everything that can be checked and counted is, before the model loads.
     if args.seeds < 1:
         raise InvalidParameterError(f"--seeds must be >= 1, got {args.seeds}", param="seeds")

@@ -33,13 +33,15 @@ def did_you_mean(word: str, choices, prefix: str = "") -> str:
 # ---------------------------------------------------------------------- strategies and tasks
 def _strategy_candidates(name: str) -> list[str]:
     """Every strategy spelling built from the numbers the user typed, so a typo in the
-    word ('majorty@8') is matched against the right-shaped correct form ('majority@8')."""
+    word ('majorty@8') is matched against the right-shaped correct form ('majority@8');
+    the spellings come from the strategy registry."""
+    from thinkwise.strategies import REGISTRY
+
     numbers = re.findall(r"\d+", name) or ["k"]
     first, last = numbers[0], numbers[-1]
     m = numbers[0] if len(numbers) > 1 else "m"
-    return ["greedy", f"majority@{last}", f"self-consistency@{last}", f"short-{m}@{last}", f"best-of-{last}",
-            f"weighted-best-of-{last}", f"adaptive:{first}", f"budget:{first}", "majority@k", "short-m@k",
-            "best-of-n", "weighted-best-of-n"]
+    return [spelling.format(first=first, last=last, m=m)
+            for definition in REGISTRY.values() for spelling in definition.suggestions]
 
 
 def check_strategy(name: str, **numbers):

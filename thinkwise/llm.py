@@ -126,21 +126,23 @@ class LLM:
     # ------------------------------------------------------------------ strategies
     def solve(self, prompt: Prompt | list[dict[str, str]], strategy: str = "majority@k", *, k: int | None = None,
               m: int | None = None, budget: int | None = None, sampling_params: SamplingParams | None = None,
-              extract: str = "auto", verifier=None, use_chat_template: bool | None = None):
-        """Answer one question with a test-time strategy; returns a `strategies.Answer`."""
+              extract: str = "auto", verifier=None, use_chat_template: bool | None = None, **strategy_options):
+        """Answer one question with a test-time strategy; returns a `strategies.Answer`.
+        `strategy_options` set the strategy's parameters by name (e.g. eta=10, tau=0.95)."""
         return self.solve_many([prompt], strategy, k=k, m=m, budget=budget, sampling_params=sampling_params,
-                               extract=extract, verifier=verifier, use_chat_template=use_chat_template)[0]
+                               extract=extract, verifier=verifier, use_chat_template=use_chat_template,
+                               **strategy_options)[0]
 
     def solve_many(self, prompts: list, strategy: str = "majority@k", *, k: int | None = None, m: int | None = None,
                    budget: int | None = None, sampling_params: SamplingParams | None = None, extract: str = "auto",
-                   verifier=None, use_chat_template: bool | None = None) -> list:
+                   verifier=None, use_chat_template: bool | None = None, **strategy_options) -> list:
         """Run a strategy on many prompts at once; all their samples share the engine's batches.
 
         A string prompt is sent through the chat template as a user message when the model
         has one (pass use_chat_template=False for raw completion); a list of messages
         always is; token ids never are. `verifier` is one object or one per prompt.
         """
-        spec = parse_strategy(strategy, k=k, m=m, budget=budget)
+        spec = parse_strategy(strategy, k=k, m=m, budget=budget, **strategy_options)
         params = sampling_params or SamplingParams(temperature=0.7, top_p=0.95, max_tokens=512)
         verifiers = verifier if isinstance(verifier, (list, tuple)) else [verifier] * len(prompts)
         if len(verifiers) != len(prompts):

@@ -86,7 +86,8 @@ def samples_per_run(strategy: str) -> int:
 
 
 def replicates_of(strategy: str, seeds: int) -> range:
-    return range(1) if parse_strategy(strategy).kind in DETERMINISTIC else range(seeds)
+    spec = parse_strategy(strategy)
+    return range(1) if spec.kind in DETERMINISTIC or spec.definition.deterministic else range(seeds)
 
 
 def problem_max_tokens(problem: Problem, params: SamplingParams, override: int | None) -> int:
@@ -208,8 +209,22 @@ def run_concurrently(llm, spec, jobs: list[tuple[Problem, SamplingParams]], fini
     `finished(index, answer)` runs as each problem completes (progress, saving rows)."""
     from thinkwise.llm import StrategyJob
 
-    return llm.run_strategy_jobs([StrategyJob(problem.prompt, spec, params, extract=_family_extractor(problem))
+    verify = spec.definition.needs_verifier  # best-of-k, first-pass@k: the family's own checker
+    return llm.run_strategy_jobs([StrategyJob(problem.prompt, spec, params, extract=_family_extractor(problem),
+                                              verifier=FamilyChecker(problem) if verify else None)
                                   for problem, params in jobs], on_finished=finished)
+
+
+class FamilyChecker:
+    """A problem's exact checker as a strategy verifier (score 1.0 when its check passes):
+    what best-of-k and first-pass@k are given in the bench, an oracle verifier."""
+
+    def __init__(self, problem: Problem):
+        self.problem = problem
+        self.family = get_family(problem.family)
+
+    def score(self, prompt: str, completion: str, answer: str | None = None) -> float:
+        return 1.0 if self.family.check(self.problem, completion) else 0.0
 
 
 def _family_extractor(problem: Problem):
@@ -259,7 +274,7 @@ def result_row(problem: Problem, strategy: str, answer, replicate: int = 0, max_
         "cost": {"decode_tokens": cost.decode_tokens, "aborted_tokens": cost.aborted_tokens,
                  "prompt_tokens_computed": cost.prompt_tokens_computed,
                  "prompt_tokens_cached": cost.prompt_tokens_cached, "forced_tokens": cost.forced_tokens,
-                 "flops": cost.flops, "bytes_moved": cost.bytes_moved, "effective_flops": cost.effective_flops,
+                 "probes": cost.probes, "probe_tokens": cost.probe_tokens, "flops": cost.flops, "bytes_moved": cost.bytes_moved, "effective_flops": cost.effective_flops,
                  "seconds": cost.wall_time_s, "device_seconds": cost.device_time_s, "energy_j": cost.energy_j,
                  "prompt_tokens_shared": shared, "flops_alone": flops_alone, "effective_flops_alone": effective_alone},
     }

@@ -299,7 +299,8 @@ class Engine:
             logprob = None
             if drawn.logprobs is not None and seq.params.logprobs is not None:
                 logprob = {"token_id": drawn.token_ids[i], "logprob": drawn.logprobs[i], "top": drawn.top_logprobs[i]}
-            result.events.append(self.outputs.append_token(seq, drawn.token_ids[i], logprob))
+            confidence = drawn.confidence[i] if drawn.confidence is not None else None
+            result.events.append(self.outputs.append_token(seq, drawn.token_ids[i], logprob, confidence))
         self.outputs.settle(targets, result)
 
     def _fork_pending(self, sampled: list[Sequence], logits: torch.Tensor) -> tuple[list[Sequence], torch.Tensor]:

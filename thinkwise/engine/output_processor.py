@@ -38,6 +38,7 @@ class TokenEvent:
     # With finish_reason: the sample's whole final text (a stop string may have cut text an
     # earlier event reported), so streams can settle one sample without waiting for the rest.
     final_text: str | None = None
+    confidence: float | None = None  # DeepConf token confidence of the sampled token (params.confidence_top_k)
 
 
 @dataclass
@@ -89,10 +90,12 @@ class OutputProcessor:
         return SamplingRow(
             temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p, seed=seq.seed,
             position=position, logprobs=p.logprobs, banned_token_ids=banned, penalty=penalty,
+            confidence_k=p.confidence_top_k,
         )
 
     # ------------------------------------------------------------------ after the draw
-    def append_token(self, seq: Sequence, token: int, logprob: dict | None) -> TokenEvent:
+    def append_token(self, seq: Sequence, token: int, logprob: dict | None,
+                     confidence: float | None = None) -> TokenEvent:
         """Append one sampled token and apply the stop rules and the thinking budget."""
         seq.token_ids.append(token)
         seq.request.counts.generated_tokens += 1
@@ -101,7 +104,7 @@ class OutputProcessor:
             seq.cumulative_logprob += logprob["logprob"]
         delta = seq.detokenizer.add(token) if seq.detokenizer is not None else ""
         event = TokenEvent(seq.request.request_id, seq.sample_index, seq.seq_id, [token], "",
-                           logprobs=[logprob] if logprob else [])
+                           logprobs=[logprob] if logprob else [], confidence=confidence)
         text_before = len(seq.text)
         seq.text += delta
         reason, stop_reason = self.stop_reason(seq, token, delta)

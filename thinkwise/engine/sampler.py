@@ -49,6 +49,7 @@ class SamplingRow:
     logprobs: int | None
     banned_token_ids: tuple[int, ...] = ()  # e.g. EOS before min_tokens
     penalty: PenaltyRow | None = None  # presence/frequency/repetition penalties, None: none
+    confidence_k: int = 0  # DeepConf: > 0 also gives -mean of the top-k logprobs (`Sampler.confidence`)
 
 
 @dataclass
@@ -56,6 +57,7 @@ class SampleResult:
     token_ids: list[int]
     logprobs: list[float] | None  # log p of each sampled token under the model's distribution
     top_logprobs: list[list[tuple[int, float]]] | None
+    confidence: list[float] | None = None  # per row, where its SamplingRow.confidence_k > 0 (else nan)
 
 
 def _nucleus(sorted_probs: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
@@ -81,8 +83,28 @@ class Sampler:
         candidates is flagged by `draw` and redone on the host, which is rare)."""
         return row.logprobs is None and not row.banned_token_ids
 
+    @staticmethod
+    @torch.inference_mode()
+    def confidence(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor | None:
+        """DeepConf's token confidence, left on the device: -mean of the top-k log-probabilities
+        of the model's distribution (before temperature and filters), k = the row's
+        `confidence_k`; nan for rows that asked for none; None when no row asked."""
+        ks = [r.confidence_k for r in rows]
+        if not any(ks):
+            return None
+        k_max = min(max(ks), logits.shape[-1])
+        values = logits.float()
+        # log p = logit - logsumexp: the top-k of the raw logits and one reduction, without
+        # writing a whole log-softmax matrix.
+        top = values.topk(k_max, dim=-1).values.cumsum(dim=-1)
+        k_index = stage_to_device([max(min(k, k_max), 1) - 1 for k in ks], torch.long, logits.device)
+        mean = top.gather(1, k_index[:, None]).squeeze(1) / (k_index + 1) - torch.logsumexp(values, dim=-1)
+        wanted = stage_to_device([k > 0 for k in ks], torch.bool, logits.device)
+        return torch.where(wanted, -mean, torch.full_like(mean, float("nan")))
+
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
+        confidence = self.confidence(logits, rows)  # of the raw logits, before the bans below
         logits = logits.float()
         for i, row in enumerate(rows):
             if row.banned_token_ids:
@@ -91,8 +113,9 @@ class Sampler:
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         tokens, _ = self.draw(logits, rows, exact=True)
         token_list = tokens.tolist()
+        confidence_list = confidence.tolist() if confidence is not None else None  # the device is synced already
         if not want_logprobs:
-            return SampleResult(token_list, None, None)
+            return SampleResult(token_list, None, None, confidence_list)
         chosen = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
         max_k = max((r.logprobs or 0) for r in rows)
         top: list[list[tuple[int, float]]] = [[] for _ in rows]
@@ -102,7 +125,7 @@ class Sampler:
             for i, row in enumerate(rows):
                 k = row.logprobs or 0
                 top[i] = list(zip(ids[i][:k], values[i][:k]))
-        return SampleResult(token_list, chosen, top)
+        return SampleResult(token_list, chosen, top, confidence_list)
 
     @torch.inference_mode()
     def draw(self, logits: torch.Tensor, rows: list[SamplingRow],

@@ -47,6 +47,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # DeepConf: > 0 makes every sampled token carry its confidence, -mean of the model's top-k
+    # logprobs, computed on the device with the draw (TokenEvent.confidence); 0 = off.
+    confidence_top_k: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -79,6 +82,9 @@ class SamplingParams:
             _fail("min_thinking_tokens", f"must be an integer >= 0, got {self.min_thinking_tokens!r}")
         if self.thinking_budget is not None and self.min_thinking_tokens > self.thinking_budget:
             _fail("min_thinking_tokens", "must not exceed thinking_budget")
+        if not isinstance(self.confidence_top_k, int) or isinstance(self.confidence_top_k, bool) \
+                or not 0 <= self.confidence_top_k <= 1024:
+            _fail("confidence_top_k", f"must be an integer in [0, 1024] (0: off), got {self.confidence_top_k!r}")
         if not self.thinking_end:
             _fail("thinking_end", "must be a non-empty marker such as '</think>'")
         if self.thinking_budget_message is not None and not isinstance(self.thinking_budget_message, str):

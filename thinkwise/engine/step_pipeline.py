@@ -62,6 +62,8 @@ class InflightStep:
     redo: torch.Tensor | None = None  # rows whose draw must be redone exactly on the host
     host_copy: torch.Tensor | None = None  # pinned [tokens; redo], filled when `copied` fires (CUDA)
     copied: Any = None  # CUDA event after the copy
+    confidence: torch.Tensor | None = None  # per-row token confidence (DeepConf), on the device
+    host_confidence: torch.Tensor | None = None  # its pinned host copy, under the same event
 
     def __post_init__(self) -> None:
         packed = self.tokens if self.redo is None else torch.stack([self.tokens, self.redo.long()])
@@ -70,10 +72,19 @@ class InflightStep:
             # the stream behind the step launched since, and wait for that one too.
             self.host_copy = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             self.host_copy.copy_(packed, non_blocking=True)
+            if self.confidence is not None:  # rides the same read-back: one event, no extra sync
+                self.host_confidence = torch.empty(self.confidence.shape, dtype=self.confidence.dtype,
+                                                   pin_memory=True)
+                self.host_confidence.copy_(self.confidence, non_blocking=True)
             self.copied = torch.cuda.Event()
             self.copied.record()
         else:
             self.host_copy = packed
+            self.host_confidence = self.confidence
+
+    def confidences(self) -> list[float] | None:
+        """Per-row token confidences on the host (after `read`, which waited for the copy)."""
+        return None if self.host_confidence is None else self.host_confidence.tolist()
 
     def read(self) -> tuple[list[int], list[bool]]:
         """Token ids and redo flags, on the host (waits for this step only)."""
@@ -138,8 +149,9 @@ class StepPipeline:
         engine = self.engine
         with torch_threads(engine.cpu_threads):
             tokens, redo = engine.sampler.draw(logits, rows)
+            confidence = engine.sampler.confidence(logits, rows)
         engine.step_meter.end(ticket)
-        launched = InflightStep(list(targets), tokens, [True] * len(targets), ticket, redo)
+        launched = InflightStep(list(targets), tokens, [True] * len(targets), ticket, redo, confidence=confidence)
         for row, seq in enumerate(targets):
             seq.inflight = (launched, row)
         self.inflight = self.launch_behind(launched)
@@ -176,11 +188,13 @@ class StepPipeline:
         with torch_threads(engine.cpu_threads):
             logits = engine.runner.execute_fed(kept, engine.block_manager.take_pending_copies(), shared, ahead.tokens,
                                                kept_rows)
-            tokens, redo = engine.sampler.draw(logits, [sampling_row for _, _, sampling_row in members])
+            member_rows = [sampling_row for _, _, sampling_row in members]
+            tokens, redo = engine.sampler.draw(logits, member_rows)
+            confidence = engine.sampler.confidence(logits, member_rows)
         engine.step_meter.end(ticket)
         engine.num_steps += 1
         self.num_steps_behind += 1
-        behind = InflightStep(kept, tokens, [True] * len(kept), ticket, redo)
+        behind = InflightStep(kept, tokens, [True] * len(kept), ticket, redo, confidence=confidence)
         for row, seq in enumerate(kept):
             seq.mark_computed(1)
             seq.inflight = (behind, row)
@@ -192,6 +206,7 @@ class StepPipeline:
         engine = self.engine
         block_manager = engine.block_manager
         token_ids, redo = step.read()
+        confidences = step.confidences()
         engine.step_meter.charge(step.ticket, step.sequences, [1] * len(step.sequences))
         redone = False
         appended: list[Sequence] = []
@@ -211,7 +226,8 @@ class StepPipeline:
                 redone = True
                 continue
             block_manager.register_computed_blocks(seq)  # before a finish frees its blocks
-            result.events.append(engine.outputs.append_token(seq, token_ids[row], None))
+            confidence = confidences[row] if confidences is not None else None
+            result.events.append(engine.outputs.append_token(seq, token_ids[row], None, confidence))
             if not seq.is_finished:
                 block_manager.register_computed_blocks(seq)  # now its newest token is known
             appended.append(seq)

@@ -119,10 +119,12 @@ class _SamplingFields(StrictModel):
 class ThinkwiseOptions(BaseModel):
     """`extra_body={"thinkwise": {...}}`: run a test-time strategy on this chat request."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
-    strategy: Annotated[str, Field(min_length=1, max_length=64, description=(
-        "greedy, majority@K, short-M@K (or short-m@k with k and m), best-of-K, weighted-best-of-K, "
-        "adaptive:MAX, budget:TOKENS; may be left out when the model name has a strategy prefix"))] | None = None
+    # Other fields are strategy parameters (round_size, threshold, eta, tau, ...), checked against
+    # the strategy registry by strategy_serving.requested_strategy (an unknown one is a 400 naming it).
+    model_config = ConfigDict(strict=True, extra="allow")
+    strategy: Annotated[str, Field(min_length=1, max_length=200, description=(
+        "a strategy string (see thinkwise.strategies.STRATEGY_HELP), e.g. majority@8, short-3@8, "
+        "deepconf@16(eta=10); may be left out when the model name has a strategy prefix"))] | None = None
     k: Annotated[int, Field(ge=1, le=256), _AS_INT] | None = None
     m: Annotated[int, Field(ge=1, le=256), _AS_INT] | None = None
     budget: Annotated[int, Field(ge=1), _AS_INT] | None = None

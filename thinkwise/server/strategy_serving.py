@@ -2,9 +2,10 @@
 
 A request asks for a strategy in one of two ways: a top-level `thinkwise` object
 (`extra_body={"thinkwise": {"strategy": "short-m@k", "k": 8, "m": 3}}` with the openai
-client), or a model-name prefix — `short-m@k-8-3/default`, `short-3@8/default`,
-`majority@8/<model>`, `adaptive:16/<model>`, `budget:512/<model>`, `best-of-4/<model>`
-(best-of-n needs `thinkwise.answer`, the reference for an exact checker). Both may be
+client; any parameter of the strategy registry is a field too, e.g. `"eta": 10`), or a
+model-name prefix — `short-m@k-8-3/default`, `short-3@8/default`, `majority@8/<model>`,
+`adaptive:16/<model>`, `deepconf@16(eta=10)/<model>`, `best-of-4/<model>` (best-of-n and
+first-pass@k need `thinkwise.answer`, the reference for an exact checker). Both may be
 given when the object adds options (extract, answer) to a prefix's strategy; two
 different strategies are a 400. The strategy runs on the server's engine, batched with
 every other request (max_tokens defaults to 512 per sample); the response is an
@@ -21,7 +22,6 @@ the vote tally, the decision and then the chosen text stream as chat chunks
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from collections.abc import Callable
@@ -36,9 +36,33 @@ from starlette.responses import Response
 from thinkwise.errors import InvalidParameterError
 from thinkwise.server.disconnect import unless_disconnected
 from thinkwise.server.streaming import dumps
-from thinkwise.strategies import LocalBackend, StrategySpec, parse_strategy, run_strategy
+from thinkwise.strategies import (
+    LocalBackend, StrategySpec, model_prefix_strategy, option_params, parse_strategy, run_strategy,
+)
 
-_PREFIX_SHORT = re.compile(r"short-m@k-(\d+)-(\d+)")
+
+def _option_values(options) -> dict[str, Any]:
+    """The strategy parameters given as fields of the thinkwise object beyond its declared ones
+    (round_size, threshold, eta, tau, ...): JSON numbers (a choice's name for text options)."""
+    extras = dict((options.model_extra or {}) if options is not None else {})
+    kinds = {p.name: p.kind for p in option_params()}
+    for name, value in extras.items():
+        kind = kinds.get(name)
+        if kind is None:
+            raise InvalidParameterError(f"thinkwise.{name} is not a strategy parameter (known: k, m, budget, "
+                                        f"{', '.join(kinds)})", param=f"thinkwise.{name}")
+        if (kind is str) != isinstance(value, str) or isinstance(value, bool) or \
+                not isinstance(value, (str, int, float)):
+            raise InvalidParameterError(f"thinkwise.{name} must be {'a string' if kind is str else 'a number'}",
+                                        param=f"thinkwise.{name}")
+    return extras
+
+
+def _field_error(error: InvalidParameterError) -> InvalidParameterError:
+    """A registry error re-addressed to the request field it came from (thinkwise.eta, ...)."""
+    param = error.param if error.param and error.param not in ("strategy", None) else "strategy"
+    return InvalidParameterError(error.message if error.message.startswith("thinkwise.") else
+                                 f"thinkwise.{param}: {error.message}", param=f"thinkwise.{param}")
 
 
 def _prefix_strategy(serving, model: str) -> tuple[StrategySpec, str] | None:
@@ -46,9 +70,8 @@ def _prefix_strategy(serving, model: str) -> tuple[StrategySpec, str] | None:
     if "/" not in model or model in serving.settings.served_model_names:
         return None  # served model names may contain '/' themselves
     prefix, rest = model.split("/", 1)
-    match = _PREFIX_SHORT.fullmatch(prefix)
     try:
-        spec = parse_strategy("short-m@k", k=int(match[1]), m=int(match[2])) if match else parse_strategy(prefix)
+        spec = model_prefix_strategy(prefix)
     except InvalidParameterError:
         return None  # not a strategy: an ordinary (unknown) model name, reported as such later
     except ValueError as error:  # e.g. a number past Python's int-conversion limit of 4,300 digits
@@ -62,16 +85,24 @@ def _prefix_strategy(serving, model: str) -> tuple[StrategySpec, str] | None:
 def requested_strategy(serving, req) -> tuple[StrategySpec, str] | None:
     """(strategy, served model name) if the request asks for a strategy, else None."""
     options = req.thinkwise
+    extras = _option_values(options)
     prefixed = _prefix_strategy(serving, req.model)
+    declared = {"k": options.k, "m": options.m, "budget": options.budget} if options is not None else {}
+    if prefixed is not None and (extras or any(v is not None for v in declared.values())):
+        # The object's fields set the prefix's strategy's options (as they do a thinkwise.strategy's).
+        try:
+            prefixed = model_prefix_strategy(req.model.split("/", 1)[0], **declared, **extras), prefixed[1]
+        except InvalidParameterError as error:
+            raise _field_error(error) from None
     if options is None or options.strategy is None:
         if prefixed is None and options is not None:
             raise InvalidParameterError("the thinkwise object needs a strategy (e.g. \"majority@8\"), or name one "
                                         "in the model (e.g. \"majority@8/<model>\")", param="thinkwise.strategy")
         return prefixed
     try:
-        spec = parse_strategy(options.strategy, k=options.k, m=options.m, budget=options.budget)
+        spec = parse_strategy(options.strategy, k=options.k, m=options.m, budget=options.budget, **extras)
     except InvalidParameterError as error:
-        raise InvalidParameterError(error.message, param="thinkwise.strategy") from None
+        raise _field_error(error) from None
     except ValueError as error:  # e.g. a number past Python's int-conversion limit of 4,300 digits
         raise InvalidParameterError(f"thinkwise.strategy cannot be read: {str(error)[:160]}",
                                     param="thinkwise.strategy") from None

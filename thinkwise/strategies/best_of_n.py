@@ -16,7 +16,8 @@ from dataclasses import replace
 from typing import Protocol
 
 from thinkwise.engine.sampling_params import SamplingParams
-from thinkwise.strategies.base import Answer, LocalBackend, Stopwatch, sample_to_completion
+from thinkwise.strategies.base import Answer, Backend, Stopwatch, sample_to_completion
+from thinkwise.strategies.registry import StrategyDef, register, samples_param
 from thinkwise.tasks.extraction import answer_key
 
 
@@ -24,7 +25,7 @@ class Verifier(Protocol):
     def score(self, prompt: str, completion: str, answer: str | None) -> float: ...
 
 
-async def best_of_n(backend: LocalBackend, prompt_ids: list[int], prompt_text: str, params: SamplingParams, n: int,
+async def best_of_n(backend: Backend, prompt_ids: list[int], prompt_text: str, params: SamplingParams, n: int,
                     verifier: Verifier, extract: Callable[[str], str | None], weighted: bool = False) -> Answer:
     clock = Stopwatch()
     samples, cost = await sample_to_completion(backend, prompt_ids, replace(params, n=n), extract)
@@ -59,3 +60,17 @@ async def best_of_n(backend: LocalBackend, prompt_ids: list[int], prompt_text: s
     name = f"{'weighted-' if weighted else ''}best-of-{n}"
     return Answer(strategy=name, answer=chosen.answer if chosen else None, text=chosen.text if chosen else "",
                   votes=votes, samples=samples, cost=cost)
+
+
+for _weighted in (False, True):
+    register(StrategyDef(
+        kind="weighted_best_of_n" if _weighted else "best_of_n",
+        pattern=r"weighted-best-of-(?P<k>\w+)" if _weighted else r"best-of-(?P<k>\w+)",
+        usage="weighted-best-of-K" if _weighted else "best-of-K",
+        help=("k samples, the answer whose samples' verifier scores sum highest" if _weighted
+              else "k samples, the one a verifier scores highest"),
+        params=(samples_param(),), needs_verifier=True,
+        runner=(lambda run, w=_weighted: best_of_n(run.backend, run.prompt, run.prompt_text, run.params, run.spec.k,
+                                                   run.verifier, run.extract, weighted=w)),
+        suggestions=("weighted-best-of-{last}", "weighted-best-of-n") if _weighted else ("best-of-{last}", "best-of-n"),
+    ))

@@ -9,7 +9,9 @@ and a seeded group sends sample i the seed `mix_seed(seed, i)` (a 63-bit hash) r
 than letting the server use `seed + i` (vLLM does: runs with seeds 0 and 1 would share
 samples, and so would adaptive rounds). `per_sample_requests=False` sends one request
 with n=k instead (the server may then share the prompt's prefill; its seeding is its own).
-Per-token logprobs are asked for only to count tokens exactly.
+Per-token logprobs are asked for only to count tokens exactly, and, for DeepConf
+(`confidence_top_k`), with that many top logprobs (at most 20, the OpenAI API's limit):
+each token's confidence is then -mean of them, computed here from what the server sent.
 
 Costs. A stream that ran to its end is read to its `usage` chunk or `[DONE]`, even after
 the strategy decided (a finished sample's usage follows its finish chunk at once, so this
@@ -107,6 +109,7 @@ class RemoteGroup:
         self.num_tokens = [0] * k
         self.finish_reasons: list[str | None] = [None] * k
         self.abort_reasons: list[str | None] = [None] * k
+        self.token_confidences: list[list[float]] = [[] for _ in range(k)]
         self.final: RemoteOutput | None = None
         self.estimated_prompts = 0  # streams whose prompt tokens are a length estimate
         self._events: asyncio.Queue = asyncio.Queue()
@@ -174,10 +177,17 @@ class RemoteGroup:
             delta = choice["delta"] or {}
             self.reasonings[index] += delta.get("reasoning_content") or delta.get("reasoning") or ""
             self.contents[index] += delta.get("content") or ""
-            tokens = len(((choice.get("logprobs") or {}).get("content")) or [])
+            entries = ((choice.get("logprobs") or {}).get("content")) or []
+            tokens = len(entries)
+            tops = [[t.get("logprob") for t in (entry.get("top_logprobs") or [])] for entry in entries]
         else:
             self.contents[index] += choice.get("text") or ""
             tokens = len(((choice.get("logprobs") or {}).get("tokens")) or [])
+            tops = [list((top or {}).values()) for top in ((choice.get("logprobs") or {}).get("top_logprobs") or [])]
+        for values in tops:  # DeepConf token confidence, from the top logprobs the server sent
+            values = [v for v in values if isinstance(v, (int, float)) and v == v]
+            if values:
+                self.token_confidences[index].append(-sum(values) / len(values))
         reasoning = self.reasonings[index]
         self.texts[index] = (f"<think>{reasoning}</think>" if reasoning else "") + self.contents[index]
         self.num_tokens[index] += tokens
@@ -293,6 +303,7 @@ class RemoteBackend:
 
     intensity = 0.0  # the remote hardware is unknown: no effective FLOPs
     tokenizer = None
+    is_local = False  # no engine primitives (probes) over HTTP
     USAGE_BASIS = ("remote: prompt, cached and completion tokens as reported in each stream's usage (every "
                    "finished stream is read to its usage); a stream closed early counts the tokens received and "
                    "the prompt tokens the server reported for the same prompt; no FLOPs, bytes or energy")
@@ -360,11 +371,16 @@ class RemoteBackend:
             body["min_p"] = params.min_p
         if params.ignore_eos:
             body["ignore_eos"] = True  # vLLM and thinkwise extension
+        top = params.confidence_top_k
+        if top > 20:
+            raise InvalidParameterError(f"confidence_k={top}: an OpenAI-compatible server sends at most 20 top "
+                                        "logprobs per token; use confidence_k <= 20 with a remote backend",
+                                        param="confidence_k")
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
-            body.update(messages=prompt, logprobs=True, top_logprobs=0)
+            body.update(messages=prompt, logprobs=True, top_logprobs=top)
             return "/chat/completions", body
         if isinstance(prompt, str) or (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
-            body.update(prompt=prompt, logprobs=0)
+            body.update(prompt=prompt, logprobs=top)
             return "/completions", body
         raise InvalidParameterError("a remote prompt is chat messages, text or token ids", param="prompt")
 
@@ -401,11 +417,12 @@ class RemoteBackend:
 
 async def solve_remote_async(backend: RemoteBackend, question, strategy: str, *, k: int | None = None,
                              m: int | None = None, sampling_params: SamplingParams | None = None, extract="auto",
-                             verifier=None):
-    """`solve_remote` inside a running event loop; leaves the backend's client open."""
+                             verifier=None, options: dict | None = None):
+    """`solve_remote` inside a running event loop; leaves the backend's client open.
+    `options` sets strategy parameters by name (e.g. {"eta": 10}), as the registry reads them."""
     from thinkwise.strategies import parse_strategy, run_strategy
 
-    spec = parse_strategy(strategy, k=k, m=m)
+    spec = parse_strategy(strategy, k=k, m=m, **(options or {}))
     params = sampling_params or SamplingParams(temperature=0.7, top_p=0.95, max_tokens=512)
     messages = [{"role": "user", "content": question}] if isinstance(question, str) else question
     text = messages[-1].get("content", "")
@@ -431,13 +448,14 @@ async def solve_remote_async(backend: RemoteBackend, question, strategy: str, *,
 
 
 def solve_remote(backend: RemoteBackend, question, strategy: str, *, k: int | None = None, m: int | None = None,
-                 sampling_params: SamplingParams | None = None, extract="auto", verifier=None):
+                 sampling_params: SamplingParams | None = None, extract="auto", verifier=None,
+                 options: dict | None = None):
     """Run one strategy on a remote server; `question` is text (sent as a user message) or messages."""
 
     async def main():
         try:
             return await solve_remote_async(backend, question, strategy, k=k, m=m, sampling_params=sampling_params,
-                                            extract=extract, verifier=verifier)
+                                            extract=extract, verifier=verifier, options=options)
         finally:
             await backend.aclose()
 

@@ -17,8 +17,9 @@ from math import comb
 
 from thinkwise.engine.sampling_params import SamplingParams
 from thinkwise.strategies.base import (
-    Answer, LocalBackend, SampleOutcome, StrategyCost, Stopwatch, outcomes, sample_to_completion,
+    Answer, Backend, SampleOutcome, StrategyCost, Stopwatch, outcomes, sample_to_completion,
 )
+from thinkwise.strategies.registry import Param, StrategyDef, check_m_le_k, register, samples_param
 from thinkwise.tasks.extraction import answer_key
 
 
@@ -54,7 +55,7 @@ def _answer(strategy: str, samples, cost, chosen, votes) -> Answer:
     )
 
 
-async def majority(backend: LocalBackend, prompt_ids: list[int], params: SamplingParams, k: int,
+async def majority(backend: Backend, prompt_ids: list[int], params: SamplingParams, k: int,
                    extract: Callable[[str], str | None]) -> Answer:
     clock = Stopwatch()
     samples, cost = await sample_to_completion(backend, prompt_ids, replace(params, n=k), extract)
@@ -63,7 +64,7 @@ async def majority(backend: LocalBackend, prompt_ids: list[int], params: Samplin
     return _answer(f"majority@{k}", samples, cost, chosen, votes)
 
 
-async def short_m_of_k(backend: LocalBackend, prompt_ids: list[int], params: SamplingParams, k: int, m: int,
+async def short_m_of_k(backend: Backend, prompt_ids: list[int], params: SamplingParams, k: int, m: int,
                        extract: Callable[[str], str | None]) -> Answer:
     if not 1 <= m <= k:
         from thinkwise.errors import InvalidParameterError
@@ -106,7 +107,7 @@ def leader_is_decided(counts: list[int], remaining: int, threshold: float) -> bo
     return p_majority >= threshold
 
 
-async def adaptive(backend: LocalBackend, prompt_ids: list[int], params: SamplingParams, max_samples: int,
+async def adaptive(backend: Backend, prompt_ids: list[int], params: SamplingParams, max_samples: int,
                    extract: Callable[[str], str | None], round_size: int = 4, threshold: float = 0.95) -> Answer:
     clock = Stopwatch()
     cost = StrategyCost()
@@ -129,3 +130,31 @@ async def adaptive(backend: LocalBackend, prompt_ids: list[int], params: Samplin
     chosen, votes = vote(samples)
     cost.wall_time_s = clock.seconds()
     return _answer(f"adaptive:{max_samples}", samples, cost, chosen, votes)
+
+
+register(StrategyDef(
+    kind="majority", pattern=r"(?:majority|maj|self-consistency)@(?P<k>\w*)", usage="majority@K",
+    help="k samples, plurality vote over the finished ones (self-consistency)",
+    params=(samples_param(),),
+    runner=lambda run: majority(run.backend, run.prompt, run.params, run.spec.k, run.extract),
+    suggestions=("majority@{last}", "self-consistency@{last}", "majority@k"),
+))
+register(StrategyDef(
+    kind="short", pattern=r"short-(?P<m>\w+)@(?P<k>\w+)", usage="short-M@K",
+    help="k samples, stop all once m finished, vote among those m (short-m@k with --k/--m)",
+    params=(samples_param(), Param("m", int, None, "vote among the first m to finish", low=1, high=4096)),
+    check=check_m_le_k,
+    runner=lambda run: short_m_of_k(run.backend, run.prompt, run.params, run.spec.k, run.spec.m, run.extract),
+    suggestions=("short-{m}@{last}", "short-m@k"),
+))
+register(StrategyDef(
+    kind="adaptive", pattern=r"adaptive(?::(?P<k>\w+))?", usage="adaptive:MAX",
+    help="rounds of samples until the vote is decided (at most MAX samples)",
+    params=(samples_param(help="most samples (MAX)"),
+            Param("round_size", int, 4, "samples per round", low=1, high=4096),
+            Param("threshold", float, 0.95, "stop once P(leader holds the majority) reaches this", low=0.5,
+                  high=1.0)),
+    runner=lambda run: adaptive(run.backend, run.prompt, run.params, run.spec.k, run.extract, run.spec.round_size,
+                                run.spec.threshold),
+    suggestions=("adaptive:{first}",),
+))
