@@ -212,6 +212,9 @@ def test_attacks_are_contained_when_running_as_an_unprivileged_user(arena, tmp_p
         shutil.copy(PACKAGE / "errors.py", bundle / "thinkwise")
         for name in ("sandbox.py", "sandbox_child.py", "isolation.py", "code_checks.py", "extraction.py"):
             shutil.copy(PACKAGE / "tasks" / name, tasks)
+        # extraction.py reads only a reply's answer part (the reasoning parser, which needs nothing else).
+        shutil.copytree(PACKAGE / "reasoning", bundle / "thinkwise" / "reasoning",
+                        ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy(HERE / "attacks.py", bundle)
         seccomp_binding = isolation._seccomp_module()
         if seccomp_binding is not None and seccomp_binding.__file__.endswith(".py"):

@@ -167,7 +167,7 @@ def test_online_stops_doubtful_traces_and_the_group_at_consensus(tiny_qwen3, asy
     finally:
         engine.shutdown()
     # Under async scheduling the confidences rode the pipelined read-back (steps launched behind).
-    assert (llm.engine.num_steps_behind > 0) == async_scheduling
+    assert (llm.engine.pipeline.num_steps_behind > 0) == async_scheduling
     warm, late = answer.samples[:3], answer.samples[3:]
     # The threshold: the 10th percentile of the warm-up scores (0.95 x spread each).
     scores = [peaked_confidence(s) for s in (34, 33, 30)]
