@@ -93,7 +93,7 @@ class PenaltyTracker:
             self.prompt_mask[slot].zero_()
             prompt = row.token_ids[:row.num_prompt_tokens]
             if prompt:
-                self.prompt_mask[slot, stage_to_device(list(prompt), torch.long, self.device)] = True
+                self.prompt_mask[slot].index_fill_(0, stage_to_device(list(prompt), torch.long, self.device), True)
             try:
                 owner = weakref.ref(row.key)
             except TypeError:  # not weak-referenceable (tests pass plain keys): kept until finished
