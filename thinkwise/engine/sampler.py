@@ -94,6 +94,8 @@ class Sampler:
             return None
         k_max = min(max(ks), logits.shape[-1])
         values = logits.float()
+        if min(ks) == k_max:  # every row asked for the same k (one strategy's samples): no per-row tensors to stage
+            return torch.logsumexp(values, dim=-1) - values.topk(k_max, dim=-1).values.mean(dim=-1)
         # log p = logit - logsumexp: the top-k of the raw logits and one reduction, without
         # writing a whole log-softmax matrix.
         top = values.topk(k_max, dim=-1).values.cumsum(dim=-1)
