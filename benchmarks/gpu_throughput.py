@@ -11,7 +11,7 @@ tokens/s of each method over the 16-bit column's at the same batch size are prin
 Prints ratios and writes JSON to $OUT (or --out).
 
     python benchmarks/gpu_throughput.py [--shapes qwen3-0.6b,llama3-8b] [--batches 1,64] [--new-tokens 256]
-        [--quantization none,int8,int4]
+        [--quantization none,int8,int4] [--extras none,confidence,penalties]
 """
 
 from __future__ import annotations
@@ -99,6 +99,10 @@ def main() -> None:
                              "transformers runs beside the 16-bit column only")
     parser.add_argument("--top-p", type=float, default=None,
                         help="sample (temperature 0.7, this top-p, seeded) instead of greedy; thinkwise only")
+    parser.add_argument("--extras", default="none",
+                        help="comma-separated sampling extras timed side by side per shape and batch: none, "
+                             "confidence (DeepConf top-20 token confidence), penalties (presence 0.5, frequency 0.5, "
+                             "repetition 1.1); ratios against 'none' are printed")
     parser.add_argument("--sync-too", action="store_true",
                         help="also time thinkwise with async scheduling off (same engine, same graphs)")
     parser.add_argument("--repeats", type=int, default=1,
@@ -133,6 +137,7 @@ def main() -> None:
         del hf
         torch.cuda.empty_cache()
     print_quantization_ratios(report["results"])
+    print_extras_ratios(report["results"])
     write_result(out, report)
 
 
@@ -146,6 +151,7 @@ def llm_for(loaded, quantization: str, batches: list[int], args):
 
 def print_quantization_ratios(rows: list[dict]) -> None:
     """Each quantized column's tokens/s over the 16-bit column's, same shape and batch; stored in its row."""
+    rows = [r for r in rows if r["extras"] == "none"]
     base = {(r["shape"], r["batch"]): r["thinkwise_tok_s"] for r in rows if r["quantization"] == "none"}
     for row in rows:
         key = (row["shape"], row["batch"])
@@ -155,6 +161,21 @@ def print_quantization_ratios(rows: list[dict]) -> None:
                   f"{row['vs_bf16']:.2f}x bf16 ({base[key]} tok/s)")
 
 
+EXTRAS = {"none": {}, "confidence": {"confidence_top_k": 20},
+          "penalties": {"presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1}}
+
+
+def print_extras_ratios(rows: list[dict]) -> None:
+    """Each sampling extra's tokens/s over plain sampling's, same shape, method and batch; stored in its row."""
+    base = {(r["shape"], r["quantization"], r["batch"]): r["thinkwise_tok_s"] for r in rows if r["extras"] == "none"}
+    for row in rows:
+        key = (row["shape"], row["quantization"], row["batch"])
+        if row["extras"] != "none" and key in base:
+            row["vs_plain"] = round(row["thinkwise_tok_s"] / base[key], 3)
+            print(f"{row['shape']} batch {row['batch']} ({row['sampling']}): {row['extras']} "
+                  f"{row['thinkwise_tok_s']} tok/s = {row['vs_plain']:.3f}x plain ({base[key]} tok/s)")
+
+
 def run_shape(args, llm, hf, config, shape_name: str, quantization: str, batches: list[int], bandwidth: float,
               report: dict) -> None:
     from thinkwise import SamplingParams
@@ -162,13 +183,15 @@ def run_shape(args, llm, hf, config, shape_name: str, quantization: str, batches
 
     weight_bytes = llm.engine.cost_spec.weight_bytes  # as stored: quantized layers at their own bytes
     kv_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2
-    for batch in batches:
+    for batch, extras in [(b, e.strip()) for b in batches for e in args.extras.split(",") if e.strip()]:
+        if extras not in EXTRAS:
+            raise SystemExit(f"--extras: unknown {extras!r}; use {', '.join(EXTRAS)}")
         torch.manual_seed(batch)  # the same prompts for every quantization column
         prompts = [[int(t) for t in torch.randint(0, config.vocab_size, (args.prompt_tokens,))] for _ in range(batch)]
-        params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True, **EXTRAS[extras])
         if args.top_p is not None:
             params = SamplingParams(temperature=0.7, top_p=args.top_p, seed=1, max_tokens=args.new_tokens,
-                                    ignore_eos=True)
+                                    ignore_eos=True, **EXTRAS[extras])
         # Warm-up with the same shapes, so CUDA graphs of every batch/context bucket are
         # captured before timing (capture is a one-time cost per bucket).
         llm.generate(prompts, params)
@@ -187,14 +210,15 @@ def run_shape(args, llm, hf, config, shape_name: str, quantization: str, batches
         mean_context = args.prompt_tokens + args.new_tokens / 2
         step_bytes = weight_bytes + batch * mean_context * kv_per_token
         roofline = batch * bandwidth / step_bytes
-        row = {"shape": shape_name, "quantization": quantization, "batch": batch, "thinkwise_tok_s": round(ours, 1),
+        row = {"shape": shape_name, "quantization": quantization, "batch": batch, "extras": extras,
+               "thinkwise_tok_s": round(ours, 1),
                "roofline_tok_s": round(roofline, 1), "thinkwise_vs_roofline": round(ours / roofline, 3),
                "async_scheduling": llm.engine.async_scheduling,
                "pdl": pdl.pdl_enabled(torch.device("cuda"), batch),
                "sampling": "greedy" if args.top_p is None else f"temperature 0.7, top_p {args.top_p}"}
         if len(rates) > 1:
             row["runs_tok_s"] = [round(rate, 1) for rate in rates]
-        if batch == batches[0]:  # which GEMM each weight shape runs, from the start-up profile
+        if batch == batches[0] and extras == "none":  # which GEMM each weight shape runs, from the start-up profile
             gemms = llm.engine.run_metadata.get("gemm_dispatch", {})
             row["gemm_dispatch"] = {"implementations": gemms.get("implementations"),
                                     "timings_us": gemms.get("timings_us")}
@@ -206,7 +230,7 @@ def run_shape(args, llm, hf, config, shape_name: str, quantization: str, batches
             same = [o.outputs[0].token_ids for o in outputs] == [o.outputs[0].token_ids for o in sync_outputs]
             row.update(sync_tok_s=round(sync_rate, 1), async_over_sync=round(ours / sync_rate, 3),
                        same_tokens_as_sync=same)
-        if not args.skip_hf and args.top_p is None and quantization == "none":
+        if not args.skip_hf and args.top_p is None and quantization == "none" and extras == "none":
             ids = torch.tensor(prompts, device="cuda")
             with torch.inference_mode():
                 hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, min_new_tokens=8,
