@@ -38,7 +38,7 @@ from thinkwise.kernels.linear_dispatch import DispatchLinear
 from thinkwise.kernels.paged_attention import AttentionMetadata, paged_attention
 from thinkwise.loading.config import ModelConfig, hf_rope_settings
 from thinkwise.models.architecture import LLAMA_GGUF_TENSORS, Architecture, CostShape, Unsupported
-from thinkwise.models.llama import weight_copier
+from thinkwise.models.llama import load_decoder_weights
 from thinkwise.models.rotary import RotaryEmbedding
 
 logger = logging.getLogger(__name__)
@@ -163,27 +163,8 @@ class Gemma3Model(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up."""
-        take, put = weight_copier(self, weights)
-        put("embed_tokens.weight", take("model.embed_tokens.weight"))
-        put("norm.weight", take("model.norm.weight"))
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        else:
-            put("lm_head.weight", take("lm_head.weight"))
-        for i in range(self.config.num_layers):
-            src, dst = f"model.layers.{i}.", f"layers.{i}."
-            attn = src + "self_attn."
-            put(dst + "self_attn.qkv_proj.weight", torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"]))
-            put(dst + "self_attn.o_proj.weight", take(attn + "o_proj.weight"))
-            put(dst + "self_attn.q_norm.weight", take(attn + "q_norm.weight"))
-            put(dst + "self_attn.k_norm.weight", take(attn + "k_norm.weight"))
-            mlp = src + "mlp."
-            put(dst + "mlp.gate_up_proj.weight", torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]))
-            put(dst + "mlp.down_proj.weight", take(mlp + "down_proj.weight"))
-            for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
-                         "post_feedforward_layernorm"):
-                put(dst + f"{norm}.weight", take(src + f"{norm}.weight"))
+        load_decoder_weights(self, weights, layer_norms=("input_layernorm", "post_attention_layernorm",
+                                                         "pre_feedforward_layernorm", "post_feedforward_layernorm"))
 
 
 # ----------------------------------------------------------------------------- registry entry

@@ -136,6 +136,37 @@ def weight_copier(model: nn.Module, weights: dict[str, torch.Tensor]):
     return take, put
 
 
+def load_decoder_weights(model: nn.Module, weights: dict[str, torch.Tensor],
+                         layer_norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm")) -> None:
+    """Copy Hugging Face-named tensors into a Llama-shaped decoder (`embed_tokens`, `layers.i`
+    with `self_attn.qkv_proj/o_proj[/q_norm/k_norm]` and `mlp.gate_up_proj/down_proj`, `norm`,
+    `lm_head`), fusing q/k/v and gate/up; `layer_norms` are each layer's norms by their Hugging
+    Face names (Gemma has four)."""
+    config = model.config
+    take, put = weight_copier(model, weights)
+    put("embed_tokens.weight", take("model.embed_tokens.weight"))
+    put("norm.weight", take("model.norm.weight"))
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    else:
+        put("lm_head.weight", take("lm_head.weight"))
+    for i in range(config.num_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        attn = src + "self_attn."
+        put(dst + "self_attn.qkv_proj.weight", torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"]))
+        if config.attention_bias:
+            put(dst + "self_attn.qkv_proj.bias", torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"]))
+        put(dst + "self_attn.o_proj.weight", take(attn + "o_proj.weight"))
+        if config.qk_norm:
+            put(dst + "self_attn.q_norm.weight", take(attn + "q_norm.weight"))
+            put(dst + "self_attn.k_norm.weight", take(attn + "k_norm.weight"))
+        mlp = src + "mlp."
+        put(dst + "mlp.gate_up_proj.weight", torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]))
+        put(dst + "mlp.down_proj.weight", take(mlp + "down_proj.weight"))
+        for norm in layer_norms:
+            put(dst + f"{norm}.weight", take(src + f"{norm}.weight"))
+
+
 class LlamaFamilyModel(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -168,29 +199,7 @@ class LlamaFamilyModel(nn.Module):
 
     @torch.no_grad()
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up."""
-        take, put = weight_copier(self, weights)
-        put("embed_tokens.weight", take("model.embed_tokens.weight"))
-        put("norm.weight", take("model.norm.weight"))
-        if self.config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
-        else:
-            put("lm_head.weight", take("lm_head.weight"))
-        for i in range(self.config.num_layers):
-            src, dst = f"model.layers.{i}.", f"layers.{i}."
-            attn = src + "self_attn."
-            put(dst + "self_attn.qkv_proj.weight", torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"]))
-            if self.config.attention_bias:
-                put(dst + "self_attn.qkv_proj.bias", torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"]))
-            put(dst + "self_attn.o_proj.weight", take(attn + "o_proj.weight"))
-            if self.config.qk_norm:
-                put(dst + "self_attn.q_norm.weight", take(attn + "q_norm.weight"))
-                put(dst + "self_attn.k_norm.weight", take(attn + "k_norm.weight"))
-            mlp = src + "mlp."
-            put(dst + "mlp.gate_up_proj.weight", torch.cat([take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]))
-            put(dst + "mlp.down_proj.weight", take(mlp + "down_proj.weight"))
-            put(dst + "input_layernorm.weight", take(src + "input_layernorm.weight"))
-            put(dst + "post_attention_layernorm.weight", take(src + "post_attention_layernorm.weight"))
+        load_decoder_weights(self, weights)
 
 
 # ----------------------------------------------------------------------------- registry entries
