@@ -10,9 +10,8 @@ share them.
 from thinkwise.tasks.base import (
     FAMILIES, Problem, TaskFamily, check, extract, generate_problems, get_family, load_jsonl, parse_task_spec,
 )
-from thinkwise.tasks.base import _load_families
-
-_load_families()
+# Importing a family module registers its families in FAMILIES (base.py knows none of them).
+from thinkwise.tasks import arithmetic, code, puzzles, sequences  # noqa: F401, E402
 
 __all__ = ["FAMILIES", "Problem", "TaskFamily", "check", "extract", "generate_problems", "get_family", "load_jsonl",
            "parse_task_spec"]

@@ -192,16 +192,10 @@ def register(family_class: type[TaskFamily]) -> type[TaskFamily]:
 
 
 def get_family(name: str) -> TaskFamily:
-    _load_families()
     if name not in FAMILIES:
         raise InvalidParameterError(f"unknown task family {name!r}; known: {', '.join(sorted(FAMILIES))}",
                                     param="tasks")
     return FAMILIES[name]
-
-
-def _load_families() -> None:
-    # Importing the modules registers their families.
-    from thinkwise.tasks import arithmetic, code, puzzles, sequences  # noqa: F401
 
 
 def answer_blocks(text: str) -> list[str]:
