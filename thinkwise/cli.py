@@ -373,9 +373,9 @@ def _template_kwargs(text: str | None) -> dict | None:
         value = json.loads(text)
         if not isinstance(value, dict):
             raise ValueError("it must be a JSON object")
-        from thinkwise.server.protocol import _check_template_kwargs
+        from thinkwise.server.protocol import check_template_kwargs
 
-        return _check_template_kwargs(value)
+        return check_template_kwargs(value)
     except ValueError as error:
         raise InvalidParameterError(f"--chat-template-kwargs {text[:60]!r} is not usable: {error}; give a JSON "
                                     'object such as \'{"enable_thinking": false}\'', param="chat_template_kwargs") from None

@@ -164,7 +164,7 @@ class RequestContextMiddleware:
         async def send_with_id(message):
             if body_failure:
                 if message["type"] == "http.response.start" and not status["started"]:
-                    await _send_json(forward, body_failure[0].http_status, thinkwise_error_body(body_failure[0]),
+                    await send_json(forward, body_failure[0].http_status, thinkwise_error_body(body_failure[0]),
                                      extra_headers=[(b"connection", b"close")])
                 return
             await forward(message)
@@ -202,13 +202,13 @@ class RequestContextMiddleware:
             await self.app(scope, limited_receive, send_with_id)
         except (RequestTooLargeError, RequestTimeoutError) as error:
             if not status["started"]:
-                await _send_json(forward, error.http_status, thinkwise_error_body(error),
+                await send_json(forward, error.http_status, thinkwise_error_body(error),
                                  extra_headers=[(b"connection", b"close")])
         except Exception:
             logger.exception("internal error while serving request %s (%s %s)", request_id, scope.get("method"),
                              scope.get("path"))
             if not status["started"]:
-                await _send_json(forward, 500, error_body(
+                await send_json(forward, 500, error_body(
                     f"internal server error; the server logged the details under request id {request_id}",
                     "internal_server_error", None, "internal_error"))
         finally:
@@ -219,7 +219,7 @@ class RequestContextMiddleware:
                                           status["code"], time.monotonic() - started)
 
 
-async def _send_json(send, status: int, body: dict[str, Any], extra_headers: list | None = None) -> None:
+async def send_json(send, status: int, body: dict[str, Any], extra_headers: list | None = None) -> None:
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),

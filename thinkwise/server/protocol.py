@@ -153,7 +153,7 @@ def _json_depth(value: Any, depth: int = 0) -> int:
     return depth
 
 
-def _check_template_kwargs(value: dict[str, Any]) -> dict[str, Any]:
+def check_template_kwargs(value: dict[str, Any]) -> dict[str, Any]:
     if len(value) > 16:
         raise ValueError(f"has {len(value)} keys; at most 16 are accepted")
     for key in value:
@@ -169,7 +169,7 @@ def _check_template_kwargs(value: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-TemplateKwargs = Annotated[dict[str, Any], AfterValidator(_check_template_kwargs), Field(description=(
+TemplateKwargs = Annotated[dict[str, Any], AfterValidator(check_template_kwargs), Field(description=(
     "variables for the chat template, e.g. {\"enable_thinking\": false} for Qwen3; names the template itself "
     "receives (messages, tools, add_generation_prompt, ...) are refused"))]
 

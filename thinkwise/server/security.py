@@ -16,7 +16,7 @@ import hmac
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from thinkwise.server.errors import AuthenticationError, _send_json, thinkwise_error_body
+from thinkwise.server.errors import AuthenticationError, send_json, thinkwise_error_body
 
 DOCS_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 
@@ -50,7 +50,7 @@ class APIKeyMiddleware:
         if scope["type"] == "http" and _protected(scope.get("path", ""), self.open_docs):
             error = check_api_key(dict(scope.get("headers") or []), self.api_key)
             if error is not None:
-                await _send_json(send, 401, thinkwise_error_body(error),
+                await send_json(send, 401, thinkwise_error_body(error),
                                  extra_headers=[(b"www-authenticate", b"Bearer")])
                 return
         await self.app(scope, receive, send)

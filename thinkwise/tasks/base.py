@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from thinkwise.errors import InvalidParameterError
-from thinkwise.tasks.extraction import _ANSWER_MARKER, _NUMBER_IN_TEXT, answer_key, answers_equal, extract_answer, \
+from thinkwise.tasks.extraction import ANSWER_MARKER, NUMBER_IN_TEXT, answer_key, answers_equal, extract_answer, \
     parse_number
 
 _BOXED_START = re.compile(r"\\(?:boxed|fbox)\b")
@@ -114,7 +114,7 @@ def final_answer(text: str) -> str | None:
     number of the last non-empty line ("... so the total is 45."). A reply that reasons
     and stops mid-way (cut off by the token limit) so gives no answer unless its last line
     holds one."""
-    markers = list(_ANSWER_MARKER.finditer(text))
+    markers = list(ANSWER_MARKER.finditer(text))
     boxes = list(_BOXED_START.finditer(text))
     marker_at = markers[-1].start() if markers else -1
     boxed_at = boxes[-1].start() if boxes else -1
@@ -133,7 +133,7 @@ def numeric_answer(text: str) -> str | None:
     answer = final_answer(text)
     if answer is None or parse_number(answer) is not None:
         return answer
-    numbers = _NUMBER_IN_TEXT.findall(answer)
+    numbers = NUMBER_IN_TEXT.findall(answer)
     return numbers[-1] if numbers else None
 
 
@@ -203,7 +203,7 @@ def answer_blocks(text: str) -> list[str]:
     everything after the last `Answer:` marker (move lists span lines), the content of
     the last \\boxed{}, and the whole response. Parsers take the first that parses."""
     blocks = []
-    markers = list(_ANSWER_MARKER.finditer(text))
+    markers = list(ANSWER_MARKER.finditer(text))
     if markers:
         blocks.append(text[markers[-1].end():].strip())
     boxed = extract_answer(text, "boxed")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from thinkwise.tasks.base import ANSWER_FORMAT, Problem, TaskFamily, register
-from thinkwise.tasks.extraction import _ANSWER_MARKER, answer_key, extract_answer, fenced_code_blocks
+from thinkwise.tasks.extraction import ANSWER_MARKER, answer_key, extract_answer, fenced_code_blocks
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ class OutputPredictionFamily(TaskFamily):
     def extract(self, problem, text):
         """The printed line after the last `Answer:` (on the same line, the next one, or
         inside a fenced block there), else the last \\boxed{}."""
-        markers = list(_ANSWER_MARKER.finditer(text))
+        markers = list(ANSWER_MARKER.finditer(text))
         answer = None
         if markers:
             rest = text[markers[-1].end():]

@@ -38,13 +38,13 @@ RELATIVE_TOLERANCE = Fraction(1, 10**9)
 # "2x", "H2O" and "5th" are not numbers; a trailing sentence period is not part of it.
 _UNSIGNED = r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?"
 _NUMBER_CORE = rf"[-+\u2212]?(?:{_UNSIGNED})(?:\s*/\s*(?:{_UNSIGNED}))?"
-_NUMBER_IN_TEXT = re.compile(rf"(?<![\w.]){_NUMBER_CORE}(?!\w)")
+NUMBER_IN_TEXT = re.compile(rf"(?<![\w.]){_NUMBER_CORE}(?!\w)")
 _NUMBER_WHOLE = re.compile(rf"\s*({_NUMBER_CORE})\s*")
 _LATEX_FRACTION = re.compile(r"(-?)\\[dt]?frac\s*\{\s*([^{}]+?)\s*\}\s*\{\s*([^{}]+?)\s*\}")
 _MAX_EXPONENT = 400  # larger exponents are not answers, and 10**huge would stall Fraction
 
 # "Answer:", "**Answer:**", "**Final Answer**:", "answer is", "answer is:".
-_ANSWER_MARKER = re.compile(
+ANSWER_MARKER = re.compile(
     r"\banswer\s*(?:\*\*|__)?\s*[:\uff1a]|\banswer\s+is\b\s*[:\uff1a]?", re.IGNORECASE)
 _CHOICE_PATTERNS = (
     re.compile(r"\(([A-E])\)"),
@@ -84,7 +84,7 @@ def extract_answer(text: str, method: str = "auto") -> str | None:
     if line is not None:
         # "The answer is 18 dollars." should vote with "18": a line holding exactly one
         # number answers with it; "(2, 3)" or "x^2 + 1" stay whole.
-        numbers = _NUMBER_IN_TEXT.findall(_LATEX_FRACTION.sub(r"\1\2/\3", line))
+        numbers = NUMBER_IN_TEXT.findall(_LATEX_FRACTION.sub(r"\1\2/\3", line))
         return _clean_number(numbers[0]) if len(numbers) == 1 else line
     return _last_number(text)
 
@@ -135,7 +135,7 @@ def _last_boxed(text: str) -> str | None:
 
 
 def _answer_line(text: str) -> str | None:
-    markers = list(_ANSWER_MARKER.finditer(text))
+    markers = list(ANSWER_MARKER.finditer(text))
     if not markers:
         return None
     rest = text[markers[-1].end():]
@@ -161,7 +161,7 @@ def _strip_line(line: str) -> str:
 
 
 def _last_number(text: str) -> str | None:
-    numbers = _NUMBER_IN_TEXT.findall(_LATEX_FRACTION.sub(r"\1\2/\3", text))
+    numbers = NUMBER_IN_TEXT.findall(_LATEX_FRACTION.sub(r"\1\2/\3", text))
     return _clean_number(numbers[-1]) if numbers else None
 
 
