@@ -102,3 +102,19 @@ def reference_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]
     if EOS_ID in out:
         out = out[: out.index(EOS_ID) + 1]
     return out
+
+
+# A Qwen3-style chat template that opens the thinking block itself (and closes it empty when
+# enable_thinking is false), for the reasoning tests; written here, nothing downloaded.
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+                     "not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}")
+
+
+def make_thinking_model(directory, seed: int):
+    """A tiny random Qwen3 in `directory` with the byte tokenizer and THINKING_TEMPLATE."""
+    reference = make_tiny_model("qwen3", directory, seed=seed)
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = THINKING_TEMPLATE
+    tokenizer.save_pretrained(directory)
+    return reference

@@ -9,11 +9,8 @@ import pytest
 
 from thinkwise import LLM, SamplingParams
 from thinkwise.errors import InvalidParameterError
-from tests.tiny_models import byte_tokenizer, make_tiny_model
+from tests.tiny_models import make_thinking_model
 
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
-            "not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}")
 MESSAGES = [{"role": "user", "content": "What is 6 * 7?"}]
 CLOSE = len("</think>")  # byte-level tokenizer: one token per byte
 
@@ -21,10 +18,7 @@ CLOSE = len("</think>")  # byte-level tokenizer: one token per byte
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-qwen3-outputs")
-    make_tiny_model("qwen3", directory, seed=5)
-    tokenizer = byte_tokenizer()
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(directory)
+    make_thinking_model(directory, seed=5)
     return LLM(str(directory), dtype="float32", device="cpu", num_kv_blocks=256, block_size=16,
                thinking_budget_message=" Enough.")
 

@@ -12,22 +12,16 @@ import pytest
 
 from tests.server.conftest import start_server, stop_server
 
-TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-            "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
-            "not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}{% endif %}")
 MESSAGES = [{"role": "user", "content": "What is 6 * 7?"}]
 CLOSE_TOKENS = len("</think>")  # the byte-level test tokenizer: one token per byte
 
 
 @pytest.fixture(scope="module")
 def thinking(tmp_path_factory):
-    from tests.tiny_models import byte_tokenizer, make_tiny_model
+    from tests.tiny_models import make_thinking_model
 
     directory = tmp_path_factory.mktemp("tiny-qwen3-thinking")
-    make_tiny_model("qwen3", directory, seed=3)
-    tokenizer = byte_tokenizer()
-    tokenizer.chat_template = TEMPLATE
-    tokenizer.save_pretrained(directory)
+    make_thinking_model(directory, seed=3)
     srv = start_server(directory, directory / "serve.log", "--reasoning-effort-budgets", "low=3,medium=6,high=none",
                        "--max-num-seqs", "16")
     yield srv
