@@ -22,6 +22,7 @@ needs_triton = pytest.mark.skipif(not tq.HAVE_TRITON, reason="triton is not inst
 SMALL_CONFIGS = [
     QuantGemmConfig(block_n=16, block_k=32, use_dot=False, max_rows=4),
     QuantGemmConfig(block_n=8, block_k=128, use_dot=False, max_rows=4),
+    QuantGemmConfig(block_n=8, block_k=64, use_dot=False, max_rows=4, x_pairs=True),  # bf16 x read in pairs
     QuantGemmConfig(block_n=16, block_k=64),
     QuantGemmConfig(block_n=32, block_k=16),
 ]
@@ -140,3 +141,28 @@ def test_int4_wider_groups_match_twin(group):
         got = triton_quant_gemm(x.to(device), q.to(device), scales.to(device), zeros.to(device), None, group, config)
         want = quant_gemm_reference(x.double(), q, scales.double(), zeros.double(), None, group)
         assert rel_error(got.cpu(), want) < 1e-6, config.name
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", [8, 4])
+def test_split_k_matches_twin_and_adds_the_bias_once(bits):
+    """K cut into slices (uneven: 8 tiles over 3 slices) summed afterwards: equal to the twin,
+    with the bias added once (not once per slice) and the same bits on a second call."""
+    device = device_and_check()
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(40, 512, generator=g)
+    x = torch.randn(5, 512, generator=g)
+    bias = torch.randn(40, generator=g)
+    if bits == 8:
+        q, scales = quantize_int8(w, torch.float32)
+        zeros, group = None, 512
+    else:
+        codes, scales, zeros = quantize_int4(w, 32, torch.float32)
+        q, group = pack_int4(codes), 32
+    config = QuantGemmConfig(block_n=16, block_k=64, split_k=3)
+    args = [t.to(device) if t is not None else None for t in (q, scales, zeros, bias)]
+    got = triton_quant_gemm(x.to(device), *args, group, config)
+    want = quant_gemm_reference(x.double(), q, scales.double(), None if zeros is None else zeros.double(),
+                                bias.double(), group)
+    assert rel_error(got.cpu(), want) < 1e-6
+    assert torch.equal(got, triton_quant_gemm(x.to(device), *args, group, config))

@@ -6,20 +6,29 @@ the codes straight from HBM and dequantizes in registers (never writing a 16-bit
 Layouts: int8 is `q` [N, K] int8 with one scale per output row (w = q * s, the scale
 applied once to the finished dot product); int4 is `q` [N, K/2] uint8, two codes per byte
 (low nibble = even k), with a scale and a zero point per row and group of `group` inputs
-(w = (code - 8) * s + z, gpt-fast's and PyTorch's int4 convention). Each program owns
-BLOCK_N output rows for BLOCK_M token rows and walks K in BLOCK_K steps: `dot` tiles run
-the dequantized [BLOCK_N, BLOCK_K] tile against x on the tensor cores (M padded to 16,
-FlashDecoding++'s flat GEMM), `gemv` tiles multiply and add on CUDA cores for 1..4 rows.
-For one token row the int4 GEMV does not dequantize each weight: it sums codes x inputs per
-group (even inputs against low nibbles, odd against high) and scales once per group. Weight
-tiles are streamed one ahead of their use; under PDL (`pdl`) the first is loaded before the
-wait for the previous kernel, whose output x is, as the 16-bit flat GEMM does. The twin is
-`quant_gemm_reference` (dequantize, then `F.linear`); the dispatch table in
-`linear_dispatch` times these tilings against dequantize-then-cuBLAS per shape and M.
-Measured on an H100 (benchmarks/results/gpu_throughput_quantization_h100.json): Llama-3-8B
-shape batch 1 int8 1.08x and int4 1.24x bf16, the int4 GEMV at ~1.3 TB/s on 28672x4096
-(51 us; the roofline is ~20 us); batch 64 0.56x / 0.46x, because the dot tiles have no
-split-K and too few programs on long-K shapes. Split-K and wider loads are the next steps.
+(w = (code - 8) * s + z, gpt-fast's and PyTorch's int4 convention).
+
+Two kernels. The GEMV (1..4 token rows, one row per program) reads the codes as int32
+words and treats code j of every word as a plane of its own (the sum over k does not care
+about the order), so each thread decodes the words it loaded without reshapes or
+cross-thread traffic; a code becomes an exact float32 by OR-ing it into the mantissa of
+2^23 and subtracting, instead of an int-to-float conversion (a quarter of the FMA rate,
+which bounded the first version at ~1.3 TB/s); products accumulate element-wise and are
+reduced once. The flat GEMM (any M, padded to 16) loads the code bytes as stored and casts
+them into `tl.dot` (int4: the low- and high-nibble planes, each a dot against the even and
+the odd inputs), so Triton's pipeliner stages the weight loads like a 16-bit GEMM's; a
+split-K variant gives long-K, small-N shapes enough programs and sums its slices in a fixed
+order (deterministic, unlike atomics). Under PDL (`pdl`) the GEMV loads its first weight
+tile before waiting for the previous kernel. The twin is `quant_gemm_reference`
+(dequantize, then `F.linear`); the dispatch table in `linear_dispatch` times these tilings
+against dequantize-then-cuBLAS per shape and M.
+
+Measured on an H100 (`benchmarks/gpu_quant_gemm.py --sweep wide`, best tiling per shape,
+`benchmarks/results/gpu_quant_gemm_h100.json`): int8 at one row 1.86-2.17x bf16 cuBLAS on
+the Llama-3-8B shapes (2.3-3.0 TB/s), at 64 rows 0.88-1.58x; int4 (group 128) at one row
+only 1.11-1.54x (0.75-1.16 TB/s: its decode, ~7 instructions a weight, is bound by issue,
+not bytes) and at 64 rows 0.54-0.90x. Packed half-precision decode (two codes per
+instruction, as Marlin does) is the next step for int4.
 """
 
 from __future__ import annotations
@@ -53,10 +62,13 @@ class QuantGemmConfig:
     num_stages: int = 3
     use_dot: bool = True
     max_rows: int = 64
+    x_pairs: bool = False  # GEMV tiles, bf16 x: read x two values per 32-bit load
+    split_k: int = 1  # dot tiles: K cut into this many slices, summed in a fixed order afterwards
 
     @property
     def name(self) -> str:
-        return f"{'dot' if self.use_dot else 'gemv'}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}"
+        extra = (f"_sk{self.split_k}" if self.split_k > 1 else "") + ("_xp" if self.x_pairs else "")
+        return f"{'dot' if self.use_dot else 'gemv'}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{extra}"
 
     def block_m(self, rows: int) -> int:
         rows_pow2 = 1 << (max(rows, 1) - 1).bit_length()
@@ -65,113 +77,183 @@ class QuantGemmConfig:
         return min(rows_pow2, GEMV_MAX_ROWS)
 
 
-# Offered to the start-up profile: CUDA-core GEMVs for 1..4 rows (narrow tiles: with few
-# output rows per program, small matrices still spread over all SMs), tensor-core tiles for
-# more rows, and a wide dot tile for prefill-sized M (compared there against dequantize +
-# cuBLAS). Hopper wants >= 16-byte loads per thread: a 16 x 256 int4 tile is 2 KiB.
+# Offered to the start-up profile (each the best of some shape in `benchmarks/gpu_quant_gemm.py
+# --sweep wide` on an H100): CUDA-core GEMVs for 1..4 rows (one token row per program; narrow
+# tiles so small matrices still spread over all SMs, long ones so each thread keeps 16-byte
+# loads in flight), tensor-core tiles for any M (int4 on large N wins with them even at one
+# row: its decode is bound by instruction issue on the CUDA cores), split-K tiles for long-K,
+# small-N shapes at batch sizes where 64-row tiles leave SMs idle, and wide tiles for
+# prefill-sized M (compared there against dequantize + cuBLAS).
 DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
-    QuantGemmConfig(block_n=16, block_k=256, num_warps=4, num_stages=3, use_dot=False, max_rows=4),
-    QuantGemmConfig(block_n=8, block_k=512, num_warps=4, num_stages=3, use_dot=False, max_rows=4),
-    QuantGemmConfig(block_n=4, block_k=1024, num_warps=4, num_stages=3, use_dot=False, max_rows=2),
-    QuantGemmConfig(block_n=32, block_k=256, num_warps=8, num_stages=3, use_dot=False, max_rows=2),
-    QuantGemmConfig(block_n=32, block_k=128, num_warps=4, num_stages=4),  # more programs for small N, long K
-    QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=4),
+    QuantGemmConfig(block_n=16, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4),
+    QuantGemmConfig(block_n=8, block_k=1024, num_warps=8, num_stages=2, use_dot=False, max_rows=4),
+    QuantGemmConfig(block_n=32, block_k=256, num_warps=4, num_stages=2, use_dot=False, max_rows=4),
+    QuantGemmConfig(block_n=4, block_k=1024, num_warps=8, num_stages=2, use_dot=False, max_rows=4, x_pairs=True),
+    QuantGemmConfig(block_n=4, block_k=2048, num_warps=4, num_stages=2, use_dot=False, max_rows=4, x_pairs=True),
+    QuantGemmConfig(block_n=8, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4, x_pairs=True),
+    QuantGemmConfig(block_n=16, block_k=256, num_warps=4, num_stages=3),
+    QuantGemmConfig(block_n=32, block_k=256, num_warps=4, num_stages=3),
+    QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3),
+    QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4),
+    QuantGemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, max_rows=4096),
+    QuantGemmConfig(block_n=128, block_k=128, num_warps=4, num_stages=3, split_k=4),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, max_rows=4096),
 )
 
 
 if HAVE_TRITON:
 
+    @triton.jit
+    def _decode_lane(words, j: tl.constexpr, INT4: tl.constexpr):
+        """Code j of every int32 word (int8: byte j, 4 a word; int4: nibble j, 8 a word) as
+        an exact float32, without an int-to-float conversion (those run at a quarter of
+        the FMA rate and would bound the GEMV): the code ORed into the mantissa of 2^23
+        reads as 2^23 + code, and one subtraction leaves the signed value (int8: the byte
+        with its sign bit flipped is q + 128; int4: the nibble minus 8)."""
+        if INT4:
+            value = (((words >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        else:
+            value = (((words >> (8 * j)) & 255) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        return value
+
+    @triton.jit(do_not_specialize=["M"])
+    def _quant_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
+                           M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
+                           GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, PDL: tl.constexpr, X_PAIRS: tl.constexpr):
+        """One token row times BLOCK_N output rows; `w_ptr` holds the codes as int32 words.
+        Code j of every word is handled as its own [BLOCK_N, words] plane (the sum over k
+        does not care about the order), so a thread decodes the words it loaded itself, with
+        no reshapes and no cross-thread traffic inside the loop; products accumulate
+        element-wise and are reduced once at the end. The token rows of one weight block are
+        neighbouring programs, so rows after the first read it from L2."""
+        row = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = (offs_n % N).to(tl.int64)  # out-of-range rows read a valid row; never stored
+        WORD_K: tl.constexpr = 8 if INT4 else 4
+        WORDS: tl.constexpr = BLOCK_K // WORD_K
+        offs_w = tl.arange(0, WORDS)
+        k_words = K // WORD_K
+        w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_w[None, :]
+        words_next = tl.load(w_ptrs, mask=(offs_w < k_words)[None, :], other=0)
+        if PDL:  # the weights are nobody's output: the first tile is read before the wait
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        x_row = x_ptr + row * stride_xm
+        acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+        for k in range(0, K, BLOCK_K):
+            words = words_next
+            words_next = tl.load(w_ptrs + (k + BLOCK_K) // WORD_K,
+                                 mask=((k + BLOCK_K) // WORD_K + offs_w < k_words)[None, :], other=0)
+            k_of = k + offs_w * WORD_K  # first k of each word
+            if INT4:  # each word's group's scale and zero (repeated addresses: served by L1)
+                where = rows[:, None] * stride_sn + (k_of // GROUP)[None, :]
+                word_ok = (k_of < K)[None, :]
+                scale = tl.load(scale_ptr + where, mask=word_ok, other=0.0).to(tl.float32)
+                zero = tl.load(zero_ptr + where, mask=word_ok, other=0.0).to(tl.float32)
+            if X_PAIRS:  # bf16 x read as int32 pairs (x_ptr is x viewed as int32): half the loads
+                for i in tl.static_range(WORD_K // 2):
+                    pair = tl.load(x_row + k_of // 2 + i, mask=k_of + 2 * i < K, other=0)
+                    x_even = (pair << 16).to(tl.float32, bitcast=True)[None, :]
+                    x_odd = (pair & -65536).to(tl.float32, bitcast=True)[None, :]
+                    if INT4:
+                        acc += (_decode_lane(words, 2 * i, INT4) * scale + zero) * x_even
+                        acc += (_decode_lane(words, 2 * i + 1, INT4) * scale + zero) * x_odd
+                    else:
+                        acc += _decode_lane(words, 2 * i, INT4) * x_even + _decode_lane(words, 2 * i + 1, INT4) * x_odd
+            else:
+                for j in tl.static_range(WORD_K):
+                    x = tl.load(x_row + k_of + j, mask=k_of + j < K, other=0.0).to(tl.float32)
+                    if INT4:
+                        acc += (_decode_lane(words, j, INT4) * scale + zero) * x[None, :]
+                    else:
+                        acc += _decode_lane(words, j, INT4) * x[None, :]
+        result = tl.sum(acc, axis=1)
+        if not INT4:  # per-row scale: once, on the finished sums
+            result = result * tl.load(scale_ptr + rows * stride_sn).to(tl.float32)
+        if HAS_BIAS:
+            result += tl.load(bias_ptr + rows).to(tl.float32)
+        tl.store(out_ptr + row * stride_om + offs_n, result.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+
     @triton.jit(do_not_specialize=["M"])
     def _quant_gemm_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
-                           M, N, K, stride_xm, stride_qn, stride_sn, stride_om,
+                           M, N, K, stride_xm, stride_qn, stride_sn, stride_om, k_per_split, stride_split,
                            GROUP: tl.constexpr, INT4: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-                           PDL: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr):
+        """BLOCK_M token rows (>= 16, padded) times BLOCK_N output rows on the tensor cores
+        (FlashDecoding++'s flat GEMM, the weights as the wide side). The code bytes are
+        loaded as they are stored and cast straight into the dot (int8), or split into the
+        low- and high-nibble planes, each its own dot against the even and the odd inputs
+        (int4: the sum over k does not care about the order), so Triton's pipeliner stages
+        the weight loads like a 16-bit GEMM's. With SPLIT_K > 1, program (m, n, s) covers
+        k in [s * k_per_split, (s + 1) * k_per_split) and stores its float32 partial sums
+        at out + s * stride_split (no bias); the caller adds the slices in a fixed order, so
+        results do not depend on scheduling, as atomics would."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        # Out-of-range rows/columns read a valid (wrapped) row; their results are never stored.
         safe_m = offs_m % M
         rows = (offs_n % N).to(tl.int64)
-        offs_k = tl.arange(0, BLOCK_K)
-        # The weight codes are streamed one tile ahead of their use (register double-buffering:
-        # Triton's pipeliner stages only loads feeding a dot directly), the first tile before
-        # PDL's wait, since no kernel writes the weights.
-        if INT4:
-            HALF: tl.constexpr = BLOCK_K // 2
-            offs_b = tl.arange(0, HALF)
-            q_ptrs = q_ptr + rows[:, None] * stride_qn + offs_b[None, :]
-            q_next = tl.load(q_ptrs, mask=(offs_b < K // 2)[None, :], other=0)
-        else:
-            q_ptrs = q_ptr + rows[:, None] * stride_qn + offs_k[None, :]
-            q_next = tl.load(q_ptrs, mask=(offs_k < K)[None, :], other=0)
+        BYTES: tl.constexpr = BLOCK_K // 2 if INT4 else BLOCK_K
+        offs_b = tl.arange(0, BYTES)
+        k_bytes = K // 2 if INT4 else K
+        q_ptrs = q_ptr + rows[:, None] * stride_qn + offs_b[None, :]
+        x_ptrs = x_ptr + safe_m[None, :] * stride_xm
         if PDL:  # x is the previous kernel's output
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for k in range(0, K, BLOCK_K):
-            kk = k + offs_k
-            k_ok = kk < K
-            if INT4 and not USE_DOT and BLOCK_M == 1:
-                # One token row: sum codes x inputs per group, then scale once per group,
-                # sum_k ((c - 8) s + z) x = s (sum c x - 8 sum x) + z sum x, with the even and
-                # odd inputs against the low and high nibbles: ~2 operations a weight instead of
-                # dequantizing each one (the int4 GEMV is bound by these, not by the bytes).
-                packed = q_next
-                q_next = tl.load(q_ptrs + (k + BLOCK_K) // 2, mask=((k + BLOCK_K) // 2 + offs_b < K // 2)[None, :],
-                                 other=0)
-                TILE_GROUPS_1: tl.constexpr = BLOCK_K // GROUP
-                x_row = x_ptr + (pid_m * BLOCK_M % M) * stride_xm + k + 2 * offs_b
-                x_even = tl.load(x_row, mask=k + 2 * offs_b < K, other=0.0).to(tl.float32)
-                x_odd = tl.load(x_row + 1, mask=k + 2 * offs_b + 1 < K, other=0.0).to(tl.float32)
-                products = (packed & 15).to(tl.float32) * x_even[None, :] + (packed >> 4).to(tl.float32) * x_odd[None, :]
-                per_group = tl.sum(tl.reshape(products, [BLOCK_N, TILE_GROUPS_1, GROUP // 2]), axis=2)
-                x_sums = tl.sum(tl.reshape(x_even + x_odd, [TILE_GROUPS_1, GROUP // 2]), axis=1)
-                group = k // GROUP + tl.arange(0, TILE_GROUPS_1)
-                group_ok = (group < K // GROUP)[None, :]
+        k_start = pid_k * k_per_split
+        for k in range(k_start, tl.minimum(K, k_start + k_per_split), BLOCK_K):
+            b = k // 2 if INT4 else k
+            codes = tl.load(q_ptrs + b, mask=(b + offs_b < k_bytes)[None, :], other=0)
+            if INT4:
+                # One scale and zero per row and group, loaded once per tile and broadcast over
+                # the group's bytes; zero - 8 * scale folds the code offset in.
+                group = k // GROUP + tl.arange(0, BLOCK_K // GROUP)
                 where = rows[:, None] * stride_sn + group[None, :]
-                scale = tl.load(scale_ptr + where, mask=group_ok, other=0.0).to(tl.float32)
-                zero = tl.load(zero_ptr + where, mask=group_ok, other=0.0).to(tl.float32)
-                contribution = scale * (per_group - 8.0 * x_sums[None, :]) + zero * x_sums[None, :]
-                acc += tl.sum(contribution, axis=1)[:, None]
+                group_ok = (group < K // GROUP)[None, :]
+                scale = tl.load(scale_ptr + where, mask=group_ok, other=0.0).to(tl.float32)[:, :, None]
+                zero = tl.load(zero_ptr + where, mask=group_ok, other=0.0).to(tl.float32)[:, :, None] - 8.0 * scale
+                grouped = tl.reshape(codes, [BLOCK_N, BLOCK_K // GROUP, GROUP // 2])
+                low = tl.reshape((grouped & 15).to(tl.float32) * scale + zero, [BLOCK_N, BYTES])
+                high = tl.reshape((grouped >> 4).to(tl.float32) * scale + zero, [BLOCK_N, BYTES])
+                k_even = k + 2 * offs_b
+                x_even = tl.load(x_ptrs + k_even[:, None], mask=(k_even < K)[:, None], other=0.0)
+                x_odd = tl.load(x_ptrs + k_even[:, None] + 1, mask=(k_even + 1 < K)[:, None], other=0.0)
+                if IEEE:
+                    acc = tl.dot(low.to(x_even.dtype), x_even, acc, input_precision="ieee")
+                    acc = tl.dot(high.to(x_odd.dtype), x_odd, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(low.to(x_even.dtype), x_even, acc)
+                    acc = tl.dot(high.to(x_odd.dtype), x_odd, acc)
             else:
-                if INT4:
-                    packed = q_next
-                    q_next = tl.load(q_ptrs + (k + BLOCK_K) // 2, mask=((k + BLOCK_K) // 2 + offs_b < K // 2)[None, :],
-                                     other=0)
-                    codes = tl.reshape(tl.join(packed & 15, packed >> 4), [BLOCK_N, BLOCK_K])  # k = 2 * byte + nibble
-                    # One scale and zero per row and group, loaded once per tile (not per weight) and
-                    # broadcast over the group's codes (BLOCK_K is a multiple of GROUP).
-                    TILE_GROUPS: tl.constexpr = BLOCK_K // GROUP
-                    group = k // GROUP + tl.arange(0, TILE_GROUPS)
-                    group_ok = (group < K // GROUP)[None, :]
-                    where = rows[:, None] * stride_sn + group[None, :]
-                    scale = tl.load(scale_ptr + where, mask=group_ok, other=0.0).to(tl.float32)
-                    zero = tl.load(zero_ptr + where, mask=group_ok, other=0.0).to(tl.float32)
-                    grouped = tl.reshape(codes.to(tl.float32) - 8.0, [BLOCK_N, TILE_GROUPS, GROUP])
-                    w = tl.reshape(grouped * scale[:, :, None] + zero[:, :, None], [BLOCK_N, BLOCK_K])
+                kk = k + offs_b
+                x = tl.load(x_ptrs + kk[:, None], mask=(kk < K)[:, None], other=0.0)
+                if IEEE:
+                    acc = tl.dot(codes.to(x.dtype), x, acc, input_precision="ieee")
                 else:
-                    w = q_next.to(tl.float32)
-                    q_next = tl.load(q_ptrs + k + BLOCK_K, mask=(k + BLOCK_K + offs_k < K)[None, :], other=0)
-                x = tl.load(x_ptr + safe_m[None, :] * stride_xm + kk[:, None], mask=k_ok[:, None], other=0.0)
-                if USE_DOT:
-                    if IEEE:
-                        acc = tl.dot(w.to(x.dtype), x, acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(w.to(x.dtype), x, acc)
-                else:
-                    acc += tl.sum(w[:, :, None] * x.to(tl.float32)[None, :, :], axis=1)
+                    acc = tl.dot(codes.to(x.dtype), x, acc)
         if not INT4:  # per-row scale: once, on the finished sums
             acc = acc * tl.load(scale_ptr + rows * stride_sn).to(tl.float32)[:, None]
         result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
-        if HAS_BIAS:
+        if HAS_BIAS and SPLIT_K == 1:
             result += tl.load(bias_ptr + rows).to(tl.float32)[None, :]
         out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], result.to(out_ptr.dtype.element_ty),
-                 mask=out_mask)
+        tl.store(out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :],
+                 result.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+def code_words(q: torch.Tensor) -> torch.Tensor:
+    """The stored codes (int8 [N, K] or packed int4 [N, K/2]) viewed as int32 words, as the
+    kernels read them (4 int8 or 8 int4 codes a word); rows must hold whole words."""
+    if q.shape[1] % 4 or q.stride(1) != 1 or q.stride(0) % 4:
+        raise ValueError(f"the codes' rows ({q.shape[1]} bytes) must be contiguous whole 4-byte words")
+    return q.view(torch.int32)
 
 
 def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -185,12 +267,15 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
     k = q.shape[1] * (2 if int4 else 1)
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
-    if int4 and (k % group or group & (group - 1) or config.block_k & (config.block_k - 1)):
-        raise ValueError(f"int4 needs K ({k}) divisible by the group ({group}), and the group and "
+    if int4 and (k % group or group & (group - 1) or group < 8 or config.block_k & (config.block_k - 1)):
+        raise ValueError(f"int4 needs K ({k}) divisible by the group ({group}), and the group (>= 8) and "
                          f"block_k ({config.block_k}) powers of two")
-    # int4 tiles span whole groups and at least 16 bytes a row (narrower tiles computed wrong
-    # on an H100, compiled, where the interpreter was right: dot_n32_k16 with groups of 32).
+    # int4 tiles span whole groups and at least 16 bytes a row; a dot tile's planes need
+    # at least 16 words (tl.dot's smallest K).
     block_k = max(config.block_k, group, MIN_INT4_BLOCK_K) if int4 else config.block_k
+    if config.use_dot:  # a dot's K (int4: per nibble plane) is at least 16
+        block_k = max(block_k, 2 * DOT_MIN_ROWS if int4 else DOT_MIN_ROWS)
+    words = code_words(q)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
@@ -198,15 +283,37 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
     rows = x2.shape[0]
     out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
     if rows:
-        block_m = config.block_m(rows)
-        grid = (-(-rows // block_m), -(-n // config.block_n))
-        _quant_gemm_kernel[grid](
-            x2, q, scales, zeros if int4 else scales, bias if bias is not None else out, out,
-            rows, n, k, x2.stride(0), q.stride(0), scales.stride(0), out.stride(0),
-            GROUP=group, INT4=int4, BLOCK_M=block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
-            USE_DOT=config.use_dot, HAS_BIAS=bias is not None, IEEE=x2.dtype == torch.float32,
-            num_warps=config.num_warps, num_stages=config.num_stages, **pdl.kernel_args(x2.device, rows),
-        )
+        common = dict(GROUP=group, INT4=int4, BLOCK_N=config.block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
+                      num_warps=config.num_warps, num_stages=config.num_stages, **pdl.kernel_args(x2.device, rows))
+        # The dot kernel reads the code bytes as stored, the GEMV the same bytes as int32 words.
+        codes = q if config.use_dot else words
+        tensors = (x2, codes, scales, zeros if int4 else scales, bias if bias is not None else out, out,
+                   rows, n, k, x2.stride(0), codes.stride(0), scales.stride(0), out.stride(0))
+        if config.use_dot:
+            block_m = config.block_m(rows)
+            tiles = -(-k // block_k)
+            split = max(1, min(config.split_k, tiles))
+            k_per_split = -(-tiles // split) * block_k
+            split = -(-k // k_per_split)
+            grid = (-(-rows // block_m), -(-n // config.block_n), split)
+            if split == 1:
+                _quant_gemm_kernel[grid](*tensors, k_per_split, 0, BLOCK_M=block_m, IEEE=x2.dtype == torch.float32,
+                                         SPLIT_K=1, **common)
+            else:
+                partial = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
+                _quant_gemm_kernel[grid](*tensors[:5], partial, *tensors[6:12], partial.stride(1), k_per_split,
+                                         partial.stride(0), BLOCK_M=block_m, IEEE=x2.dtype == torch.float32,
+                                         SPLIT_K=split, **common)
+                total = partial.sum(dim=0)  # a fixed-order reduction: deterministic
+                if bias is not None:
+                    total += bias
+                out.copy_(total)
+        elif config.x_pairs and x2.dtype == torch.bfloat16 and x2.stride(0) % 2 == 0:
+            pairs = x2.view(torch.int32)
+            _quant_gemv_kernel[(rows, -(-n // config.block_n))](pairs, *tensors[1:9], pairs.stride(0), *tensors[10:],
+                                                                 X_PAIRS=True, **common)
+        else:
+            _quant_gemv_kernel[(rows, -(-n // config.block_n))](*tensors, X_PAIRS=False, **common)
     return out.reshape(*lead, n)
 
 

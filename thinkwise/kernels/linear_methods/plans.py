@@ -35,7 +35,7 @@ def quant_candidates(layer, rows: int, q, scales, zeros, group: int) -> dict[str
     """name -> (tiling, call x -> y) for every Triton tiling offered for `rows` rows."""
     from thinkwise.kernels import triton_quant_gemm as tq
 
-    if not tq.HAVE_TRITON:
+    if not tq.HAVE_TRITON or q.shape[1] % 4:  # the kernels read whole 4-byte words of codes per row
         return {}
     out = {}
     for config in tq.DEFAULT_CONFIGS:
