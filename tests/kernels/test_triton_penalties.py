@@ -47,6 +47,13 @@ def case(vocab: int, device: str = "cpu", seed: int = 0):
     return args
 
 
+def assert_kernel_matches(got, expected):
+    if CUDA:  # compiled: IEEE division and no fused multiply-add, so equal to rounding at worst
+        torch.testing.assert_close(got, expected, rtol=2e-7, atol=0)
+    else:  # the interpreter computes with NumPy: bit for bit
+        assert torch.equal(got, expected)
+
+
 def per_row_reference(logits, slots, params, counts, prompt_mask):
     expected = []
     for row, slot in enumerate(slots.tolist()):
@@ -72,11 +79,7 @@ def test_kernel_gives_the_twins_bits(vocab):
     interpret_or_skip()
     device = "cuda" if CUDA else "cpu"
     args = case(vocab, device, seed=vocab)
-    got, expected = triton_penalize(*args), penalize_twin(*args)
-    if CUDA:  # compiled: IEEE division and no fused multiply-add, so equal to rounding at worst
-        torch.testing.assert_close(got, expected, rtol=2e-7, atol=0)
-    else:
-        assert torch.equal(got, expected)
+    assert_kernel_matches(triton_penalize(*args), penalize_twin(*args))
 
 
 @needs_triton
@@ -102,9 +105,9 @@ def test_kernel_reads_bfloat16_and_strided_logits():
     wide = torch.zeros(logits.shape[0], 80, device=logits.device)
     wide[:, :50] = logits
     strided = wide[:, :50]  # row stride 80
-    assert torch.equal(triton_penalize(strided, *rest), penalize_twin(logits, *rest))
+    assert_kernel_matches(triton_penalize(strided, *rest), penalize_twin(logits, *rest))
     half = logits.bfloat16()
-    torch.testing.assert_close(triton_penalize(half, *rest), penalize_twin(half, *rest), rtol=0, atol=0)
+    assert_kernel_matches(triton_penalize(half, *rest), penalize_twin(half, *rest))
 
 
 def test_penalize_runs_the_twin_off_the_gpu(monkeypatch):
@@ -139,5 +142,5 @@ def test_kernel_on_a_qwen_sized_batch():
     slots = torch.arange(rows, device="cuda").flip(0)
     slots[::5] = -1
     params = torch.tensor([1.1, 0.3, 0.5], device="cuda").repeat(rows, 1)
-    torch.testing.assert_close(triton_penalize(logits, slots, params, counts, prompt_mask),
-                               penalize_twin(logits, slots, params, counts, prompt_mask), rtol=2e-7, atol=0)
+    assert_kernel_matches(triton_penalize(logits, slots, params, counts, prompt_mask),
+                          penalize_twin(logits, slots, params, counts, prompt_mask))

@@ -62,9 +62,10 @@ _ARRAY_CODES = {torch.int64: "q", torch.int32: "i", torch.float32: "f"}
 
 
 class _Staging:
-    """A step's small host lists sent to the device in one copy: packed into one byte buffer
-    (each list 8-byte aligned), pinned, copied without blocking, and read there as typed views.
-    One transfer instead of one `stage_to_device` per list keeps the host's step short."""
+    """A step's small host lists sent to the device in one copy: packed into one byte buffer,
+    pinned, copied without blocking, and read there as typed views. One transfer instead of
+    one `stage_to_device` per list keeps the host's step short. Each list starts on 16 bytes,
+    so the kernel's pointers always have the alignment Triton specializes on (no recompile)."""
 
     def __init__(self) -> None:
         self.parts: list[tuple[array, torch.dtype]] = []
@@ -79,8 +80,8 @@ class _Staging:
         for values, dtype in self.parts:
             spans.append((len(blob), len(values) * dtype.itemsize, dtype))
             blob += values.tobytes()
-            blob += bytes(-len(blob) % 8)
-        host = torch.frombuffer(blob or bytearray(8), dtype=torch.uint8)  # keeps `blob` alive
+            blob += bytes(-len(blob) % 16)
+        host = torch.frombuffer(blob or bytearray(16), dtype=torch.uint8)  # keeps `blob` alive
         staged = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host
         return [staged[start:start + size].view(dtype) for start, size, dtype in spans]
 

@@ -13,7 +13,7 @@ and writes the output once, in one launch for the whole batch; PyTorch needs abo
 dense passes for the same. `penalize_twin` is the plain-PyTorch twin with the same
 signature: the CPU path and the kernel's reference. The kernel divides with IEEE rounding
 (`tl.div_rn`; Triton's `/` is approximate in fp32) and is compiled without fused
-multiply-adds, so it gives the twin's bits.
+multiply-adds, the twin's arithmetic step for step (the interpreter matches it bit for bit).
 """
 
 from __future__ import annotations
