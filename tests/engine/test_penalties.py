@@ -372,3 +372,18 @@ def test_a_step_costs_one_transfer_and_one_table_update_whatever_the_batch(monke
         tracker.apply(torch.zeros(batch, VOCAB), rows)
         quiet_ops, quiet_sends = _device_work(lambda: tracker.apply(torch.zeros(batch, VOCAB), rows))
     assert quiet_sends == [] and "aten::index_add_" not in quiet_ops
+
+
+def test_staged_lists_come_back_whole_typed_and_16_byte_aligned():
+    from thinkwise.engine.penalties import _Staging
+
+    staging = _Staging()
+    lists = [([3, -1, 2**40], torch.int64), ([0.5, -2.25, 1e-3], torch.float32), ([1, -1, 1, 7, 9], torch.int32),
+             ([], torch.int64), ([5], torch.int64)]
+    for values, dtype in lists:
+        staging.add(values, dtype)
+    staged = staging.send(torch.device("cpu"))
+    base = staged[0].data_ptr()
+    for (values, dtype), tensor in zip(lists, staged):
+        assert tensor.dtype == dtype and tensor.tolist() == torch.tensor(values, dtype=dtype).tolist()
+        assert (tensor.data_ptr() - base) % 16 == 0

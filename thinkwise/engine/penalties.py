@@ -124,6 +124,19 @@ class _Corrections:
 
 
 @dataclass
+class _Step:
+    """One `apply`'s host-side findings, per logits row and for the table."""
+
+    row_slots: list[int]  # per logits row: its table slot, -1 without penalties
+    params: list[float]  # per logits row: repetition, frequency, presence (neutral without penalties)
+    states: list[_SlotState] = field(default_factory=list)  # per penalized row
+    fresh: list[int] = field(default_factory=list)  # new slots: counts and prompt rows cleared
+    cleared: list[int] = field(default_factory=list)  # slots rebuilt from the host's tokens: counts cleared
+    prompt_flat: list[int] = field(default_factory=list)  # slot * vocab + prompt id, for the new slots
+    corrections: _Corrections = field(default_factory=_Corrections)
+
+
+@dataclass
 class _RowPlan:
     """What `record` needs of the rows `apply` just penalized, staged by `apply` (a draw
     follows every apply with the same rows, so `record` then stages and looks up nothing)."""
@@ -202,21 +215,55 @@ class PenaltyTracker:
         vocab = logits.shape[-1]
         self._ensure_table(vocab)
         self._release_finished()
-        fresh: list[int] = []  # new slots: counts and prompt mask rows cleared
-        cleared: list[int] = []  # slots rebuilt from the host's tokens: counts rows cleared
-        prompt_flat: list[int] = []  # slot * vocab + prompt id, for the new slots
-        corrections = _Corrections()
+        step = self._walk(rows, index, vocab)
+        # Everything the device needs from the host this step, in one copy.
+        staging = _Staging()
+        staged_rows = self._row_lists[1] if step.row_slots == self._row_lists[0] else None
+        if staged_rows is None:
+            at_rows = (staging.add(step.row_slots, torch.int64),
+                       staging.add([s * vocab for s in step.row_slots if s >= 0], torch.int64),
+                       staging.add([1] * len(index), torch.int32),
+                       None if len(index) == len(rows) else staging.add(index, torch.int64))
+        staged_params = self._params[1] if step.params == self._params[0] else None
+        if staged_params is None:
+            at_params = staging.add(step.params, torch.float32)
+        cleared = step.fresh + step.cleared
+        at_cleared = staging.add(cleared, torch.int64) if cleared else None
+        at_prompt = (staging.add(step.fresh, torch.int64), staging.add(step.prompt_flat, torch.int64)) \
+            if step.fresh else None
+        plan = step.corrections.stage(staging) if step.corrections else None
+        staged = staging.send(self.device) if staging.parts else []  # nothing changed: no copy at all
+        if staged_rows is None:
+            staged_rows = tuple(None if at is None else staged[at] for at in at_rows)
+            self._row_lists = (step.row_slots, staged_rows)
+        if staged_params is None:
+            staged_params = staged[at_params].view(-1, 3)
+            self._params = (step.params, staged_params)
+        # The table: clear new and rebuilt slots, mark new prompts, then the step's +-1 corrections.
+        if at_cleared is not None:
+            self.counts.index_fill_(0, staged[at_cleared], 0)
+        if at_prompt is not None:
+            self.prompt_mask.index_fill_(0, staged[at_prompt[0]], False)
+            self.prompt_mask.view(-1).index_fill_(0, staged[at_prompt[1]], True)
+        if plan is not None:
+            step.corrections.send(self.counts, staged, plan)
+        slots, offsets, ones, gather = staged_rows
+        self._plan = _RowPlan(rows, index, step.states, offsets, ones, gather)
+        return _penalize(logits, slots, staged_params, self.counts, self.prompt_mask)
+
+    def _walk(self, rows, index: list[int], vocab: int) -> _Step:
+        """What the host knows now that the table does not, row by row: only list and dict work
+        per row (this loop is most of the host's time in `apply`)."""
+        step = _Step([-1] * len(rows), [1.0, 0.0, 0.0] * len(rows))
+        row_slots, params, row_states, corrections = step.row_slots, step.params, step.states, step.corrections
         host = corrections.host
-        row_slots = [-1] * len(rows)
-        params = [1.0, 0.0, 0.0] * len(rows)
-        row_states = []
         states = self.states
         undo_flat, undo = None, []
-        for i in index:  # per row only list and dict work: this loop is most of the host's time here
+        for i in index:
             row = rows[i].penalty
             state = states.get(row.seq_id)
             if state is None:
-                state = self._new_state(row, fresh, prompt_flat)
+                state = self._new_state(row, step.fresh, step.prompt_flat)
             row_states.append(state)
             slot = row_slots[i] = state.slot
             params[3 * i:3 * i + 3] = row.repetition, row.frequency, row.presence
@@ -224,7 +271,7 @@ class PenaltyTracker:
             known = len(row.token_ids) - num_prompt  # output positions the host knows
             drawn = state.drawn
             if state.counted > known:  # the host has fewer tokens than counted (never expected): rebuild
-                cleared.append(slot)
+                step.cleared.append(slot)
                 for p in [p for p in drawn if p < known or p >= row.position]:
                     del drawn[p]
                 for flat, entry in drawn.values():  # draws still in flight stay counted
@@ -247,36 +294,7 @@ class PenaltyTracker:
                 else:
                     host += [base + t for t in row.token_ids[num_prompt + counted:num_prompt + known]]
                 state.counted = known
-        staging = _Staging()
-        staged_rows = self._row_lists[1] if row_slots == self._row_lists[0] else None
-        if staged_rows is None:
-            every = len(index) == len(rows)
-            at_rows = (staging.add(row_slots, torch.int64), staging.add([s * vocab for s in row_slots if s >= 0],
-                       torch.int64), staging.add([1] * len(index), torch.int32),
-                       None if every else staging.add(index, torch.int64))
-        staged_params = self._params[1] if params == self._params[0] else None
-        if staged_params is None:
-            at_params = staging.add(params, torch.float32)
-        at_fresh = staging.add(fresh + cleared, torch.int64) if fresh or cleared else None
-        at_prompt = (staging.add(fresh, torch.int64), staging.add(prompt_flat, torch.int64)) if fresh else None
-        plan = corrections.stage(staging) if corrections else None
-        staged = staging.send(self.device) if staging.parts else []
-        if staged_rows is None:
-            staged_rows = tuple(None if at is None else staged[at] for at in at_rows)
-            self._row_lists = (row_slots, staged_rows)
-        if staged_params is None:
-            staged_params = staged[at_params].view(-1, 3)
-            self._params = (params, staged_params)
-        if at_fresh is not None:
-            self.counts.index_fill_(0, staged[at_fresh], 0)
-        if at_prompt is not None:
-            self.prompt_mask.index_fill_(0, staged[at_prompt[0]], False)
-            self.prompt_mask.view(-1).index_fill_(0, staged[at_prompt[1]], True)
-        if plan is not None:
-            corrections.send(self.counts, staged, plan)
-        slots, offsets, ones, gather = staged_rows
-        self._plan = _RowPlan(rows, index, row_states, offsets, ones, gather)
-        return _penalize(logits, slots, staged_params, self.counts, self.prompt_mask)
+        return step
 
     def record(self, rows, tokens: torch.Tensor) -> None:
         """Count each penalized row's drawn token (still on the device) at its position."""
