@@ -4,6 +4,8 @@ an engine run generates."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -210,14 +212,24 @@ class _Simulated:
         return self.tokens[len(self.prompt):] + [self.inflight[p] for p in range(self.known, position)]
 
 
-@pytest.mark.parametrize("same_rows_list", [True, False])
-def test_random_schedules_match_the_reference_at_every_draw(same_rows_list):
+@pytest.mark.parametrize("same_rows_list, kernel", [(True, "twin"), (False, "twin"), (True, "triton")])
+def test_random_schedules_match_the_reference_at_every_draw(same_rows_list, kernel, monkeypatch):
     """Many sequences through a random schedule: batches in a random order and subset, with rows
     without penalties between them; draws one or two steps ahead of the host; tokens landing
     late, redrawn by the host or forced (the draws in flight dropped); sequences finishing and
     new ones taking their slots (a fresh prompt mask). At every draw each penalized row equals
     vLLM's formula on the true history and every other row is untouched. `same_rows_list`:
-    `record` gets the list `apply` saw (the sampler's way) or an equal new one (staged afresh)."""
+    `record` gets the list `apply` saw (the sampler's way) or an equal new one (staged afresh);
+    `kernel`: the logits go through the twin (the CPU path) or the Triton kernel (the GPU path,
+    here in the interpreter) with the tracker's staged tensors."""
+    if kernel == "triton":
+        from thinkwise.engine import penalties
+        from thinkwise.kernels import triton_penalties
+
+        if not triton_penalties.HAVE_TRITON or (not torch.cuda.is_available()
+                                                 and os.environ.get("TRITON_INTERPRET") != "1"):
+            pytest.skip("needs triton (on CPU with TRITON_INTERPRET=1, as the conftest sets)")
+        monkeypatch.setattr(penalties, "_penalize", triton_penalties.triton_penalize)
     generator = torch.Generator().manual_seed(5)
     tracker = PenaltyTracker(torch.device("cpu"))
 
