@@ -212,8 +212,13 @@ class _Simulated:
         return self.tokens[len(self.prompt):] + [self.inflight[p] for p in range(self.known, position)]
 
 
-@pytest.mark.parametrize("same_rows_list, kernel", [(True, "twin"), (False, "twin"), (True, "triton")])
-def test_random_schedules_match_the_reference_at_every_draw(same_rows_list, kernel, monkeypatch):
+SCHEDULE_CASES = [("cpu", True, "twin"), ("cpu", False, "twin"), ("cpu", True, "triton")]
+if torch.cuda.is_available():  # the GPU path as the engine runs it: the kernel, under sync debug mode "error"
+    SCHEDULE_CASES += [("cuda", True, "penalize"), ("cuda", False, "penalize")]
+
+
+@pytest.mark.parametrize("device, same_rows_list, kernel", SCHEDULE_CASES)
+def test_random_schedules_match_the_reference_at_every_draw(device, same_rows_list, kernel, monkeypatch):
     """Many sequences through a random schedule: batches in a random order and subset, with rows
     without penalties between them; draws one or two steps ahead of the host; tokens landing
     late, redrawn by the host or forced (the draws in flight dropped); sequences finishing and
@@ -221,7 +226,8 @@ def test_random_schedules_match_the_reference_at_every_draw(same_rows_list, kern
     vLLM's formula on the true history and every other row is untouched. `same_rows_list`:
     `record` gets the list `apply` saw (the sampler's way) or an equal new one (staged afresh);
     `kernel`: the logits go through the twin (the CPU path) or the Triton kernel (the GPU path,
-    here in the interpreter) with the tracker's staged tensors."""
+    here in the interpreter) with the tracker's staged tensors; on a GPU, `penalize` picks the
+    kernel and any host synchronization inside `apply` or `record` raises."""
     if kernel == "triton":
         from thinkwise.engine import penalties
         from thinkwise.kernels import triton_penalties
@@ -231,7 +237,8 @@ def test_random_schedules_match_the_reference_at_every_draw(same_rows_list, kern
             pytest.skip("needs triton (on CPU with TRITON_INTERPRET=1, as the conftest sets)")
         monkeypatch.setattr(penalties, "_penalize", triton_penalties.triton_penalize)
     generator = torch.Generator().manual_seed(5)
-    tracker = PenaltyTracker(torch.device("cpu"))
+    tracker = PenaltyTracker(torch.device(device))
+    cuda = device == "cuda"
 
     def rand(n):
         return int(torch.randint(0, n, (1,), generator=generator))
@@ -269,7 +276,17 @@ def test_random_schedules_match_the_reference_at_every_draw(same_rows_list, kern
             row = s.row(position - s.known)
             rows.append(row)
             expected_rows.append((s, position))
-        applied = tracker.apply(logits.clone(), rows)
+        drawn = torch.randint(0, VOCAB, (len(rows),), generator=generator)
+        device_logits, device_drawn = logits.clone().to(device), drawn.to(device)
+        if cuda:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            applied = tracker.apply(device_logits, rows)
+            tracker.record(rows if same_rows_list else list(rows), device_drawn)
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+        applied = applied.cpu()
         for r, item in enumerate(expected_rows):
             if item is None:
                 assert torch.equal(applied[r], logits[r])
@@ -278,8 +295,6 @@ def test_random_schedules_match_the_reference_at_every_draw(same_rows_list, kern
                 presence, frequency, repetition = s.params
                 torch.testing.assert_close(applied[r], reference(logits[r], s.prompt, s.true_output(position),
                                                                   presence, frequency, repetition))
-        drawn = torch.randint(0, VOCAB, (len(rows),), generator=generator)
-        tracker.record(rows if same_rows_list else list(rows), drawn)
         for r, item in enumerate(expected_rows):
             if item is not None:
                 s, position = item
