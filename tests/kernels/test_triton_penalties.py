@@ -98,6 +98,18 @@ def test_the_callers_logits_are_not_written_and_plain_rows_are_copied(function):
     assert not torch.equal(out[penalized], logits[penalized])
 
 
+@pytest.mark.parametrize("function", [penalize_twin] + ([triton_penalize] if tp.HAVE_TRITON else []))
+def test_every_row_penalized_still_gives_a_new_tensor(function):
+    if function is triton_penalize:
+        interpret_or_skip()
+    logits, slots, *rest = case(40, "cuda" if CUDA else "cpu")
+    slots = slots.clamp_min(3)  # no row without penalties: the twin skips its gather and copy back
+    before = logits.clone()
+    out = function(logits, slots, *rest)
+    assert torch.equal(logits, before) and out.data_ptr() != logits.data_ptr()
+    torch.testing.assert_close(out.cpu(), per_row_reference(before.cpu(), slots.cpu(), *[a.cpu() for a in rest]))
+
+
 @needs_triton
 def test_kernel_reads_bfloat16_and_strided_logits():
     interpret_or_skip()

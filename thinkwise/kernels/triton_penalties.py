@@ -99,23 +99,26 @@ def penalize_twin(logits: torch.Tensor, slots: torch.Tensor, params: torch.Tenso
     _check(logits, slots, params, counts, prompt_mask)
     logits = logits.float()
     wanted = slots >= 0
-    if logits.device.type == "cpu":
-        rows = wanted.nonzero().squeeze(1)  # on the CPU this waits for nothing
-    else:  # every row, the unpenalized ones put back below: finding them would sync the host
-        rows = torch.arange(slots.shape[0], device=slots.device)
-    row_slots = slots.index_select(0, rows).clamp_min(0)
-    row_params = params.index_select(0, rows)
+    on_cpu = logits.device.type == "cpu"
+    rows = None  # None: every row, no gather and no copy back
+    if on_cpu:  # on the CPU, finding the penalized rows waits for nothing
+        index = wanted.nonzero().squeeze(1)
+        if index.shape[0] < slots.shape[0]:
+            rows = index
+    # Elsewhere every row is computed and the unpenalized ones put back: finding them would sync.
+    row_slots = (slots if rows is None else slots.index_select(0, rows)).clamp_min(0)
+    row_params = params if rows is None else params.index_select(0, rows)
     repetition, frequency, presence = row_params[:, 0:1], row_params[:, 1:2], row_params[:, 2:3]
     row_counts = counts.index_select(0, row_slots)
     generated = row_counts > 0
     seen = generated | prompt_mask.index_select(0, row_slots)
-    sub = logits.index_select(0, rows)
+    sub = logits if rows is None else logits.index_select(0, rows)
     factor = torch.where(seen, repetition, torch.ones_like(repetition))
-    sub = torch.where(sub > 0, sub / factor, sub * factor)
+    sub = torch.where(sub > 0, sub / factor, sub * factor)  # a new tensor: `logits` is never written
     sub = sub - frequency * row_counts.to(sub.dtype) - presence * generated.to(sub.dtype)
-    if logits.device.type != "cpu":
-        sub = torch.where(wanted[:, None], sub, logits)
-    return logits.index_copy(0, rows, sub)
+    if not on_cpu:
+        return torch.where(wanted[:, None], sub, logits)
+    return sub if rows is None else logits.index_copy(0, rows, sub)
 
 
 def penalize(logits: torch.Tensor, slots: torch.Tensor, params: torch.Tensor, counts: torch.Tensor,
