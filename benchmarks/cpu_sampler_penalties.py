@@ -121,6 +121,7 @@ def run(batch, vocab, steps, penalties):
                     sampler.penalties.record(rows, drawn)
                     end = time.perf_counter()
                 tracker = (applied - start) - meter.dense + (end - drawn_at)
+                del logits  # freed here, not at the next step's assignment inside the timed span
                 if step >= WARMUP:
                     draw_us.append((end - start) * 1e6)
                     tracker_us.append(tracker * 1e6)
