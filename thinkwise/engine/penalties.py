@@ -20,7 +20,7 @@ Cost per step, which decides whether penalties keep up with plain sampling at ba
 150k vocabulary: the host does list and dict work per row and nothing else per row; a step's
 small lists reach the device in one copy; the table takes one index_add_ of ±1 per `apply`
 and one per `record` (a draw is remembered as the flat table indices it added, so taking it
-back is a slice of that tensor, not a gather per row); and the logits are penalized by one
+back is that tensor, or one gather of it, never a view per row); and the logits are penalized by one
 fused pass (kernels/triton_penalties.py) that reads each element once.
 """
 
