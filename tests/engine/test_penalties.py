@@ -4,6 +4,8 @@ an engine run generates."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -182,3 +184,233 @@ def test_the_tracker_never_reads_a_device_value_on_the_host(monkeypatch):
         history.append(int(drawn[0]))
     counts = sampler.penalties.counts[sampler.penalties.states[0].slot]
     assert int(counts.sum()) == len(history)  # host-known tokens plus the one still in flight
+
+
+class _Sequence:  # what the tracker keeps a weak reference to
+    def __init__(self):
+        self.is_finished = False
+
+
+class _Simulated:
+    """A sequence as the engine drives it: host tokens, plus draws still on the device
+    (position -> token, read here only to build the reference)."""
+
+    def __init__(self, seq_id, prompt, params):
+        self.key, self.seq_id, self.prompt, self.params = _Sequence(), seq_id, prompt, params
+        self.tokens = list(prompt)
+        self.inflight: dict[int, int] = {}
+
+    @property
+    def known(self):
+        return len(self.tokens) - len(self.prompt)
+
+    def row(self, ahead):
+        penalty = PenaltyRow(self.key, self.seq_id, *self.params, self.tokens, len(self.prompt), self.known + ahead)
+        return SamplingRow(1.0, 0, 1.0, 0.0, self.seq_id, penalty.position, None, penalty=penalty)
+
+    def true_output(self, position):
+        return self.tokens[len(self.prompt):] + [self.inflight[p] for p in range(self.known, position)]
+
+
+SCHEDULE_CASES = [("cpu", True, "twin"), ("cpu", False, "twin"), ("cpu", True, "triton")]
+if torch.cuda.is_available():  # the GPU path as the engine runs it: the kernel, under sync debug mode "error"
+    SCHEDULE_CASES += [("cuda", True, "penalize"), ("cuda", False, "penalize")]
+
+
+@pytest.mark.parametrize("device, same_rows_list, kernel", SCHEDULE_CASES)
+def test_random_schedules_match_the_reference_at_every_draw(device, same_rows_list, kernel, monkeypatch):
+    """Many sequences through a random schedule: batches in a random order and subset, with rows
+    without penalties between them; draws one or two steps ahead of the host; tokens landing
+    late, redrawn by the host or forced (the draws in flight dropped); sequences finishing and
+    new ones taking their slots (a fresh prompt mask). At every draw each penalized row equals
+    vLLM's formula on the true history and every other row is untouched. `same_rows_list`:
+    `record` gets the list `apply` saw (the sampler's way) or an equal new one (staged afresh);
+    `kernel`: the logits go through the twin (the CPU path) or the Triton kernel (the GPU path,
+    here in the interpreter) with the tracker's staged tensors; on a GPU, `penalize` picks the
+    kernel and any host synchronization inside `apply` or `record` raises."""
+    if kernel == "triton":
+        from thinkwise.engine import penalties
+        from thinkwise.kernels import triton_penalties
+
+        if not triton_penalties.HAVE_TRITON or (not torch.cuda.is_available()
+                                                 and os.environ.get("TRITON_INTERPRET") != "1"):
+            pytest.skip("needs triton (on CPU with TRITON_INTERPRET=1, as the conftest sets)")
+        monkeypatch.setattr(penalties, "_penalize", triton_penalties.triton_penalize)
+    generator = torch.Generator().manual_seed(5)
+    tracker = PenaltyTracker(torch.device(device))
+    cuda = device == "cuda"
+
+    def rand(n):
+        return int(torch.randint(0, n, (1,), generator=generator))
+
+    settings = [(0.5, 0.3, 1.3), (-1.0, 2.0, 0.7), (2.0, -0.5, 1.0), (0.0, 1.0, 2.5)]
+    next_id = iter(range(10**6))
+
+    def new_sequence():
+        prompt = [rand(VOCAB) for _ in range(1 + rand(8))]
+        return _Simulated(next(next_id), prompt, settings[rand(len(settings))])
+
+    live = [new_sequence() for _ in range(6)]
+    for step in range(60):
+        batch = [s for s in live if rand(4)]  # a random subset...
+        batch = [batch[i] for i in torch.randperm(len(batch), generator=generator).tolist()]  # ...in a random order
+        if not batch:
+            continue
+        rows, expected_rows, chosen = [], [], []
+        logits = torch.randn(len(batch) + 2, VOCAB, generator=generator) * 3
+        plain_at = sorted({rand(len(batch) + 2), rand(len(batch) + 2)})
+        for s in batch:
+            ahead = len(s.inflight) if s.inflight and rand(3) else 0  # 0: the host drops what is in flight
+            chosen.append((s, s.known + ahead))
+        sequences = iter(chosen)
+        for r in range(len(batch) + 2):
+            if r in plain_at or len(rows) - len(plain_at) >= len(batch):
+                rows.append(SamplingRow(0.0, 0, 1.0, 0.0, 0, 0, None))
+                expected_rows.append(None)
+                continue
+            s, position = next(sequences, (None, None))
+            if s is None:
+                rows.append(SamplingRow(0.0, 0, 1.0, 0.0, 0, 0, None))
+                expected_rows.append(None)
+                continue
+            row = s.row(position - s.known)
+            rows.append(row)
+            expected_rows.append((s, position))
+        drawn = torch.randint(0, VOCAB, (len(rows),), generator=generator)
+        device_logits, device_drawn = logits.clone().to(device), drawn.to(device)
+        if cuda:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            applied = tracker.apply(device_logits, rows)
+            tracker.record(rows if same_rows_list else list(rows), device_drawn)
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode("default")
+        applied = applied.cpu()
+        for r, item in enumerate(expected_rows):
+            if item is None:
+                assert torch.equal(applied[r], logits[r])
+            else:
+                s, position = item
+                presence, frequency, repetition = s.params
+                torch.testing.assert_close(applied[r], reference(logits[r], s.prompt, s.true_output(position),
+                                                                  presence, frequency, repetition))
+        for r, item in enumerate(expected_rows):
+            if item is not None:
+                s, position = item
+                s.inflight = {p: t for p, t in s.inflight.items() if p < position}
+                s.inflight[position] = int(drawn[r])
+        # The host side between steps.
+        for s in list(live):
+            event = rand(10)
+            if s.inflight and event < 5:  # the oldest draw lands on the host
+                s.tokens.append(s.inflight.pop(s.known))
+            elif s.inflight and event == 5:  # redrawn on the host: a different token, later draws dropped
+                s.tokens.append((s.inflight[s.known] + 1) % VOCAB)
+                s.inflight = {}
+            elif event == 6:  # forced tokens: what was in flight is dropped
+                s.tokens += [rand(VOCAB), rand(VOCAB)]
+                s.inflight = {}
+            elif event == 7 and rand(3) == 0:  # finished: its slot goes to a new sequence
+                s.key.is_finished = True
+                live.remove(s)
+                live.append(new_sequence())
+    assert len(tracker.states) + len(tracker.free) == tracker.counts.shape[0]
+
+
+def test_the_callers_logits_are_left_as_they_were():
+    """The engine reads the raw logits again after the draw (DeepConf's confidence): the
+    penalized draw must not write them, fp32 logits included (`.float()` returns them)."""
+    sampler = Sampler("cpu")
+    logits = torch.randn(2, VOCAB, generator=torch.Generator().manual_seed(4))
+    before = logits.clone()
+    rows = [sampling_row(penalty_row(0, [1, 2, 3, 4], 2, 1.0, 1.0, 2.0), temperature=1.0),
+            SamplingRow(0.0, 0, 1.0, 0.0, 0, 0, None)]
+    sampler.draw(logits, rows)
+    assert torch.equal(logits, before)
+
+
+def test_a_second_draw_at_one_position_replaces_the_first():
+    tracker = PenaltyTracker(torch.device("cpu"))
+    tokens = [1, 2]
+    rows = [sampling_row(penalty_row(0, tokens, 2, 0.0, 1.0, 1.0))]
+    tracker.apply(torch.zeros(1, VOCAB), rows)
+    tracker.record(rows, torch.tensor([7]))
+    tracker.record(rows, torch.tensor([9]))  # drawn again before the next apply: only 9 counts
+    counts = tracker.counts[tracker.states[0].slot]
+    assert counts[9] == 1 and counts[7] == 0 and int(counts.sum()) == 1
+
+
+def _device_work(function):
+    """(aten ops, H2D transfers) that `function` issues, counted by the profiler and `_Staging.send`."""
+    from thinkwise.engine import penalties
+
+    sends = []
+    original = penalties._Staging.send
+
+    def counting(self, device):
+        sends.append(len(self.parts))
+        return original(self, device)
+
+    penalties._Staging.send = counting
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            function()
+    finally:
+        penalties._Staging.send = original
+    ops = [e.name for e in profile.events()
+           if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
+    return ops, sends
+
+
+def test_a_step_costs_one_transfer_and_one_table_update_whatever_the_batch(monkeypatch):
+    """Batch 32 at steady state, the async pattern (each draw lands on the host one step
+    late): `apply` stages everything in one copy and updates the table with one index_add_;
+    `record` (right after `apply`, the same rows) stages nothing and adds once; nothing per
+    row reaches torch (no views of single tokens, no stacks, no per-row copies)."""
+    from thinkwise.engine import penalties
+
+    monkeypatch.setattr(penalties, "_penalize", lambda logits, *args: logits)  # the dense pass: not counted here
+    tracker = PenaltyTracker(torch.device("cpu"))
+    batch = 32
+    keys = [_Sequence() for _ in range(batch)]
+    histories = [[1, 2, 3] for _ in range(batch)]
+    pending = None
+    costs = []
+    with torch.inference_mode():
+        for step in range(5):
+            rows = [SamplingRow(1.0, 0, 1.0, 0.0, i, 0, None, penalty=PenaltyRow(
+                keys[i], i, 0.5, 0.5, 1.2, histories[i], 3, len(histories[i]) - 3 + (pending is not None)))
+                for i in range(batch)]
+            drawn = torch.randint(0, VOCAB, (batch,))
+            applied = _device_work(lambda: tracker.apply(torch.zeros(batch, VOCAB), rows))
+            recorded = _device_work(lambda: tracker.record(rows, drawn))
+            costs.append((applied, recorded))
+            if pending is not None:
+                for i, token in enumerate(pending.tolist()):
+                    histories[i].append(token)
+            pending = drawn
+    (apply_ops, apply_sends), (record_ops, record_sends) = costs[-1]
+    assert len(apply_sends) == 1 and record_sends == []
+    assert apply_ops.count("aten::index_add_") == 1 and record_ops.count("aten::index_add_") == 1
+    assert len(apply_ops) <= 12 and len(record_ops) <= 6, (apply_ops, record_ops)
+    # Nothing changed for the host since the last draw (no token landed, same rows): no transfer.
+    with torch.inference_mode():
+        tracker.apply(torch.zeros(batch, VOCAB), rows)
+        quiet_ops, quiet_sends = _device_work(lambda: tracker.apply(torch.zeros(batch, VOCAB), rows))
+    assert quiet_sends == [] and "aten::index_add_" not in quiet_ops
+
+
+def test_staged_lists_come_back_whole_typed_and_16_byte_aligned():
+    from thinkwise.engine.penalties import _Staging
+
+    staging = _Staging()
+    lists = [([3, -1, 2**40], torch.int64), ([0.5, -2.25, 1e-3], torch.float32), ([1, -1, 1, 7, 9], torch.int32),
+             ([], torch.int64), ([5], torch.int64)]
+    for values, dtype in lists:
+        staging.add(values, dtype)
+    staged = staging.send(torch.device("cpu"))
+    base = staged[0].data_ptr()
+    for (values, dtype), tensor in zip(lists, staged):
+        assert tensor.dtype == dtype and tensor.tolist() == torch.tensor(values, dtype=dtype).tolist()
+        assert (tensor.data_ptr() - base) % 16 == 0
