@@ -145,27 +145,34 @@ class Sampler:
         greedy = [r.temperature == 0 for r in rows]
         if all(greedy):
             return logits.argmax(dim=-1), None  # the common benchmark/greedy case: one kernel
+        if not any(greedy):  # every row samples (the usual batch): no gather and no scatter
+            return self._inverse_cdf(logits, rows, exact)
         device = logits.device
         tokens = torch.empty(len(rows), dtype=torch.long, device=device)
-        if any(greedy):
-            idx = stage_to_device([i for i, g in enumerate(greedy) if g], torch.long, device)
-            tokens[idx] = logits[idx].argmax(dim=-1)
+        idx = stage_to_device([i for i, g in enumerate(greedy) if g], torch.long, device)
+        tokens[idx] = logits[idx].argmax(dim=-1)
         idx_list = [i for i, g in enumerate(greedy) if not g]
         idx = stage_to_device(idx_list, torch.long, device)
-        sub_rows = [rows[i] for i in idx_list]
-        probs, sub_redo = self._filtered_probs(logits[idx], sub_rows, exact=exact)
-        cdf = probs.double().cumsum(dim=-1)
-        uniforms = stage_to_device([uniform_from_seed(r.seed, r.position) for r in sub_rows], torch.float64, device)
-        # The first index whose cumulative mass reaches u * total: a token with p > 0
-        # because u > 0 and the mass strictly before it is below the target.
-        target = (uniforms * cdf[:, -1]).unsqueeze(1)
-        drawn = torch.searchsorted(cdf, target).squeeze(1)
-        tokens[idx] = drawn.clamp_max_(probs.shape[-1] - 1)
+        drawn, sub_redo = self._inverse_cdf(logits[idx], [rows[i] for i in idx_list], exact)
+        tokens[idx] = drawn
         if sub_redo is None:
             return tokens, None
         redo = torch.zeros(len(rows), dtype=torch.bool, device=device)
         redo[idx] = sub_redo
         return tokens, redo
+
+    def _inverse_cdf(self, logits: torch.Tensor, rows: list[SamplingRow],
+                     exact: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each row's draw from its filtered distribution, and the redo flags of `_filtered_probs`."""
+        probs, redo = self._filtered_probs(logits, rows, exact=exact)
+        cdf = probs.double().cumsum(dim=-1)
+        uniforms = stage_to_device([uniform_from_seed(r.seed, r.position) for r in rows], torch.float64,
+                                   logits.device)
+        # The first index whose cumulative mass reaches u * total: a token with p > 0
+        # because u > 0 and the mass strictly before it is below the target.
+        target = (uniforms * cdf[:, -1]).unsqueeze(1)
+        drawn = torch.searchsorted(cdf, target).squeeze(1)
+        return drawn.clamp_max_(probs.shape[-1] - 1), redo
 
     @staticmethod
     def _filtered_probs(logits: torch.Tensor, rows: list[SamplingRow],
