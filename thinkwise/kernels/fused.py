@@ -218,7 +218,8 @@ def qkv_rotary_cache(qkv, cos, sin, q_norm_weight, k_norm_weight, eps, k_cache, 
                      num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
     """From the fused qkv projection: optional per-head q/k RMSNorm (Qwen3), rotary on q and k,
     k and v written to their cache slots; returns q as [num_tokens, heads, head_dim]."""
-    if not _use_triton(qkv) or head_dim & (head_dim - 1):
+    # An fp8 cache (paged_attention.FP8KVCache) is quantized by the twin's write_kv_cache.
+    if not _use_triton(qkv) or head_dim & (head_dim - 1) or not isinstance(k_cache, torch.Tensor):
         return qkv_rotary_cache_reference(qkv, cos, sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
                                           slot_mapping, num_heads, num_kv_heads, head_dim)
     num_tokens = qkv.shape[0]
