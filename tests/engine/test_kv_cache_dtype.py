@@ -132,3 +132,24 @@ def test_fp8_with_sliding_window_models(arch, tmp_path):
     same = next((i for i, (a, b) in enumerate(zip(tokens, tokens8)) if a != b), len(tokens))
     assert same >= 4, (tokens, tokens8)
     assert 0 < (logits[: same + 1] - logits8[: same + 1]).abs().max().item() < WINDOWED_LOGIT_BOUND
+
+
+@pytest.mark.parametrize("factor", [4096.0, 1 / 4096])
+def test_fp8_keeps_keys_and_values_far_outside_e4m3s_range(factor, tmp_path):
+    """The same function with K and V projections scaled by `factor` (q and o by 1/factor):
+    keys and values of ~4,000 (real models' attention-sink keys give raw q.k ~ 9,700) or of
+    ~1e-4 are far past e4m3's 448 or below its normals (2^-6). The per-token scale absorbs
+    both, so fp8 stays as close to the full-precision cache as unscaled; a fixed scale would
+    saturate the first and flush the second."""
+    model = make_tiny_model("llama", tmp_path)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.k_proj.weight.mul_(factor)
+            layer.self_attn.q_proj.weight.div_(factor)
+            layer.self_attn.v_proj.weight.mul_(factor)
+            layer.self_attn.o_proj.weight.div_(factor)
+    model.save_pretrained(tmp_path)
+    tokens, logits = greedy_logits(tmp_path, "auto")
+    tokens8, logits8 = greedy_logits(tmp_path, "fp8")
+    assert tokens8 == tokens
+    assert (logits - logits8).abs().max().item() < LOGIT_BOUND
