@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--kv-cache-dtypes", default="auto,fp8", help="comma-separated columns: auto (bf16), fp8")
     parser.add_argument("--reserve-gb", type=float, default=4.0,
                         help="GiB of GPU memory kept free for activations, CUDA graphs and logits")
-    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="with --dry-run: the GPU memory (GiB) to plan for")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0,
+                        help="with --dry-run: the GPU memory (GiB) to plan for")
     parser.add_argument("--dry-run", action="store_true", help="print the memory plan only (no GPU needed)")
     parser.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke run with --shape tiny")
     add_output_arguments(parser, "gpu_kv_fp8")
@@ -140,7 +141,8 @@ def measure(args, config, weights: dict, kv_dtype: str, memory: dict, prompts: l
         free = torch.cuda.mem_get_info()[0]
         need = memory["kv_bytes"][kv_dtype] + memory["weight_bytes"] + int(args.reserve_gb * GIB)
         if free < need:
-            raise SystemExit(f"error: {kv_dtype}: {free / GIB:.1f} GiB free, {need / GIB:.1f} GiB needed; lower --batch")
+            raise SystemExit(f"error: {kv_dtype}: {free / GIB:.1f} GiB free, {need / GIB:.1f} GiB needed; "
+                             "lower --batch")
     loaded = LoadedModel(config, dict(weights), None, None, "random", args.shape)
     llm = LLM.from_loaded(loaded, device=args.device, dtype="bfloat16", kv_cache_dtype=kv_dtype,
                           num_kv_blocks=memory["blocks"], block_size=BLOCK_SIZE, max_num_seqs=len(prompts),

@@ -153,3 +153,25 @@ def test_fp8_keeps_keys_and_values_far_outside_e4m3s_range(factor, tmp_path):
     tokens8, logits8 = greedy_logits(tmp_path, "fp8")
     assert tokens8 == tokens
     assert (logits - logits8).abs().max().item() < LOGIT_BOUND
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with fp8 (compute capability 8.9+)")
+@pytest.mark.parametrize("fused", [True, False])
+def test_fp8_on_gpu_with_graphs_cascade_and_either_cache_write(tiny_llama, fused):
+    """On the GPU: CUDA graphs + cascade attention over the forks' shared prompt give the same
+    samples as eager decode without cascade, with the fused kernel's fp8 write or the twin's."""
+    directory, _ = tiny_llama
+    common = dict(device="cuda", dtype="float32", block_size=4, num_kv_blocks=512, kv_cache_dtype="fp8",
+                  fused_kernels=fused)
+    params = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=30, ignore_eos=True)
+    prompt = [256] + list(range(30, 60))  # 31 tokens: 7 full blocks shared by the four samples
+    graphed = LLM(str(directory), cascade_min_shared_tokens=4, **common)
+    eager = LLM(str(directory), cuda_graphs=False, cascade_min_shared_tokens=None, **common)
+    got = [o.token_ids for o in graphed.generate(prompt, params)[0].outputs]
+    assert graphed.engine.runner.graph_decoder.graphs  # decode steps really replayed graphs
+    assert got == [o.token_ids for o in eager.generate(prompt, params)[0].outputs]
+    tokens, _ = greedy_logits(directory, "fp8")  # the CPU path
+    gpu = LLM(str(directory), **common).generate(PROMPT, SamplingParams(temperature=0, max_tokens=16,
+                                                                         ignore_eos=True))[0].outputs[0].token_ids
+    assert gpu[:4] == tokens[:4]

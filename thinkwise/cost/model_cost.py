@@ -20,10 +20,11 @@ Bytes:
   row per computed token (charged to its sequence), not the whole table;
 - KV: bytes per token are K and V of every layer at the cache's dtype; an fp8 cache adds
   its scales (one fp32 per token, KV head, K and V: kernels/paged_attention.py), which the
-  kernels read with the codes. Each sequence reads K and V of its whole context (cached prefix, earlier chunks
-  and the tokens it writes this step) and writes its new tokens. When the step reports a
-  shared-prefix group (cascade attention, see `thinkwise.engine.scheduler.SharedPrefix`)
-  the group's shared tokens are read once for all members, split evenly over them.
+  kernels read with the codes. Each sequence reads K and V of its whole context (cached
+  prefix, earlier chunks and the tokens it writes this step) and writes its new tokens.
+  When the step reports a shared-prefix group (cascade attention, see
+  `thinkwise.engine.scheduler.SharedPrefix`) the group's shared tokens are read once for
+  all members, split evenly over them.
   (Sliding-window layers are charged their whole context here, an upper bound: the
   kernels read only the window, but the paged cache still holds every position.)
 """

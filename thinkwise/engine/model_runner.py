@@ -84,13 +84,15 @@ class ModelRunner:
         # plus one scratch block past the end that padded CUDA-graph rows may write into.
         self.kv_cache_dtype = kv_cache_dtype or dtype
         shape = (config.num_layers, 2, num_blocks + 1, block_size, config.num_kv_heads)
-        self.kv_cache = torch.zeros(*shape, config.head_dim, dtype=self.kv_cache_dtype, device=device)
         self.kv_scales: torch.Tensor | None = None
         if self.kv_cache_dtype == FP8_KV_DTYPE:
+            # Zeroed as bytes (0x00 is e4m3's +0): fills of fp8 tensors are not on every device.
+            self.kv_cache = torch.zeros(*shape, config.head_dim, dtype=torch.uint8, device=device).view(FP8_KV_DTYPE)
             self.kv_scales = torch.zeros(shape, dtype=KV_SCALE_DTYPE, device=device)
             self.kv_caches = [tuple(FP8KVCache(self.kv_cache[i, j], self.kv_scales[i, j]) for j in (0, 1))
                               for i in range(config.num_layers)]
         else:
+            self.kv_cache = torch.zeros(*shape, config.head_dim, dtype=self.kv_cache_dtype, device=device)
             self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(config.num_layers)]
         # Only the Triton decode kernel uses phi; the PyTorch path is exact without it.
         self.unified_max: float | None = None

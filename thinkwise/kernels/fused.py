@@ -163,7 +163,7 @@ if triton is not None:
             v = tl.load(base + d)
             if FP8:  # one scale per (token, head): amax / 448 (paged_attention.quantize_fp8)
                 v32 = v.to(tl.float32)
-                v_scale = tl.maximum(tl.max(tl.abs(v32), 0), 1e-30) / 448.0  # e4m3 max (paged_attention.FP8_MAX)
+                v_scale = tl.maximum(tl.max(tl.abs(v32), 0), 1e-30) / 448.0  # e4m3's max (paged_attention.FP8_MAX)
                 tl.store(v_scale_ptr + slot * stride_scale_slot + kv_head, v_scale)
                 v = _to_e4m3_grid(tl.minimum(tl.maximum(v32 / v_scale, -448.0), 448.0))
             tl.store(v_cache_ptr + slot * stride_cache_slot + kv_head * stride_cache_head + d,
@@ -196,7 +196,8 @@ if triton is not None:
                 if FP8:  # quantize the key as rounded to the compute dtype, like the twin
                     k1 = out1.to(dtype).to(tl.float32)
                     k2 = out2.to(dtype).to(tl.float32)
-                    k_scale = tl.maximum(tl.maximum(tl.max(tl.abs(k1), 0), tl.max(tl.abs(k2), 0)), 1e-30) / 448.0  # e4m3 max (paged_attention.FP8_MAX)
+                    k_amax = tl.maximum(tl.max(tl.abs(k1), 0), tl.max(tl.abs(k2), 0))
+                    k_scale = tl.maximum(k_amax, 1e-30) / 448.0  # e4m3's max (paged_attention.FP8_MAX)
                     tl.store(k_scale_ptr + slot * stride_scale_slot + head - NUM_HEADS, k_scale)
                     k1 = _to_e4m3_grid(tl.minimum(tl.maximum(k1 / k_scale, -448.0), 448.0))
                     k2 = _to_e4m3_grid(tl.minimum(tl.maximum(k2 / k_scale, -448.0), 448.0))
