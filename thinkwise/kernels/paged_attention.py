@@ -17,8 +17,9 @@ value = code x scale. The scale is dynamic, amax / 448 of that token's head vect
 computed when the token is written: a static per-tensor scale of 1.0 would not do, since
 e4m3 saturates at 448 and raw keys of real models are larger (the default model's
 attention-sink keys give raw q.k near 9,700), and one scale per tensor calibrated ahead
-would waste the 3 mantissa bits on every small token. Per (token, head) keeps each
-vector's relative error at e4m3's own (<= 1/16 per element) and is written in one pass,
+to cover those would push ordinary tokens down into e4m3's few subnormals (its whole range
+is 2^-9 .. 448). Per (token, head) keeps each vector's relative error at e4m3's own
+(<= 1/16 per element, 4 significant bits) and is written in one pass,
 with no calibration and no rescaling of old tokens; the fp32 scale costs 4 bytes beside
 head_dim bytes (3% at head_dim 128), kept in fp32 so dequantization adds no rounding of
 its own. Every read path (the decode reference, `gather_context` for prefill and cached
