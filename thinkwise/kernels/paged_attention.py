@@ -23,7 +23,11 @@ is 2^-9 .. 448). Per (token, head) keeps each vector's relative error at e4m3's 
 with no calibration and no rescaling of old tokens; the fp32 scale costs 4 bytes beside
 head_dim bytes (3% at head_dim 128), kept in fp32 so dequantization adds no rounding of
 its own. Every read path (the decode reference, `gather_context` for prefill and cached
-prefixes, batched prefill, cascade) dequantizes to fp32, so attention math is unchanged;
+prefixes, batched prefill, cascade) dequantizes to fp32, so attention math is unchanged.
+Prefill attends to the quantized values of its own chunk as well (read back from the
+cache), not to the exact ones it just computed: a token's result is then the same whether
+its context was cached, chunked or computed in one pass (prefix caching, preemption and
+chunking cannot change an fp8 run's output);
 data movement goes through uint8 views, which every device's indexing kernels support.
 """
 
