@@ -27,7 +27,7 @@ prefixes, batched prefill, cascade) dequantizes to fp32, so attention math is un
 Prefill attends to the quantized values of its own chunk as well (read back from the
 cache), not to the exact ones it just computed: a token's result is then the same whether
 its context was cached, chunked or computed in one pass (prefix caching, preemption and
-chunking cannot change an fp8 run's output). Data movement goes through uint8 views, which
+chunking change an fp8 run only by fp32 rounding). Data movement goes through uint8 views, which
 every device's indexing kernels support.
 """
 
