@@ -32,11 +32,12 @@ combines a window with cascade groups (see `paged_attention.paged_attention`).
 8-bit KV cache (`paged_attention.FP8KVCache`): with FP8, tiles are loaded as e4m3 codes
 (half the bytes of bf16, which is the point: decode at long contexts is bound by reading
 the cache) plus one fp32 scale per (token, KV head), and converted to the query's dtype in
-registers (exact: every e4m3 value is a bf16/fp16/fp32 value). The scales are not
-multiplied into the tiles but folded where they cost one multiply per score: the key
-scale into each score column (q . (c k) = c (q . k)), the value scale into each
-probability before the PV matmul (sum p (c v) = sum (p c) v). The scale of a slot sits at
-the slot's code offset / head_dim (the cache layout guarantees it; the wrapper checks).
+registers (exact: every e4m3 value is a bf16/fp16/fp32 value). The key scale is folded
+into each score column after the QK matmul (q . (c k) = c (q . k), one multiply per score,
+in fp32); the value tile is dequantized in fp32 and cast to the query's dtype before the
+PV matmul (folding its scale into the probabilities instead could overflow fp16's range
+in unified-max mode, where p reaches e^10). The scale of a slot sits at the slot's code
+offset / head_dim (the cache layout guarantees it; the wrapper checks).
 Splits, unified max, cascade and windows are unchanged. Loading fp8 needs sm_89+ (the
 engine refuses fp8 KV on older GPUs); the Triton interpreter handles it on CPU.
 """
@@ -90,17 +91,15 @@ if HAVE_TRITON:
                 scores = scores * k_scales[None, :]
             scores = tl.where(valid[None, :], scores * scale, float("-inf"))
             v = tl.load(v_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            if FP8:
+            if FP8:  # values dequantized in fp32, then to the query's dtype (which they came from)
                 v_scales = tl.load(vs_ptr + offsets // HEAD_DIM, mask=valid, other=0.0)
-                v = v.to(q.dtype)
+                v = (v.to(tl.float32) * v_scales[:, None]).to(q.dtype)
             if UNIFIED:
                 # No rescaling: every tile of every split subtracts the same phi. The max is
                 # kept only to detect rows that leave the safe window.
                 m_i = tl.maximum(m_i, tl.max(scores, 1))
                 p = tl.exp(scores - phi)
                 l_i += tl.sum(p, 1)
-                if FP8:
-                    p = p * v_scales[None, :]
                 if IEEE:
                     acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
                 else:
@@ -112,8 +111,6 @@ if HAVE_TRITON:
                 p = tl.exp(scores - m_safe[:, None])
                 alpha = tl.exp(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
-                if FP8:
-                    p = p * v_scales[None, :]
                 if IEEE:
                     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
                 else:
