@@ -329,7 +329,8 @@ def triton_decode_attention(
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     group_pad = max(16, _next_power_of_two(group))
-    tile = max(16, block_size)
+    # Positions per tile: 16 (32 for fp8, the same bytes a tile as 16-bit) or a whole block.
+    tile = max(32 if fp8 else 16, block_size)
     device = query.device
     unified = unified_max is not None
     phi = float(unified_max) if unified else 0.0
