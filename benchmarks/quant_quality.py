@@ -9,6 +9,7 @@ scores a fixed text and compares with the 16-bit column:
   tokens equal to 16-bit's before the first divergence, and the mean first divergence.
 The text is this repository's README.md (or --text FILE), tokenized by the model; its
 sha256 is recorded. No download. Writes JSON (benchmarks/results/quant_quality-<UTC>.json).
+A column METHOD:KV also sets the KV cache dtype (`none:fp8`: 16-bit weights, 8-bit KV cache).
 
     python benchmarks/quant_quality.py [--quantization none,int8,int4,int4-all,gguf] [--max-tokens 1024]
 """
@@ -70,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="default")
     parser.add_argument("--quantization", default="none,int8,int4,int4-all,gguf",
-                        help="comma-separated columns; the first is the reference (use none)")
+                        help="comma-separated columns METHOD[:KV_CACHE_DTYPE] (none:fp8 = 16-bit weights, fp8 KV "
+                             "cache); the first is the reference (use none)")
     parser.add_argument("--text", default=str(Path(__file__).resolve().parents[1] / "README.md"))
     parser.add_argument("--max-tokens", type=int, default=1024, help="tokens of the text scored")
     parser.add_argument("--window", type=int, default=512, help="tokens per scored prefill")
@@ -89,8 +91,9 @@ def main() -> None:
     reference: dict | None = None
     for column in columns:
         start = time.perf_counter()
-        llm = LLM(args.model, device=args.device, quantization=None if column == "none" else column,
-                  enable_prefix_caching=False)
+        method, _, kv_cache_dtype = column.partition(":")
+        llm = LLM(args.model, device=args.device, quantization=None if method == "none" else method,
+                  kv_cache_dtype=kv_cache_dtype or "auto", enable_prefix_caching=False)
         load_s = time.perf_counter() - start
         ids = llm.tokenizer(text)["input_ids"][: args.max_tokens]
         nll, argmax, count = score(llm, ids, args.window)
@@ -101,7 +104,8 @@ def main() -> None:
                                   SamplingParams(temperature=0, max_tokens=args.greedy_tokens, ignore_eos=True))[0]
             greedy.append(list(output.outputs[0].token_ids))
         row = {"perplexity": round(math.exp(nll / count), 4), "tokens_scored": count, "load_s": round(load_s, 1),
-               "linear_methods": {k: llm.engine.run_metadata["linear_methods"].get(k) for k in ("method", "counts")}}
+               "linear_methods": {k: llm.engine.run_metadata["linear_methods"].get(k) for k in ("method", "counts")},
+               "kv_cache_dtype": llm.engine.run_metadata["kv_cache_dtype"]}
         if reference is None:
             reference = {"nll": nll, "argmax": argmax, "greedy": greedy, "column": column}
         else:

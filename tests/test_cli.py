@@ -286,3 +286,28 @@ def test_generate_with_reasoning_controls_reports_the_split(tiny_llama):
     assert output["reasoning_text"].endswith("!") and output["text"].startswith(output["reasoning_text"] + "</think>")
     assert output["reasoning_tokens"] == 3 + 1 + len("</think>")
     assert json.loads(result.stdout)["token_counts"]["reasoning_tokens"] == output["reasoning_tokens"]
+
+
+def test_kv_cache_dtype_is_checked_before_the_model_is_read(tmp_path):
+    """Every command that loads a model takes --kv-cache-dtype; a bad value is one error line
+    naming the flag and the allowed values (exit 2), before the (missing) model is read."""
+    missing = str(tmp_path / "no-model")
+    for command in (["generate", "--model", missing, "hi"], ["solve", "--model", missing, "what is 2+2?"],
+                    ["serve", "--model", missing, "--port", "0"]):
+        one_line_error(run_cli(*command, "--kv-cache-dtype", "fp8_e5m2"), "--kv-cache-dtype", "auto, fp8, fp8_e4m3")
+    # bench prints its plan's estimate first; the error is its last line.
+    bench = run_cli("bench", "--model", missing, "--tasks", "sum:2", "--strategies", "greedy", "--out",
+                    str(tmp_path / "b"), "--kv-cache-dtype", "fp8_e5m2")
+    assert bench.returncode == 2 and "Traceback" not in bench.stderr
+    assert bench.stderr.strip().splitlines()[-1] == ("error: --kv-cache-dtype: kv_cache_dtype 'fp8_e5m2' is not one "
+                                                     "of auto, fp8, fp8_e4m3")
+    assert not (tmp_path / "b").exists()
+
+
+def test_generate_with_an_fp8_kv_cache(tiny_llama):
+    directory, _ = tiny_llama
+    args = ["generate", "--model", str(directory), "--dtype", "float32", "--device", "cpu", "--max-tokens", "6",
+            "--json", "hello"]
+    fp8 = run_cli(*args, "--kv-cache-dtype", "fp8")
+    assert fp8.returncode == 0, fp8.stderr
+    assert len(json.loads(fp8.stdout)["outputs"][0]["token_ids"]) == 6

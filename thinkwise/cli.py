@@ -136,6 +136,10 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights quantized on load: int8 (per channel), int4 (MLP in groups of 32, attention "
                              "int8; -g64/-g128 for wider groups, int4-all for attention too), gguf (a GGUF's own "
                              "bit widths); default: the 16-bit weights")
+    parser.add_argument("--kv-cache-dtype", default="auto", metavar="DTYPE",
+                        help="KV cache storage: auto (the compute dtype, default) or fp8 (= fp8_e4m3: 8-bit codes "
+                             "with a scale per token and KV head, about twice the tokens in the same memory; CUDA "
+                             "needs compute capability 8.9+)")
     parser.add_argument("--kv-blocks", type=int, default=None, help="number of KV cache blocks (default: sized to memory)")
     parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="most sequences batched at once")
@@ -154,7 +158,7 @@ def _add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def _engine_options(args: argparse.Namespace) -> dict:
     return dict(
         device=args.device, dtype=args.dtype, compute_dtype=args.compute_dtype, num_kv_blocks=args.kv_blocks,
-        quantization=args.quantization,
+        quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
         reasoning_parser=args.reasoning_parser, thinking_budget_message=args.thinking_budget_message,

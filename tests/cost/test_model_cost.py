@@ -209,3 +209,18 @@ def test_windowed_layers_count_only_the_keys_they_see(tmp_path, first, end):
     assert spec.layer_windows == (TINY_WINDOW, None, TINY_WINDOW)
     pairs = sum(min(p + 1, w or p + 1) for w in spec.layer_windows for p in range(first, end))
     assert spec.attention_flops(first, end) == 4 * config.num_heads * config.head_dim * pairs
+
+
+def test_fp8_kv_bytes_count_the_scales():
+    """An fp8 cache stores 1-byte codes plus one fp32 scale per (token, KV head), for K and V:
+    Qwen3-0.6B's shape (28 layers, 8 KV heads, head_dim 128) goes from 114,688 bytes a token
+    in bf16 to 2 x 28 x 8 x (128 + 4) = 59,136, 1.94x the tokens for the same memory."""
+    from thinkwise.loading.config import ModelConfig
+
+    config = ModelConfig(architecture="qwen3", vocab_size=1000, hidden_size=1024, intermediate_size=3072,
+                         num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128, qk_norm=True,
+                         rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096)
+    bf16 = ModelCostSpec.from_config(config, torch.bfloat16)
+    fp8 = ModelCostSpec.from_config(config, torch.bfloat16, kv_dtype=torch.float8_e4m3fn)
+    assert bf16.kv_bytes_per_token == 114_688 and fp8.kv_bytes_per_token == 59_136
+    assert fp8.weight_bytes == bf16.weight_bytes  # the weights are untouched

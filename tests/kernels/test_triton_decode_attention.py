@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from thinkwise.kernels.paged_attention import decode_attention, pack_prefix_groups
+from thinkwise.kernels.paged_attention import FP8KVCache, decode_attention, pack_prefix_groups, quantize_fp8
 from thinkwise.kernels import triton_decode_attention as tda
 
 pytestmark = pytest.mark.skipif(not tda.HAVE_TRITON, reason="triton is not installed")
@@ -214,3 +214,63 @@ def test_window_on_gpu(dtype, window):
     expected = decode_attention(q.float(), k.float(), v.float(), tables, seq_lens, max(lens), 0.125, window=window)
     got = tda.triton_decode_attention(q, k, v, tables, seq_lens, max(lens), 0.125, window=window).float()
     assert ((got - expected).norm() / expected.norm()).item() < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+# ----------------------------------------------------------------------------- 8-bit KV cache
+
+
+def fp8_caches(k, v):
+    return FP8KVCache(*quantize_fp8(k)), FP8KVCache(*quantize_fp8(v))
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("unified", [None, 0.0, 500.0])  # synchronized; unified; unified, every row falls back
+def test_fp8_kernel_matches_reference_in_interpreter(case, unified):
+    """fp8 codes + scales through the split kernel (and the unified-max fallback in the merge
+    kernel) against the PyTorch twin on the same fp8 cache."""
+    interpreter_only()
+    batch, heads, kv_heads, head_dim, block_size, lens = case
+    q, k, v, tables, seq_lens = make_case(batch, heads, kv_heads, head_dim, block_size, lens, torch.float32, "cpu")
+    kf, vf = fp8_caches(k * 40, v)  # large keys: a scale of 1 would saturate them
+    expected = decode_attention(q, kf, vf, tables, seq_lens, max(lens), head_dim**-0.5)
+    flags = torch.zeros(batch, heads, dtype=torch.int32)
+    got = tda.triton_decode_attention(q, kf, vf, tables, seq_lens, max(lens), head_dim**-0.5, unified_max=unified,
+                                      fallback_flags=flags)
+    assert (got - expected).abs().max().item() < 1e-4
+    if unified == 500.0:
+        assert flags.all()
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_fp8_cascade_and_window_kernels_match_reference_in_interpreter(window):
+    interpreter_only()
+    q, k, v, tables, lens, prefix = shared_prefix_case(3, 32, [1, 9, 17], 4, 2, 16, 4, torch.float32, "cpu")
+    kf, vf = fp8_caches(k, v)
+    expected = decode_attention(q, kf, vf, tables, lens, int(lens.max()), 0.25, window=window)
+    got = tda.triton_decode_attention(q, kf, vf, tables, lens, int(lens.max()), 0.25, window=window,
+                                      prefix=prefix if window is None else None)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+def test_fp8_cache_with_a_foreign_layout_is_refused():
+    q, k, v, tables, seq_lens = make_case(2, 4, 2, 16, 4, [5, 9], torch.float32, "cpu")
+    kf, vf = fp8_caches(k, v)
+    moved = FP8KVCache(kf.codes, kf.scales.transpose(1, 2).contiguous().transpose(1, 2))
+    with pytest.raises(ValueError, match="fp8 KV cache layout"):
+        tda.triton_decode_attention(q, moved, vf, tables, seq_lens, 9, 0.25)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs a CUDA GPU with fp8 (compute capability 8.9+)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("unified", [None, 0.0])
+@pytest.mark.parametrize("case", CASES + [(64, 32, 8, 128, 16, [4096] * 64), (4, 14, 2, 64, 16, [5, 900, 33, 2048])])
+def test_fp8_matches_reference_on_gpu(case, dtype, unified):
+    batch, heads, kv_heads, head_dim, block_size, lens = case
+    q, k, v, tables, seq_lens = make_case(batch, heads, kv_heads, head_dim, block_size, lens, dtype, "cuda")
+    kf, vf = fp8_caches(k * 40, v)
+    expected = decode_attention(q.float(), kf, vf, tables, seq_lens, max(lens), head_dim**-0.5)
+    got = tda.triton_decode_attention(q, kf, vf, tables, seq_lens, max(lens), head_dim**-0.5,
+                                      unified_max=unified).float()
+    rel = ((got - expected).norm() / expected.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 1e-2)

@@ -18,10 +18,13 @@ Bytes:
   evenly over the step's sequences; the lm_head matrix is read once in a step that
   samples any row and split over the sampled sequences; an embedding lookup reads one
   row per computed token (charged to its sequence), not the whole table;
-- KV: each sequence reads K and V of its whole context (cached prefix, earlier chunks
-  and the tokens it writes this step) and writes its new tokens. When the step reports a
-  shared-prefix group (cascade attention, see `thinkwise.engine.scheduler.SharedPrefix`)
-  the group's shared tokens are read once for all members, split evenly over them.
+- KV: bytes per token are K and V of every layer at the cache's dtype; an fp8 cache adds
+  its scales (one fp32 per token, KV head, K and V: kernels/paged_attention.py), which the
+  kernels read with the codes. Each sequence reads K and V of its whole context (cached
+  prefix, earlier chunks and the tokens it writes this step) and writes its new tokens.
+  When the step reports a shared-prefix group (cascade attention, see
+  `thinkwise.engine.scheduler.SharedPrefix`) the group's shared tokens are read once for
+  all members, split evenly over them.
   (Sliding-window layers are charged their whole context here, an upper bound: the
   kernels read only the window, but the paged cache still holds every position.)
 """
@@ -50,9 +53,13 @@ class ModelCostSpec:
 
     @classmethod
     def from_config(cls, config, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> ModelCostSpec:
-        """`dtype` stores the weights; `kv_dtype` the KV cache (default: the same)."""
+        """`dtype` stores the weights; `kv_dtype` the KV cache (default: the same; the fp8
+        dtype counts its per-token, per-KV-head scales too)."""
+        from thinkwise.kernels.paged_attention import FP8_KV_DTYPE, KV_SCALE_BYTES
+
         element = torch.empty((), dtype=dtype).element_size()
         kv_element = torch.empty((), dtype=kv_dtype or dtype).element_size()
+        kv_vector = config.head_dim * kv_element + (KV_SCALE_BYTES if kv_dtype == FP8_KV_DTYPE else 0)
         # Imported here: the registry loads every model file and its Triton kernels, which
         # `import thinkwise` (this module included) must not do before TRITON_INTERPRET is set.
         from thinkwise.models import registry
@@ -71,7 +78,7 @@ class ModelCostSpec:
             vocab_size=config.vocab_size, element_bytes=element, dense_params=layers * per_layer,
             body_weight_bytes=body * element, lm_head_bytes=table * element,
             weight_bytes=(body + table * (1 if config.tie_word_embeddings else 2)) * element,
-            kv_bytes_per_token=2 * layers * config.num_kv_heads * config.head_dim * kv_element,
+            kv_bytes_per_token=2 * layers * config.num_kv_heads * kv_vector,
             layer_windows=tuple(windows(i) for i in range(layers)) if windows else (),
         )
 

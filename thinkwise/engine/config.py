@@ -13,11 +13,15 @@ import torch
 
 from thinkwise.engine.env_overrides import env_overrides
 from thinkwise.errors import InvalidParameterError
-from thinkwise.kernels.paged_attention import ATTENTION_BACKENDS
+from thinkwise.kernels.paged_attention import ATTENTION_BACKENDS, FP8_KV_DTYPE
 from thinkwise.reasoning.parser import PARSER_NAMES
 
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
+# KV cache storage, spelled as vLLM does: "auto" stores the compute dtype; "fp8" (= "fp8_e4m3")
+# stores float8 e4m3 codes with one fp32 scale per token and KV head (kernels/paged_attention.py).
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: the first GPUs that convert e4m3 in hardware
 
 
 @dataclass
@@ -72,6 +76,9 @@ class EngineConfig:
     # attention and lm_head int8), "int4-all[-gN]" (attention int4 too), "gguf" (each layer near its
     # GGUF block type's bits). Quantized on load, round-to-nearest.
     quantization: str | None = None
+    # KV cache storage: "auto" (the compute dtype) or "fp8" / "fp8_e4m3" (8-bit codes with per
+    # token and KV head scales: about half the bytes, so about twice the blocks for the same memory).
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for name, value in env_overrides().items():
@@ -106,6 +113,9 @@ class EngineConfig:
                     "quantization cannot be combined with a compute_dtype other than dtype (LayerCast upcasts "
                     "16-bit weights; quantized weights are dequantized inside their kernels): drop one of them",
                     param="quantization")
+        if not isinstance(self.kv_cache_dtype, str) or self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise InvalidParameterError(f"kv_cache_dtype {self.kv_cache_dtype!r} is not one of "
+                                        f"{', '.join(KV_CACHE_DTYPES)}", param="kv_cache_dtype")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise InvalidParameterError("gpu_memory_utilization must be in (0, 1]", param="gpu_memory_utilization")
 
@@ -153,6 +163,21 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, param: 
     if dtype not in _DTYPES:
         raise InvalidParameterError(f"{param} {dtype!r} is not one of {', '.join(_DTYPES)}", param=param)
     return _DTYPES[dtype]
+
+
+def resolve_kv_cache_dtype(kv_cache_dtype: str, device: torch.device, compute_dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's storage dtype. fp8 on a CUDA GPU older than compute capability 8.9 is
+    refused (its kernels cannot convert e4m3), never silently emulated or stored wide."""
+    if kv_cache_dtype == "auto":
+        return compute_dtype
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if tuple(capability) < FP8_MIN_CAPABILITY:
+            raise InvalidParameterError(
+                f"kv_cache_dtype {kv_cache_dtype!r} needs a GPU with fp8 support (compute capability 8.9 or newer: "
+                f"Ada, Hopper, Blackwell); this GPU is {capability[0]}.{capability[1]}: use kv_cache_dtype='auto' "
+                "(--kv-cache-dtype auto)", param="kv_cache_dtype")
+    return FP8_KV_DTYPE
 
 
 def resolve_compute_dtype(compute_dtype: str | torch.dtype | None, weight_dtype: torch.dtype,

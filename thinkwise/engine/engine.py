@@ -25,12 +25,12 @@ import torch
 from thinkwise.cost.hardware import StepMeter
 from thinkwise.cost.model_cost import ModelCostSpec, attribute_step
 from thinkwise.engine.block_manager import BlockManager, blocks_for
-from thinkwise.engine.config import EngineConfig, resolve_placement
+from thinkwise.engine.config import EngineConfig, resolve_kv_cache_dtype, resolve_placement
 from thinkwise.engine.detokenizer import IncrementalDetokenizer
 from thinkwise.engine.gemm_profiling import profile_gemm_dispatch
 from thinkwise.engine.input_processor import InputProcessor
 from thinkwise.engine.kernel_settings import apply_kernel_settings
-from thinkwise.engine.model_runner import ModelRunner, kv_cache_budget_bytes
+from thinkwise.engine.model_runner import ModelRunner, kv_cache_budget_bytes, kv_cache_description
 from thinkwise.engine.output_processor import OutputProcessor, StepOutput, TokenEvent
 from thinkwise.engine.outputs import RequestOutput
 from thinkwise.engine.sampler import Sampler, mix_seed
@@ -62,6 +62,8 @@ class Engine:
         # Everything past the weights (activations, KV cache, attention) runs in `dtype`.
         self.dtype = placement.compute_dtype
         self.layercast = self.dtype != self.weight_dtype
+        # Before building the model: an fp8 cache on a GPU without fp8 fails at once.
+        self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.device, self.dtype)
         apply_kernel_settings(config)  # before GEMM profiling and graph capture, which launch kernels
         model = build_model(loaded, device=self.device, dtype=self.weight_dtype, compute_dtype=self.dtype)
         loaded.weights.clear()  # the model holds its own copy; don't keep two
@@ -69,14 +71,15 @@ class Engine:
         linear_methods = quantize_model(model, config.quantization, dtype=self.dtype, gguf_source=(
             loaded.source if (loaded.extra or {}).get("format") == "gguf" else None))
         self.run_metadata: dict[str, Any] = {"device": str(self.device), "dtype": str(self.weight_dtype),
-                                             "compute_dtype": str(self.dtype), "linear_methods": linear_methods}
+                                             "compute_dtype": str(self.dtype), "linear_methods": linear_methods,
+                                             "kv_cache_dtype": kv_cache_description(self.kv_cache_dtype)}
         gemm_dispatch, self.cpu_threads = profile_gemm_dispatch(model, self.device, self.dtype, self.layercast, config)
         if gemm_dispatch is not None:
             self.run_metadata["gemm_dispatch"] = gemm_dispatch
         self.max_model_len = min(config.max_model_len or loaded.config.max_position_embeddings,
                                  loaded.config.max_position_embeddings)
         self.cost_spec = quantized_cost_spec(
-            ModelCostSpec.from_config(loaded.config, self.weight_dtype, kv_dtype=self.dtype), model)
+            ModelCostSpec.from_config(loaded.config, self.weight_dtype, kv_dtype=self.kv_cache_dtype), model)
         num_blocks = self._num_kv_blocks()
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=config.max_num_seqs,
@@ -85,7 +88,7 @@ class Engine:
             model, loaded.config, device=self.device, dtype=self.dtype, num_blocks=num_blocks,
             block_size=config.block_size, max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs,
             max_num_seqs=config.max_num_seqs, unified_max_softmax=config.unified_max_softmax,
-            cascade_min_shared_tokens=config.cascade_min_shared_tokens,
+            cascade_min_shared_tokens=config.cascade_min_shared_tokens, kv_cache_dtype=self.kv_cache_dtype,
         )
         if self.runner.unified_max_stats is not None:
             self.run_metadata["unified_max_softmax"] = self.runner.unified_max_stats

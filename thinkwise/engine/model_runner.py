@@ -5,6 +5,11 @@ lays their tokens out as one flat batch (single-token sequences first, which the
 attention path batches), computes cache slots and block tables, applies pending
 copy-on-write block copies, runs the model, and returns logits only for the rows that
 will be sampled: a sequence's last token, once all its pending tokens are computed.
+
+With an fp8 KV cache (`kv_cache_dtype=torch.float8_e4m3fn`) the codes keep the one-tensor
+layout and a second tensor holds their scales, [layers, k/v, blocks, block_size, kv_heads];
+each layer gets `FP8KVCache` views of both, and a copy-on-write block copy moves codes
+and scales together, so forks, the prefix cache and CUDA graphs see no difference.
 """
 
 from __future__ import annotations
@@ -19,7 +24,13 @@ from thinkwise.engine.cuda_graphs import CudaGraphDecoder
 from thinkwise.engine.scheduler import ScheduledBatch, SharedPrefix
 from thinkwise.engine.sequence import Sequence
 from thinkwise.engine.step_inputs import StepInputs, build_step_inputs
-from thinkwise.kernels.paged_attention import AttentionMetadata, pack_prefix_groups
+from thinkwise.kernels.paged_attention import (
+    FP8_KV_DTYPE,
+    KV_SCALE_DTYPE,
+    AttentionMetadata,
+    FP8KVCache,
+    pack_prefix_groups,
+)
 from thinkwise.loading.config import ModelConfig
 
 CALIBRATION_PROMPTS = 4
@@ -33,6 +44,13 @@ def kv_cache_budget_bytes(device: torch.device, config: EngineConfig) -> int:
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * config.gpu_memory_utilization) - ACTIVATION_RESERVE_BYTES
     return int(config.kv_cache_memory_gb * (1 << 30))
+
+
+def kv_cache_description(kv_cache_dtype: torch.dtype) -> str:
+    """How the KV cache is stored, for run metadata: the dtype, or fp8 with its scales."""
+    if kv_cache_dtype == FP8_KV_DTYPE:
+        return "fp8_e4m3 (scale per token and KV head, fp32)"
+    return str(kv_cache_dtype)
 
 
 class ModelRunner:
@@ -50,6 +68,7 @@ class ModelRunner:
         max_num_seqs: int = 256,
         unified_max_softmax: bool = False,
         cascade_min_shared_tokens: int | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
     ):
         self.model = model
         self.config = config
@@ -63,11 +82,18 @@ class ModelRunner:
         self.cascade_min_shared_tokens = cascade_min_shared_tokens if on_cuda else None
         # One tensor for the whole cache: [layers, k/v, blocks, block_size, kv_heads, head_dim],
         # plus one scratch block past the end that padded CUDA-graph rows may write into.
-        self.kv_cache = torch.zeros(
-            config.num_layers, 2, num_blocks + 1, block_size, config.num_kv_heads, config.head_dim,
-            dtype=dtype, device=device,
-        )
-        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(config.num_layers)]
+        self.kv_cache_dtype = kv_cache_dtype or dtype
+        shape = (config.num_layers, 2, num_blocks + 1, block_size, config.num_kv_heads)
+        self.kv_scales: torch.Tensor | None = None
+        if self.kv_cache_dtype == FP8_KV_DTYPE:
+            # Zeroed as bytes (0x00 is e4m3's +0): fills of fp8 tensors are not on every device.
+            self.kv_cache = torch.zeros(*shape, config.head_dim, dtype=torch.uint8, device=device).view(FP8_KV_DTYPE)
+            self.kv_scales = torch.zeros(shape, dtype=KV_SCALE_DTYPE, device=device)
+            self.kv_caches = [tuple(FP8KVCache(self.kv_cache[i, j], self.kv_scales[i, j]) for j in (0, 1))
+                              for i in range(config.num_layers)]
+        else:
+            self.kv_cache = torch.zeros(*shape, config.head_dim, dtype=self.kv_cache_dtype, device=device)
+            self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(config.num_layers)]
         # Only the Triton decode kernel uses phi; the PyTorch path is exact without it.
         self.unified_max: float | None = None
         self.unified_max_stats: dict | None = None
@@ -132,7 +158,12 @@ class ModelRunner:
             return
         src = stage_to_device([s for s, _ in copies], torch.long, self.device)
         dst = stage_to_device([d for _, d in copies], torch.long, self.device)
-        self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+        if self.kv_scales is None:
+            self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]
+            return
+        codes = self.kv_cache.view(torch.uint8)  # byte copies: fp8 indexing is not on every device
+        codes[:, :, dst] = codes[:, :, src]
+        self.kv_scales[:, :, dst] = self.kv_scales[:, :, src]
 
     def attention_metadata(self, inputs: StepInputs, num_decodes: int) -> AttentionMetadata:
         """Device tensors of the step's slots, padded block tables and lengths."""

@@ -8,6 +8,8 @@ rotary embedding + writing K and V into their paged-cache slots; SiLU(gate) * up
 twins are the model's original op sequences (identical numerics to Hugging Face), used on
 CPU, when Triton is missing, and with `EngineConfig.fused_kernels` off (THINKWISE_FUSED=0);
 the kernels compute in fp32 and round where the twins round, so bf16 results agree to rounding.
+With an fp8 KV cache (`paged_attention.FP8KVCache`) the q/k/v kernel quantizes each K and V
+head vector as it stores it, with its own scale (amax / 448), as the twin's `write_kv_cache` does.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from thinkwise.kernels import pdl
-from thinkwise.kernels.paged_attention import write_kv_cache
+from thinkwise.kernels.paged_attention import FP8KVCache, write_kv_cache
 
 try:
     import triton
@@ -125,12 +127,28 @@ if triton is not None:
         tl.store(out_ptr + row * stride_o + cols, (normed * w).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _to_e4m3_grid(x):
+        """fp32 values within +-448 rounded (to nearest even) onto e4m3's values, still fp32, so
+        the store's conversion is exact. Hardware rounds the same way; the Triton interpreter's
+        fp32 -> fp8 conversion drops the carry into the exponent (127.9 -> 64), so the kernel
+        rounds first and the interpreter tests check the real codes."""
+        bits = x.to(tl.int32, bitcast=True)
+        # Normal range: keep 3 mantissa bits; the integer add carries into the exponent.
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+        # Below 2^-6 e4m3 is subnormal, spaced 2^-9: round |x| by adding and removing 1.5 x 2^14
+        # (fp32's spacing there is 2^-9), then put the sign back (-0 stays -0, as torch converts).
+        magnitude = tl.abs(x)
+        subnormal = (magnitude + 24576.0) - 24576.0
+        subnormal = tl.where(bits < 0, -subnormal, subnormal)
+        return tl.where(magnitude < 0.015625, subnormal, normal)
+
+    @triton.jit
     def _qkv_rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_out_ptr,
-                                 k_cache_ptr, v_cache_ptr, slot_ptr, eps,
+                                 k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr, eps,
                                  stride_qkv, stride_cos, stride_qo_t, stride_qo_h,
-                                 stride_cache_slot, stride_cache_head,
+                                 stride_cache_slot, stride_cache_head, stride_scale_slot,
                                  NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                                 QK_NORM: tl.constexpr, PDL: tl.constexpr):
+                                 QK_NORM: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
             tl.extra.cuda.gdc_launch_dependents()
             tl.extra.cuda.gdc_wait()
@@ -143,6 +161,11 @@ if triton is not None:
             kv_head = head - NUM_HEADS - NUM_KV_HEADS
             d = tl.arange(0, HEAD_DIM)
             v = tl.load(base + d)
+            if FP8:  # one scale per (token, head): amax / 448 (paged_attention.quantize_fp8)
+                v32 = v.to(tl.float32)
+                v_scale = tl.maximum(tl.max(tl.abs(v32), 0), 1e-30) / 448.0  # e4m3's max (paged_attention.FP8_MAX)
+                tl.store(v_scale_ptr + slot * stride_scale_slot + kv_head, v_scale)
+                v = _to_e4m3_grid(tl.minimum(tl.maximum(v32 / v_scale, -448.0), 448.0))
             tl.store(v_cache_ptr + slot * stride_cache_slot + kv_head * stride_cache_head + d,
                      v.to(v_cache_ptr.dtype.element_ty))
         else:
@@ -170,8 +193,19 @@ if triton is not None:
                 tl.store(dst + HEAD_DIM // 2 + half, out2.to(q_out_ptr.dtype.element_ty))
             else:
                 dst = k_cache_ptr + slot * stride_cache_slot + (head - NUM_HEADS) * stride_cache_head
-                tl.store(dst + half, out1.to(dtype).to(k_cache_ptr.dtype.element_ty))
-                tl.store(dst + HEAD_DIM // 2 + half, out2.to(dtype).to(k_cache_ptr.dtype.element_ty))
+                if FP8:  # quantize the key as rounded to the compute dtype, like the twin
+                    k1 = out1.to(dtype).to(tl.float32)
+                    k2 = out2.to(dtype).to(tl.float32)
+                    k_amax = tl.maximum(tl.max(tl.abs(k1), 0), tl.max(tl.abs(k2), 0))
+                    k_scale = tl.maximum(k_amax, 1e-30) / 448.0  # e4m3's max (paged_attention.FP8_MAX)
+                    tl.store(k_scale_ptr + slot * stride_scale_slot + head - NUM_HEADS, k_scale)
+                    k1 = _to_e4m3_grid(tl.minimum(tl.maximum(k1 / k_scale, -448.0), 448.0))
+                    k2 = _to_e4m3_grid(tl.minimum(tl.maximum(k2 / k_scale, -448.0), 448.0))
+                    tl.store(dst + half, k1.to(k_cache_ptr.dtype.element_ty))
+                    tl.store(dst + HEAD_DIM // 2 + half, k2.to(k_cache_ptr.dtype.element_ty))
+                else:
+                    tl.store(dst + half, out1.to(dtype).to(k_cache_ptr.dtype.element_ty))
+                    tl.store(dst + HEAD_DIM // 2 + half, out2.to(dtype).to(k_cache_ptr.dtype.element_ty))
 
     @triton.jit
     def _gated_kernel(gate_up_ptr, out_ptr, n_cols, stride_in, stride_out, BLOCK: tl.constexpr,
@@ -224,12 +258,16 @@ def qkv_rotary_cache(qkv, cos, sin, q_norm_weight, k_norm_weight, eps, k_cache, 
     num_tokens = qkv.shape[0]
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     qk_norm = q_norm_weight is not None
+    fp8 = isinstance(k_cache, FP8KVCache)
+    k_scales, v_scales = (k_cache.scales, v_cache.scales) if fp8 else (qkv, qkv)  # unused pointers without fp8
+    if fp8:
+        k_cache, v_cache = k_cache.codes, v_cache.codes
     _qkv_rotary_cache_kernel[(num_tokens, num_heads + 2 * num_kv_heads)](
         qkv, cos, sin, q_norm_weight if qk_norm else qkv, k_norm_weight if qk_norm else qkv, q,
-        k_cache, v_cache, slot_mapping, eps,
+        k_cache, v_cache, k_scales, v_scales, slot_mapping, eps,
         qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
-        k_cache.stride(1), k_cache.stride(2),
-        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, QK_NORM=qk_norm, **_pdl(qkv),
+        k_cache.stride(1), k_cache.stride(2), k_scales.stride(1) if fp8 else 0,
+        NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, QK_NORM=qk_norm, FP8=fp8, **_pdl(qkv),
     )
     return q
 

@@ -10,6 +10,25 @@ transformers' `sliding_window_overlay`). They are the CPU path and the numerical
 GPU kernel is tested against, so they favour clarity and exactness over speed, with one
 concession: single-token (decode) queries of many sequences are handled as one padded
 batch, because that is the hot loop of generation even on CPU.
+
+8-bit KV cache (`EngineConfig.kv_cache_dtype="fp8"`): a layer's K or V cache is then an
+`FP8KVCache`, float8 e4m3 codes of the same shape plus one fp32 scale per (slot, KV head),
+value = code x scale. The scale is dynamic, amax / 448 of that token's head vector,
+computed when the token is written: a static per-tensor scale of 1.0 would not do, since
+e4m3 saturates at 448 and raw keys of real models are larger (the default model's
+attention-sink keys give raw q.k near 9,700), and one scale per tensor calibrated ahead
+to cover those would push ordinary tokens down into e4m3's few subnormals (its whole range
+is 2^-9 .. 448). Per (token, head) keeps each vector's relative error at e4m3's own
+(<= 1/16 per element, 4 significant bits) and is written in one pass,
+with no calibration and no rescaling of old tokens; the fp32 scale costs 4 bytes beside
+head_dim bytes (3% at head_dim 128), kept in fp32 so dequantization adds no rounding of
+its own. Every read path (the decode reference, `gather_context` for prefill and cached
+prefixes, batched prefill, cascade) dequantizes to fp32, so attention math is unchanged.
+Prefill attends to the quantized values of its own chunk as well (read back from the
+cache), not to the exact ones it just computed: a token's result is then the same whether
+its context was cached, chunked or computed in one pass (prefix caching, preemption and
+chunking change an fp8 run only by fp32 rounding). Data movement goes through uint8 views, which
+every device's indexing kernels support.
 """
 
 from __future__ import annotations
@@ -30,6 +49,63 @@ def set_attention_backend(name: str) -> None:
     if name not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend {name!r} is not one of {ATTENTION_BACKENDS}")
     ATTENTION_BACKEND = name
+
+
+FP8_KV_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # e4m3's largest finite value: a head vector's amax maps to it
+KV_SCALE_DTYPE = torch.float32
+KV_SCALE_BYTES = 4  # one scale per (token, KV head), beside head_dim one-byte codes
+
+
+@dataclass(frozen=True)
+class FP8KVCache:
+    """One layer's K or V cache in fp8: `codes` [num_blocks, block_size, num_kv_heads,
+    head_dim] float8_e4m3fn and `scales` [num_blocks, block_size, num_kv_heads] fp32, laid
+    out so that a slot's code offset is head_dim x its scale offset (the Triton kernel
+    relies on it). Passed wherever a plain cache tensor goes; `shape` is the codes' shape."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., head_dim] -> (e4m3 codes [..., head_dim], fp32 scales [...]): one scale per
+    vector, amax / 448, so the vector's largest element lands on e4m3's largest value."""
+    x32 = x.float()
+    # An all-zero vector keeps a tiny positive scale (codes 0, dequantized 0), not 0/0.
+    scales = x32.abs().amax(dim=-1).clamp(min=1e-30) / FP8_MAX
+    # The clamp guards rounding of amax / scale just past 448 (older torch gives NaN there).
+    codes = (x32 / scales[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE)
+    return codes, scales
+
+
+def dequantize_fp8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes [..., head_dim] x scales [...] -> fp32 values."""
+    return codes.float() * scales[..., None]
+
+
+def _rows(cache, index: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """`cache` gathered along its first dimension(s) by `index` (blocks, or slots of a flattened
+    cache): the raw tensor for a plain cache, fp32 values for an fp8 one."""
+    if not isinstance(cache, FP8KVCache):
+        return cache[index]
+    codes = cache.codes.view(torch.uint8)[index].view(FP8_KV_DTYPE)
+    return dequantize_fp8(codes, cache.scales[index])
+
+
+def _flat_slots(cache) -> torch.Tensor | FP8KVCache:
+    """The cache viewed as [num_slots, num_kv_heads, head_dim] (scales [num_slots, num_kv_heads])."""
+    if not isinstance(cache, FP8KVCache):
+        return cache.reshape(-1, *cache.shape[2:])
+    return FP8KVCache(cache.codes.reshape(-1, *cache.shape[2:]), cache.scales.reshape(-1, cache.shape[2]))
 
 
 MAX_GROUP_MEMBERS = 16  # rows of one cascade group (more samples form more groups)
@@ -116,25 +192,35 @@ class AttentionMetadata:
 
 
 def write_kv_cache(
-    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+    key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor | FP8KVCache, v_cache: torch.Tensor | FP8KVCache,
+    slot_mapping: torch.Tensor,
 ) -> None:
-    """Store `key`/`value` ([num_tokens, num_kv_heads, head_dim]) into their slots."""
+    """Store `key`/`value` ([num_tokens, num_kv_heads, head_dim]) into their slots (an fp8
+    cache: quantized, with one scale per token and KV head)."""
+    if isinstance(k_cache, FP8KVCache):
+        for new, cache in ((key, k_cache), (value, v_cache)):
+            codes, scales = quantize_fp8(new)
+            flat = _flat_slots(cache)
+            flat.codes.view(torch.uint8).index_copy_(0, slot_mapping, codes.view(torch.uint8))
+            flat.scales.index_copy_(0, slot_mapping, scales)
+        return
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
 
 
-def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` cached tokens of one sequence, `[length, num_kv_heads, head_dim]`."""
+def gather_context(cache: torch.Tensor | FP8KVCache, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached tokens of one sequence, `[length, num_kv_heads, head_dim]`
+    (fp32 values from an fp8 cache)."""
     block_size = cache.shape[1]
     num_blocks = (length + block_size - 1) // block_size
-    blocks = cache.index_select(0, block_table[:num_blocks])
+    blocks = _rows(cache, block_table[:num_blocks])
     return blocks.reshape(-1, *cache.shape[2:])[:length]
 
 
 def decode_attention(
     query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor | FP8KVCache,
+    v_cache: torch.Tensor | FP8KVCache,
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     max_seq_len: int,
@@ -158,8 +244,8 @@ def decode_attention(
     group = num_heads // num_kv_heads
     num_blocks = (max_seq_len + block_size - 1) // block_size
     table = block_tables[:batch, :num_blocks]
-    keys = k_cache[table].reshape(batch, num_blocks * block_size, num_kv_heads, head_dim)
-    values = v_cache[table].reshape(batch, num_blocks * block_size, num_kv_heads, head_dim)
+    keys = _rows(k_cache, table).reshape(batch, num_blocks * block_size, num_kv_heads, head_dim)
+    values = _rows(v_cache, table).reshape(batch, num_blocks * block_size, num_kv_heads, head_dim)
     # Scores, softmax and the weighted sum in fp32 from fp32 operands (SDPA in prefill and the
     # Triton kernel keep scores in fp32 too). An einsum in bf16 rounds each raw q.k to 8 bits
     # of mantissa before the scale: the default model's raw scores reach ~9,700 (its
@@ -246,14 +332,14 @@ def window_mask(mask: torch.Tensor, window: int) -> torch.Tensor:
 
 
 def batched_prefill_attention(
-    query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, context_slots: torch.Tensor,
-    mask: torch.Tensor, scale: float,
+    query: torch.Tensor, k_cache: torch.Tensor | FP8KVCache, v_cache: torch.Tensor | FP8KVCache,
+    context_slots: torch.Tensor, mask: torch.Tensor, scale: float,
 ) -> torch.Tensor:
     """All prefill chunks of a step in one attention call: the contexts are gathered into
     one flat sequence and a mask keeps each query to its own sequence, causally."""
     num_heads = query.shape[1]
-    keys = k_cache.reshape(-1, *k_cache.shape[2:]).index_select(0, context_slots).to(query.dtype)
-    values = v_cache.reshape(-1, *v_cache.shape[2:]).index_select(0, context_slots).to(query.dtype)
+    keys = _rows(_flat_slots(k_cache), context_slots).to(query.dtype)
+    values = _rows(_flat_slots(v_cache), context_slots).to(query.dtype)
     group = num_heads // keys.shape[1]
     if group > 1:  # expand K/V heads so the memory-efficient kernel (which takes a mask) applies
         keys = keys.repeat_interleave(group, dim=1)
@@ -269,7 +355,7 @@ def _is_power_of_two(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def _decode_backend(query: torch.Tensor, k_cache: torch.Tensor):
+def _decode_backend(query: torch.Tensor, k_cache: torch.Tensor | FP8KVCache):
     """The Triton split-KV kernel on CUDA when it applies, else the PyTorch reference."""
     if ATTENTION_BACKEND != "torch" and query.is_cuda:
         from thinkwise.kernels.triton_decode_attention import HAVE_TRITON, triton_decode_attention
@@ -281,8 +367,8 @@ def _decode_backend(query: torch.Tensor, k_cache: torch.Tensor):
 
 def paged_attention(
     query: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor | FP8KVCache,
+    v_cache: torch.Tensor | FP8KVCache,
     metadata: AttentionMetadata,
     scale: float,
     window: int | None = None,

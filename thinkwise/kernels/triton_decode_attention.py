@@ -28,6 +28,18 @@ Sliding-window layers (Mistral, Gemma's local layers) pass `window`: each row's 
 then starts at max(0, seq_len - window), in the split kernel and in the unified-max
 fallback alike; a window as long as the context is full attention. The caller never
 combines a window with cascade groups (see `paged_attention.paged_attention`).
+
+8-bit KV cache (`paged_attention.FP8KVCache`): with FP8, tiles are loaded as e4m3 codes
+(half the bytes of bf16, which is the point: decode at long contexts is bound by reading
+the cache) plus one fp32 scale per (token, KV head), and converted to the query's dtype in
+registers (exact: every e4m3 value is a bf16/fp16/fp32 value). The key scale is folded
+into each score column after the QK matmul (q . (c k) = c (q . k), one multiply per score,
+in fp32); the value tile is dequantized in fp32 and cast to the query's dtype before the
+PV matmul (folding its scale into the probabilities instead could overflow fp16's range
+in unified-max mode, where p reaches e^10). The scale of a slot sits at the slot's code
+offset / head_dim (the cache layout guarantees it; the wrapper checks).
+Splits, unified max, cascade and windows are unchanged. Loading fp8 needs sm_89+ (the
+engine refuses fp8 KV on older GPUs); the Triton interpreter handles it on CPU.
 """
 
 from __future__ import annotations
@@ -36,7 +48,7 @@ import torch
 
 from thinkwise.kernels import pdl
 from thinkwise.kernels.device_info import sm_count
-from thinkwise.kernels.paged_attention import MAX_GROUP_MEMBERS, PrefixGroups  # noqa: F401
+from thinkwise.kernels.paged_attention import MAX_GROUP_MEMBERS, FP8KVCache, PrefixGroups  # noqa: F401
 
 try:
     import triton
@@ -55,10 +67,10 @@ UNIFIED_WINDOW = {torch.float32: (-60.0, 60.0), torch.bfloat16: (-60.0, 60.0), t
 if HAVE_TRITON:
 
     @triton.jit
-    def _attend_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, table_row_ptr, first_pos, end_pos, phi,
+    def _attend_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, table_row_ptr, first_pos, end_pos, phi,
                       stride_kblock, stride_ktok, kv_head_offset, scale,
                       HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-                      IEEE: tl.constexpr, UNIFIED: tl.constexpr):
+                      IEEE: tl.constexpr, UNIFIED: tl.constexpr, FP8: tl.constexpr):
         """Online softmax of queries `q` [R, D] over context positions [first_pos, end_pos)."""
         d = tl.arange(0, HEAD_DIM)
         t = tl.arange(0, TILE)
@@ -68,12 +80,20 @@ if HAVE_TRITON:
             block_ids = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
             offsets = block_ids * stride_kblock + (pos % BLOCK_SIZE) * stride_ktok + kv_head_offset
             k = tl.load(k_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            if FP8:  # codes -> the query's dtype (exact); the scales are applied to scores and p
+                k = k.to(q.dtype)
             if IEEE:
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 scores = tl.dot(q, tl.trans(k))
+            if FP8:
+                k_scales = tl.load(ks_ptr + offsets // HEAD_DIM, mask=valid, other=0.0)
+                scores = scores * k_scales[None, :]
             scores = tl.where(valid[None, :], scores * scale, float("-inf"))
             v = tl.load(v_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+            if FP8:  # values dequantized in fp32, then to the query's dtype (which they came from)
+                v_scales = tl.load(vs_ptr + offsets // HEAD_DIM, mask=valid, other=0.0)
+                v = (v.to(tl.float32) * v_scales[:, None]).to(q.dtype)
             if UNIFIED:
                 # No rescaling: every tile of every split subtracts the same phi. The max is
                 # kept only to detect rows that leave the safe window.
@@ -100,7 +120,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _decode_split_kernel(
-        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, starts_ptr, acc_ptr, max_ptr, sum_ptr,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, starts_ptr, acc_ptr, max_ptr, sum_ptr,
         scale, phi, split_offset, window,
         stride_qb, stride_qh,
         stride_kblock, stride_ktok, stride_khead,
@@ -109,7 +129,7 @@ if HAVE_TRITON:
         stride_mb, stride_mh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, UNIFIED: tl.constexpr,
-        HAS_STARTS: tl.constexpr, HAS_WINDOW: tl.constexpr, PDL: tl.constexpr,
+        HAS_STARTS: tl.constexpr, HAS_WINDOW: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
             tl.extra.cuda.gdc_launch_dependents()
@@ -135,9 +155,9 @@ if HAVE_TRITON:
         tiles_per_split = tl.cdiv(tl.cdiv(seq_len - seq_start, TILE), tl.num_programs(2))
         first = seq_start + split * tiles_per_split * TILE
         last = tl.minimum(first + tiles_per_split * TILE, seq_len)
-        m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, tables_ptr + b * stride_tb, first, last, phi,
-                                      stride_kblock, stride_ktok, kv_head * stride_khead, scale,
-                                      HEAD_DIM, BLOCK_SIZE, TILE, IEEE, UNIFIED)
+        m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr + b * stride_tb,
+                                      first, last, phi, stride_kblock, stride_ktok, kv_head * stride_khead, scale,
+                                      HEAD_DIM, BLOCK_SIZE, TILE, IEEE, UNIFIED, FP8)
         slot = split_offset + split
         out = acc_ptr + b * stride_ab + heads[:, None] * stride_ah + slot * stride_as + d[None, :]
         tl.store(out, acc, mask=head_ok[:, None])
@@ -146,7 +166,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _prefix_kernel(
-        q_ptr, k_ptr, v_ptr, tables_ptr, group_rows_ptr, group_lens_ptr, acc_ptr, max_ptr, sum_ptr,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, group_rows_ptr, group_lens_ptr, acc_ptr, max_ptr, sum_ptr,
         scale, phi,
         stride_qb, stride_qh,
         stride_kblock, stride_ktok, stride_khead,
@@ -155,7 +175,7 @@ if HAVE_TRITON:
         stride_mb, stride_mh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MEMBERS: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, UNIFIED: tl.constexpr,
-        PDL: tl.constexpr,
+        FP8: tl.constexpr, PDL: tl.constexpr,
     ):
         """All queries of one sample group against its shared prefix: one read of the prefix."""
         if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
@@ -182,9 +202,10 @@ if HAVE_TRITON:
         last = tl.minimum(first + tiles_per_split * TILE, prefix_len)
         # Every member's table starts with the same prefix blocks; read them through the first.
         first_row = tl.load(group_rows_ptr + group_id * stride_gr)
-        m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, tables_ptr + first_row * stride_tb, first, last,
+        m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr,
+                                      tables_ptr + first_row * stride_tb, first, last,
                                       phi, stride_kblock, stride_ktok, kv_head * stride_khead, scale,
-                                      HEAD_DIM, BLOCK_SIZE, TILE, IEEE, UNIFIED)
+                                      HEAD_DIM, BLOCK_SIZE, TILE, IEEE, UNIFIED, FP8)
         out = acc_ptr + rows[:, None] * stride_ab + head[:, None] * stride_ah + split * stride_as + d[None, :]
         tl.store(out, acc, mask=ok[:, None])
         tl.store(max_ptr + rows * stride_mb + head * stride_mh + split, m_i, mask=ok)
@@ -193,12 +214,12 @@ if HAVE_TRITON:
     @triton.jit
     def _merge_splits_kernel(
         acc_ptr, max_ptr, sum_ptr, out_ptr, num_splits, num_prefix_splits, starts_ptr, flags_ptr,
-        q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, scale, phi, window_low, window_high, window,
+        q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, scale, phi, window_low, window_high, window,
         stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ob, stride_oh,
         stride_qb, stride_qh, stride_kblock, stride_ktok, stride_khead, stride_tb,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TILE: tl.constexpr, UNIFIED: tl.constexpr, HAS_STARTS: tl.constexpr, HAS_WINDOW: tl.constexpr,
-        PDL: tl.constexpr,
+        FP8: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
             tl.extra.cuda.gdc_launch_dependents()
@@ -240,11 +261,15 @@ if HAVE_TRITON:
                     block_ids = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0)
                     offsets = block_ids * stride_kblock + (pos % BLOCK_SIZE) * stride_ktok + kv_offset
                     k = tl.load(k_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+                    if FP8:
+                        k = k * tl.load(ks_ptr + offsets // HEAD_DIM, mask=valid, other=0.0)[:, None]
                     scores = tl.where(valid, tl.sum(k * q[None, :], 1) * scale, float("-inf"))
                     m_new = tl.maximum(m_run, tl.max(scores, 0))
                     p = tl.exp(scores - m_new)
                     alpha = tl.exp(m_run - m_new)
                     v = tl.load(v_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+                    if FP8:
+                        v = v * tl.load(vs_ptr + offsets // HEAD_DIM, mask=valid, other=0.0)[:, None]
                     l_run = l_run * alpha + tl.sum(p, 0)
                     acc_run = acc_run * alpha + tl.sum(p[:, None] * v, 0)
                     m_run = m_new
@@ -286,15 +311,26 @@ def triton_decode_attention(
     `unified_max` switches to FlashDecoding++'s unified-max softmax (exact fallback per
     row); `prefix` adds cascade attention over shared prefixes; `fallback_flags` ([B, H]
     int32), if given, receives 1 for the rows that took the fallback (for tests/stats).
-    `window`: a sliding-window layer's window (not combinable with `prefix`).
+    `window`: a sliding-window layer's window (not combinable with `prefix`). The caches
+    may be `FP8KVCache`s (e4m3 codes and per-slot scales).
     """
     if window is not None and prefix is not None:
         raise ValueError("a sliding window cannot be combined with cascade prefix groups")
+    fp8 = isinstance(k_cache, FP8KVCache)
+    if fp8:  # codes and scales travel separately; a slot's scale offset is its code offset / head_dim
+        k_scales, v_scales = k_cache.scales, v_cache.scales
+        k_cache, v_cache = k_cache.codes, v_cache.codes
+        for codes, scales in ((k_cache, k_scales), (v_cache, v_scales)):
+            if codes.stride()[:3] != tuple(s * codes.shape[3] for s in scales.stride()) or codes.stride(3) != 1:
+                raise ValueError("fp8 KV cache layout: code strides must be head_dim x scale strides")
+    else:
+        k_scales, v_scales = k_cache, v_cache  # unused pointers
     batch, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     group_pad = max(16, _next_power_of_two(group))
-    tile = max(16, block_size)
+    # Positions per tile: 16 (32 for fp8, the same bytes a tile as 16-bit) or a whole block.
+    tile = max(32 if fp8 else 16, block_size)
     device = query.device
     unified = unified_max is not None
     phi = float(unified_max) if unified else 0.0
@@ -320,7 +356,7 @@ def triton_decode_attention(
     if prefix is not None:
         members = prefix.rows.shape[1]
         _prefix_kernel[(prefix.rows.shape[0], num_kv_heads, num_prefix_splits)](
-            query, k_cache, v_cache, tables, prefix.rows, prefix.prefix_lens, acc, maxes, sums,
+            query, k_cache, v_cache, k_scales, v_scales, tables, prefix.rows, prefix.prefix_lens, acc, maxes, sums,
             scale, phi,
             query.stride(0), query.stride(1),
             k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -328,10 +364,10 @@ def triton_decode_attention(
             acc.stride(0), acc.stride(1), acc.stride(2),
             maxes.stride(0), maxes.stride(1),
             GROUP=group, GROUP_PAD=_next_power_of_two(group), MEMBERS=members, HEAD_DIM=head_dim,
-            BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, **launch,
+            BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, FP8=fp8, **launch,
         )
     _decode_split_kernel[(batch, num_kv_heads, splits)](
-        query, k_cache, v_cache, tables, seq_lens, starts, acc, maxes, sums,
+        query, k_cache, v_cache, k_scales, v_scales, tables, seq_lens, starts, acc, maxes, sums,
         scale, phi, num_prefix_splits, window or 0,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -340,7 +376,7 @@ def triton_decode_attention(
         maxes.stride(0), maxes.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, HAS_STARTS=prefix is not None,
-        HAS_WINDOW=window is not None, **launch,
+        HAS_WINDOW=window is not None, FP8=fp8, **launch,
     )
     out = torch.empty_like(query)
     flags = fallback_flags
@@ -348,10 +384,11 @@ def triton_decode_attention(
         flags = torch.empty(batch, num_heads, dtype=torch.int32, device=device) if unified else maxes
     _merge_splits_kernel[(batch, num_heads)](
         acc, maxes, sums, out, total_splits, num_prefix_splits, starts, flags,
-        query, k_cache, v_cache, tables, seq_lens, scale, phi, low, high, window or 0,
+        query, k_cache, v_cache, k_scales, v_scales, tables, seq_lens, scale, phi, low, high, window or 0,
         acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1), out.stride(0), out.stride(1),
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
         GROUP=group, HEAD_DIM=head_dim, SPLITS_PAD=max(2, _next_power_of_two(total_splits)), BLOCK_SIZE=block_size,
-        TILE=tile, UNIFIED=unified, HAS_STARTS=prefix is not None, HAS_WINDOW=window is not None, **launch,
+        TILE=tile, UNIFIED=unified, HAS_STARTS=prefix is not None, HAS_WINDOW=window is not None, FP8=fp8,
+        **launch,
     )
     return out
