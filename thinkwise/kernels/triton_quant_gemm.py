@@ -27,8 +27,13 @@ Measured on an H100 (`benchmarks/gpu_quant_gemm.py --sweep wide`, best tiling pe
 `benchmarks/results/gpu_quant_gemm_h100.json`): int8 at one row 1.86-2.17x bf16 cuBLAS on
 the Llama-3-8B shapes (2.3-3.0 TB/s), at 64 rows 0.88-1.58x; int4 (group 128) at one row
 only 1.11-1.54x (0.75-1.16 TB/s: its decode, ~7 instructions a weight, is bound by issue,
-not bytes) and at 64 rows 0.54-0.90x. Packed half-precision decode (two codes per
-instruction, as Marlin does) is the next step for int4.
+not bytes) and at 64 rows 0.54-0.90x. End to end on an H200 (`benchmarks/gpu_throughput.py
+--quantization`, `benchmarks/results/gpu_throughput_quantization_h200.json`, same run as the
+bf16 column): Llama-3-8B batch 1 int8 1.46x bf16, int4-all-g128 0.91x; batch 64 0.73x / 0.50x;
+Qwen3-0.6B batch 1 int8 1.04x, int4 0.91x. The H200's 4.2 TB/s makes bf16 faster while the
+int4 decode stays issue-bound, and the batch-64 tiles trail cuBLAS. Next: packed
+half-precision decode (two codes per instruction, as Marlin does) for int4, and wgmma-sized
+tiles that take the decoded weights from shared memory for batch 64.
 """
 
 from __future__ import annotations
