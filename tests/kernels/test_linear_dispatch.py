@@ -33,3 +33,61 @@ def test_preset_table_pins_switch_points_without_timing(monkeypatch):
     assert layers[1].blas_from_rows is None
     x = torch.randn(5, 32)
     torch.testing.assert_close(layers[0](x), x @ layers[0].weight.T, rtol=1e-5, atol=1e-5)  # BLAS path, 5 >= 4
+
+
+def test_a_quantized_tiling_that_cannot_be_built_is_skipped_and_reported(monkeypatch):
+    """The start-up profile of a quantized shape survives a tiling that fails to build on this
+    GPU/Triton (here: one that raises): the others are still timed and chosen from, and the
+    table's timings say which failed and why. Runs the profile on CPU with a stand-in timer."""
+    import os
+
+    import pytest
+
+    from thinkwise.kernels import linear_dispatch
+    from thinkwise.kernels import triton_quant_gemm as tq
+    from thinkwise.kernels.linear_dispatch import GpuLinearDispatcher
+    from thinkwise.kernels.linear_methods.int8 import quantize_int8
+    from thinkwise.kernels.linear_methods.plans import quant_candidates
+
+    if not tq.HAVE_TRITON or os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs triton under TRITON_INTERPRET=1 (the test suite's conftest sets it)")
+    layer = DispatchLinear(64, 32, bias=False)
+    q, scales = quantize_int8(torch.randn(32, 64), torch.float32)
+
+    class Method:
+        def describe(self):
+            return "int8"
+
+        def storage_bytes(self, layer):
+            return q.numel() + 4 * scales.numel()
+
+        def reference(self, layer, x):
+            used_reference.append(True)
+            return tq.quant_gemm_reference(x, q, scales, None, None, 64)
+
+        def gpu_candidates(self, layer, rows):
+            offered = quant_candidates(layer, rows, q, scales, None, 64)
+
+            def broken(x):
+                raise RuntimeError("out of resource: shared memory\nmore detail")
+
+            offered["triton:broken"] = (tq.DEFAULT_CONFIGS[0], broken)
+            return offered
+
+    layer.method = Method()
+    used_reference = []
+
+    def fake_timer(calls, replays=5):  # runs every call once (as the real one's warm-up does); Triton wins
+        used_reference.clear()
+        for call in calls:
+            call()
+        return 10.0 if used_reference else 5.0
+
+    monkeypatch.setattr(linear_dispatch, "cuda_graph_time_us", fake_timer)
+    dispatcher = GpuLinearDispatcher(rows=(1, 2))
+    dispatcher._profile_quantized("int8:32x64", [layer], 1 << 20, torch.float32, torch.device("cpu"))
+    timings = dispatcher.timings_us["int8:32x64"]
+    assert timings["failed"] == {"triton:broken": "RuntimeError: out of resource: shared memory"}
+    assert "triton:broken" not in timings
+    assert all(choice is not None and choice.name != "broken" for choice in dispatcher.quant_table["int8:32x64"][:2])
+    assert layer.quant_plan[1] is not None

@@ -414,6 +414,7 @@ class GpuLinearDispatcher:
 
         ladder = (*self.rows, QUANT_PREFILL_ROWS)
         timings: dict[str, list[float | None]] = {"dequantize+cublas": []}
+        failed: dict[str, str] = {}
         choices: list[Any] = []
         for rows in ladder:
             x = torch.randn(rows, k, device=device, dtype=dtype)
@@ -426,8 +427,18 @@ class GpuLinearDispatcher:
                     per_name[name].append((config, call))
             triton_us: dict[Any, float] = {}
             for name, calls in per_name.items():
-                us = cuda_graph_time_us([lambda x=x, call=call: call(neighbour(x)) for _ in range(passes)
-                                         for _config, call in calls])
+                if name in failed:
+                    continue
+                try:
+                    us = cuda_graph_time_us([lambda x=x, call=call: call(neighbour(x)) for _ in range(passes)
+                                             for _config, call in calls])
+                except Exception as error:  # noqa: BLE001 - a tiling this GPU/Triton cannot build is skipped
+                    # (say, too much shared memory on a smaller GPU); the others and cuBLAS remain, and
+                    # the run metadata says which failed and why.
+                    failed[name] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    continue
                 timings.setdefault(name, [None] * (len(timings["dequantize+cublas"]) - 1)).append(round(us, 2))
                 triton_us[calls[0][0]] = us
             for values in timings.values():  # tilings not offered at this M
@@ -435,7 +446,7 @@ class GpuLinearDispatcher:
             gain = TRITON_MIN_GAIN_PDL if pdl.pdl_enabled(device, rows) else TRITON_MIN_GAIN
             choices.append(pick_implementation(base, triton_us, gain))
         self.quant_table[key] = choices
-        self.timings_us[key] = {"rows": list(ladder), **timings}
+        self.timings_us[key] = {"rows": list(ladder), **timings, **({"failed": failed} if failed else {})}
         self.timed_layers[key] = count
         plan: list[Any] = [None]
         for rows in range(1, self.rows[-1] + 1):
