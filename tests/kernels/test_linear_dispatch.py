@@ -35,10 +35,10 @@ def test_preset_table_pins_switch_points_without_timing(monkeypatch):
     torch.testing.assert_close(layers[0](x), x @ layers[0].weight.T, rtol=1e-5, atol=1e-5)  # BLAS path, 5 >= 4
 
 
-def test_a_quantized_tiling_that_cannot_be_built_is_skipped_and_reported(monkeypatch):
+def test_a_quantized_tiling_that_cannot_be_built_or_computes_wrong_is_skipped_and_reported(monkeypatch):
     """The start-up profile of a quantized shape survives a tiling that fails to build on this
-    GPU/Triton (here: one that raises): the others are still timed and chosen from, and the
-    table's timings say which failed and why. Runs the profile on CPU with a stand-in timer."""
+    GPU/Triton (here: one that raises) and leaves out one whose result is wrong: the others are
+    still timed and chosen from, and the table's timings say which failed and why. Runs the profile on CPU with a stand-in timer."""
     import os
 
     import pytest
@@ -52,6 +52,7 @@ def test_a_quantized_tiling_that_cannot_be_built_is_skipped_and_reported(monkeyp
     if not tq.HAVE_TRITON or os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs triton under TRITON_INTERPRET=1 (the test suite's conftest sets it)")
     layer = DispatchLinear(64, 32, bias=False)
+    markers = [tq.QuantGemmConfig(block_n=1, block_k=4), tq.QuantGemmConfig(block_n=2, block_k=4)]
     q, scales = quantize_int8(torch.randn(32, 64), torch.float32)
 
     class Method:
@@ -71,7 +72,8 @@ def test_a_quantized_tiling_that_cannot_be_built_is_skipped_and_reported(monkeyp
             def broken(x):
                 raise RuntimeError("out of resource: shared memory\nmore detail")
 
-            offered["triton:broken"] = (tq.DEFAULT_CONFIGS[0], broken)
+            offered["triton:broken"] = (markers[0], broken)
+            offered["triton:wrong"] = (markers[1], lambda x: torch.zeros(x.shape[0], 32))
             return offered
 
     layer.method = Method()
@@ -87,7 +89,9 @@ def test_a_quantized_tiling_that_cannot_be_built_is_skipped_and_reported(monkeyp
     dispatcher = GpuLinearDispatcher(rows=(1, 2))
     dispatcher._profile_quantized("int8:32x64", [layer], 1 << 20, torch.float32, torch.device("cpu"))
     timings = dispatcher.timings_us["int8:32x64"]
-    assert timings["failed"] == {"triton:broken": "RuntimeError: out of resource: shared memory"}
-    assert "triton:broken" not in timings
-    assert all(choice is not None and choice.name != "broken" for choice in dispatcher.quant_table["int8:32x64"][:2])
+    assert timings["failed"] == {"triton:broken": "RuntimeError: out of resource: shared memory",
+                                 "triton:wrong": "wrong result (relative error 1 against the twin)"}
+    assert "triton:broken" not in timings and "triton:wrong" not in timings
+    chosen = dispatcher.quant_table["int8:32x64"][:2]
+    assert all(choice is not None and choice not in markers for choice in chosen), chosen
     assert layer.quant_plan[1] is not None

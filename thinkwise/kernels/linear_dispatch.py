@@ -258,6 +258,14 @@ def pick_implementation(cublas_us: float, triton_us: dict[FlatGemmConfig, float]
     return best
 
 
+QUANT_CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| (nan and inf give nan, which no tolerance accepts)."""
+    return float((got.float() - want).norm() / want.norm().clamp_min(1e-30))
+
+
 def cuda_graph_time_us(calls: list[Callable[[], Any]], replays: int = 5) -> float:
     """Median GPU microseconds per call of `calls`, captured once in a CUDA graph and
     replayed (timed with CUDA events), as the engine's decode graphs run them."""
@@ -426,10 +434,17 @@ class GpuLinearDispatcher:
                 for name, (config, call) in layer.method.gpu_candidates(layer, rows).items():
                     per_name[name].append((config, call))
             triton_us: dict[Any, float] = {}
+            want = sample[0].method.reference(sample[0], x).float() if per_name else None
             for name, calls in per_name.items():
                 if name in failed:
                     continue
                 try:
+                    # A tiling is only timed once it computes the right thing here: a compiler can
+                    # mis-build a tiling on one GPU that is right on another and in the interpreter.
+                    error = relative_error(calls[0][1](x), want)
+                    if not error <= QUANT_CHECK_TOLERANCE.get(dtype, 2e-2):
+                        failed[name] = f"wrong result (relative error {error:.3g} against the twin)"
+                        continue
                     us = cuda_graph_time_us([lambda x=x, call=call: call(neighbour(x)) for _ in range(passes)
                                              for _config, call in calls])
                 except Exception as error:  # noqa: BLE001 - a tiling this GPU/Triton cannot build is skipped
