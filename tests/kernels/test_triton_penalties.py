@@ -156,3 +156,32 @@ def test_kernel_on_a_qwen_sized_batch():
     params = torch.tensor([1.1, 0.3, 0.5], device="cuda").repeat(rows, 1)
     assert_kernel_matches(triton_penalize(logits, slots, params, counts, prompt_mask),
                           penalize_twin(logits, slots, params, counts, prompt_mask))
+
+
+def test_a_kernel_that_cannot_be_built_hands_over_to_the_twin_once(monkeypatch):
+    """A compiler failure at first use (say, an older Triton on the GPU) warns once and the
+    twin serves that call and every later one, with the same result."""
+    from thinkwise.kernels import triton_penalties as tp
+
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        raise RuntimeError("PTX assembly failed\nlong log")
+
+    monkeypatch.setattr(tp, "_kernel_failure", None)
+    monkeypatch.setattr(tp, "HAVE_TRITON", True)
+    monkeypatch.setattr(tp, "triton_penalize", failing)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    logits = torch.randn(2, 8)
+    slots = torch.tensor([0, -1])
+    params = torch.tensor([[1.3, 0.5, 0.25], [1.0, 0.0, 0.0]])
+    counts = torch.zeros(1, 8, dtype=torch.int32)
+    counts[0, 3] = 2
+    prompt = torch.zeros(1, 8, dtype=torch.bool)
+    with pytest.warns(RuntimeWarning, match="PTX assembly failed"):
+        first = tp.penalize(logits, slots, params, counts, prompt)
+    second = tp.penalize(logits, slots, params, counts, prompt)
+    monkeypatch.undo()
+    want = tp.penalize_twin(logits, slots, params, counts, prompt)
+    assert torch.equal(first, want) and torch.equal(second, want) and len(calls) == 1

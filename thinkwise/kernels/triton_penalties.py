@@ -18,6 +18,8 @@ multiply-adds, the twin's arithmetic step for step (the interpreter matches it b
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 try:
@@ -121,9 +123,26 @@ def penalize_twin(logits: torch.Tensor, slots: torch.Tensor, params: torch.Tenso
     return sub if rows is None else logits.index_copy(0, rows, sub)
 
 
+_kernel_failure: str | None = None  # why the kernel could not be built here (then the twin runs)
+
+
+def kernel_usable(logits: torch.Tensor) -> bool:
+    return HAVE_TRITON and logits.is_cuda and _kernel_failure is None
+
+
 def penalize(logits: torch.Tensor, slots: torch.Tensor, params: torch.Tensor, counts: torch.Tensor,
              prompt_mask: torch.Tensor) -> torch.Tensor:
-    """The fused kernel on a GPU with Triton, the twin elsewhere."""
-    if HAVE_TRITON and logits.is_cuda:
-        return triton_penalize(logits, slots, params, counts, prompt_mask)
+    """The fused kernel on a GPU with Triton, the twin elsewhere. If the kernel cannot be
+    built on this GPU/Triton (it compiles at first use), the twin takes over for the rest of
+    the process with one warning, rather than failing every penalized request."""
+    global _kernel_failure
+    if kernel_usable(logits):
+        try:
+            return triton_penalize(logits, slots, params, counts, prompt_mask)
+        except ValueError:
+            raise  # wrong shapes: the caller's bug, the twin would refuse them too
+        except Exception as error:  # noqa: BLE001 - a compiler or launch failure
+            _kernel_failure = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+            warnings.warn(f"the Triton penalties kernel failed ({_kernel_failure}); penalties run in PyTorch "
+                          "from now on (same results, more passes over the logits)", RuntimeWarning, stacklevel=2)
     return penalize_twin(logits, slots, params, counts, prompt_mask)
