@@ -57,6 +57,13 @@ def test_banned_tokens_never_drawn():
     assert 0 not in draws(200, banned_token_ids=(0,))
 
 
+def test_banning_leaves_the_callers_logits_alone():
+    logits = torch.randn(2, 50)
+    before = logits.clone()
+    Sampler("cpu")(logits, [row(seed=1, banned_token_ids=(0, 3)), row(seed=2)])
+    assert torch.equal(logits, before)
+
+
 def test_top_p_with_a_nucleus_wider_than_the_candidate_window():
     sampler = Sampler("cpu")
     logits = torch.zeros(1, 5000)  # uniform: one tie, so the whole vocabulary is the nucleus

@@ -108,9 +108,11 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleResult:
         confidence = self.confidence(logits, rows)  # of the raw logits, before the bans below
         logits = logits.float()
-        for i, row in enumerate(rows):
-            if row.banned_token_ids:
-                logits[i, list(row.banned_token_ids)] = float("-inf")
+        if any(row.banned_token_ids for row in rows):
+            logits = logits.clone()  # .float() of fp32 logits is the caller's tensor: never write into it
+            for i, row in enumerate(rows):
+                if row.banned_token_ids:
+                    logits[i, list(row.banned_token_ids)] = float("-inf")
         want_logprobs = any(r.logprobs is not None for r in rows)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
         tokens, _ = self.draw(logits, rows, exact=True)
