@@ -54,7 +54,9 @@ def wide_configs() -> list[QuantGemmConfig]:
     for block_n, block_k in ((32, 256), (64, 128), (128, 64), (128, 128)):
         for warps, stages in ((4, 3), (8, 3)):
             for split in (1, 2, 4):
-                configs.append(QuantGemmConfig(block_n, block_k, warps, stages, max_rows=4096, split_k=split))
+                for magic in (False, True):
+                    configs.append(QuantGemmConfig(block_n, block_k, warps, stages, max_rows=4096, split_k=split,
+                                                   magic_decode=magic))
     return configs
 
 

@@ -68,11 +68,13 @@ class QuantGemmConfig:
     use_dot: bool = True
     max_rows: int = 64
     x_pairs: bool = False  # GEMV tiles, bf16 x: read x two values per 32-bit load
+    magic_decode: bool = False  # dot tiles: codes to floats by the mantissa trick (as the GEMV), not a conversion
     split_k: int = 1  # dot tiles: K cut into this many slices, summed in a fixed order afterwards
 
     @property
     def name(self) -> str:
-        extra = (f"_sk{self.split_k}" if self.split_k > 1 else "") + ("_xp" if self.x_pairs else "")
+        extra = (f"_sk{self.split_k}" if self.split_k > 1 else "") + ("_xp" if self.x_pairs else "") + \
+            ("_mg" if self.magic_decode else "")
         return f"{'dot' if self.use_dot else 'gemv'}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{extra}"
 
     def block_m(self, rows: int) -> int:
@@ -119,6 +121,24 @@ if HAVE_TRITON:
             value = (((words >> (4 * j)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
         else:
             value = (((words >> (8 * j)) & 255) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        return value
+
+    @triton.jit
+    def _nibble(packed, shift: tl.constexpr, MAGIC: tl.constexpr):
+        """The 4-bit code at `shift` of each uint8 as float32 (0..15)."""
+        if MAGIC:
+            value = (((packed >> shift) & 15).to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        else:
+            value = ((packed >> shift) & 15).to(tl.float32)
+        return value
+
+    @triton.jit
+    def _signed_byte(codes, MAGIC: tl.constexpr):
+        """int8 codes as exact float32 by the mantissa trick, or as they are (the caller casts)."""
+        if MAGIC:
+            value = ((codes.to(tl.int32) & 255) ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+        else:
+            value = codes
         return value
 
     @triton.jit(do_not_specialize=["M"])
@@ -186,7 +206,8 @@ if HAVE_TRITON:
                            M, N, K, stride_xm, stride_qn, stride_sn, stride_om, k_per_split, stride_split,
                            GROUP: tl.constexpr, INT4: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr,
+                           MAGIC: tl.constexpr):
         """BLOCK_M token rows (>= 16, padded) times BLOCK_N output rows on the tensor cores
         (FlashDecoding++'s flat GEMM, the weights as the wide side). The code bytes are
         loaded as they are stored and cast straight into the dot (int8), or split into the
@@ -225,8 +246,8 @@ if HAVE_TRITON:
                 scale = tl.load(scale_ptr + where, mask=group_ok, other=0.0).to(tl.float32)[:, :, None]
                 zero = tl.load(zero_ptr + where, mask=group_ok, other=0.0).to(tl.float32)[:, :, None] - 8.0 * scale
                 grouped = tl.reshape(codes, [BLOCK_N, BLOCK_K // GROUP, GROUP // 2])
-                low = tl.reshape((grouped & 15).to(tl.float32) * scale + zero, [BLOCK_N, BYTES])
-                high = tl.reshape((grouped >> 4).to(tl.float32) * scale + zero, [BLOCK_N, BYTES])
+                low = tl.reshape(_nibble(grouped, 0, MAGIC) * scale + zero, [BLOCK_N, BYTES])
+                high = tl.reshape(_nibble(grouped, 4, MAGIC) * scale + zero, [BLOCK_N, BYTES])
                 k_even = k + 2 * offs_b
                 x_even = tl.load(x_ptrs + k_even[:, None], mask=(k_even < K)[:, None], other=0.0)
                 x_odd = tl.load(x_ptrs + k_even[:, None] + 1, mask=(k_even + 1 < K)[:, None], other=0.0)
@@ -240,9 +261,9 @@ if HAVE_TRITON:
                 kk = k + offs_b
                 x = tl.load(x_ptrs + kk[:, None], mask=(kk < K)[:, None], other=0.0)
                 if IEEE:
-                    acc = tl.dot(codes.to(x.dtype), x, acc, input_precision="ieee")
+                    acc = tl.dot(_signed_byte(codes, MAGIC).to(x.dtype), x, acc, input_precision="ieee")
                 else:
-                    acc = tl.dot(codes.to(x.dtype), x, acc)
+                    acc = tl.dot(_signed_byte(codes, MAGIC).to(x.dtype), x, acc)
         if not INT4:  # per-row scale: once, on the finished sums
             acc = acc * tl.load(scale_ptr + rows * stride_sn).to(tl.float32)[:, None]
         result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
@@ -303,12 +324,12 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
             grid = (-(-rows // block_m), -(-n // config.block_n), split)
             if split == 1:
                 _quant_gemm_kernel[grid](*tensors, k_per_split, 0, BLOCK_M=block_m, IEEE=x2.dtype == torch.float32,
-                                         SPLIT_K=1, **common)
+                                         SPLIT_K=1, MAGIC=config.magic_decode, **common)
             else:
                 partial = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
                 _quant_gemm_kernel[grid](*tensors[:5], partial, *tensors[6:12], partial.stride(1), k_per_split,
                                          partial.stride(0), BLOCK_M=block_m, IEEE=x2.dtype == torch.float32,
-                                         SPLIT_K=split, **common)
+                                         SPLIT_K=split, MAGIC=config.magic_decode, **common)
                 total = partial.sum(dim=0)  # a fixed-order reduction: deterministic
                 if bias is not None:
                     total += bias
