@@ -68,13 +68,14 @@ class QuantGemmConfig:
     use_dot: bool = True
     max_rows: int = 64
     x_pairs: bool = False  # GEMV tiles, bf16 x: read x two values per 32-bit load
+    word_sums: bool = False  # int4 GEMV tiles: scale and zero applied once per word of 8 codes
     magic_decode: bool = False  # dot tiles: codes to floats by the mantissa trick (as the GEMV), not a conversion
     split_k: int = 1  # dot tiles: K cut into this many slices, summed in a fixed order afterwards
 
     @property
     def name(self) -> str:
         extra = (f"_sk{self.split_k}" if self.split_k > 1 else "") + ("_xp" if self.x_pairs else "") + \
-            ("_mg" if self.magic_decode else "")
+            ("_mg" if self.magic_decode else "") + ("_ws" if self.word_sums else "")
         return f"{'dot' if self.use_dot else 'gemv'}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{extra}"
 
     def block_m(self, rows: int) -> int:
@@ -145,7 +146,8 @@ if HAVE_TRITON:
     def _quant_gemv_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
                            M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
                            GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           HAS_BIAS: tl.constexpr, PDL: tl.constexpr, X_PAIRS: tl.constexpr):
+                           HAS_BIAS: tl.constexpr, PDL: tl.constexpr, X_PAIRS: tl.constexpr,
+                           WORD_SUMS: tl.constexpr):
         """One token row times BLOCK_N output rows; `w_ptr` holds the codes as int32 words.
         Code j of every word is handled as its own [BLOCK_N, words] plane (the sum over k
         does not care about the order), so a thread decodes the words it loaded itself, with
@@ -177,7 +179,17 @@ if HAVE_TRITON:
                 word_ok = (k_of < K)[None, :]
                 scale = tl.load(scale_ptr + where, mask=word_ok, other=0.0).to(tl.float32)
                 zero = tl.load(zero_ptr + where, mask=word_ok, other=0.0).to(tl.float32)
-            if X_PAIRS:  # bf16 x read as int32 pairs (x_ptr is x viewed as int32): half the loads
+            if INT4 and WORD_SUMS:
+                # sum_j ((c_j - 8) s + z) x_j = s sum_j (c_j - 8) x_j + z sum_j x_j: the scale and the
+                # zero once a word (8 weights), not once a weight.
+                products = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
+                x_sums = tl.zeros([WORDS], dtype=tl.float32)
+                for j in tl.static_range(WORD_K):
+                    x = tl.load(x_row + k_of + j, mask=k_of + j < K, other=0.0).to(tl.float32)
+                    products += _decode_lane(words, j, INT4) * x[None, :]
+                    x_sums += x
+                acc += products * scale + zero * x_sums[None, :]
+            elif X_PAIRS:  # bf16 x read as int32 pairs (x_ptr is x viewed as int32): half the loads
                 for i in tl.static_range(WORD_K // 2):
                     pair = tl.load(x_row + k_of // 2 + i, mask=k_of + 2 * i < K, other=0)
                     x_even = (pair << 16).to(tl.float32, bitcast=True)[None, :]
@@ -334,12 +346,14 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
                 if bias is not None:
                     total += bias
                 out.copy_(total)
-        elif config.x_pairs and x2.dtype == torch.bfloat16 and x2.stride(0) % 2 == 0:
+        elif config.x_pairs and not (int4 and config.word_sums) and x2.dtype == torch.bfloat16 \
+                and x2.stride(0) % 2 == 0:
             pairs = x2.view(torch.int32)
             _quant_gemv_kernel[(rows, -(-n // config.block_n))](pairs, *tensors[1:9], pairs.stride(0), *tensors[10:],
-                                                                 X_PAIRS=True, **common)
+                                                                 X_PAIRS=True, WORD_SUMS=False, **common)
         else:
-            _quant_gemv_kernel[(rows, -(-n // config.block_n))](*tensors, X_PAIRS=False, **common)
+            _quant_gemv_kernel[(rows, -(-n // config.block_n))](*tensors, X_PAIRS=False,
+                                                                 WORD_SUMS=config.word_sums, **common)
     return out.reshape(*lead, n)
 
 
