@@ -183,11 +183,17 @@ def test_a_broken_scale_layout_fails_the_closeness_check(tiny_dir):
     int8 = engine_for(tiny_dir, "int8")
     for module in int8.runner.model.modules():
         if isinstance(module, DispatchLinear):
-            module.scales.copy_(module.scales.flip(0))
+            scales = module.block_scales if module.method.blocked else module.scales
+            scales.copy_(scales.flip(0))
     assert not close_logits(reference, prefill_logits(int8, ids), INT8_BOUND)
     int4 = engine_for(tiny_dir, "int4-all")
     for module in int4.runner.model.modules():
-        if isinstance(module, DispatchLinear) and hasattr(module, "scales_zeros"):
+        if isinstance(module, DispatchLinear) and getattr(module.method, "blocked", False) and \
+                isinstance(module.method, Int4Method):
+            scales = module.block_scales.clone()
+            module.block_scales.copy_(module.block_offsets)
+            module.block_offsets.copy_(scales)
+        elif isinstance(module, DispatchLinear) and hasattr(module, "scales_zeros"):
             module.scales_zeros.copy_(module.scales_zeros.flip(-1))
     assert not close_logits(reference, prefill_logits(int4, ids), INT4_BOUND)
 

@@ -127,7 +127,22 @@ def quantize_model(model: nn.Module, quantization: str | None, *, dtype: torch.d
         layer.method = method
         per_layer[name] = method.describe()
     release_freed_host_memory()
-    return {"method": spec.label, "layers": per_layer, "counts": dict(Counter(per_layer.values())), "notes": notes}
+    record = {"method": spec.label, "layers": per_layer, "counts": dict(Counter(per_layer.values())), "notes": notes}
+    if any(buffer.device.type == "cpu" for _, layer in layers if layer.method is not None
+           for buffer in layer.buffers(recurse=False)):
+        record["cpu_kernel"] = cpu_kernel_record()
+    return record
+
+
+def cpu_kernel_record() -> dict[str, str]:
+    """Which kernel multiplies the quantized layers on the CPU, for the run metadata: ours
+    (kernels/cpu_quant_gemm) or, where it cannot run here, PyTorch's, with the reason."""
+    from thinkwise.kernels import cpu_quant_gemm
+
+    status = cpu_quant_gemm.status()
+    if status["available"]:
+        return {"kernel": "thinkwise cpu_quant_gemm (AVX-512 VNNI, int8 activations per block of 32)"}
+    return {"kernel": "pytorch", "why": status["reason"]}
 
 
 def release_freed_host_memory() -> None:

@@ -1,0 +1,162 @@
+"""The AVX-512 VNNI quantized GEMM (kernels/cpu_quant_gemm + csrc/cpu_quant_gemm.cpp) against
+its PyTorch twin on small and odd shapes, its packing, its fallback, and greedy decoding of a
+tiny model through the kernel equal to decoding through the twin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny_models import make_tiny_model
+from thinkwise import LLM, SamplingParams
+from thinkwise.kernels import cpu_quant_gemm as qg
+from thinkwise.kernels.linear_dispatch import DispatchLinear
+from thinkwise.kernels.linear_methods import quantize_model
+from thinkwise.kernels.linear_methods.int4 import Int4Method
+from thinkwise.kernels.linear_methods.int8 import Int8Method
+from thinkwise.loading import load_model
+
+needs_kernel = pytest.mark.skipif(not qg.available(), reason=f"kernel unavailable: {qg.status()['reason']}")
+
+
+def packed(weight: torch.Tensor, four_bit: bool):
+    return qg.pack_int4(weight) if four_bit else (*qg.pack_int8(weight), None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("four_bit", [False, True], ids=["int8", "int4"])
+@pytest.mark.parametrize("n,k", [(1, 32), (5, 96), (17, 64), (37, 896), (130, 160)])  # K % 64 == 32: padded rows
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])  # every tile remainder, and two full tiles + 1
+def test_kernel_equals_the_twin_in_float32(four_bit, n, k, rows):
+    torch.manual_seed(n * 1000 + k + rows)
+    weight = torch.randn(n, k) * 0.05
+    codes, scales, offsets = packed(weight, four_bit)
+    x = torch.randn(rows, k) * 3
+    bias = torch.randn(n)
+    for b in (None, bias):
+        got = qg.quant_linear(x, codes, scales, offsets, b, k, four_bit)
+        twin = qg.reference_linear(x, codes, scales, offsets, b, k, four_bit)
+        assert got.shape == (rows, n) and got.dtype == torch.float32
+        # Same products, another summation order: float32 rounding only.
+        torch.testing.assert_close(got, twin, rtol=1e-5, atol=1e-5 * twin.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("four_bit", [False, True], ids=["int8", "int4"])
+def test_bfloat16_activations_and_output(four_bit):
+    torch.manual_seed(1)
+    weight = torch.randn(72, 128)
+    codes, scales, offsets = packed(weight, four_bit)
+    x = torch.randn(6, 128).bfloat16()
+    bias = torch.randn(72).bfloat16()
+    got = qg.quant_linear(x, codes, scales, offsets, bias, 128, four_bit)
+    assert got.dtype == torch.bfloat16
+    twin = qg.reference_linear(x, codes, scales, offsets, bias, 128, four_bit)
+    torch.testing.assert_close(got.float(), twin.float(), rtol=2 ** -7, atol=1e-2)  # one bf16 rounding apart
+    exact = torch.nn.functional.linear(x.float(), weight, bias.float())
+    bound = 0.02 if not four_bit else 0.12  # weight + activation rounding, measured ~0.8% / ~8%
+    assert ((got.float() - exact).norm() / exact.norm()).item() < bound
+
+
+def test_packing_round_trips_values_the_format_can_hold():
+    """A block of q * s (s an fp16, max |q| = 127) is stored exactly, as GGUF Q8_0 is; 4-bit
+    blocks c * s + o likewise (GGUF Q4_1); the padding to 64 inputs is sliced off."""
+    torch.manual_seed(2)
+    s = torch.rand(3, 3).mul(0.01).to(torch.float16)
+    q = torch.randint(-127, 128, (3, 3, 32)).float()
+    q[..., 0] = 127
+    weight = (q * s.float()[..., None]).reshape(3, 96)
+    codes, scales = qg.pack_int8(weight)
+    assert codes.shape == (3, 128) and scales.shape == (3, 4)
+    assert torch.equal(qg.dequantize(codes, scales, None, 96, False), weight)
+    c = torch.randint(0, 16, (3, 3, 32)).float()
+    c[..., 0], c[..., 1] = 0, 15
+    o = (torch.rand(3, 3) - 0.5).to(torch.float16)
+    weight4 = (c * s.float()[..., None] + o.float()[..., None]).reshape(3, 96)
+    codes4, scales4, offsets4 = qg.pack_int4(weight4)
+    assert codes4.shape == (3, 64)
+    assert torch.allclose(qg.dequantize(codes4, scales4, offsets4, 96, True), weight4, atol=1e-6)
+    nibbles = torch.randint(0, 16, (4, 128), dtype=torch.uint8)
+    assert torch.equal(qg.unpack_nibbles(qg.pack_nibbles(nibbles)), nibbles)
+
+
+@needs_kernel
+def test_zero_weights_and_zero_activations_give_the_bias_not_nan():
+    codes, scales = qg.pack_int8(torch.zeros(8, 64))
+    bias = torch.arange(8.0)
+    x = torch.zeros(2, 64)
+    assert torch.equal(qg.quant_linear(x, codes, scales, None, bias, 64, False), bias.expand(2, 8))
+    codes4, scales4, offsets4 = qg.pack_int4(torch.randn(8, 64))
+    assert torch.equal(qg.quant_linear(x, codes4, scales4, offsets4, bias, 64, True), bias.expand(2, 8))
+    assert qg.quant_linear(torch.zeros(0, 64), codes, scales, None, None, 64, False).shape == (0, 8)
+
+
+@needs_kernel
+def test_bad_inputs_are_refused_with_the_reason():
+    codes, scales = qg.pack_int8(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="x has 32 columns"):
+        qg.quant_linear(torch.randn(1, 32), codes, scales, None, None, 64, False)
+    with pytest.raises(RuntimeError, match="code rows hold 64 inputs, not 128"):
+        qg.quant_linear(torch.randn(1, 128), codes, scales, None, None, 128, False)
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        qg.quant_linear(torch.randn(1, 64).half(), codes, scales, None, None, 64, False)
+    with pytest.raises(RuntimeError, match="fp16 offsets"):
+        qg.quant_linear(torch.randn(1, 64), codes[:, :32].contiguous(), scales, None, None, 64, True)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        qg.quant_linear(torch.randn(1, 64), codes, scales.float(), None, None, 64, False)
+    with pytest.raises(ValueError, match="group 48"):
+        qg.pack_int4(torch.randn(4, 96), 48)
+
+
+def test_without_the_kernel_the_methods_fall_back_and_the_record_says_why(monkeypatch):
+    monkeypatch.setattr(qg, "_status", {"available": False, "reason": "this CPU lacks avx512_vnni"})
+    model = torch.nn.ModuleDict({"a": DispatchLinear(64, 32, bias=False), "b": DispatchLinear(64, 32, bias=False)})
+    for layer in model.values():
+        torch.nn.init.normal_(layer.weight)
+    record = quantize_model(model.to(torch.bfloat16), "int4-all", dtype=torch.bfloat16)
+    assert record["cpu_kernel"] == {"kernel": "pytorch", "why": "this CPU lacks avx512_vnni"}
+    assert not model["a"].method.blocked and hasattr(model["a"], "packed")
+    x = torch.randn(3, 64).bfloat16()
+    assert torch.allclose(model["a"](x).float(), model["a"].method.reference(model["a"], x).float(), rtol=0.02, atol=0.05)
+
+
+def test_disabling_by_environment_is_reported(monkeypatch):
+    monkeypatch.setenv(qg.DISABLE_ENV, "0")
+    assert qg._load() == {"available": False, "reason": f"disabled by {qg.DISABLE_ENV}=0"}
+
+
+# ----------------------------------------------------------------------------- a tiny model
+
+
+class TwinLinear:
+    """Replaces a blocked method's kernel call by the PyTorch twin (same inputs, same signature)."""
+
+    def __init__(self, method):
+        self.method = method
+
+    def __call__(self, layer, x):
+        four = isinstance(self.method, Int4Method)
+        out = qg.reference_linear(x.reshape(-1, layer.in_features), layer.codes, layer.block_scales,
+                                  layer.block_offsets if four else None, layer.bias, layer.in_features, four)
+        return out.reshape(*x.shape[:-1], layer.out_features)
+
+
+@needs_kernel
+@pytest.mark.parametrize("quantization", ["int8", "int4-all"])
+def test_greedy_decoding_through_the_kernel_equals_the_twin(tmp_path, quantization):
+    make_tiny_model("qwen2", tmp_path, seed=5, tie_word_embeddings=True)
+
+    def greedy(twin: bool) -> list[int]:
+        llm = LLM.from_loaded(load_model(str(tmp_path), dtype=torch.float32), dtype="float32", device="cpu",
+                              quantization=quantization, num_kv_blocks=32)
+        model = llm.engine.runner.model
+        layers = [m for m in model.modules() if isinstance(m, DispatchLinear)]
+        assert layers and all(m.method.blocked for m in layers)
+        if twin:
+            for m in layers:
+                m.method.apply = TwinLinear(m.method)  # an instance attribute: called as apply(layer, x)
+        out = llm.generate({"prompt_token_ids": list(range(5, 25))},
+                           SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        return list(out[0].outputs[0].token_ids)
+
+    assert greedy(False) == greedy(True)

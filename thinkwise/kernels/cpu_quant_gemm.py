@@ -1,0 +1,195 @@
+"""Quantized linear layers on x86 CPUs: our AVX-512 VNNI kernel, its packing and its PyTorch twin.
+
+Weights are stored in blocks of 32 along the input dimension, llama.cpp-style: 8-bit codes
+with one fp16 scale per block (W = s * q, q in -127..127; GGUF Q8_0 is exactly this) or 4-bit
+codes with an fp16 scale and an fp16 offset per block (W = s * c + o, c in 0..15; GGUF Q4_0
+and Q4_1 are exactly this). At run time each row of activations is quantized per block of
+32 to int8 (scale amax / 127), so a block's dot product is a single VNNI instruction and the
+weights are read once per step for up to 4 token rows at a time: the kernel
+(csrc/cpu_quant_gemm.cpp) is memory-bound at 1 row and stays near it at 8, where PyTorch's
+int8 x bf16 kernel is compute-bound. It is compiled on first use with the system's C++
+compiler (`torch.utils.cpp_extension`, ninja) into ~/.cache/thinkwise/torch_extensions
+keyed by the source's hash and the torch version; `status()` says whether it is usable and,
+if not, why (no compiler, no AVX-512 VNNI, a failed build), and the linear methods then
+fall back to PyTorch's own int8/int4 CPU kernels and say so in the run metadata.
+`reference_linear` is the twin every call of `quant_linear` is tested against: dequantize
+W, quantize-dequantize x the same way, one float32 `F.linear`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BLOCK = 32  # weights per scale
+CHUNK = 64  # the kernel's inner step: rows are padded to a multiple of it
+SOURCE = Path(__file__).with_name("csrc") / "cpu_quant_gemm.cpp"
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+DISABLE_ENV = "THINKWISE_CPU_QUANT_KERNEL"  # "0": use PyTorch's kernels (A/B runs, debugging)
+
+_lock = threading.Lock()
+_status: dict | None = None
+_op = None  # torch.ops.thinkwise_cpu.quant_linear once loaded
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _build_dir() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    root = Path(os.environ.get("THINKWISE_CACHE", Path.home() / ".cache" / "thinkwise"))
+    return root / "torch_extensions" / f"cpu_quant_gemm-{digest}"
+
+
+def status() -> dict:
+    """{"available": bool, "reason": why not (or the build directory)}; builds on first call."""
+    global _status
+    with _lock:
+        if _status is None:
+            _status = _load()
+        return _status
+
+
+def available() -> bool:
+    return status()["available"]
+
+
+def _load() -> dict:
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return {"available": False, "reason": f"disabled by {DISABLE_ENV}=0"}
+    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in _cpu_flags()]
+    if missing:
+        return {"available": False, "reason": f"this CPU lacks {', '.join(missing)}"}
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return {"available": False, "reason": "no C++ compiler (c++) on PATH"}
+    try:
+        from torch.utils.cpp_extension import load
+
+        build = _build_dir()
+        build.mkdir(parents=True, exist_ok=True)
+        flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
+        # -fopenmp makes at::parallel_for run on PyTorch's OpenMP pool: the library it links
+        # (libgomp.so.1) is the one torch has already loaded, so no second pool is created.
+        load(name="thinkwise_cpu_quant", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+             build_directory=str(build), is_python_module=False, verbose=False)
+    except Exception as exc:  # a broken toolchain must not stop the engine: fall back, say why
+        logger.warning("the CPU quantized-GEMM kernel could not be built (%s); using PyTorch's kernels", exc)
+        return {"available": False, "reason": f"build failed: {str(exc).strip().splitlines()[-1][:300]}"}
+    return {"available": True, "reason": f"built in {build}"}
+
+
+def padded(in_features: int) -> int:
+    return -(-in_features // CHUNK) * CHUNK
+
+
+def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, Kp] uint8 = q + 128, scales [N, Kp/32] fp16) for a float weight [N, K],
+    K a multiple of 32: per block s = amax / 127 (rounded to fp16), q = round(w / s)."""
+    n, k = weight.shape
+    kp = padded(k)
+    codes = torch.full((n, kp), 128, dtype=torch.uint8)
+    scales = torch.zeros(n, kp // BLOCK, dtype=torch.float16)
+    for start in range(0, n, 8192):  # bounded fp32 temporaries (lm_head)
+        rows = slice(start, start + 8192)
+        w = weight[rows].to(torch.float32, copy=True).reshape(-1, k // BLOCK, BLOCK)
+        s = (w.abs().amax(dim=-1) / 127.0).clamp(max=65504.0).to(torch.float16)
+        inverse = torch.where(s > 0, 1.0 / s.float(), torch.zeros((), dtype=torch.float32))
+        q = w.mul_(inverse[..., None]).round_().clamp_(-127, 127).add_(128)
+        codes[rows, :k] = q.reshape(-1, k).to(torch.uint8)
+        scales[rows, : k // BLOCK] = s
+    return codes, scales
+
+
+def pack_int4(weight: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [N, Kp/2] uint8, scales, offsets [N, Kp/32] fp16) for a float weight [N, K]:
+    per group s = (max - min) / 15 and o = min (both rounded to fp16), c = round((w - o) / s);
+    a group wider than 32 (64, 128) repeats its (s, o) in each of its blocks."""
+    n, k = weight.shape
+    if group % BLOCK or k % group:
+        raise ValueError(f"pack_int4: group {group} must be a multiple of {BLOCK} dividing K={k}")
+    kp = padded(k)
+    nibbles = torch.zeros(n, kp, dtype=torch.uint8)
+    scales = torch.zeros(n, kp // BLOCK, dtype=torch.float16)
+    offsets = torch.zeros_like(scales)
+    for start in range(0, n, 8192):
+        rows = slice(start, start + 8192)
+        w = weight[rows].to(torch.float32, copy=True).reshape(-1, k // group, group)
+        low, high = torch.aminmax(w, dim=-1)
+        s = ((high - low) / 15.0).clamp(max=65504.0).to(torch.float16)
+        o = low.to(torch.float16)
+        inverse = torch.where(s > 0, 1.0 / s.float(), torch.zeros((), dtype=torch.float32))
+        c = w.sub_(o.float()[..., None]).mul_(inverse[..., None]).round_().clamp_(0, 15)
+        nibbles[rows, :k] = c.reshape(-1, k).to(torch.uint8)
+        repeat = group // BLOCK
+        scales[rows, : k // BLOCK] = s.repeat_interleave(repeat, dim=1)
+        offsets[rows, : k // BLOCK] = o.repeat_interleave(repeat, dim=1)
+    return pack_nibbles(nibbles), scales, offsets
+
+
+def pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
+    """[N, Kp] codes 0..15 -> [N, Kp/2] bytes: in each 64-code chunk, byte j = code j | code j+32 << 4."""
+    chunks = nibbles.reshape(nibbles.shape[0], -1, 2, CHUNK // 2)
+    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(nibbles.shape[0], -1).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    chunks = packed.reshape(packed.shape[0], -1, 1, CHUNK // 2)
+    return torch.cat([chunks & 0x0F, chunks >> 4], dim=2).reshape(packed.shape[0], -1)
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, in_features: int,
+               four_bit: bool) -> torch.Tensor:
+    """The float32 weight [N, K] the stored form stands for."""
+    values = unpack_nibbles(codes) if four_bit else codes
+    n = values.shape[0]
+    blocks = values.reshape(n, -1, BLOCK).float()
+    if four_bit:
+        w = blocks * scales.float()[..., None] + offsets.float()[..., None]
+    else:
+        w = (blocks - 128.0) * scales.float()[..., None]
+    return w.reshape(n, -1)[:, :in_features]
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the kernel sees it: per row and block of 32, round(x / s) * s with
+    s = amax / 127, in float32 (the same operations, so the same codes)."""
+    blocks = x.float().reshape(x.shape[0], -1, BLOCK)
+    scale = blocks.abs().amax(dim=-1) / 127.0
+    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros((), dtype=torch.float32))
+    q = (blocks * inverse[..., None]).round().clamp(-127, 127)
+    return (q * scale[..., None]).reshape(x.shape)
+
+
+def reference_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                     bias: torch.Tensor | None, in_features: int, four_bit: bool) -> torch.Tensor:
+    """The PyTorch twin of `quant_linear` (same signature): dequantize, quantize x, F.linear."""
+    w = dequantize(codes, scales, offsets, in_features, four_bit)
+    out = torch.nn.functional.linear(quantize_activations(x), w, None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
+def quant_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                 bias: torch.Tensor | None, in_features: int, four_bit: bool) -> torch.Tensor:
+    """x [M, K] (bf16 or fp32, contiguous) times the stored weight, + bias: [M, N] in x's dtype.
+    Only after `status()` reported the kernel available."""
+    global _op
+    if _op is None:
+        if not available():
+            raise RuntimeError(f"the CPU quantized-GEMM kernel is not available: {status()['reason']}")
+        _op = torch.ops.thinkwise_cpu.quant_linear.default
+    return _op(x, codes, scales, offsets, bias, in_features, four_bit)
