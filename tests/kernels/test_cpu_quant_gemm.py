@@ -19,42 +19,44 @@ from thinkwise.loading import load_model
 needs_kernel = pytest.mark.skipif(not qg.available(), reason=f"kernel unavailable: {qg.status()['reason']}")
 
 
-def packed(weight: torch.Tensor, four_bit: bool):
-    return qg.pack_int4(weight) if four_bit else (*qg.pack_int8(weight), None)
+def packed(weight: torch.Tensor, bits: int):
+    if bits == 4:
+        return qg.pack_int4(weight)
+    return (*(qg.pack_int5 if bits == 5 else qg.pack_int8)(weight), None)
 
 
 @needs_kernel
-@pytest.mark.parametrize("four_bit", [False, True], ids=["int8", "int4"])
+@pytest.mark.parametrize("bits", [8, 5, 4])
 @pytest.mark.parametrize("n,k", [(1, 32), (5, 96), (17, 64), (37, 896), (130, 160)])  # K % 64 == 32: padded rows
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])  # every tile remainder, and two full tiles + 1
-def test_kernel_equals_the_twin_in_float32(four_bit, n, k, rows):
+def test_kernel_equals_the_twin_in_float32(bits, n, k, rows):
     torch.manual_seed(n * 1000 + k + rows)
     weight = torch.randn(n, k) * 0.05
-    codes, scales, offsets = packed(weight, four_bit)
+    codes, scales, offsets = packed(weight, bits)
     x = torch.randn(rows, k) * 3
     bias = torch.randn(n)
     for b in (None, bias):
-        got = qg.quant_linear(x, codes, scales, offsets, b, k, four_bit)
-        twin = qg.reference_linear(x, codes, scales, offsets, b, k, four_bit)
+        got = qg.quant_linear(x, codes, scales, offsets, b, k, bits)
+        twin = qg.reference_linear(x, codes, scales, offsets, b, k, bits)
         assert got.shape == (rows, n) and got.dtype == torch.float32
         # Same products, another summation order: float32 rounding only.
         torch.testing.assert_close(got, twin, rtol=1e-5, atol=1e-5 * twin.abs().max().item())
 
 
 @needs_kernel
-@pytest.mark.parametrize("four_bit", [False, True], ids=["int8", "int4"])
-def test_bfloat16_activations_and_output(four_bit):
+@pytest.mark.parametrize("bits", [8, 5, 4])
+def test_bfloat16_activations_and_output(bits):
     torch.manual_seed(1)
     weight = torch.randn(72, 128)
-    codes, scales, offsets = packed(weight, four_bit)
+    codes, scales, offsets = packed(weight, bits)
     x = torch.randn(6, 128).bfloat16()
     bias = torch.randn(72).bfloat16()
-    got = qg.quant_linear(x, codes, scales, offsets, bias, 128, four_bit)
+    got = qg.quant_linear(x, codes, scales, offsets, bias, 128, bits)
     assert got.dtype == torch.bfloat16
-    twin = qg.reference_linear(x, codes, scales, offsets, bias, 128, four_bit)
+    twin = qg.reference_linear(x, codes, scales, offsets, bias, 128, bits)
     torch.testing.assert_close(got.float(), twin.float(), rtol=2 ** -7, atol=1e-2)  # one bf16 rounding apart
     exact = torch.nn.functional.linear(x.float(), weight, bias.float())
-    bound = 0.02 if not four_bit else 0.12  # weight + activation rounding, measured ~0.8% / ~8%
+    bound = {8: 0.02, 5: 0.08, 4: 0.12}[bits]  # weight + activation rounding, measured ~0.8% / ~4% / ~8%
     assert ((got.float() - exact).norm() / exact.norm()).item() < bound
 
 
@@ -68,16 +70,28 @@ def test_packing_round_trips_values_the_format_can_hold():
     weight = (q * s.float()[..., None]).reshape(3, 96)
     codes, scales = qg.pack_int8(weight)
     assert codes.shape == (3, 128) and scales.shape == (3, 4)
-    assert torch.equal(qg.dequantize(codes, scales, None, 96, False), weight)
+    assert torch.equal(qg.dequantize(codes, scales, None, 96, 8), weight)
+    q5 = torch.randint(-15, 16, (3, 3, 32)).float()  # max |q| = 15 sets the scale
+    q5[..., 0] = 15
+    weight5 = (q5 * s.float()[..., None]).reshape(3, 96)
+    codes5, scales5 = qg.pack_int5(weight5)
+    assert codes5.shape == (3, 80) and torch.equal(qg.dequantize(codes5, scales5, None, 96, 5), weight5)
     c = torch.randint(0, 16, (3, 3, 32)).float()
     c[..., 0], c[..., 1] = 0, 15
     o = (torch.rand(3, 3) - 0.5).to(torch.float16)
     weight4 = (c * s.float()[..., None] + o.float()[..., None]).reshape(3, 96)
     codes4, scales4, offsets4 = qg.pack_int4(weight4)
     assert codes4.shape == (3, 64)
-    assert torch.allclose(qg.dequantize(codes4, scales4, offsets4, 96, True), weight4, atol=1e-6)
+    assert torch.allclose(qg.dequantize(codes4, scales4, offsets4, 96, 4), weight4, atol=1e-6)
     nibbles = torch.randint(0, 16, (4, 128), dtype=torch.uint8)
     assert torch.equal(qg.unpack_nibbles(qg.pack_nibbles(nibbles)), nibbles)
+    fives = torch.randint(0, 32, (4, 128), dtype=torch.uint8)
+    assert torch.equal(qg.unpack_five_bits(qg.pack_five_bits(fives)), fives)
+    # The layout itself, as the kernel reads it: byte j = code j | code j+32 << 4; bit i of the mask.
+    one = torch.zeros(1, 64, dtype=torch.uint8)
+    one[0, 33], one[0, 2] = 31, 16
+    five = qg.pack_five_bits(one)[0]
+    assert five[1] == 0xF0 and five[2] == 0 and five[32] == 0b100 and five[36] == 0b10
 
 
 @needs_kernel
@@ -85,25 +99,31 @@ def test_zero_weights_and_zero_activations_give_the_bias_not_nan():
     codes, scales = qg.pack_int8(torch.zeros(8, 64))
     bias = torch.arange(8.0)
     x = torch.zeros(2, 64)
-    assert torch.equal(qg.quant_linear(x, codes, scales, None, bias, 64, False), bias.expand(2, 8))
+    assert torch.equal(qg.quant_linear(x, codes, scales, None, bias, 64, 8), bias.expand(2, 8))
     codes4, scales4, offsets4 = qg.pack_int4(torch.randn(8, 64))
-    assert torch.equal(qg.quant_linear(x, codes4, scales4, offsets4, bias, 64, True), bias.expand(2, 8))
-    assert qg.quant_linear(torch.zeros(0, 64), codes, scales, None, None, 64, False).shape == (0, 8)
+    assert torch.equal(qg.quant_linear(x, codes4, scales4, offsets4, bias, 64, 4), bias.expand(2, 8))
+    codes5, scales5 = qg.pack_int5(torch.randn(8, 64))
+    assert torch.equal(qg.quant_linear(x, codes5, scales5, None, bias, 64, 5), bias.expand(2, 8))
+    assert qg.quant_linear(torch.zeros(0, 64), codes, scales, None, None, 64, 8).shape == (0, 8)
 
 
 @needs_kernel
 def test_bad_inputs_are_refused_with_the_reason():
     codes, scales = qg.pack_int8(torch.randn(8, 64))
     with pytest.raises(RuntimeError, match="x has 32 columns"):
-        qg.quant_linear(torch.randn(1, 32), codes, scales, None, None, 64, False)
+        qg.quant_linear(torch.randn(1, 32), codes, scales, None, None, 64, 8)
     with pytest.raises(RuntimeError, match="code rows hold 64 inputs, not 128"):
-        qg.quant_linear(torch.randn(1, 128), codes, scales, None, None, 128, False)
+        qg.quant_linear(torch.randn(1, 128), codes, scales, None, None, 128, 8)
     with pytest.raises(RuntimeError, match="bfloat16 or float32"):
-        qg.quant_linear(torch.randn(1, 64).half(), codes, scales, None, None, 64, False)
+        qg.quant_linear(torch.randn(1, 64).half(), codes, scales, None, None, 64, 8)
     with pytest.raises(RuntimeError, match="fp16 offsets"):
-        qg.quant_linear(torch.randn(1, 64), codes[:, :32].contiguous(), scales, None, None, 64, True)
+        qg.quant_linear(torch.randn(1, 64), codes[:, :32].contiguous(), scales, None, None, 64, 4)
     with pytest.raises(RuntimeError, match="scales must be"):
-        qg.quant_linear(torch.randn(1, 64), codes, scales.float(), None, None, 64, False)
+        qg.quant_linear(torch.randn(1, 64), codes, scales.float(), None, None, 64, 8)
+    with pytest.raises(RuntimeError, match="bits must be 4, 5 or 8"):
+        qg.quant_linear(torch.randn(1, 64), codes, scales, None, None, 64, 6)
+    with pytest.raises(RuntimeError, match="multiple of 40 bytes"):
+        qg.quant_linear(torch.randn(1, 64), codes, scales, None, None, 64, 5)
     with pytest.raises(ValueError, match="group 48"):
         qg.pack_int4(torch.randn(4, 96), 48)
 
@@ -135,9 +155,9 @@ class TwinLinear:
         self.method = method
 
     def __call__(self, layer, x):
-        four = isinstance(self.method, Int4Method)
+        bits = self.method.bits
         out = qg.reference_linear(x.reshape(-1, layer.in_features), layer.codes, layer.block_scales,
-                                  layer.block_offsets if four else None, layer.bias, layer.in_features, four)
+                                  getattr(layer, "block_offsets", None), layer.bias, layer.in_features, bits)
         return out.reshape(*x.shape[:-1], layer.out_features)
 
 

@@ -1,9 +1,10 @@
 """Quantized linear layers on x86 CPUs: our AVX-512 VNNI kernel, its packing and its PyTorch twin.
 
 Weights are stored in blocks of 32 along the input dimension, llama.cpp-style: 8-bit codes
-with one fp16 scale per block (W = s * q, q in -127..127; GGUF Q8_0 is exactly this) or 4-bit
-codes with an fp16 scale and an fp16 offset per block (W = s * c + o, c in 0..15; GGUF Q4_0
-and Q4_1 are exactly this). At run time each row of activations is quantized per block of
+with one fp16 scale per block (W = s * q, q in -127..127; GGUF Q8_0 is exactly this), 5-bit
+codes with one fp16 scale (W = s * q, q in -16..15: GGUF Q5_0) or 4-bit codes with an fp16
+scale and an fp16 offset per block (W = s * c + o, c in 0..15; GGUF Q4_0 and Q4_1 exactly,
+Q4_K up to the fp16 rounding of its two-level scales). At run time each row of activations is quantized per block of
 32 to int8 (scale amax / 127), so a block's dot product is a single VNNI instruction and the
 weights are read once per step for up to 4 token rows at a time: the kernel
 (csrc/cpu_quant_gemm.cpp) is memory-bound at 1 row and stays near it at 8, where PyTorch's
@@ -93,6 +94,10 @@ def _load() -> dict:
     return {"available": True, "reason": f"built in {build}"}
 
 
+BITS = (4, 5, 8)
+CHUNK_BYTES = {8: 64, 5: 40, 4: 32}  # bytes of codes per 64 weights
+
+
 def padded(in_features: int) -> int:
     return -(-in_features // CHUNK) * CHUNK
 
@@ -141,6 +146,42 @@ def pack_int4(weight: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, t
     return pack_nibbles(nibbles), scales, offsets
 
 
+def pack_int5(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, Kp/64*40] uint8, scales [N, Kp/32] fp16) for a float weight [N, K]: per
+    block s = amax / 15 (fp16), q = round(w / s) in -16..15 (GGUF Q5_0's grid, symmetric)."""
+    n, k = weight.shape
+    kp = padded(k)
+    values = torch.full((n, kp), 16, dtype=torch.uint8)
+    scales = torch.zeros(n, kp // BLOCK, dtype=torch.float16)
+    for start in range(0, n, 8192):
+        rows = slice(start, start + 8192)
+        w = weight[rows].to(torch.float32, copy=True).reshape(-1, k // BLOCK, BLOCK)
+        s = (w.abs().amax(dim=-1) / 15.0).clamp(max=65504.0).to(torch.float16)
+        inverse = torch.where(s > 0, 1.0 / s.float(), torch.zeros((), dtype=torch.float32))
+        values[rows, :k] = w.mul_(inverse[..., None]).round_().clamp_(-16, 15).add_(16).reshape(-1, k).to(torch.uint8)
+        scales[rows, : k // BLOCK] = s
+    return pack_five_bits(values), scales
+
+
+def pack_five_bits(values: torch.Tensor) -> torch.Tensor:
+    """[N, Kp] codes 0..31 -> [N, Kp/64*40] bytes: per 64-code chunk the low nibbles as
+    `pack_nibbles`, then 8 bytes whose bit i (little-endian) is bit 4 of code i."""
+    n = values.shape[0]
+    low = pack_nibbles(values & 0x0F).reshape(n, -1, 32)
+    high = ((values >> 4) & 1).reshape(n, -1, 8, 8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    mask = (high * weights).sum(dim=-1, dtype=torch.uint8)  # [n, chunks, 8]
+    return torch.cat([low, mask], dim=-1).reshape(n, -1).contiguous()
+
+
+def unpack_five_bits(packed: torch.Tensor) -> torch.Tensor:
+    n = packed.shape[0]
+    chunks = packed.reshape(n, -1, 40)
+    low = unpack_nibbles(chunks[..., :32].reshape(n, -1)).reshape(n, -1, 64)
+    bits = (chunks[..., 32:, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # [n, chunks, 8, 8]
+    return (low | (bits.reshape(n, -1, 64) << 4)).reshape(n, -1)
+
+
 def pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
     """[N, Kp] codes 0..15 -> [N, Kp/2] bytes: in each 64-code chunk, byte j = code j | code j+32 << 4."""
     chunks = nibbles.reshape(nibbles.shape[0], -1, 2, CHUNK // 2)
@@ -153,15 +194,15 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, in_features: int,
-               four_bit: bool) -> torch.Tensor:
+               bits: int) -> torch.Tensor:
     """The float32 weight [N, K] the stored form stands for."""
-    values = unpack_nibbles(codes) if four_bit else codes
+    values = {4: unpack_nibbles, 5: unpack_five_bits, 8: lambda c: c}[bits](codes)
     n = values.shape[0]
     blocks = values.reshape(n, -1, BLOCK).float()
-    if four_bit:
+    if bits == 4:
         w = blocks * scales.float()[..., None] + offsets.float()[..., None]
     else:
-        w = (blocks - 128.0) * scales.float()[..., None]
+        w = (blocks - (128.0 if bits == 8 else 16.0)) * scales.float()[..., None]
     return w.reshape(n, -1)[:, :in_features]
 
 
@@ -176,15 +217,15 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
-                     bias: torch.Tensor | None, in_features: int, four_bit: bool) -> torch.Tensor:
+                     bias: torch.Tensor | None, in_features: int, bits: int) -> torch.Tensor:
     """The PyTorch twin of `quant_linear` (same signature): dequantize, quantize x, F.linear."""
-    w = dequantize(codes, scales, offsets, in_features, four_bit)
+    w = dequantize(codes, scales, offsets, in_features, bits)
     out = torch.nn.functional.linear(quantize_activations(x), w, None if bias is None else bias.float())
     return out.to(x.dtype)
 
 
 def quant_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
-                 bias: torch.Tensor | None, in_features: int, four_bit: bool) -> torch.Tensor:
+                 bias: torch.Tensor | None, in_features: int, bits: int) -> torch.Tensor:
     """x [M, K] (bf16 or fp32, contiguous) times the stored weight, + bias: [M, N] in x's dtype.
     Only after `status()` reported the kernel available."""
     global _op
@@ -192,4 +233,4 @@ def quant_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, off
         if not available():
             raise RuntimeError(f"the CPU quantized-GEMM kernel is not available: {status()['reason']}")
         _op = torch.ops.thinkwise_cpu.quant_linear.default
-    return _op(x, codes, scales, offsets, bias, in_features, four_bit)
+    return _op(x, codes, scales, offsets, bias, in_features, bits)

@@ -1,9 +1,10 @@
 // Quantized-weight linear layers for x86 CPUs with AVX-512 VNNI (thinkwise.kernels.cpu_quant_gemm).
 //
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) where W is stored in blocks of 32 weights along k:
-// unsigned 8-bit codes c, one fp16 scale s per block and, for 4-bit codes, one fp16 offset o per
-// block: W = s * c + o (4-bit: c in 0..15, two codes per byte; 8-bit: c = q + 128 in 1..255 and
-// the offset is implicitly -128 * s, so W = s * q). The activations are quantized per row and
+// unsigned codes c, one fp16 scale s per block and, for 4-bit codes, one fp16 offset o per
+// block: W = s * c + o (4-bit: c in 0..15, two codes per byte, GGUF Q4_1/Q4_K-like; 5-bit:
+// c = q + 16 in 0..31, the offset implicitly -16 * s, GGUF Q5_0; 8-bit: c = q + 128 in 1..255,
+// the offset implicitly -128 * s, GGUF Q8_0). The activations are quantized per row and
 // block of 32 to int8 with a scale of their own (llama.cpp's Q8_0 approach), so a block's dot
 // product is one VNNI instruction (vpdpbusd: unsigned codes x signed activations, 64 pairs at a
 // time), scaled in float by s * s_x; the offset term is o * (s_x * sum of the block's int8
@@ -12,7 +13,9 @@
 //
 // Layout (see cpu_quant_gemm.py): rows padded to Kp = K rounded up to 64; 8-bit rows are Kp
 // bytes; 4-bit rows Kp / 2 bytes, where byte j of each 32-byte chunk holds the code of weight j
-// (low nibble) and of weight j + 32 (high nibble) of that 64-weight chunk; scales/offsets are
+// (low nibble) and of weight j + 32 (high nibble) of that 64-weight chunk; 5-bit rows 40 bytes
+// per 64-weight chunk: those 32 bytes of low nibbles, then a 64-bit mask whose bit i is the
+// fifth bit of weight i of the chunk; scales/offsets are
 // [N, Kp / 32] fp16. Threads: the output rows are split with at::parallel_for (PyTorch's own
 // OpenMP pool, so no second pool competes for the cores).
 
@@ -84,8 +87,10 @@ QuantizedActivations quantize_activations(const T* x, int64_t rows, int64_t k, i
 template <typename T>
 inline void store_value(T* out, float value) { *out = static_cast<T>(value); }
 
+constexpr int64_t chunk_bytes(int bits) { return bits == 8 ? 64 : bits == 5 ? 40 : 32; }
+
 // One tile: `NR` weight rows from n0 times `MR` activation rows from m0, over all of K.
-template <bool FourBit, int NR, int MR, typename TOut>
+template <int Bits, int NR, int MR, typename TOut>
 inline void tile(const uint8_t* codes, int64_t row_bytes, const c10::Half* scales, const c10::Half* offsets,
                  int64_t blocks, const QuantizedActivations& a, int64_t n0, int64_t m0, const float* bias,
                  TOut* out, int64_t n_total) {
@@ -100,13 +105,19 @@ inline void tile(const uint8_t* codes, int64_t row_bytes, const c10::Half* scale
     __m512 ws[NR];
     for (int j = 0; j < NR; ++j) {
       const uint8_t* row = codes + (n0 + j) * row_bytes;
-      if constexpr (FourBit) {
-        __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c * 32));
+      const uint8_t* chunk = row + c * chunk_bytes(Bits);
+      if constexpr (Bits == 8) {
+        w[j] = _mm512_loadu_si512(chunk);
+      } else {
+        __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(chunk));
         __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(packed), packed, 1);
         both = _mm512_mask_blend_epi64(0xF0, both, _mm512_srli_epi16(both, 4));
         w[j] = _mm512_and_si512(both, low_nibbles);
-      } else {
-        w[j] = _mm512_loadu_si512(row + c * kChunk);
+        if constexpr (Bits == 5) {
+          uint64_t high;
+          std::memcpy(&high, chunk + 32, sizeof(high));
+          w[j] = _mm512_or_si512(w[j], _mm512_maskz_mov_epi8(_cvtu64_mask64(high), _mm512_set1_epi8(0x10)));
+        }
       }
       uint32_t two;
       std::memcpy(&two, scales + (n0 + j) * blocks + 2 * c, sizeof(two));
@@ -123,9 +134,10 @@ inline void tile(const uint8_t* codes, int64_t row_bytes, const c10::Half* scale
       }
     }
   }
-  // The offset term: sum over blocks of o (4-bit) or -128 * s (8-bit) times the block sums.
+  // The offset term: sum over blocks of o (4-bit), -16 * s (5-bit) or -128 * s (8-bit) times the block sums.
+  constexpr float kOffsetFactor = Bits == 4 ? 1.f : Bits == 5 ? -16.f : -128.f;
   for (int j = 0; j < NR; ++j) {
-    const c10::Half* off = (FourBit ? offsets : scales) + (n0 + j) * blocks;
+    const c10::Half* off = (Bits == 4 ? offsets : scales) + (n0 + j) * blocks;
     for (int i = 0; i < MR; ++i) {
       const float* sums = a.block_sums.data() + (m0 + i) * a.groups_padded;
       __m512 t = _mm512_setzero_ps();
@@ -135,49 +147,49 @@ inline void tile(const uint8_t* codes, int64_t row_bytes, const c10::Half* scale
         __m256i h = _mm256_maskz_loadu_epi16(mask, off + g);
         t = _mm512_fmadd_ps(_mm512_cvtph_ps(h), _mm512_loadu_ps(sums + g), t);
       }
-      float value = _mm512_reduce_add_ps(acc[j][i]) + (FourBit ? 1.f : -128.f) * _mm512_reduce_add_ps(t);
+      float value = _mm512_reduce_add_ps(acc[j][i]) + kOffsetFactor * _mm512_reduce_add_ps(t);
       if (bias) value += bias[n0 + j];
       store_value(out + (m0 + i) * n_total + n0 + j, value);
     }
   }
 }
 
-template <bool FourBit, int NR, typename TOut>
+template <int Bits, int NR, typename TOut>
 void rows_block(const uint8_t* codes, int64_t row_bytes, const c10::Half* scales, const c10::Half* offsets,
                 int64_t blocks, const QuantizedActivations& a, int64_t n0, const float* bias, TOut* out,
                 int64_t n_total) {
   int64_t m0 = 0;
   for (; m0 + kTokensPerTile <= a.rows; m0 += kTokensPerTile)
-    tile<FourBit, NR, kTokensPerTile>(codes, row_bytes, scales, offsets, blocks, a, n0, m0, bias, out, n_total);
+    tile<Bits, NR, kTokensPerTile>(codes, row_bytes, scales, offsets, blocks, a, n0, m0, bias, out, n_total);
   switch (a.rows - m0) {
-    case 3: tile<FourBit, NR, 3>(codes, row_bytes, scales, offsets, blocks, a, n0, m0, bias, out, n_total); break;
-    case 2: tile<FourBit, NR, 2>(codes, row_bytes, scales, offsets, blocks, a, n0, m0, bias, out, n_total); break;
-    case 1: tile<FourBit, NR, 1>(codes, row_bytes, scales, offsets, blocks, a, n0, m0, bias, out, n_total); break;
+    case 3: tile<Bits, NR, 3>(codes, row_bytes, scales, offsets, blocks, a, n0, m0, bias, out, n_total); break;
+    case 2: tile<Bits, NR, 2>(codes, row_bytes, scales, offsets, blocks, a, n0, m0, bias, out, n_total); break;
+    case 1: tile<Bits, NR, 1>(codes, row_bytes, scales, offsets, blocks, a, n0, m0, bias, out, n_total); break;
     default: break;
   }
 }
 
-template <bool FourBit, typename TIn>
+template <int Bits, typename TIn>
 void run(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offsets,
          const float* bias, at::Tensor& out, int64_t k) {
   const int64_t rows = x.size(0), n = codes.size(0);
   const int64_t row_bytes = codes.size(1);
-  const int64_t padded_k = FourBit ? row_bytes * 2 : row_bytes;
+  const int64_t padded_k = row_bytes / chunk_bytes(Bits) * kChunk;
   const int64_t blocks = padded_k / 32;
   QuantizedActivations a = quantize_activations(x.data_ptr<TIn>(), rows, k, padded_k);
   const uint8_t* w = codes.data_ptr<uint8_t>();
   const c10::Half* s = scales.data_ptr<c10::Half>();
-  const c10::Half* o = FourBit ? offsets.data_ptr<c10::Half>() : nullptr;
+  const c10::Half* o = Bits == 4 ? offsets.data_ptr<c10::Half>() : nullptr;
   const int64_t full_tiles = n / kRowsPerTile;
   auto body = [&](auto* out_ptr) {
     // Grain: enough tiles per task that a thread streams a long run of consecutive rows.
     at::parallel_for(0, full_tiles + 1, 16, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         if (t < full_tiles) {
-          rows_block<FourBit, kRowsPerTile>(w, row_bytes, s, o, blocks, a, t * kRowsPerTile, bias, out_ptr, n);
+          rows_block<Bits, kRowsPerTile>(w, row_bytes, s, o, blocks, a, t * kRowsPerTile, bias, out_ptr, n);
         } else {
           for (int64_t r = full_tiles * kRowsPerTile; r < n; ++r)
-            rows_block<FourBit, 1>(w, row_bytes, s, o, blocks, a, r, bias, out_ptr, n);
+            rows_block<Bits, 1>(w, row_bytes, s, o, blocks, a, r, bias, out_ptr, n);
         }
       }
     });
@@ -190,7 +202,7 @@ void run(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
 
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                         const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias,
-                        int64_t in_features, bool four_bit) {
+                        int64_t in_features, int64_t bits) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "quant_linear: x must be a contiguous [M, K] tensor");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
               "quant_linear: x must be bfloat16 or float32");
@@ -198,13 +210,16 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& codes, const at::
               " columns, the layer ", in_features, " (a multiple of 32)");
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 2 && codes.is_contiguous(),
               "quant_linear: codes must be contiguous uint8 [N, bytes]");
-  const int64_t padded_k = four_bit ? codes.size(1) * 2 : codes.size(1);
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "quant_linear: bits must be 4, 5 or 8, not ", bits);
+  TORCH_CHECK(codes.size(1) % chunk_bytes(bits) == 0, "quant_linear: ", bits, "-bit code rows must be a multiple of ",
+              chunk_bytes(bits), " bytes");
+  const int64_t padded_k = codes.size(1) / chunk_bytes(bits) * kChunk;
   TORCH_CHECK(padded_k == (in_features + kChunk - 1) / kChunk * kChunk, "quant_linear: code rows hold ",
               padded_k, " inputs, not ", in_features, " padded to a multiple of 64");
   TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.size(0) == codes.size(0) &&
                   scales.size(1) == padded_k / 32,
               "quant_linear: scales must be contiguous fp16 [N, Kp/32]");
-  if (four_bit) {
+  if (bits == 4) {
     TORCH_CHECK(offsets.has_value() && offsets->scalar_type() == at::kHalf && offsets->is_contiguous() &&
                     offsets->sizes() == scales.sizes(),
                 "quant_linear: 4-bit codes need fp16 offsets shaped like the scales");
@@ -218,13 +233,15 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& codes, const at::
   at::Tensor out = at::empty({x.size(0), codes.size(0)}, x.options());
   if (x.size(0) == 0 || codes.size(0) == 0) return out;
   const at::Tensor empty_offsets;
-  const at::Tensor& off = four_bit ? *offsets : empty_offsets;
+  const at::Tensor& off = bits == 4 ? *offsets : empty_offsets;
   if (x.scalar_type() == at::kBFloat16) {
-    if (four_bit) run<true, c10::BFloat16>(x, codes, scales, off, bias_ptr, out, in_features);
-    else run<false, c10::BFloat16>(x, codes, scales, off, bias_ptr, out, in_features);
+    if (bits == 4) run<4, c10::BFloat16>(x, codes, scales, off, bias_ptr, out, in_features);
+    else if (bits == 5) run<5, c10::BFloat16>(x, codes, scales, off, bias_ptr, out, in_features);
+    else run<8, c10::BFloat16>(x, codes, scales, off, bias_ptr, out, in_features);
   } else {
-    if (four_bit) run<true, float>(x, codes, scales, off, bias_ptr, out, in_features);
-    else run<false, float>(x, codes, scales, off, bias_ptr, out, in_features);
+    if (bits == 4) run<4, float>(x, codes, scales, off, bias_ptr, out, in_features);
+    else if (bits == 5) run<5, float>(x, codes, scales, off, bias_ptr, out, in_features);
+    else run<8, float>(x, codes, scales, off, bias_ptr, out, in_features);
   }
   return out;
 }
@@ -233,6 +250,6 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& codes, const at::
 
 TORCH_LIBRARY(thinkwise_cpu, m) {
   m.def("quant_linear(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, Tensor? bias, int in_features, "
-        "bool four_bit) -> Tensor");
+        "int bits) -> Tensor");
   m.impl("quant_linear", c10::DispatchKey::CPU, TORCH_FN(quant_linear));
 }

@@ -53,6 +53,7 @@ def quantize_int4(weight: torch.Tensor, group: int, scale_dtype: torch.dtype
 
 class Int4Method(LinearMethod):
     name = "int4"
+    bits = 4  # cpu_quant_gemm's code width when blocked
 
     def __init__(self, dtype: torch.dtype, group: int = DEFAULT_GROUP):
         self.dtype = dtype
@@ -108,7 +109,7 @@ class Int4Method(LinearMethod):
         if self.blocked:
             out = cpu_quant_gemm.quant_linear(x.reshape(-1, layer.in_features).contiguous(), layer.codes,
                                               layer.block_scales, layer.block_offsets, layer.bias,
-                                              layer.in_features, True)
+                                              layer.in_features, 4)
             return out.reshape(*lead, layer.out_features)
         scales_zeros = layer.scales_zeros
         if scales_zeros.dtype != x.dtype:
@@ -124,7 +125,7 @@ class Int4Method(LinearMethod):
     def dequantize(self, layer) -> torch.Tensor:
         if self.blocked:
             return cpu_quant_gemm.dequantize(layer.codes, layer.block_scales, layer.block_offsets,
-                                             layer.in_features, True)
+                                             layer.in_features, 4)
         if hasattr(layer, "qweight"):
             from thinkwise.kernels.triton_quant_gemm import dequantize_reference
 

@@ -37,6 +37,7 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch
 
 class Int8Method(LinearMethod):
     name = "int8"
+    bits = 8  # cpu_quant_gemm's code width when blocked
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype  # the activations' dtype: the scales are stored in it
@@ -64,7 +65,7 @@ class Int8Method(LinearMethod):
 
     def dequantize(self, layer) -> torch.Tensor:
         if self.blocked:
-            return cpu_quant_gemm.dequantize(layer.codes, layer.block_scales, None, layer.in_features, False)
+            return cpu_quant_gemm.dequantize(layer.codes, layer.block_scales, None, layer.in_features, 8)
         return layer.qweight.float() * layer.scales.float()[:, None]
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,7 @@ class Int8Method(LinearMethod):
         lead = x.shape[:-1]
         if self.blocked:
             out = cpu_quant_gemm.quant_linear(x.reshape(-1, layer.in_features).contiguous(), layer.codes,
-                                              layer.block_scales, None, layer.bias, layer.in_features, False)
+                                              layer.block_scales, None, layer.bias, layer.in_features, 8)
             return out.reshape(*lead, layer.out_features)
         out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, layer.in_features), layer.qweight,
                                                  layer.scales.to(x.dtype))
