@@ -106,7 +106,8 @@ def test_layers_a_method_cannot_hold_fall_back_to_int8_and_say_so():
 def test_gguf_needs_a_gguf_source_and_maps_block_types():
     with pytest.raises(InvalidParameterError, match="not loaded from a GGUF"):
         quantize_model(torch.nn.ModuleDict({"a": linear(16, 32)}), "gguf", dtype=torch.bfloat16)
-    assert bits_of("Q4_K", "t") == 4 and bits_of("Q3_K", "t") == 4 and bits_of("Q5_0", "t") == 8
+    assert bits_of("Q4_K", "t") == 4 and bits_of("Q3_K", "t") == 4 and bits_of("Q5_0", "t") == 5
+    assert bits_of("Q5_1", "t") == 8 and bits_of("Q6_K", "t") == 8
     assert bits_of("Q8_0", "t") == 8 and bits_of("F16", "t") == 16
     with pytest.raises(ModelFormatError, match="quantization='gguf' has no kernel"):
         bits_of("MXFP4_NEW", "blk.0.attn_q.weight")
@@ -114,6 +115,7 @@ def test_gguf_needs_a_gguf_source_and_maps_block_types():
              "model.layers.0.self_attn.v_proj.weight": "Q8_0", "model.layers.0.mlp.down_proj.weight": "Q4_K",
              "model.embed_tokens.weight": "Q6_K"}
     assert layer_bits("layers.0.self_attn.qkv_proj", types) == (8, "Q5_0+Q4_K+Q8_0")  # the widest part
+    assert layer_bits("layers.0.self_attn.q_proj", types) == (5, "Q5_0")
     assert layer_bits("layers.0.mlp.down_proj", types) == (4, "Q4_K")
     assert layer_bits("lm_head", types) == (8, "Q6_K")  # tied: the embedding's type
     with pytest.raises(ModelFormatError, match="no GGUF tensor"):

@@ -28,6 +28,8 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -182,14 +184,22 @@ void run(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
   const c10::Half* o = Bits == 4 ? offsets.data_ptr<c10::Half>() : nullptr;
   const int64_t full_tiles = n / kRowsPerTile;
   auto body = [&](auto* out_ptr) {
-    // Grain: enough tiles per task that a thread streams a long run of consecutive rows.
-    at::parallel_for(0, full_tiles + 1, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        if (t < full_tiles) {
-          rows_block<Bits, kRowsPerTile>(w, row_bytes, s, o, blocks, a, t * kRowsPerTile, bias, out_ptr, n);
-        } else {
-          for (int64_t r = full_tiles * kRowsPerTile; r < n; ++r)
-            rows_block<Bits, 1>(w, row_bytes, s, o, blocks, a, r, bias, out_ptr, n);
+    // Dynamic split: each thread takes the next run of tiles from a shared counter, so a
+    // thread the OS preempts (the cores are shared) holds back only the run it is in, not
+    // half of the matrix as a static split would.
+    const int64_t tiles = full_tiles + 1;  // the last one: the rows past the last full tile
+    const int threads = at::get_num_threads();
+    const int64_t run_length = std::max<int64_t>(4, tiles / (32 * std::max(threads, 1)));
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      for (int64_t start; (start = next.fetch_add(run_length)) < tiles;) {
+        for (int64_t t = start; t < std::min(tiles, start + run_length); ++t) {
+          if (t < full_tiles) {
+            rows_block<Bits, kRowsPerTile>(w, row_bytes, s, o, blocks, a, t * kRowsPerTile, bias, out_ptr, n);
+          } else {
+            for (int64_t r = full_tiles * kRowsPerTile; r < n; ++r)
+              rows_block<Bits, 1>(w, row_bytes, s, o, blocks, a, r, bias, out_ptr, n);
+          }
         }
       }
     });
