@@ -44,7 +44,7 @@ struct QuantizedActivations {
   int64_t rows, padded_k, groups_padded;
   std::vector<int8_t> codes;       // [rows, Kp]
   std::vector<float> lane_scales;  // [rows, Kp / 64, 16]: lanes 0-7 the even block's scale, 8-15 the odd one's
-  std::vector<float> block_sums;   // [rows, Gp]: s_x * sum of the block's int8 codes; zero past Kp / 32
+  std::vector<float> block_sums;   // [rows, Gp]: factor * s_x * sum of the block's int8 codes; zero past Kp / 32
 };
 
 inline __m512 load16_as_float(const float* p) { return _mm512_loadu_ps(p); }
@@ -53,8 +53,9 @@ inline __m512 load16_as_float(const c10::BFloat16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// `offset_factor` scales the block sums by what multiplies them in the offset term (see tile).
 template <typename T>
-QuantizedActivations quantize_activations(const T* x, int64_t rows, int64_t k, int64_t padded_k) {
+QuantizedActivations quantize_activations(const T* x, int64_t rows, int64_t k, int64_t padded_k, float offset_factor) {
   QuantizedActivations a;
   a.rows = rows;
   a.padded_k = padded_k;
@@ -78,7 +79,7 @@ QuantizedActivations quantize_activations(const T* x, int64_t rows, int64_t k, i
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q_lo));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(q_hi));
       int32_t code_sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
-      a.block_sums[m * a.groups_padded + b] = scale * static_cast<float>(code_sum);
+      a.block_sums[m * a.groups_padded + b] = offset_factor * scale * static_cast<float>(code_sum);
       float* lanes = a.lane_scales.data() + (m * chunks + b / 2) * 16 + (b % 2) * 8;
       for (int i = 0; i < 8; ++i) lanes[i] = scale;
     }
@@ -88,6 +89,18 @@ QuantizedActivations quantize_activations(const T* x, int64_t rows, int64_t k, i
 
 template <typename T>
 inline void store_value(T* out, float value) { *out = static_cast<T>(value); }
+
+inline __m256 high_half(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+
+// The lane sums of four vectors, as [sum a, sum b, sum c, sum d].
+inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), high_half(a));
+  __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), high_half(b));
+  __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), high_half(c));
+  __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d), high_half(d));
+  __m256 abcd = _mm256_hadd_ps(_mm256_hadd_ps(a8, b8), _mm256_hadd_ps(c8, d8));
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
 
 constexpr int64_t chunk_bytes(int bits) { return bits == 8 ? 64 : bits == 5 ? 40 : 32; }
 
@@ -136,22 +149,30 @@ inline void tile(const uint8_t* codes, int64_t row_bytes, const c10::Half* scale
       }
     }
   }
-  // The offset term: sum over blocks of o (4-bit), -16 * s (5-bit) or -128 * s (8-bit) times the block sums.
-  constexpr float kOffsetFactor = Bits == 4 ? 1.f : Bits == 5 ? -16.f : -128.f;
+  // The offset term, folded into the accumulators before the one reduction: sum over blocks
+  // of o (4-bit), -16 * s (5-bit) or -128 * s (8-bit) times the block sums (the factor is
+  // already in the sums: quantize_activations). Each offset vector is converted once and
+  // used for every activation row.
   for (int j = 0; j < NR; ++j) {
     const c10::Half* off = (Bits == 4 ? offsets : scales) + (n0 + j) * blocks;
-    for (int i = 0; i < MR; ++i) {
-      const float* sums = a.block_sums.data() + (m0 + i) * a.groups_padded;
-      __m512 t = _mm512_setzero_ps();
-      for (int64_t g = 0; g < blocks; g += 16) {
-        __mmask16 mask = blocks - g >= 16 ? static_cast<__mmask16>(0xFFFF)
-                                          : static_cast<__mmask16>((1u << (blocks - g)) - 1);
-        __m256i h = _mm256_maskz_loadu_epi16(mask, off + g);
-        t = _mm512_fmadd_ps(_mm512_cvtph_ps(h), _mm512_loadu_ps(sums + g), t);
-      }
-      float value = _mm512_reduce_add_ps(acc[j][i]) + kOffsetFactor * _mm512_reduce_add_ps(t);
-      if (bias) value += bias[n0 + j];
-      store_value(out + (m0 + i) * n_total + n0 + j, value);
+    for (int64_t g = 0; g < blocks; g += 16) {
+      __mmask16 mask = blocks - g >= 16 ? static_cast<__mmask16>(0xFFFF)
+                                        : static_cast<__mmask16>((1u << (blocks - g)) - 1);
+      __m512 o = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, off + g));
+      for (int i = 0; i < MR; ++i)
+        acc[j][i] = _mm512_fmadd_ps(o, _mm512_loadu_ps(a.block_sums.data() + (m0 + i) * a.groups_padded + g), acc[j][i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    TOut* dst = out + (m0 + i) * n_total + n0;
+    if constexpr (NR == 4) {
+      __m128 sums = reduce4(acc[0][i], acc[1][i], acc[2][i], acc[3][i]);
+      if (bias) sums = _mm_add_ps(sums, _mm_loadu_ps(bias + n0));
+      alignas(16) float values[4];
+      _mm_store_ps(values, sums);
+      for (int j = 0; j < 4; ++j) store_value(dst + j, values[j]);
+    } else {
+      for (int j = 0; j < NR; ++j) store_value(dst + j, _mm512_reduce_add_ps(acc[j][i]) + (bias ? bias[n0 + j] : 0.f));
     }
   }
 }
@@ -178,7 +199,8 @@ void run(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
   const int64_t row_bytes = codes.size(1);
   const int64_t padded_k = row_bytes / chunk_bytes(Bits) * kChunk;
   const int64_t blocks = padded_k / 32;
-  QuantizedActivations a = quantize_activations(x.data_ptr<TIn>(), rows, k, padded_k);
+  constexpr float offset_factor = Bits == 4 ? 1.f : Bits == 5 ? -16.f : -128.f;
+  QuantizedActivations a = quantize_activations(x.data_ptr<TIn>(), rows, k, padded_k, offset_factor);
   const uint8_t* w = codes.data_ptr<uint8_t>();
   const c10::Half* s = scales.data_ptr<c10::Half>();
   const c10::Half* o = Bits == 4 ? offsets.data_ptr<c10::Half>() : nullptr;
