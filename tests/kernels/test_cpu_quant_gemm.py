@@ -27,8 +27,8 @@ def packed(weight: torch.Tensor, bits: int):
 
 @needs_kernel
 @pytest.mark.parametrize("bits", [8, 5, 4])
-@pytest.mark.parametrize("n,k", [(1, 32), (5, 96), (17, 64), (37, 896), (130, 160)])  # K % 64 == 32: padded rows
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9])  # every tile remainder, and two full tiles + 1
+@pytest.mark.parametrize("n,k", [(1, 32), (5, 96), (17, 64), (37, 896), (130, 160)])  # N % 16 != 0: padded tiles
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17])  # tile remainders, a full tile, two + 1
 def test_kernel_equals_the_twin_in_float32(bits, n, k, rows):
     torch.manual_seed(n * 1000 + k + rows)
     weight = torch.randn(n, k) * 0.05
@@ -36,8 +36,8 @@ def test_kernel_equals_the_twin_in_float32(bits, n, k, rows):
     x = torch.randn(rows, k) * 3
     bias = torch.randn(n)
     for b in (None, bias):
-        got = qg.quant_linear(x, codes, scales, offsets, b, k, bits)
-        twin = qg.reference_linear(x, codes, scales, offsets, b, k, bits)
+        got = qg.quant_linear(x, codes, scales, offsets, b, k, n, bits)
+        twin = qg.reference_linear(x, codes, scales, offsets, b, k, n, bits)
         assert got.shape == (rows, n) and got.dtype == torch.float32
         # Same products, another summation order: float32 rounding only.
         torch.testing.assert_close(got, twin, rtol=1e-5, atol=1e-5 * twin.abs().max().item())
@@ -51,9 +51,9 @@ def test_bfloat16_activations_and_output(bits):
     codes, scales, offsets = packed(weight, bits)
     x = torch.randn(6, 128).bfloat16()
     bias = torch.randn(72).bfloat16()
-    got = qg.quant_linear(x, codes, scales, offsets, bias, 128, bits)
+    got = qg.quant_linear(x, codes, scales, offsets, bias, 128, 72, bits)
     assert got.dtype == torch.bfloat16
-    twin = qg.reference_linear(x, codes, scales, offsets, bias, 128, bits)
+    twin = qg.reference_linear(x, codes, scales, offsets, bias, 128, 72, bits)
     torch.testing.assert_close(got.float(), twin.float(), rtol=2 ** -7, atol=1e-2)  # one bf16 rounding apart
     exact = torch.nn.functional.linear(x.float(), weight, bias.float())
     bound = {8: 0.02, 5: 0.08, 4: 0.12}[bits]  # weight + activation rounding, measured ~0.8% / ~4% / ~8%
@@ -61,37 +61,55 @@ def test_bfloat16_activations_and_output(bits):
 
 
 def test_packing_round_trips_values_the_format_can_hold():
-    """A block of q * s (s an fp16, max |q| = 127) is stored exactly, as GGUF Q8_0 is; 4-bit
-    blocks c * s + o likewise (GGUF Q4_1); the padding to 64 inputs is sliced off."""
+    """A block of q * s (s an fp16, max |q| = 127) is stored exactly, as GGUF Q8_0 is; 5-bit
+    (Q5_0) and 4-bit blocks c * s + o (Q4_1) likewise; padding rows to 16 is sliced off."""
     torch.manual_seed(2)
     s = torch.rand(3, 3).mul(0.01).to(torch.float16)
     q = torch.randint(-127, 128, (3, 3, 32)).float()
     q[..., 0] = 127
     weight = (q * s.float()[..., None]).reshape(3, 96)
     codes, scales = qg.pack_int8(weight)
-    assert codes.shape == (3, 128) and scales.shape == (3, 4)
-    assert torch.equal(qg.dequantize(codes, scales, None, 96, 8), weight)
+    assert codes.shape == (1, 3 * 512) and scales.shape == (1, 3 * 16)
+    assert torch.equal(qg.dequantize(codes, scales, None, 96, 3, 8), weight)
     q5 = torch.randint(-15, 16, (3, 3, 32)).float()  # max |q| = 15 sets the scale
     q5[..., 0] = 15
     weight5 = (q5 * s.float()[..., None]).reshape(3, 96)
     codes5, scales5 = qg.pack_int5(weight5)
-    assert codes5.shape == (3, 80) and torch.equal(qg.dequantize(codes5, scales5, None, 96, 5), weight5)
+    assert codes5.shape == (1, 3 * 320) and torch.equal(qg.dequantize(codes5, scales5, None, 96, 3, 5), weight5)
     c = torch.randint(0, 16, (3, 3, 32)).float()
     c[..., 0], c[..., 1] = 0, 15
     o = (torch.rand(3, 3) - 0.5).to(torch.float16)
     weight4 = (c * s.float()[..., None] + o.float()[..., None]).reshape(3, 96)
     codes4, scales4, offsets4 = qg.pack_int4(weight4)
-    assert codes4.shape == (3, 64)
-    assert torch.allclose(qg.dequantize(codes4, scales4, offsets4, 96, 4), weight4, atol=1e-6)
-    nibbles = torch.randint(0, 16, (4, 128), dtype=torch.uint8)
-    assert torch.equal(qg.unpack_nibbles(qg.pack_nibbles(nibbles)), nibbles)
-    fives = torch.randint(0, 32, (4, 128), dtype=torch.uint8)
-    assert torch.equal(qg.unpack_five_bits(qg.pack_five_bits(fives)), fives)
-    # The layout itself, as the kernel reads it: byte j = code j | code j+32 << 4; bit i of the mask.
-    one = torch.zeros(1, 64, dtype=torch.uint8)
-    one[0, 33], one[0, 2] = 31, 16
-    five = qg.pack_five_bits(one)[0]
-    assert five[1] == 0xF0 and five[2] == 0 and five[32] == 0b100 and five[36] == 0b10
+    assert codes4.shape == (1, 3 * 256)
+    assert torch.allclose(qg.dequantize(codes4, scales4, offsets4, 96, 3, 4), weight4, atol=1e-6)
+    for bits, top in ((8, 256), (5, 32), (4, 16)):  # layout and unlayout are inverses, 35 rows: 3 tiles
+        values = torch.randint(0, top, (35, 64), dtype=torch.uint8)
+        block_scales = torch.rand(35, 2).to(torch.float16)
+        offsets = torch.rand(35, 2).to(torch.float16) if bits == 4 else None
+        packed = qg.layout(bits, values, block_scales, offsets)
+        back = qg.unlayout(bits, packed[0], packed[1], offsets if offsets is None else packed[2], 35)
+        assert torch.equal(back[0], values) and torch.equal(back[1], block_scales)
+        assert bits != 4 or torch.equal(back[2], offsets)
+
+
+def test_the_interleaved_layout_byte_by_byte():
+    """Where csrc/cpu_quant_gemm.cpp reads each code: 8-bit step s, lane l, byte q at
+    64 s + 4 l + q; 4-bit nibbles of steps t and t + 4 share byte 64 t + 4 l + q; the fifth
+    bits are 8 masks after the 256 nibble bytes, bit 4 l + q of mask s."""
+    values = torch.zeros(16, 32, dtype=torch.uint8)
+    values[3, 4 * 2 + 1] = 200  # lane 3, step 2, q 1
+    codes8, _ = qg.layout(8, values, torch.ones(16, 1, dtype=torch.float16))
+    assert codes8[0, 64 * 2 + 4 * 3 + 1] == 200 and codes8.sum() == 200
+    values = torch.zeros(16, 32, dtype=torch.uint8)
+    values[5, 4 * 6 + 2] = 0x1B  # lane 5, step 6 (high nibble of t = 2), q 2, fifth bit set
+    codes5, _ = qg.layout(5, values, torch.ones(16, 1, dtype=torch.float16))
+    assert codes5[0, 64 * 2 + 4 * 5 + 2] == 0xB0 and codes5[0, :256].sum() == 0xB0
+    masks = codes5[0, 256:].view(torch.int64)
+    assert masks[6] == 1 << (4 * 5 + 2) and masks.sum() == masks[6]
+    scales = torch.arange(32, dtype=torch.float16).reshape(16, 2)
+    _, per_block = qg.layout(8, torch.zeros(16, 64, dtype=torch.uint8), scales)
+    assert per_block[0, 16 + 7] == scales[7, 1]  # block 1, lane 7
 
 
 @needs_kernel
@@ -99,31 +117,35 @@ def test_zero_weights_and_zero_activations_give_the_bias_not_nan():
     codes, scales = qg.pack_int8(torch.zeros(8, 64))
     bias = torch.arange(8.0)
     x = torch.zeros(2, 64)
-    assert torch.equal(qg.quant_linear(x, codes, scales, None, bias, 64, 8), bias.expand(2, 8))
+    assert torch.equal(qg.quant_linear(x, codes, scales, None, bias, 64, 8, 8), bias.expand(2, 8))
     codes4, scales4, offsets4 = qg.pack_int4(torch.randn(8, 64))
-    assert torch.equal(qg.quant_linear(x, codes4, scales4, offsets4, bias, 64, 4), bias.expand(2, 8))
+    assert torch.equal(qg.quant_linear(x, codes4, scales4, offsets4, bias, 64, 8, 4), bias.expand(2, 8))
     codes5, scales5 = qg.pack_int5(torch.randn(8, 64))
-    assert torch.equal(qg.quant_linear(x, codes5, scales5, None, bias, 64, 5), bias.expand(2, 8))
-    assert qg.quant_linear(torch.zeros(0, 64), codes, scales, None, None, 64, 8).shape == (0, 8)
+    assert torch.equal(qg.quant_linear(x, codes5, scales5, None, bias, 64, 8, 5), bias.expand(2, 8))
+    assert qg.quant_linear(torch.zeros(0, 64), codes, scales, None, None, 64, 8, 8).shape == (0, 8)
 
 
 @needs_kernel
 def test_bad_inputs_are_refused_with_the_reason():
     codes, scales = qg.pack_int8(torch.randn(8, 64))
     with pytest.raises(RuntimeError, match="x has 32 columns"):
-        qg.quant_linear(torch.randn(1, 32), codes, scales, None, None, 64, 8)
-    with pytest.raises(RuntimeError, match="code rows hold 64 inputs, not 128"):
-        qg.quant_linear(torch.randn(1, 128), codes, scales, None, None, 128, 8)
+        qg.quant_linear(torch.randn(1, 32), codes, scales, None, None, 64, 8, 8)
+    with pytest.raises(RuntimeError, match=r"8-bit codes for 8x128 must be contiguous uint8 \[1, 2048\]"):
+        qg.quant_linear(torch.randn(1, 128), codes, scales, None, None, 128, 8, 8)
+    with pytest.raises(RuntimeError, match="codes for 17x64"):  # 17 rows need two tiles
+        qg.quant_linear(torch.randn(1, 64), codes, scales, None, None, 64, 17, 8)
     with pytest.raises(RuntimeError, match="bfloat16 or float32"):
-        qg.quant_linear(torch.randn(1, 64).half(), codes, scales, None, None, 64, 8)
+        qg.quant_linear(torch.randn(1, 64).half(), codes, scales, None, None, 64, 8, 8)
     with pytest.raises(RuntimeError, match="fp16 offsets"):
-        qg.quant_linear(torch.randn(1, 64), codes[:, :32].contiguous(), scales, None, None, 64, 4)
+        qg.quant_linear(torch.randn(1, 64), codes[:, :512].contiguous(), scales, None, None, 64, 8, 4)
     with pytest.raises(RuntimeError, match="scales must be"):
-        qg.quant_linear(torch.randn(1, 64), codes, scales.float(), None, None, 64, 8)
+        qg.quant_linear(torch.randn(1, 64), codes, scales.float(), None, None, 64, 8, 8)
     with pytest.raises(RuntimeError, match="bits must be 4, 5 or 8"):
-        qg.quant_linear(torch.randn(1, 64), codes, scales, None, None, 64, 6)
-    with pytest.raises(RuntimeError, match="multiple of 40 bytes"):
-        qg.quant_linear(torch.randn(1, 64), codes, scales, None, None, 64, 5)
+        qg.quant_linear(torch.randn(1, 64), codes, scales, None, None, 64, 8, 6)
+    with pytest.raises(RuntimeError, match="5-bit codes"):
+        qg.quant_linear(torch.randn(1, 64), codes, scales, None, None, 64, 8, 5)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        qg.quant_linear(torch.randn(1, 64), codes, scales, None, torch.zeros(9), 64, 8, 8)
     with pytest.raises(ValueError, match="group 48"):
         qg.pack_int4(torch.randn(4, 96), 48)
 
@@ -157,7 +179,8 @@ class TwinLinear:
     def __call__(self, layer, x):
         bits = self.method.bits
         out = qg.reference_linear(x.reshape(-1, layer.in_features), layer.codes, layer.block_scales,
-                                  getattr(layer, "block_offsets", None), layer.bias, layer.in_features, bits)
+                                  getattr(layer, "block_offsets", None), layer.bias, layer.in_features,
+                                  layer.out_features, bits)
         return out.reshape(*x.shape[:-1], layer.out_features)
 
 

@@ -12,7 +12,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from thinkwise.kernels import cpu_quant_gemm as qg
-from thinkwise.kernels.linear_methods.gguf_blocks import NATIVE_BITS, native_values, part_layout, to_layout
+from thinkwise.kernels.linear_methods.gguf_blocks import NATIVE_BITS, natural, native_values, part_values
 
 
 def random_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarray:
@@ -31,9 +31,10 @@ def random_blocks(type_name: str, rows: int, cols: int, seed: int) -> np.ndarray
         return raw.reshape(rows, -1)
 
 
-def layout_weight(layout, bits: int, cols: int) -> torch.Tensor:
-    offsets = layout[2] if bits == 4 else None
-    return qg.dequantize(layout[0], layout[1], offsets, cols, bits)
+def layout_weight(values, bits: int, cols: int) -> torch.Tensor:
+    """The float32 weight the kernel will see for row-major `values` (through `layout`)."""
+    packed = qg.layout(bits, *values)
+    return qg.dequantize(packed[0], packed[1], packed[2] if bits == 4 else None, cols, values[0].shape[0], bits)
 
 
 @pytest.mark.parametrize("type_name,cols", [("Q8_0", 96), ("Q5_0", 96), ("Q4_0", 160), ("Q4_1", 64), ("Q4_K", 512)])
@@ -43,7 +44,7 @@ def test_kept_blocks_dequantize_to_the_files_values(type_name, cols):
     expected = torch.from_numpy(dequantize(raw, GGMLQuantizationType[type_name]).reshape(rows, cols).astype(np.float32))
     bits, codes, scales, offsets = native_values(type_name, raw, rows, cols)
     assert bits == NATIVE_BITS[type_name]
-    got = layout_weight(to_layout(bits, codes, scales, offsets), bits, cols)
+    got = layout_weight(natural(codes, scales, offsets), bits, cols)
     if type_name == "Q4_K":  # d * sc and dmin * m rounded to fp16 once each
         torch.testing.assert_close(got, expected, rtol=2e-3, atol=2e-3 * expected.abs().max().item())
     else:
@@ -55,21 +56,21 @@ def test_q5_0_in_an_8_bit_layer_moves_exactly_and_rows_follow_the_loader():
     raw = random_blocks("Q5_0", rows, cols, seed=1)
     expected = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q5_0).reshape(rows, cols).astype(np.float32))
     order = np.array([3, 0, 5, 1, 2, 4])
-    layout, kept = part_layout("Q5_0", raw, rows, cols, 8, order, lambda: pytest.fail("no fallback expected"))
-    assert kept and torch.equal(layout_weight(layout, 8, cols), expected[order])
+    values, kept = part_values("Q5_0", raw, rows, cols, 8, order, lambda: pytest.fail("no fallback expected"))
+    assert kept and torch.equal(layout_weight(values, 8, cols), expected[order])
 
 
 def test_other_types_and_changed_values_fall_back_to_requantizing():
     rows, cols = 4, 256
     raw = random_blocks("Q6_K", rows, cols, seed=2)
     expected = torch.from_numpy(dequantize(raw, GGMLQuantizationType.Q6_K).reshape(rows, cols).astype(np.float32))
-    layout, kept = part_layout("Q6_K", raw, rows, cols, 8, None, lambda: expected)
+    values, kept = part_values("Q6_K", raw, rows, cols, 8, None, lambda: expected)
     assert not kept
-    got = layout_weight(layout, 8, cols)
+    got = layout_weight(values, 8, cols)
     assert ((got - expected).norm() / expected.norm()).item() < 0.01
     q8 = random_blocks("Q8_0", rows, cols, seed=3)
-    layout, kept = part_layout("Q8_0", q8, rows, cols, 8, False, lambda: torch.zeros(rows, cols))
-    assert not kept and torch.equal(layout_weight(layout, 8, cols), torch.zeros(rows, cols))
+    values, kept = part_values("Q8_0", q8, rows, cols, 8, False, lambda: torch.zeros(rows, cols))
+    assert not kept and torch.equal(layout_weight(values, 8, cols), torch.zeros(rows, cols))
 
 
 @pytest.mark.slow

@@ -4,11 +4,12 @@ Weights are stored in blocks of 32 along the input dimension, llama.cpp-style: 8
 with one fp16 scale per block (W = s * q, q in -127..127; GGUF Q8_0 is exactly this), 5-bit
 codes with one fp16 scale (W = s * q, q in -16..15: GGUF Q5_0) or 4-bit codes with an fp16
 scale and an fp16 offset per block (W = s * c + o, c in 0..15; GGUF Q4_0 and Q4_1 exactly,
-Q4_K up to the fp16 rounding of its two-level scales). At run time each row of activations is quantized per block of
-32 to int8 (scale amax / 127), so a block's dot product is a single VNNI instruction and the
-weights are read once per step for up to 4 token rows at a time: the kernel
-(csrc/cpu_quant_gemm.cpp) is memory-bound at 1 row and stays near it at 8, where PyTorch's
-int8 x bf16 kernel is compute-bound. It is compiled on first use with the system's C++
+Q4_K up to the fp16 rounding of its two-level scales). At run time each row of activations
+is quantized per block of 32 to int8 (scale amax / 127), so the dot products are integer
+VNNI work; 16 weight rows are interleaved (`layout`) so each VNNI instruction feeds 16
+outputs at once and no horizontal sums are needed, and the weights are read once per step
+for up to 8 token rows: the kernel (csrc/cpu_quant_gemm.cpp) is memory-bound at 1 row and
+stays close to it at 8, where PyTorch's int8 x bf16 kernel is compute-bound. It is compiled on first use with the system's C++
 compiler (`torch.utils.cpp_extension`, ninja) into ~/.cache/thinkwise/torch_extensions
 keyed by the source's hash and the torch version; `status()` says whether it is usable and,
 if not, why (no compiler, no AVX-512 VNNI, a failed build), and the linear methods then
@@ -31,7 +32,6 @@ import torch
 logger = logging.getLogger(__name__)
 
 BLOCK = 32  # weights per scale
-CHUNK = 64  # the kernel's inner step: rows are padded to a multiple of it
 SOURCE = Path(__file__).with_name("csrc") / "cpu_quant_gemm.cpp"
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 DISABLE_ENV = "THINKWISE_CPU_QUANT_KERNEL"  # "0": use PyTorch's kernels (A/B runs, debugging)
@@ -95,42 +95,53 @@ def _load() -> dict:
 
 
 BITS = (4, 5, 8)
-CHUNK_BYTES = {8: 64, 5: 40, 4: 32}  # bytes of codes per 64 weights
+LANES = 16  # weight rows interleaved per tile
+BLOCK_BYTES = {8: 512, 5: 320, 4: 256}  # code bytes per tile of 16 rows and block of 32 inputs
+FILLER = {8: 128, 5: 16, 4: 0}  # the zero weight's code, for padding rows
 
 
-def padded(in_features: int) -> int:
-    return -(-in_features // CHUNK) * CHUNK
-
-
-def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes [N, Kp] uint8 = q + 128, scales [N, Kp/32] fp16) for a float weight [N, K],
-    K a multiple of 32: per block s = amax / 127 (rounded to fp16), q = round(w / s)."""
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, K] uint8 = q + 128, scales [N, K/32] fp16) for a float weight [N, K], K a
+    multiple of 32: per block s = amax / 127 (rounded to fp16), q = round(w / s)."""
     n, k = weight.shape
-    kp = padded(k)
-    codes = torch.full((n, kp), 128, dtype=torch.uint8)
-    scales = torch.zeros(n, kp // BLOCK, dtype=torch.float16)
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    scales = torch.empty(n, k // BLOCK, dtype=torch.float16)
     for start in range(0, n, 8192):  # bounded fp32 temporaries (lm_head)
         rows = slice(start, start + 8192)
         w = weight[rows].to(torch.float32, copy=True).reshape(-1, k // BLOCK, BLOCK)
         s = (w.abs().amax(dim=-1) / 127.0).clamp(max=65504.0).to(torch.float16)
         inverse = torch.where(s > 0, 1.0 / s.float(), torch.zeros((), dtype=torch.float32))
-        q = w.mul_(inverse[..., None]).round_().clamp_(-127, 127).add_(128)
-        codes[rows, :k] = q.reshape(-1, k).to(torch.uint8)
-        scales[rows, : k // BLOCK] = s
+        codes[rows] = w.mul_(inverse[..., None]).round_().clamp_(-127, 127).add_(128).reshape(-1, k).to(torch.uint8)
+        scales[rows] = s
     return codes, scales
 
 
-def pack_int4(weight: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(codes [N, Kp/2] uint8, scales, offsets [N, Kp/32] fp16) for a float weight [N, K]:
-    per group s = (max - min) / 15 and o = min (both rounded to fp16), c = round((w - o) / s);
-    a group wider than 32 (64, 128) repeats its (s, o) in each of its blocks."""
+def quantize_int5(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, K] uint8 = q + 16, scales [N, K/32] fp16): per block s = amax / 15 (fp16),
+    q = round(w / s) in -16..15 (GGUF Q5_0's grid, used symmetrically)."""
+    n, k = weight.shape
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    scales = torch.empty(n, k // BLOCK, dtype=torch.float16)
+    for start in range(0, n, 8192):
+        rows = slice(start, start + 8192)
+        w = weight[rows].to(torch.float32, copy=True).reshape(-1, k // BLOCK, BLOCK)
+        s = (w.abs().amax(dim=-1) / 15.0).clamp(max=65504.0).to(torch.float16)
+        inverse = torch.where(s > 0, 1.0 / s.float(), torch.zeros((), dtype=torch.float32))
+        codes[rows] = w.mul_(inverse[..., None]).round_().clamp_(-16, 15).add_(16).reshape(-1, k).to(torch.uint8)
+        scales[rows] = s
+    return codes, scales
+
+
+def quantize_int4(weight: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [N, K] uint8 in 0..15, scales, offsets [N, K/32] fp16): per group s = (max - min)
+    / 15 and o = min (both rounded to fp16), c = round((w - o) / s); a group wider than 32
+    (64, 128) repeats its (s, o) in each of its blocks."""
     n, k = weight.shape
     if group % BLOCK or k % group:
-        raise ValueError(f"pack_int4: group {group} must be a multiple of {BLOCK} dividing K={k}")
-    kp = padded(k)
-    nibbles = torch.zeros(n, kp, dtype=torch.uint8)
-    scales = torch.zeros(n, kp // BLOCK, dtype=torch.float16)
-    offsets = torch.zeros_like(scales)
+        raise ValueError(f"quantize_int4: group {group} must be a multiple of {BLOCK} dividing K={k}")
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    scales = torch.empty(n, k // BLOCK, dtype=torch.float16)
+    offsets = torch.empty_like(scales)
     for start in range(0, n, 8192):
         rows = slice(start, start + 8192)
         w = weight[rows].to(torch.float32, copy=True).reshape(-1, k // group, group)
@@ -139,71 +150,90 @@ def pack_int4(weight: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, t
         o = low.to(torch.float16)
         inverse = torch.where(s > 0, 1.0 / s.float(), torch.zeros((), dtype=torch.float32))
         c = w.sub_(o.float()[..., None]).mul_(inverse[..., None]).round_().clamp_(0, 15)
-        nibbles[rows, :k] = c.reshape(-1, k).to(torch.uint8)
-        repeat = group // BLOCK
-        scales[rows, : k // BLOCK] = s.repeat_interleave(repeat, dim=1)
-        offsets[rows, : k // BLOCK] = o.repeat_interleave(repeat, dim=1)
-    return pack_nibbles(nibbles), scales, offsets
+        codes[rows] = c.reshape(-1, k).to(torch.uint8)
+        scales[rows] = s.repeat_interleave(group // BLOCK, dim=1)
+        offsets[rows] = o.repeat_interleave(group // BLOCK, dim=1)
+    return codes, scales, offsets
+
+
+def layout(bits: int, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, ...]:
+    """Codes [N, K] (0..2^bits-1, row-major) and per-block scales/offsets [N, K/32] -> the
+    kernel's interleaved tensors (see csrc/cpu_quant_gemm.cpp): codes [tiles, K/32 * bytes],
+    scales (and 4-bit offsets) [tiles, K/32 * 16] fp16, rows padded to 16."""
+    n, k = codes.shape
+    tiles, blocks = -(-n // LANES), k // BLOCK
+    pad = tiles * LANES - n
+    if pad:
+        codes = torch.cat([codes, codes.new_full((pad, k), FILLER[bits])])
+        scales = torch.cat([scales, scales.new_zeros(pad, blocks)])
+        offsets = None if offsets is None else torch.cat([offsets, offsets.new_zeros(pad, blocks)])
+
+    def per_block(t: torch.Tensor) -> torch.Tensor:  # [N, blocks] -> [tiles, blocks * 16]
+        return t.to(torch.float16).reshape(tiles, LANES, blocks).transpose(1, 2).reshape(tiles, -1).contiguous()
+
+    # [tile, lane, block, step, q] with input = 4 * step + q inside the block
+    steps = codes.reshape(tiles, LANES, blocks, 8, 4)
+    if bits == 8:
+        return steps.permute(0, 2, 3, 1, 4).reshape(tiles, -1).contiguous(), per_block(scales)
+    low = steps & 0x0F
+    nibbles = (low[:, :, :, :4] | (low[:, :, :, 4:] << 4)).permute(0, 2, 3, 1, 4)  # [tile, block, t, lane, q]
+    if bits == 4:
+        return nibbles.reshape(tiles, -1).contiguous(), per_block(scales), per_block(offsets)
+    fifth = ((steps >> 4) & 1).permute(0, 2, 3, 1, 4).reshape(tiles, blocks, 8, 8, 8)  # bit 4 lane + q
+    masks = (fifth * torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    packed = torch.cat([nibbles.reshape(tiles, blocks, 256), masks.reshape(tiles, blocks, 64)], dim=-1)
+    return packed.reshape(tiles, -1).contiguous(), per_block(scales)
+
+
+def unlayout(bits: int, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, out_features: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The inverse of `layout`: (codes [N, K], scales [N, K/32], offsets or None)."""
+    tiles = codes.shape[0]
+    blocks = scales.shape[1] // LANES
+
+    def per_row(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(tiles, blocks, LANES).transpose(1, 2).reshape(tiles * LANES, blocks)[:out_features]
+
+    data = codes.reshape(tiles, blocks, BLOCK_BYTES[bits])
+    if bits == 8:
+        steps = data.reshape(tiles, blocks, 8, LANES, 4)
+    else:
+        nibbles = data[..., :256].reshape(tiles, blocks, 4, LANES, 4)
+        steps = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=2)  # [tile, block, step, lane, q]
+        if bits == 5:
+            masks = data[..., 256:].reshape(tiles, blocks, 8, 8, 1)
+            fifth = ((masks >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(tiles, blocks, 8, LANES, 4)
+            steps = steps | (fifth << 4)
+    values = steps.permute(0, 3, 1, 2, 4).reshape(tiles * LANES, blocks * BLOCK)[:out_features]
+    return values, per_row(scales), None if offsets is None else per_row(offsets)
+
+
+def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_int8` in the kernel's layout: (codes, scales)."""
+    return layout(8, *quantize_int8(weight))
 
 
 def pack_int5(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes [N, Kp/64*40] uint8, scales [N, Kp/32] fp16) for a float weight [N, K]: per
-    block s = amax / 15 (fp16), q = round(w / s) in -16..15 (GGUF Q5_0's grid, symmetric)."""
-    n, k = weight.shape
-    kp = padded(k)
-    values = torch.full((n, kp), 16, dtype=torch.uint8)
-    scales = torch.zeros(n, kp // BLOCK, dtype=torch.float16)
-    for start in range(0, n, 8192):
-        rows = slice(start, start + 8192)
-        w = weight[rows].to(torch.float32, copy=True).reshape(-1, k // BLOCK, BLOCK)
-        s = (w.abs().amax(dim=-1) / 15.0).clamp(max=65504.0).to(torch.float16)
-        inverse = torch.where(s > 0, 1.0 / s.float(), torch.zeros((), dtype=torch.float32))
-        values[rows, :k] = w.mul_(inverse[..., None]).round_().clamp_(-16, 15).add_(16).reshape(-1, k).to(torch.uint8)
-        scales[rows, : k // BLOCK] = s
-    return pack_five_bits(values), scales
+    """`quantize_int5` in the kernel's layout: (codes, scales)."""
+    return layout(5, *quantize_int5(weight))
 
 
-def pack_five_bits(values: torch.Tensor) -> torch.Tensor:
-    """[N, Kp] codes 0..31 -> [N, Kp/64*40] bytes: per 64-code chunk the low nibbles as
-    `pack_nibbles`, then 8 bytes whose bit i (little-endian) is bit 4 of code i."""
-    n = values.shape[0]
-    low = pack_nibbles(values & 0x0F).reshape(n, -1, 32)
-    high = ((values >> 4) & 1).reshape(n, -1, 8, 8)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-    mask = (high * weights).sum(dim=-1, dtype=torch.uint8)  # [n, chunks, 8]
-    return torch.cat([low, mask], dim=-1).reshape(n, -1).contiguous()
-
-
-def unpack_five_bits(packed: torch.Tensor) -> torch.Tensor:
-    n = packed.shape[0]
-    chunks = packed.reshape(n, -1, 40)
-    low = unpack_nibbles(chunks[..., :32].reshape(n, -1)).reshape(n, -1, 64)
-    bits = (chunks[..., 32:, None] >> torch.arange(8, dtype=torch.uint8)) & 1  # [n, chunks, 8, 8]
-    return (low | (bits.reshape(n, -1, 64) << 4)).reshape(n, -1)
-
-
-def pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
-    """[N, Kp] codes 0..15 -> [N, Kp/2] bytes: in each 64-code chunk, byte j = code j | code j+32 << 4."""
-    chunks = nibbles.reshape(nibbles.shape[0], -1, 2, CHUNK // 2)
-    return (chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(nibbles.shape[0], -1).contiguous()
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    chunks = packed.reshape(packed.shape[0], -1, 1, CHUNK // 2)
-    return torch.cat([chunks & 0x0F, chunks >> 4], dim=2).reshape(packed.shape[0], -1)
+def pack_int4(weight: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_int4` in the kernel's layout: (codes, scales, offsets)."""
+    return layout(4, *quantize_int4(weight, group))
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, in_features: int,
-               bits: int) -> torch.Tensor:
+               out_features: int, bits: int) -> torch.Tensor:
     """The float32 weight [N, K] the stored form stands for."""
-    values = {4: unpack_nibbles, 5: unpack_five_bits, 8: lambda c: c}[bits](codes)
-    n = values.shape[0]
-    blocks = values.reshape(n, -1, BLOCK).float()
+    values, s, o = unlayout(bits, codes, scales, offsets, out_features)
+    blocks = values.reshape(out_features, -1, BLOCK).float()
     if bits == 4:
-        w = blocks * scales.float()[..., None] + offsets.float()[..., None]
+        w = blocks * s.float()[..., None] + o.float()[..., None]
     else:
-        w = (blocks - (128.0 if bits == 8 else 16.0)) * scales.float()[..., None]
-    return w.reshape(n, -1)[:, :in_features]
+        w = (blocks - FILLER[bits]) * s.float()[..., None]
+    return w.reshape(out_features, in_features)
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:
@@ -217,15 +247,15 @@ def quantize_activations(x: torch.Tensor) -> torch.Tensor:
 
 
 def reference_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
-                     bias: torch.Tensor | None, in_features: int, bits: int) -> torch.Tensor:
+                     bias: torch.Tensor | None, in_features: int, out_features: int, bits: int) -> torch.Tensor:
     """The PyTorch twin of `quant_linear` (same signature): dequantize, quantize x, F.linear."""
-    w = dequantize(codes, scales, offsets, in_features, bits)
+    w = dequantize(codes, scales, offsets, in_features, out_features, bits)
     out = torch.nn.functional.linear(quantize_activations(x), w, None if bias is None else bias.float())
     return out.to(x.dtype)
 
 
 def quant_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
-                 bias: torch.Tensor | None, in_features: int, bits: int) -> torch.Tensor:
+                 bias: torch.Tensor | None, in_features: int, out_features: int, bits: int) -> torch.Tensor:
     """x [M, K] (bf16 or fp32, contiguous) times the stored weight, + bias: [M, N] in x's dtype.
     Only after `status()` reported the kernel available."""
     global _op
@@ -233,4 +263,4 @@ def quant_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, off
         if not available():
             raise RuntimeError(f"the CPU quantized-GEMM kernel is not available: {status()['reason']}")
         _op = torch.ops.thinkwise_cpu.quant_linear.default
-    return _op(x, codes, scales, offsets, bias, in_features, bits)
+    return _op(x, codes, scales, offsets, bias, in_features, out_features, bits)

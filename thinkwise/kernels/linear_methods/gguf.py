@@ -134,7 +134,8 @@ def keep_file_bits(blocks: GgufBlocks, module_name: str, layer, method) -> bool:
     file's bits, False if some part was requantized (a type without the same grid)."""
     import torch
 
-    from thinkwise.kernels.linear_methods.gguf_blocks import part_layout
+    from thinkwise.kernels.cpu_quant_gemm import layout
+    from thinkwise.kernels.linear_methods.gguf_blocks import part_values
     from thinkwise.loading.gguf_reading import tensor_torch_shape
 
     names = source_tensors(module_name, {name: "" for name in blocks.tensors})
@@ -142,13 +143,14 @@ def keep_file_bits(blocks: GgufBlocks, module_name: str, layer, method) -> bool:
     for name in names:
         tensor = blocks.tensors[name]
         rows, cols = tensor_torch_shape(tensor)
-        layout, native = part_layout(tensor.tensor_type.name, tensor.data, rows, cols, method.bits,
+        values, native = part_values(tensor.tensor_type.name, tensor.data, rows, cols, method.bits,
                                      blocks.row_order(name, rows), lambda n=name: blocks.dequantized(n))
-        parts.append(layout)
+        parts.append(values)
         kept = kept and native
     merged = [torch.cat(pieces, dim=0) if len(pieces) > 1 else pieces[0] for pieces in zip(*parts)]
-    if merged[0].shape[0] != layer.out_features:
-        raise ModelFormatError(f"quantization='gguf': the GGUF tensors of {module_name} have {merged[0].shape[0]} rows, "
-                               f"the layer {layer.out_features}", param="quantization")
-    method.keep_blocks(layer, *merged)
+    if merged[0].shape != (layer.out_features, layer.in_features):
+        raise ModelFormatError(f"quantization='gguf': the GGUF tensors of {module_name} make a "
+                               f"{tuple(merged[0].shape)} weight, the layer is "
+                               f"{(layer.out_features, layer.in_features)}", param="quantization")
+    method.keep_blocks(layer, *layout(method.bits, *merged))
     return kept

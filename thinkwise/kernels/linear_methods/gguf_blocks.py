@@ -67,31 +67,21 @@ def native_values(type_name: str, raw: np.ndarray, rows: int, cols: int
     raise KeyError(type_name)
 
 
-def to_layout(bits: int, codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None
-              ) -> tuple[torch.Tensor, ...]:
-    """Native values -> the kernel's tensors (rows padded to 64 inputs, packed, fp16 scales)."""
-    rows, cols = codes.shape
-    kp = qg.padded(cols)
-    filler = {8: 128, 5: 16, 4: 0}[bits]  # the zero weight's code (scales of the padding are 0 anyway)
-    values = torch.full((rows, kp), filler, dtype=torch.uint8)
-    values[:, :cols] = torch.from_numpy(np.ascontiguousarray(codes))
-    s = torch.zeros(rows, kp // qg.BLOCK, dtype=torch.float16)
-    s[:, : cols // qg.BLOCK] = torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32))
-    if bits == 8:
-        return values, s
-    if bits == 5:
-        return qg.pack_five_bits(values), s
-    o = torch.zeros_like(s)
-    o[:, : cols // qg.BLOCK] = torch.from_numpy(np.ascontiguousarray(offsets, dtype=np.float32))
-    return qg.pack_nibbles(values), s, o
+def natural(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray | None) -> tuple[torch.Tensor, ...]:
+    """Native values as torch tensors: (codes [rows, cols] uint8, scales [rows, cols/32] fp16[, offsets])."""
+    out = [torch.from_numpy(np.ascontiguousarray(codes, dtype=np.uint8)),
+           torch.from_numpy(np.ascontiguousarray(scales, dtype=np.float32)).to(torch.float16)]
+    if offsets is not None:
+        out.append(torch.from_numpy(np.ascontiguousarray(offsets, dtype=np.float32)).to(torch.float16))
+    return tuple(out)
 
 
-def part_layout(type_name: str, raw: np.ndarray, rows: int, cols: int, bits: int, row_order,
+def part_values(type_name: str, raw: np.ndarray, rows: int, cols: int, bits: int, row_order,
                 dequantized) -> tuple[tuple[torch.Tensor, ...], bool]:
-    """One GGUF tensor in the layer's `bits` layout: (tensors, whether the file's bits were
-    kept). `row_order`: None (the file's order), an index array, or False (the loader does
-    more than reorder rows: use the fallback); `dequantized()` gives the float32 [rows, cols]
-    weight as the loader sees it, for the fallback."""
+    """One GGUF tensor on the layer's `bits` grid, row-major (`cpu_quant_gemm.layout`'s input):
+    (tensors, whether the file's bits were kept). `row_order`: None (the file's order), an
+    index array, or False (the loader does more than reorder rows: use the fallback);
+    `dequantized()` gives the float32 [rows, cols] weight as the loader sees it, for the fallback."""
     if type_name in NATIVE_BITS and row_order is not False:
         native, codes, scales, offsets = native_values(type_name, raw, rows, cols)
         if native == 5 and bits == 8:  # same scale, q - 16 on the 8-bit grid: exact
@@ -100,7 +90,7 @@ def part_layout(type_name: str, raw: np.ndarray, rows: int, cols: int, bits: int
             if isinstance(row_order, np.ndarray):
                 codes, scales = codes[row_order], scales[row_order]
                 offsets = None if offsets is None else offsets[row_order]
-            return to_layout(bits, codes.astype(np.uint8), scales, offsets), True
+            return natural(codes, scales, offsets), True
     weight = dequantized()
-    packer = {8: qg.pack_int8, 5: qg.pack_int5, 4: qg.pack_int4}[bits]
-    return packer(weight), False
+    quantizer = {8: qg.quantize_int8, 5: qg.quantize_int5, 4: qg.quantize_int4}[bits]
+    return quantizer(weight), False

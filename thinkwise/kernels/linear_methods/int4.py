@@ -109,7 +109,7 @@ class Int4Method(LinearMethod):
         if self.blocked:
             out = cpu_quant_gemm.quant_linear(x.reshape(-1, layer.in_features).contiguous(), layer.codes,
                                               layer.block_scales, layer.block_offsets, layer.bias,
-                                              layer.in_features, 4)
+                                              layer.in_features, layer.out_features, 4)
             return out.reshape(*lead, layer.out_features)
         scales_zeros = layer.scales_zeros
         if scales_zeros.dtype != x.dtype:
@@ -125,7 +125,7 @@ class Int4Method(LinearMethod):
     def dequantize(self, layer) -> torch.Tensor:
         if self.blocked:
             return cpu_quant_gemm.dequantize(layer.codes, layer.block_scales, layer.block_offsets,
-                                             layer.in_features, 4)
+                                             layer.in_features, layer.out_features, 4)
         if hasattr(layer, "qweight"):
             from thinkwise.kernels.triton_quant_gemm import dequantize_reference
 
