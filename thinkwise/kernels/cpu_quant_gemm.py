@@ -83,10 +83,8 @@ def _load() -> dict:
 
         build = _build_dir()
         build.mkdir(parents=True, exist_ok=True)
-        flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
-        # -fopenmp makes at::parallel_for run on PyTorch's OpenMP pool: the library it links
-        # (libgomp.so.1) is the one torch has already loaded, so no second pool is created.
-        load(name="thinkwise_cpu_quant", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+        flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-pthread"]
+        load(name="thinkwise_cpu_quant", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-pthread"],
              build_directory=str(build), is_python_module=False, verbose=False)
     except Exception as exc:  # a broken toolchain must not stop the engine: fall back, say why
         logger.warning("the CPU quantized-GEMM kernel could not be built (%s); using PyTorch's kernels", exc)
