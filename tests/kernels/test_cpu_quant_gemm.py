@@ -12,8 +12,6 @@ from thinkwise import LLM, SamplingParams
 from thinkwise.kernels import cpu_quant_gemm as qg
 from thinkwise.kernels.linear_dispatch import DispatchLinear
 from thinkwise.kernels.linear_methods import quantize_model
-from thinkwise.kernels.linear_methods.int4 import Int4Method
-from thinkwise.kernels.linear_methods.int8 import Int8Method
 from thinkwise.loading import load_model
 
 needs_kernel = pytest.mark.skipif(not qg.available(), reason=f"kernel unavailable: {qg.status()['reason']}")
@@ -159,7 +157,8 @@ def test_without_the_kernel_the_methods_fall_back_and_the_record_says_why(monkey
     assert record["cpu_kernel"] == {"kernel": "pytorch", "why": "this CPU lacks avx512_vnni"}
     assert not model["a"].method.blocked and hasattr(model["a"], "packed")
     x = torch.randn(3, 64).bfloat16()
-    assert torch.allclose(model["a"](x).float(), model["a"].method.reference(model["a"], x).float(), rtol=0.02, atol=0.05)
+    layer = model["a"]
+    assert torch.allclose(layer(x).float(), layer.method.reference(layer, x).float(), rtol=0.02, atol=0.05)
 
 
 def test_disabling_by_environment_is_reported(monkeypatch):

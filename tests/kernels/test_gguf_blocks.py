@@ -81,7 +81,8 @@ def test_default_model_under_gguf_keeps_the_files_bits():
     from thinkwise.loading import load_model
 
     loaded = load_model("default")
-    reference = {name: tensor.clone() for name, tensor in loaded.weights.items() if "layers.3." in name or name == "lm_head.weight"}
+    reference = {name: tensor.clone() for name, tensor in loaded.weights.items()
+                 if "layers.3." in name or name == "lm_head.weight"}
     llm = LLM.from_loaded(loaded, dtype="bfloat16", device="cpu", quantization="gguf", num_kv_blocks=16)
     record = llm.engine.run_metadata["linear_methods"]
     assert record["counts"] == {"int8": 25, "int5-g32": 60, "int4-g32": 12}

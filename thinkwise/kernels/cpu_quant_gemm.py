@@ -9,8 +9,8 @@ is quantized per block of 32 to int8 (scale amax / 127), so the dot products are
 VNNI work; 16 weight rows are interleaved (`layout`) so each VNNI instruction feeds 16
 outputs at once and no horizontal sums are needed, and the weights are read once per step
 for up to 8 token rows: the kernel (csrc/cpu_quant_gemm.cpp) is memory-bound at 1 row and
-stays close to it at 8, where PyTorch's int8 x bf16 kernel is compute-bound. It is compiled on first use with the system's C++
-compiler (`torch.utils.cpp_extension`, ninja) into ~/.cache/thinkwise/torch_extensions
+stays close to it at 8, where PyTorch's int8 x bf16 kernel is compute-bound. It is compiled
+on first use with the system's C++ compiler (`torch.utils.cpp_extension`, ninja) into ~/.cache/thinkwise/torch_extensions
 keyed by the source's hash and the torch version; `status()` says whether it is usable and,
 if not, why (no compiler, no AVX-512 VNNI, a failed build), and the linear methods then
 fall back to PyTorch's own int8/int4 CPU kernels and say so in the run metadata.

@@ -49,11 +49,13 @@ class Int5Method(LinearMethod):
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         out = cpu_quant_gemm.quant_linear(x.reshape(-1, layer.in_features).contiguous(), layer.codes,
-                                          layer.block_scales, None, layer.bias, layer.in_features, layer.out_features, 5)
+                                          layer.block_scales, None, layer.bias, layer.in_features,
+                                          layer.out_features, 5)
         return out.reshape(*lead, layer.out_features)
 
     def dequantize(self, layer) -> torch.Tensor:
-        return cpu_quant_gemm.dequantize(layer.codes, layer.block_scales, None, layer.in_features, layer.out_features, 5)
+        return cpu_quant_gemm.dequantize(layer.codes, layer.block_scales, None, layer.in_features,
+                                         layer.out_features, 5)
 
     def storage_bytes(self, layer) -> int:
         return layer.codes.numel() + layer.block_scales.numel() * 2

@@ -65,7 +65,8 @@ class Int8Method(LinearMethod):
 
     def dequantize(self, layer) -> torch.Tensor:
         if self.blocked:
-            return cpu_quant_gemm.dequantize(layer.codes, layer.block_scales, None, layer.in_features, layer.out_features, 8)
+            return cpu_quant_gemm.dequantize(layer.codes, layer.block_scales, None, layer.in_features,
+                                             layer.out_features, 8)
         return layer.qweight.float() * layer.scales.float()[:, None]
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +75,8 @@ class Int8Method(LinearMethod):
         lead = x.shape[:-1]
         if self.blocked:
             out = cpu_quant_gemm.quant_linear(x.reshape(-1, layer.in_features).contiguous(), layer.codes,
-                                              layer.block_scales, None, layer.bias, layer.in_features, layer.out_features, 8)
+                                              layer.block_scales, None, layer.bias, layer.in_features,
+                                              layer.out_features, 8)
             return out.reshape(*lead, layer.out_features)
         out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, layer.in_features), layer.qweight,
                                                  layer.scales.to(x.dtype))
