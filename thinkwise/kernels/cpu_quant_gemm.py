@@ -52,9 +52,10 @@ def _cpu_flags() -> set[str]:
 
 
 def _build_dir() -> Path:
+    from thinkwise.loading.cache import cache_root
+
     digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
-    root = Path(os.environ.get("THINKWISE_CACHE", Path.home() / ".cache" / "thinkwise"))
-    return root / "torch_extensions" / f"cpu_quant_gemm-{digest}"
+    return cache_root() / "torch_extensions" / f"cpu_quant_gemm-{digest}"
 
 
 def status() -> dict:
@@ -77,7 +78,7 @@ def _load() -> dict:
     if missing:
         return {"available": False, "reason": f"this CPU lacks {', '.join(missing)}"}
     if shutil.which(os.environ.get("CXX", "c++")) is None:
-        return {"available": False, "reason": "no C++ compiler (c++) on PATH"}
+        return {"available": False, "reason": f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"}
     try:
         from torch.utils.cpp_extension import load
 
