@@ -103,6 +103,10 @@ class Int4Method(LinearMethod):
         self.blocked = True
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if self.blocked and x.dim() == 2:  # the decode path: no reshapes, buffers read from the dicts
+            buffers = layer._buffers
+            return cpu_quant_gemm.quant_linear(x, buffers["codes"], buffers["block_scales"], buffers["block_offsets"],
+                                               layer._parameters.get("bias"), layer.in_features, layer.out_features, 4)
         if x.device.type == "cuda":
             return gpu_apply(self, layer, x, layer.qweight, layer.scales, layer.zeros, self.group)
         lead = x.shape[:-1]

@@ -47,6 +47,9 @@ class Int5Method(LinearMethod):
         layer.register_buffer("block_scales", scales)
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:  # the decode path: no reshapes, buffers read from the dicts
+            return cpu_quant_gemm.quant_linear(x, layer._buffers["codes"], layer._buffers["block_scales"], None,
+                                               layer._parameters.get("bias"), layer.in_features, layer.out_features, 5)
         lead = x.shape[:-1]
         out = cpu_quant_gemm.quant_linear(x.reshape(-1, layer.in_features).contiguous(), layer.codes,
                                           layer.block_scales, None, layer.bias, layer.in_features,

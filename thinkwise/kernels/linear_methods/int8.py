@@ -70,6 +70,9 @@ class Int8Method(LinearMethod):
         return layer.qweight.float() * layer.scales.float()[:, None]
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if self.blocked and x.dim() == 2:  # the decode path: no reshapes, buffers read from the dicts
+            return cpu_quant_gemm.quant_linear(x, layer._buffers["codes"], layer._buffers["block_scales"], None,
+                                               layer._parameters.get("bias"), layer.in_features, layer.out_features, 8)
         if x.device.type == "cuda":
             return gpu_apply(self, layer, x, layer.qweight, layer.scales, None, layer.in_features)
         lead = x.shape[:-1]
