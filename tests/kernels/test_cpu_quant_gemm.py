@@ -202,3 +202,31 @@ def test_greedy_decoding_through_the_kernel_equals_the_twin(tmp_path, quantizati
         return list(out[0].outputs[0].token_ids)
 
     assert greedy(False) == greedy(True)
+
+
+@needs_kernel
+def test_threads_and_a_forked_child_give_the_same_result():
+    """The tile pool shares a call between threads; a forked child (no helper threads) must
+    compute the same bits alone, not hang on state its parent's helpers held."""
+    import os
+    import signal
+
+    torch.manual_seed(4)
+    codes, scales = qg.pack_int8(torch.randn(4096, 256))
+    x = torch.randn(3, 256)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = qg.quant_linear(x, codes, scales, None, None, 256, 4096, 8)
+        torch.set_num_threads(2)
+        shared = qg.quant_linear(x, codes, scales, None, None, 256, 4096, 8)
+        assert torch.equal(alone, shared)  # each tile is computed by one thread: same bits
+        pid = os.fork()
+        if pid == 0:  # the child: a hang is killed by the alarm and fails the exit code
+            signal.alarm(30)
+            same = torch.equal(qg.quant_linear(x, codes, scales, None, None, 256, 4096, 8), alone)
+            os._exit(0 if same else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        torch.set_num_threads(previous)

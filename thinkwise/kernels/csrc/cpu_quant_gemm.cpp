@@ -39,6 +39,7 @@
 #include <condition_variable>
 #include <functional>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <cstdint>
 #include <cstring>
@@ -187,8 +188,15 @@ class TilePool {
   using Work = std::function<void(int64_t, int64_t)>;
 
   static TilePool& instance() {
-    static TilePool* pool = new TilePool();  // never destroyed: its threads are detached
-    return *pool;
+    static const bool registered = [] {
+      // A forked child has none of the helper threads (and maybe a mutex one of them held):
+      // it starts a fresh pool. The old one is leaked on purpose; its threads are detached.
+      pthread_atfork(nullptr, nullptr, [] { current_ = new TilePool(); });
+      return true;
+    }();
+    (void)registered;
+    if (current_ == nullptr) current_ = new TilePool();
+    return *current_;
   }
 
   void run(int64_t tiles, int threads, const Work& work) {
@@ -267,6 +275,7 @@ class TilePool {
   uint64_t generation_ = 0;
   size_t helpers_ = 0;
   const Work* work_ = nullptr;
+  static inline TilePool* current_ = nullptr;
 };
 
 template <int Bits, typename TIn, typename TOut>
