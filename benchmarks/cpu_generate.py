@@ -93,7 +93,8 @@ def run_thinkwise(args, quantization: str) -> dict:
             "weights_mib": round(weight_bytes / 2**20), "kv_cache_mib": round(kv_bytes / 2**20),
             "rss_mib": {"before_load": round(rss_before), "after_load": round(rss_loaded), "end": round(rss_mib())},
             "batch1_tok_s": round(n_new / b1, 2), f"n{k}_tok_s": round(k * n_new / nk, 2),
-            "linear_methods": {key: meta["linear_methods"].get(key) for key in ("method", "counts", "notes")},
+            "linear_methods": {key: meta["linear_methods"].get(key)
+                               for key in ("method", "counts", "notes", "cpu_kernel")},
             "gemm_dispatch": meta.get("gemm_dispatch")}
 
 

@@ -52,7 +52,8 @@ def test_cpu_kernel_matches_twin_and_the_16_bit_layer(method, shape):
     bound = 0.03 if isinstance(method, Int8Method) else 0.2  # vs the unquantized layer: rounding of W
     assert rel_error(got, exact) < bound
     assert rel_error(method.dequantize(layer), weight.float()) < bound
-    assert method.storage_bytes(layer) < weight.numel() * 2
+    stored_rows = -(-shape[0] // 16) * 16 if getattr(method, "blocked", False) else shape[0]  # tiles of 16 rows
+    assert method.storage_bytes(layer) < stored_rows * shape[1] * 2
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
@@ -106,7 +107,8 @@ def test_layers_a_method_cannot_hold_fall_back_to_int8_and_say_so():
 def test_gguf_needs_a_gguf_source_and_maps_block_types():
     with pytest.raises(InvalidParameterError, match="not loaded from a GGUF"):
         quantize_model(torch.nn.ModuleDict({"a": linear(16, 32)}), "gguf", dtype=torch.bfloat16)
-    assert bits_of("Q4_K", "t") == 4 and bits_of("Q3_K", "t") == 4 and bits_of("Q5_0", "t") == 8
+    assert bits_of("Q4_K", "t") == 4 and bits_of("Q3_K", "t") == 4 and bits_of("Q5_0", "t") == 5
+    assert bits_of("Q5_1", "t") == 8 and bits_of("Q6_K", "t") == 8
     assert bits_of("Q8_0", "t") == 8 and bits_of("F16", "t") == 16
     with pytest.raises(ModelFormatError, match="quantization='gguf' has no kernel"):
         bits_of("MXFP4_NEW", "blk.0.attn_q.weight")
@@ -114,6 +116,7 @@ def test_gguf_needs_a_gguf_source_and_maps_block_types():
              "model.layers.0.self_attn.v_proj.weight": "Q8_0", "model.layers.0.mlp.down_proj.weight": "Q4_K",
              "model.embed_tokens.weight": "Q6_K"}
     assert layer_bits("layers.0.self_attn.qkv_proj", types) == (8, "Q5_0+Q4_K+Q8_0")  # the widest part
+    assert layer_bits("layers.0.self_attn.q_proj", types) == (5, "Q5_0")
     assert layer_bits("layers.0.mlp.down_proj", types) == (4, "Q4_K")
     assert layer_bits("lm_head", types) == (8, "Q6_K")  # tied: the embedding's type
     with pytest.raises(ModelFormatError, match="no GGUF tensor"):
@@ -183,11 +186,17 @@ def test_a_broken_scale_layout_fails_the_closeness_check(tiny_dir):
     int8 = engine_for(tiny_dir, "int8")
     for module in int8.runner.model.modules():
         if isinstance(module, DispatchLinear):
-            module.scales.copy_(module.scales.flip(0))
+            scales = module.block_scales if module.method.blocked else module.scales
+            scales.copy_(scales.flip(0))
     assert not close_logits(reference, prefill_logits(int8, ids), INT8_BOUND)
     int4 = engine_for(tiny_dir, "int4-all")
     for module in int4.runner.model.modules():
-        if isinstance(module, DispatchLinear) and hasattr(module, "scales_zeros"):
+        if isinstance(module, DispatchLinear) and getattr(module.method, "blocked", False) and \
+                isinstance(module.method, Int4Method):
+            scales = module.block_scales.clone()
+            module.block_scales.copy_(module.block_offsets)
+            module.block_offsets.copy_(scales)
+        elif isinstance(module, DispatchLinear) and hasattr(module, "scales_zeros"):
             module.scales_zeros.copy_(module.scales_zeros.flip(-1))
     assert not close_logits(reference, prefill_logits(int4, ids), INT4_BOUND)
 

@@ -27,6 +27,7 @@ from torch import nn
 from thinkwise.errors import InvalidParameterError, ModelFormatError
 from thinkwise.kernels.linear_methods.base import LinearMethod
 from thinkwise.kernels.linear_methods.int4 import DEFAULT_GROUP, GROUP_SIZES, Int4Method
+from thinkwise.kernels.linear_methods.int5 import Int5Method
 from thinkwise.kernels.linear_methods.int8 import Int8Method
 
 __all__ = ["LinearMethod", "METHODS", "QUANTIZATION_CHOICES", "parse_quantization", "quantize_model",
@@ -84,7 +85,7 @@ def _method_for(spec: QuantizationSpec, name: str, dtype: torch.dtype, gguf_type
     from thinkwise.kernels.linear_methods.gguf import layer_bits
 
     bits, types = layer_bits(name, gguf_types)
-    method = {4: Int4Method(dtype, DEFAULT_GROUP), 8: Int8Method(dtype), 16: None}[bits]
+    method = {4: Int4Method(dtype, DEFAULT_GROUP), 5: Int5Method(dtype), 8: Int8Method(dtype), 16: None}[bits]
     return method, f"GGUF {types}"
 
 
@@ -110,6 +111,7 @@ def quantize_model(model: nn.Module, quantization: str | None, *, dtype: torch.d
         gguf_types = gguf_tensor_types(gguf_source)
     per_layer: dict[str, str] = {}
     notes: dict[str, str] = {}
+    file_blocks = None  # the open GGUF, once a layer can take the file's own bits
     for name, layer in layers:
         if layer.method is not None:
             raise ModelFormatError(f"layer {name} is already quantized", param="quantization")
@@ -123,11 +125,45 @@ def quantize_model(model: nn.Module, quantization: str | None, *, dtype: torch.d
             per_layer[name] = sixteen
             continue
         with torch.no_grad():
-            method.quantize(layer, layer.weight.detach())
+            if spec.kind == "gguf" and _takes_blocks(method, layer):
+                from thinkwise.kernels.linear_methods.gguf import GgufBlocks, keep_file_bits
+
+                file_blocks = file_blocks or GgufBlocks(gguf_source, getattr(model, "config", None))
+                if not keep_file_bits(file_blocks, name, layer, method):
+                    notes[name] = f"{notes[name]}: requantized to {method.describe()} (no kernel for its grid)"
+            else:
+                method.quantize(layer, layer.weight.detach())
         layer.method = method
         per_layer[name] = method.describe()
     release_freed_host_memory()
-    return {"method": spec.label, "layers": per_layer, "counts": dict(Counter(per_layer.values())), "notes": notes}
+    record = {"method": spec.label, "layers": per_layer, "counts": dict(Counter(per_layer.values())), "notes": notes}
+    if any(buffer.device.type == "cpu" for _, layer in layers if layer.method is not None
+           for buffer in layer.buffers(recurse=False)):
+        record["cpu_kernel"] = cpu_kernel_record()
+    return record
+
+
+def _takes_blocks(method: LinearMethod, layer) -> bool:
+    """Whether `method` would hold `layer` in cpu_quant_gemm's blocks (so the GGUF's bytes fit)."""
+    from thinkwise.kernels import cpu_quant_gemm
+
+    if isinstance(method, Int5Method):
+        return True  # `unsupported` already refused it where the kernel cannot run
+    if isinstance(method, Int4Method) and method.group != cpu_quant_gemm.BLOCK:
+        return False
+    return (layer.weight.device.type == "cpu" and layer.in_features % cpu_quant_gemm.BLOCK == 0
+            and cpu_quant_gemm.available())
+
+
+def cpu_kernel_record() -> dict[str, str]:
+    """Which kernel multiplies the quantized layers on the CPU, for the run metadata: ours
+    (kernels/cpu_quant_gemm) or, where it cannot run here, PyTorch's, with the reason."""
+    from thinkwise.kernels import cpu_quant_gemm
+
+    status = cpu_quant_gemm.status()
+    if status["available"]:
+        return {"kernel": "thinkwise cpu_quant_gemm (AVX-512 VNNI, int8 activations per block of 32)"}
+    return {"kernel": "pytorch", "why": status["reason"]}
 
 
 def release_freed_host_memory() -> None:

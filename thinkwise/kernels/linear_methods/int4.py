@@ -6,9 +6,12 @@ w ~= (code - 8) * s + z, the convention of gpt-fast and of PyTorch's int4 kernel
 default group is 32: it is what llama.cpp's 4-bit blocks use, and on a 0.5B model (small
 rows, outlier-heavy) 128-wide groups lose visibly more perplexity for 0.75 bit less per
 weight (benchmarks/quant_quality.py measures both). K must be a multiple of the group.
-CPU runs PyTorch's `_weight_int4pack_mm_for_cpu` on weights repacked by
+On a CPU with AVX-512 VNNI (and a C++ compiler for the first use) the codes are kept in
+`cpu_quant_gemm`'s layout (fp16 scale and offset per block of 32; a 64- or 128-wide group's
+pair repeated per block) and multiplied by our kernel; elsewhere the CPU runs PyTorch's
+`_weight_int4pack_mm_for_cpu` on weights repacked by
 `_convert_weight_to_int4pack_for_cpu` (rows padded to its multiple of 16, the padding
-sliced off the result); CUDA keeps two codes per byte for the Triton kernel of
+sliced off the result). CUDA keeps two codes per byte for the Triton kernel of
 `triton_quant_gemm`.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from thinkwise.kernels import cpu_quant_gemm
 from thinkwise.kernels.linear_methods.base import LinearMethod
 from thinkwise.kernels.linear_methods.plans import gpu_apply, quant_candidates
 
@@ -49,10 +53,12 @@ def quantize_int4(weight: torch.Tensor, group: int, scale_dtype: torch.dtype
 
 class Int4Method(LinearMethod):
     name = "int4"
+    bits = 4  # cpu_quant_gemm's code width when blocked
 
     def __init__(self, dtype: torch.dtype, group: int = DEFAULT_GROUP):
         self.dtype = dtype
         self.group = group
+        self.blocked = False  # True: cpu_quant_gemm's layout (set by quantize)
 
     def describe(self) -> str:
         return f"int4-g{self.group}"
@@ -63,6 +69,9 @@ class Int4Method(LinearMethod):
         return None
 
     def quantize(self, layer, weight: torch.Tensor) -> None:
+        if weight.device.type == "cpu" and cpu_quant_gemm.available():
+            self.keep_blocks(layer, *cpu_quant_gemm.pack_int4(weight, self.group))
+            return
         codes, scales, zeros = quantize_int4(weight, self.group, self.dtype)
         del layer.weight
         layer.weight = None
@@ -83,10 +92,29 @@ class Int4Method(LinearMethod):
         # The CPU kernel takes [K/group, N, 2] (scale, zero).
         layer.register_buffer("scales_zeros", torch.stack([scales.t(), zeros.t()], dim=-1).contiguous())
 
+    def keep_blocks(self, layer, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> None:
+        """Hold `cpu_quant_gemm`'s 4-bit layout (from `pack_int4`, or a GGUF Q4_0/Q4_1
+        tensor's own bits) in place of the layer's 16-bit weight."""
+        del layer.weight
+        layer.weight = None
+        layer.register_buffer("codes", codes)
+        layer.register_buffer("block_scales", scales)
+        layer.register_buffer("block_offsets", offsets)
+        self.blocked = True
+
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
+        if self.blocked and x.dim() == 2:  # the decode path: no reshapes, buffers read from the dicts
+            buffers = layer._buffers
+            return cpu_quant_gemm.quant_linear(x, buffers["codes"], buffers["block_scales"], buffers["block_offsets"],
+                                               layer._parameters.get("bias"), layer.in_features, layer.out_features, 4)
         if x.device.type == "cuda":
             return gpu_apply(self, layer, x, layer.qweight, layer.scales, layer.zeros, self.group)
         lead = x.shape[:-1]
+        if self.blocked:
+            out = cpu_quant_gemm.quant_linear(x.reshape(-1, layer.in_features).contiguous(), layer.codes,
+                                              layer.block_scales, layer.block_offsets, layer.bias,
+                                              layer.in_features, layer.out_features, 4)
+            return out.reshape(*lead, layer.out_features)
         scales_zeros = layer.scales_zeros
         if scales_zeros.dtype != x.dtype:
             scales_zeros = scales_zeros.to(x.dtype)
@@ -99,6 +127,9 @@ class Int4Method(LinearMethod):
         return out.reshape(*lead, layer.out_features)
 
     def dequantize(self, layer) -> torch.Tensor:
+        if self.blocked:
+            return cpu_quant_gemm.dequantize(layer.codes, layer.block_scales, layer.block_offsets,
+                                             layer.in_features, layer.out_features, 4)
         if hasattr(layer, "qweight"):
             from thinkwise.kernels.triton_quant_gemm import dequantize_reference
 
@@ -109,6 +140,8 @@ class Int4Method(LinearMethod):
         return columns[:, : layer.out_features].t().float()
 
     def storage_bytes(self, layer) -> int:
+        if self.blocked:
+            return layer.codes.numel() + (layer.block_scales.numel() + layer.block_offsets.numel()) * 2
         if hasattr(layer, "qweight"):
             return sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.zeros))
         return layer.packed.numel() * layer.packed.element_size() + \

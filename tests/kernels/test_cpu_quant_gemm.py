@@ -1,0 +1,232 @@
+"""The AVX-512 VNNI quantized GEMM (kernels/cpu_quant_gemm + csrc/cpu_quant_gemm.cpp) against
+its PyTorch twin on small and odd shapes, its packing, its fallback, and greedy decoding of a
+tiny model through the kernel equal to decoding through the twin."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny_models import make_tiny_model
+from thinkwise import LLM, SamplingParams
+from thinkwise.kernels import cpu_quant_gemm as qg
+from thinkwise.kernels.linear_dispatch import DispatchLinear
+from thinkwise.kernels.linear_methods import quantize_model
+from thinkwise.loading import load_model
+
+needs_kernel = pytest.mark.skipif(not qg.available(), reason=f"kernel unavailable: {qg.status()['reason']}")
+
+
+def packed(weight: torch.Tensor, bits: int):
+    if bits == 4:
+        return qg.pack_int4(weight)
+    return (*(qg.pack_int5 if bits == 5 else qg.pack_int8)(weight), None)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [8, 5, 4])
+@pytest.mark.parametrize("n,k", [(1, 32), (5, 96), (17, 64), (37, 896), (130, 160)])  # N % 16 != 0: padded tiles
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17])  # tile remainders, a full tile, two + 1
+def test_kernel_equals_the_twin_in_float32(bits, n, k, rows):
+    torch.manual_seed(n * 1000 + k + rows)
+    weight = torch.randn(n, k) * 0.05
+    codes, scales, offsets = packed(weight, bits)
+    x = torch.randn(rows, k) * 3
+    bias = torch.randn(n)
+    for b in (None, bias):
+        got = qg.quant_linear(x, codes, scales, offsets, b, k, n, bits)
+        twin = qg.reference_linear(x, codes, scales, offsets, b, k, n, bits)
+        assert got.shape == (rows, n) and got.dtype == torch.float32
+        # Same products, another summation order: float32 rounding only.
+        torch.testing.assert_close(got, twin, rtol=1e-5, atol=1e-5 * twin.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits", [8, 5, 4])
+def test_bfloat16_activations_and_output(bits):
+    torch.manual_seed(1)
+    weight = torch.randn(72, 128)
+    codes, scales, offsets = packed(weight, bits)
+    x = torch.randn(6, 128).bfloat16()
+    bias = torch.randn(72).bfloat16()
+    got = qg.quant_linear(x, codes, scales, offsets, bias, 128, 72, bits)
+    assert got.dtype == torch.bfloat16
+    twin = qg.reference_linear(x, codes, scales, offsets, bias, 128, 72, bits)
+    torch.testing.assert_close(got.float(), twin.float(), rtol=2 ** -7, atol=1e-2)  # one bf16 rounding apart
+    exact = torch.nn.functional.linear(x.float(), weight, bias.float())
+    bound = {8: 0.02, 5: 0.08, 4: 0.12}[bits]  # weight + activation rounding, measured ~0.8% / ~4% / ~8%
+    assert ((got.float() - exact).norm() / exact.norm()).item() < bound
+
+
+def test_packing_round_trips_values_the_format_can_hold():
+    """A block of q * s (s an fp16, max |q| = 127) is stored exactly, as GGUF Q8_0 is; 5-bit
+    (Q5_0) and 4-bit blocks c * s + o (Q4_1) likewise; padding rows to 16 is sliced off."""
+    torch.manual_seed(2)
+    s = torch.rand(3, 3).mul(0.01).to(torch.float16)
+    q = torch.randint(-127, 128, (3, 3, 32)).float()
+    q[..., 0] = 127
+    weight = (q * s.float()[..., None]).reshape(3, 96)
+    codes, scales = qg.pack_int8(weight)
+    assert codes.shape == (1, 3 * 512) and scales.shape == (1, 3 * 16)
+    assert torch.equal(qg.dequantize(codes, scales, None, 96, 3, 8), weight)
+    q5 = torch.randint(-15, 16, (3, 3, 32)).float()  # max |q| = 15 sets the scale
+    q5[..., 0] = 15
+    weight5 = (q5 * s.float()[..., None]).reshape(3, 96)
+    codes5, scales5 = qg.pack_int5(weight5)
+    assert codes5.shape == (1, 3 * 320) and torch.equal(qg.dequantize(codes5, scales5, None, 96, 3, 5), weight5)
+    c = torch.randint(0, 16, (3, 3, 32)).float()
+    c[..., 0], c[..., 1] = 0, 15
+    o = (torch.rand(3, 3) - 0.5).to(torch.float16)
+    weight4 = (c * s.float()[..., None] + o.float()[..., None]).reshape(3, 96)
+    codes4, scales4, offsets4 = qg.pack_int4(weight4)
+    assert codes4.shape == (1, 3 * 256)
+    assert torch.allclose(qg.dequantize(codes4, scales4, offsets4, 96, 3, 4), weight4, atol=1e-6)
+    for bits, top in ((8, 256), (5, 32), (4, 16)):  # layout and unlayout are inverses, 35 rows: 3 tiles
+        values = torch.randint(0, top, (35, 64), dtype=torch.uint8)
+        block_scales = torch.rand(35, 2).to(torch.float16)
+        offsets = torch.rand(35, 2).to(torch.float16) if bits == 4 else None
+        packed = qg.layout(bits, values, block_scales, offsets)
+        back = qg.unlayout(bits, packed[0], packed[1], offsets if offsets is None else packed[2], 35)
+        assert torch.equal(back[0], values) and torch.equal(back[1], block_scales)
+        assert bits != 4 or torch.equal(back[2], offsets)
+
+
+def test_the_interleaved_layout_byte_by_byte():
+    """Where csrc/cpu_quant_gemm.cpp reads each code: 8-bit step s, lane l, byte q at
+    64 s + 4 l + q; 4-bit nibbles of steps t and t + 4 share byte 64 t + 4 l + q; the fifth
+    bits are 8 masks after the 256 nibble bytes, bit 4 l + q of mask s."""
+    values = torch.zeros(16, 32, dtype=torch.uint8)
+    values[3, 4 * 2 + 1] = 200  # lane 3, step 2, q 1
+    codes8, _ = qg.layout(8, values, torch.ones(16, 1, dtype=torch.float16))
+    assert codes8[0, 64 * 2 + 4 * 3 + 1] == 200 and codes8.sum() == 200
+    values = torch.zeros(16, 32, dtype=torch.uint8)
+    values[5, 4 * 6 + 2] = 0x1B  # lane 5, step 6 (high nibble of t = 2), q 2, fifth bit set
+    codes5, _ = qg.layout(5, values, torch.ones(16, 1, dtype=torch.float16))
+    assert codes5[0, 64 * 2 + 4 * 5 + 2] == 0xB0 and codes5[0, :256].sum() == 0xB0
+    masks = codes5[0, 256:].view(torch.int64)
+    assert masks[6] == 1 << (4 * 5 + 2) and masks.sum() == masks[6]
+    scales = torch.arange(32, dtype=torch.float16).reshape(16, 2)
+    _, per_block = qg.layout(8, torch.zeros(16, 64, dtype=torch.uint8), scales)
+    assert per_block[0, 16 + 7] == scales[7, 1]  # block 1, lane 7
+
+
+@needs_kernel
+def test_zero_weights_and_zero_activations_give_the_bias_not_nan():
+    codes, scales = qg.pack_int8(torch.zeros(8, 64))
+    bias = torch.arange(8.0)
+    x = torch.zeros(2, 64)
+    assert torch.equal(qg.quant_linear(x, codes, scales, None, bias, 64, 8, 8), bias.expand(2, 8))
+    codes4, scales4, offsets4 = qg.pack_int4(torch.randn(8, 64))
+    assert torch.equal(qg.quant_linear(x, codes4, scales4, offsets4, bias, 64, 8, 4), bias.expand(2, 8))
+    codes5, scales5 = qg.pack_int5(torch.randn(8, 64))
+    assert torch.equal(qg.quant_linear(x, codes5, scales5, None, bias, 64, 8, 5), bias.expand(2, 8))
+    assert qg.quant_linear(torch.zeros(0, 64), codes, scales, None, None, 64, 8, 8).shape == (0, 8)
+
+
+@needs_kernel
+def test_bad_inputs_are_refused_with_the_reason():
+    codes, scales = qg.pack_int8(torch.randn(8, 64))
+    with pytest.raises(RuntimeError, match="x has 32 columns"):
+        qg.quant_linear(torch.randn(1, 32), codes, scales, None, None, 64, 8, 8)
+    with pytest.raises(RuntimeError, match=r"8-bit codes for 8x128 must be contiguous uint8 \[1, 2048\]"):
+        qg.quant_linear(torch.randn(1, 128), codes, scales, None, None, 128, 8, 8)
+    with pytest.raises(RuntimeError, match="codes for 17x64"):  # 17 rows need two tiles
+        qg.quant_linear(torch.randn(1, 64), codes, scales, None, None, 64, 17, 8)
+    with pytest.raises(RuntimeError, match="bfloat16 or float32"):
+        qg.quant_linear(torch.randn(1, 64).half(), codes, scales, None, None, 64, 8, 8)
+    with pytest.raises(RuntimeError, match="fp16 offsets"):
+        qg.quant_linear(torch.randn(1, 64), codes[:, :512].contiguous(), scales, None, None, 64, 8, 4)
+    with pytest.raises(RuntimeError, match="scales must be"):
+        qg.quant_linear(torch.randn(1, 64), codes, scales.float(), None, None, 64, 8, 8)
+    with pytest.raises(RuntimeError, match="bits must be 4, 5 or 8"):
+        qg.quant_linear(torch.randn(1, 64), codes, scales, None, None, 64, 8, 6)
+    with pytest.raises(RuntimeError, match="5-bit codes"):
+        qg.quant_linear(torch.randn(1, 64), codes, scales, None, None, 64, 8, 5)
+    with pytest.raises(RuntimeError, match="bias must be"):
+        qg.quant_linear(torch.randn(1, 64), codes, scales, None, torch.zeros(9), 64, 8, 8)
+    with pytest.raises(ValueError, match="group 48"):
+        qg.pack_int4(torch.randn(4, 96), 48)
+
+
+def test_without_the_kernel_the_methods_fall_back_and_the_record_says_why(monkeypatch):
+    monkeypatch.setattr(qg, "_status", {"available": False, "reason": "this CPU lacks avx512_vnni"})
+    model = torch.nn.ModuleDict({"a": DispatchLinear(64, 32, bias=False), "b": DispatchLinear(64, 32, bias=False)})
+    for layer in model.values():
+        torch.nn.init.normal_(layer.weight)
+    record = quantize_model(model.to(torch.bfloat16), "int4-all", dtype=torch.bfloat16)
+    assert record["cpu_kernel"] == {"kernel": "pytorch", "why": "this CPU lacks avx512_vnni"}
+    assert not model["a"].method.blocked and hasattr(model["a"], "packed")
+    x = torch.randn(3, 64).bfloat16()
+    layer = model["a"]
+    assert torch.allclose(layer(x).float(), layer.method.reference(layer, x).float(), rtol=0.02, atol=0.05)
+
+
+def test_disabling_by_environment_is_reported(monkeypatch):
+    monkeypatch.setenv(qg.DISABLE_ENV, "0")
+    assert qg._load() == {"available": False, "reason": f"disabled by {qg.DISABLE_ENV}=0"}
+
+
+# ----------------------------------------------------------------------------- a tiny model
+
+
+class TwinLinear:
+    """Replaces a blocked method's kernel call by the PyTorch twin (same inputs, same signature)."""
+
+    def __init__(self, method):
+        self.method = method
+
+    def __call__(self, layer, x):
+        bits = self.method.bits
+        out = qg.reference_linear(x.reshape(-1, layer.in_features), layer.codes, layer.block_scales,
+                                  getattr(layer, "block_offsets", None), layer.bias, layer.in_features,
+                                  layer.out_features, bits)
+        return out.reshape(*x.shape[:-1], layer.out_features)
+
+
+@needs_kernel
+@pytest.mark.parametrize("quantization", ["int8", "int4-all"])
+def test_greedy_decoding_through_the_kernel_equals_the_twin(tmp_path, quantization):
+    make_tiny_model("qwen2", tmp_path, seed=5, tie_word_embeddings=True)
+
+    def greedy(twin: bool) -> list[int]:
+        llm = LLM.from_loaded(load_model(str(tmp_path), dtype=torch.float32), dtype="float32", device="cpu",
+                              quantization=quantization, num_kv_blocks=32)
+        model = llm.engine.runner.model
+        layers = [m for m in model.modules() if isinstance(m, DispatchLinear)]
+        assert layers and all(m.method.blocked for m in layers)
+        if twin:
+            for m in layers:
+                m.method.apply = TwinLinear(m.method)  # an instance attribute: called as apply(layer, x)
+        out = llm.generate({"prompt_token_ids": list(range(5, 25))},
+                           SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        return list(out[0].outputs[0].token_ids)
+
+    assert greedy(False) == greedy(True)
+
+
+@needs_kernel
+def test_threads_and_a_forked_child_give_the_same_result():
+    """The tile pool shares a call between threads; a forked child (no helper threads) must
+    compute the same bits alone, not hang on state its parent's helpers held."""
+    import os
+    import signal
+
+    torch.manual_seed(4)
+    codes, scales = qg.pack_int8(torch.randn(4096, 256))
+    x = torch.randn(3, 256)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = qg.quant_linear(x, codes, scales, None, None, 256, 4096, 8)
+        torch.set_num_threads(2)
+        shared = qg.quant_linear(x, codes, scales, None, None, 256, 4096, 8)
+        assert torch.equal(alone, shared)  # each tile is computed by one thread: same bits
+        pid = os.fork()
+        if pid == 0:  # the child: a hang is killed by the alarm and fails the exit code
+            signal.alarm(30)
+            same = torch.equal(qg.quant_linear(x, codes, scales, None, None, 256, 4096, 8), alone)
+            os._exit(0 if same else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        torch.set_num_threads(previous)

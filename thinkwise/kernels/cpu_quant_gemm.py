@@ -1,0 +1,265 @@
+"""Quantized linear layers on x86 CPUs: our AVX-512 VNNI kernel, its packing and its PyTorch twin.
+
+Weights are stored in blocks of 32 along the input dimension, llama.cpp-style: 8-bit codes
+with one fp16 scale per block (W = s * q, q in -127..127; GGUF Q8_0 is exactly this), 5-bit
+codes with one fp16 scale (W = s * q, q in -16..15: GGUF Q5_0) or 4-bit codes with an fp16
+scale and an fp16 offset per block (W = s * c + o, c in 0..15; GGUF Q4_0 and Q4_1 exactly,
+Q4_K up to the fp16 rounding of its two-level scales). At run time each row of activations
+is quantized per block of 32 to int8 (scale amax / 127), so the dot products are integer
+VNNI work; 16 weight rows are interleaved (`layout`) so each VNNI instruction feeds 16
+outputs at once and no horizontal sums are needed, and the weights are read once per step
+for up to 8 token rows: the kernel (csrc/cpu_quant_gemm.cpp) is memory-bound at 1 row and
+stays close to it at 8, where PyTorch's int8 x bf16 kernel is compute-bound. It is compiled
+on first use with the system's C++ compiler (`torch.utils.cpp_extension`, ninja) into ~/.cache/thinkwise/torch_extensions
+keyed by the source's hash and the torch version; `status()` says whether it is usable and,
+if not, why (no compiler, no AVX-512 VNNI, a failed build), and the linear methods then
+fall back to PyTorch's own int8/int4 CPU kernels and say so in the run metadata.
+`reference_linear` is the twin every call of `quant_linear` is tested against: dequantize
+W, quantize-dequantize x the same way, one float32 `F.linear`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BLOCK = 32  # weights per scale
+SOURCE = Path(__file__).with_name("csrc") / "cpu_quant_gemm.cpp"
+REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
+DISABLE_ENV = "THINKWISE_CPU_QUANT_KERNEL"  # "0": use PyTorch's kernels (A/B runs, debugging)
+
+_lock = threading.Lock()
+_status: dict | None = None
+_op = None  # torch.ops.thinkwise_cpu.quant_linear once loaded
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _build_dir() -> Path:
+    from thinkwise.loading.cache import cache_root
+
+    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
+    return cache_root() / "torch_extensions" / f"cpu_quant_gemm-{digest}"
+
+
+def status() -> dict:
+    """{"available": bool, "reason": why not (or the build directory)}; builds on first call."""
+    global _status
+    with _lock:
+        if _status is None:
+            _status = _load()
+        return _status
+
+
+def available() -> bool:
+    return status()["available"]
+
+
+def _load() -> dict:
+    if os.environ.get(DISABLE_ENV, "1") == "0":
+        return {"available": False, "reason": f"disabled by {DISABLE_ENV}=0"}
+    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in _cpu_flags()]
+    if missing:
+        return {"available": False, "reason": f"this CPU lacks {', '.join(missing)}"}
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        return {"available": False, "reason": f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"}
+    try:
+        from torch.utils.cpp_extension import load
+
+        build = _build_dir()
+        build.mkdir(parents=True, exist_ok=True)
+        flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-pthread"]
+        load(name="thinkwise_cpu_quant", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-pthread"],
+             build_directory=str(build), is_python_module=False, verbose=False)
+    except Exception as exc:  # a broken toolchain must not stop the engine: fall back, say why
+        logger.warning("the CPU quantized-GEMM kernel could not be built (%s); using PyTorch's kernels", exc)
+        return {"available": False, "reason": f"build failed: {str(exc).strip().splitlines()[-1][:300]}"}
+    return {"available": True, "reason": f"built in {build}"}
+
+
+BITS = (4, 5, 8)
+LANES = 16  # weight rows interleaved per tile
+BLOCK_BYTES = {8: 512, 5: 320, 4: 256}  # code bytes per tile of 16 rows and block of 32 inputs
+FILLER = {8: 128, 5: 16, 4: 0}  # the zero weight's code, for padding rows
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, K] uint8 = q + 128, scales [N, K/32] fp16) for a float weight [N, K], K a
+    multiple of 32: per block s = amax / 127 (rounded to fp16), q = round(w / s)."""
+    n, k = weight.shape
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    scales = torch.empty(n, k // BLOCK, dtype=torch.float16)
+    for start in range(0, n, 8192):  # bounded fp32 temporaries (lm_head)
+        rows = slice(start, start + 8192)
+        w = weight[rows].to(torch.float32, copy=True).reshape(-1, k // BLOCK, BLOCK)
+        s = (w.abs().amax(dim=-1) / 127.0).clamp(max=65504.0).to(torch.float16)
+        inverse = torch.where(s > 0, 1.0 / s.float(), torch.zeros((), dtype=torch.float32))
+        codes[rows] = w.mul_(inverse[..., None]).round_().clamp_(-127, 127).add_(128).reshape(-1, k).to(torch.uint8)
+        scales[rows] = s
+    return codes, scales
+
+
+def quantize_int5(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, K] uint8 = q + 16, scales [N, K/32] fp16): per block s = amax / 15 (fp16),
+    q = round(w / s) in -16..15 (GGUF Q5_0's grid, used symmetrically)."""
+    n, k = weight.shape
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    scales = torch.empty(n, k // BLOCK, dtype=torch.float16)
+    for start in range(0, n, 8192):
+        rows = slice(start, start + 8192)
+        w = weight[rows].to(torch.float32, copy=True).reshape(-1, k // BLOCK, BLOCK)
+        s = (w.abs().amax(dim=-1) / 15.0).clamp(max=65504.0).to(torch.float16)
+        inverse = torch.where(s > 0, 1.0 / s.float(), torch.zeros((), dtype=torch.float32))
+        codes[rows] = w.mul_(inverse[..., None]).round_().clamp_(-16, 15).add_(16).reshape(-1, k).to(torch.uint8)
+        scales[rows] = s
+    return codes, scales
+
+
+def quantize_int4(weight: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes [N, K] uint8 in 0..15, scales, offsets [N, K/32] fp16): per group s = (max - min)
+    / 15 and o = min (both rounded to fp16), c = round((w - o) / s); a group wider than 32
+    (64, 128) repeats its (s, o) in each of its blocks."""
+    n, k = weight.shape
+    if group % BLOCK or k % group:
+        raise ValueError(f"quantize_int4: group {group} must be a multiple of {BLOCK} dividing K={k}")
+    codes = torch.empty(n, k, dtype=torch.uint8)
+    scales = torch.empty(n, k // BLOCK, dtype=torch.float16)
+    offsets = torch.empty_like(scales)
+    for start in range(0, n, 8192):
+        rows = slice(start, start + 8192)
+        w = weight[rows].to(torch.float32, copy=True).reshape(-1, k // group, group)
+        low, high = torch.aminmax(w, dim=-1)
+        s = ((high - low) / 15.0).clamp(max=65504.0).to(torch.float16)
+        o = low.to(torch.float16)
+        inverse = torch.where(s > 0, 1.0 / s.float(), torch.zeros((), dtype=torch.float32))
+        c = w.sub_(o.float()[..., None]).mul_(inverse[..., None]).round_().clamp_(0, 15)
+        codes[rows] = c.reshape(-1, k).to(torch.uint8)
+        scales[rows] = s.repeat_interleave(group // BLOCK, dim=1)
+        offsets[rows] = o.repeat_interleave(group // BLOCK, dim=1)
+    return codes, scales, offsets
+
+
+def layout(bits: int, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, ...]:
+    """Codes [N, K] (0..2^bits-1, row-major) and per-block scales/offsets [N, K/32] -> the
+    kernel's interleaved tensors (see csrc/cpu_quant_gemm.cpp): codes [tiles, K/32 * bytes],
+    scales (and 4-bit offsets) [tiles, K/32 * 16] fp16, rows padded to 16."""
+    n, k = codes.shape
+    tiles, blocks = -(-n // LANES), k // BLOCK
+    pad = tiles * LANES - n
+    if pad:
+        codes = torch.cat([codes, codes.new_full((pad, k), FILLER[bits])])
+        scales = torch.cat([scales, scales.new_zeros(pad, blocks)])
+        offsets = None if offsets is None else torch.cat([offsets, offsets.new_zeros(pad, blocks)])
+
+    def per_block(t: torch.Tensor) -> torch.Tensor:  # [N, blocks] -> [tiles, blocks * 16]
+        return t.to(torch.float16).reshape(tiles, LANES, blocks).transpose(1, 2).reshape(tiles, -1).contiguous()
+
+    # [tile, lane, block, step, q] with input = 4 * step + q inside the block
+    steps = codes.reshape(tiles, LANES, blocks, 8, 4)
+    if bits == 8:
+        return steps.permute(0, 2, 3, 1, 4).reshape(tiles, -1).contiguous(), per_block(scales)
+    low = steps & 0x0F
+    nibbles = (low[:, :, :, :4] | (low[:, :, :, 4:] << 4)).permute(0, 2, 3, 1, 4)  # [tile, block, t, lane, q]
+    if bits == 4:
+        return nibbles.reshape(tiles, -1).contiguous(), per_block(scales), per_block(offsets)
+    fifth = ((steps >> 4) & 1).permute(0, 2, 3, 1, 4).reshape(tiles, blocks, 8, 8, 8)  # bit 4 lane + q
+    masks = (fifth * torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    packed = torch.cat([nibbles.reshape(tiles, blocks, 256), masks.reshape(tiles, blocks, 64)], dim=-1)
+    return packed.reshape(tiles, -1).contiguous(), per_block(scales)
+
+
+def unlayout(bits: int, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, out_features: int
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The inverse of `layout`: (codes [N, K], scales [N, K/32], offsets or None)."""
+    tiles = codes.shape[0]
+    blocks = scales.shape[1] // LANES
+
+    def per_row(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(tiles, blocks, LANES).transpose(1, 2).reshape(tiles * LANES, blocks)[:out_features]
+
+    data = codes.reshape(tiles, blocks, BLOCK_BYTES[bits])
+    if bits == 8:
+        steps = data.reshape(tiles, blocks, 8, LANES, 4)
+    else:
+        nibbles = data[..., :256].reshape(tiles, blocks, 4, LANES, 4)
+        steps = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=2)  # [tile, block, step, lane, q]
+        if bits == 5:
+            masks = data[..., 256:].reshape(tiles, blocks, 8, 8, 1)
+            fifth = ((masks >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(tiles, blocks, 8, LANES, 4)
+            steps = steps | (fifth << 4)
+    values = steps.permute(0, 3, 1, 2, 4).reshape(tiles * LANES, blocks * BLOCK)[:out_features]
+    return values, per_row(scales), None if offsets is None else per_row(offsets)
+
+
+def pack_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_int8` in the kernel's layout: (codes, scales)."""
+    return layout(8, *quantize_int8(weight))
+
+
+def pack_int5(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_int5` in the kernel's layout: (codes, scales)."""
+    return layout(5, *quantize_int5(weight))
+
+
+def pack_int4(weight: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`quantize_int4` in the kernel's layout: (codes, scales, offsets)."""
+    return layout(4, *quantize_int4(weight, group))
+
+
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None, in_features: int,
+               out_features: int, bits: int) -> torch.Tensor:
+    """The float32 weight [N, K] the stored form stands for."""
+    values, s, o = unlayout(bits, codes, scales, offsets, out_features)
+    blocks = values.reshape(out_features, -1, BLOCK).float()
+    if bits == 4:
+        w = blocks * s.float()[..., None] + o.float()[..., None]
+    else:
+        w = (blocks - FILLER[bits]) * s.float()[..., None]
+    return w.reshape(out_features, in_features)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the kernel sees it: per row and block of 32, round(x / s) * s with
+    s = amax / 127, in float32 (the same operations, so the same codes)."""
+    blocks = x.float().reshape(x.shape[0], -1, BLOCK)
+    scale = blocks.abs().amax(dim=-1) / 127.0
+    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros((), dtype=torch.float32))
+    q = (blocks * inverse[..., None]).round().clamp(-127, 127)
+    return (q * scale[..., None]).reshape(x.shape)
+
+
+def reference_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                     bias: torch.Tensor | None, in_features: int, out_features: int, bits: int) -> torch.Tensor:
+    """The PyTorch twin of `quant_linear` (same signature): dequantize, quantize x, F.linear."""
+    w = dequantize(codes, scales, offsets, in_features, out_features, bits)
+    out = torch.nn.functional.linear(quantize_activations(x), w, None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
+def quant_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
+                 bias: torch.Tensor | None, in_features: int, out_features: int, bits: int) -> torch.Tensor:
+    """x [M, K] (bf16 or fp32, contiguous) times the stored weight, + bias: [M, N] in x's dtype.
+    Only after `status()` reported the kernel available."""
+    global _op
+    if _op is None:
+        if not available():
+            raise RuntimeError(f"the CPU quantized-GEMM kernel is not available: {status()['reason']}")
+        _op = torch.ops.thinkwise_cpu.quant_linear.default
+    return _op(x, codes, scales, offsets, bias, in_features, out_features, bits)

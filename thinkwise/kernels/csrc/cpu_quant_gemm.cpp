@@ -1,0 +1,362 @@
+// Quantized-weight linear layers for x86 CPUs with AVX-512 VNNI (thinkwise.kernels.cpu_quant_gemm).
+//
+// y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) where W is stored in blocks of 32 weights along k:
+// unsigned codes c, one fp16 scale s per block and, for 4-bit codes, one fp16 offset o per
+// block: W = s * c + o (4-bit: c in 0..15, GGUF Q4_1/Q4_K-like; 5-bit: c = q + 16 in 0..31, the
+// offset implicitly -16 * s, GGUF Q5_0; 8-bit: c = q + 128 in 1..255, the offset implicitly
+// -128 * s, GGUF Q8_0). The activations are quantized per row and block of 32 to int8 with a
+// scale of their own (llama.cpp's Q8_0 approach), so a block's dot product is integer work
+// (vpdpbusd: unsigned codes x signed activations), scaled in float by s * s_x; the offset
+// term is o * (s_x * sum of the block's int8 activations). The result is exactly
+// dequant(W) . dequant(quant(x)) up to float summation order: the PyTorch twin in
+// cpu_quant_gemm.py.
+//
+// Layout (built by cpu_quant_gemm.layout): 16 weight rows are interleaved so that one
+// 512-bit register holds 4 consecutive codes of each of the 16 rows; a vpdpbusd against 4
+// activation bytes broadcast to every lane then adds 4 products to each row's own lane, and
+// the 16 lanes are the 16 outputs: no horizontal sums, and the block's scales are one vector
+// of 16 fp16 per block. Per tile of 16 rows and block of 32 inputs ("step" s = inputs 4s..4s+3,
+// "lane" l = row 16t + l, "q" = byte within the step):
+//   8-bit: 512 bytes [s 0..7][l][q];
+//   4-bit: 256 bytes [t 0..3][l][q], low nibble step t, high nibble step t + 4;
+//   5-bit: those 256 bytes of low nibbles, then 8 x 64-bit masks [s]: bit 4 l + q is the fifth bit.
+// Scales (and 4-bit offsets) are [tiles, blocks, 16] fp16; rows are padded to 16 with zero scales.
+// Threads: tiles of 16 rows are claimed by the caller and helper threads of our own
+// (TilePool), at::get_num_threads() in all; the caller never waits for a helper to start.
+
+#include <ATen/Parallel.h>  // at::get_num_threads
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <pthread.h>
+#include <thread>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int kLanes = 16;  // weight rows per tile: one float lane each
+constexpr int kTokensPerTile = 8;  // activation rows multiplied per pass over a tile's weights
+
+constexpr int64_t block_bytes(int64_t bits) { return bits == 8 ? 512 : bits == 5 ? 320 : 256; }
+constexpr float offset_factor(int bits) { return bits == 4 ? 1.f : bits == 5 ? -16.f : -128.f; }
+
+struct QuantizedActivations {
+  int64_t rows, k, blocks;
+  std::vector<int8_t> codes;      // [rows, K]
+  std::vector<float> scales;      // [rows, blocks]
+  std::vector<float> block_sums;  // [rows, blocks]: offset_factor * s_x * sum of the block's codes
+};
+
+inline __m512 load16_as_float(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16_as_float(const c10::BFloat16* p) {
+  __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+template <typename T>
+QuantizedActivations quantize_activations(const T* x, int64_t rows, int64_t k, float factor) {
+  QuantizedActivations a;
+  a.rows = rows;
+  a.k = k;
+  a.blocks = k / kBlock;
+  a.codes.resize(rows * k);
+  a.scales.resize(rows * a.blocks);
+  a.block_sums.resize(rows * a.blocks);
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t b = 0; b < a.blocks; ++b) {
+      const T* src = x + m * k + b * kBlock;
+      __m512 lo = load16_as_float(src), hi = load16_as_float(src + 16);
+      float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(lo), _mm512_abs_ps(hi)));
+      float scale = amax / 127.f;
+      __m512 inv = _mm512_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+      // Round half to even (the MXCSR default), as torch.round in the twin.
+      __m512i q_lo = _mm512_cvtps_epi32(_mm512_mul_ps(lo, inv));
+      __m512i q_hi = _mm512_cvtps_epi32(_mm512_mul_ps(hi, inv));
+      int8_t* dst = a.codes.data() + m * k + b * kBlock;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm512_cvtsepi32_epi8(q_lo));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm512_cvtsepi32_epi8(q_hi));
+      int32_t code_sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q_lo, q_hi));
+      a.scales[m * a.blocks + b] = scale;
+      a.block_sums[m * a.blocks + b] = factor * scale * static_cast<float>(code_sum);
+    }
+  }
+  return a;
+}
+
+inline void store16(float* dst, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(dst, mask, v); }
+inline void store16(c10::BFloat16* dst, __m512 v, __mmask16 mask) {
+  // Round to nearest even, as c10::BFloat16(float) does for finite values.
+  __m512i bits = _mm512_castps_si512(v);
+  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  bits = _mm512_add_epi32(bits, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+  _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+
+// One tile of 16 weight rows times `MR` activation rows from m0, over all of K.
+template <int Bits, int MR, typename TOut>
+inline void tile(const uint8_t* codes, const c10::Half* scales, const c10::Half* offsets,
+                 const QuantizedActivations& a, int64_t m0, __m512 bias, TOut* out, int64_t n_total,
+                 __mmask16 valid) {
+  const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
+  const __m512i fifth_bit = _mm512_set1_epi8(0x10);
+  __m512 acc[MR];
+  for (int i = 0; i < MR; ++i) acc[i] = bias;
+  for (int64_t b = 0; b < a.blocks; ++b) {
+    const uint8_t* block = codes + b * block_bytes(Bits);
+    __m512i w[8];
+    if constexpr (Bits == 8) {
+      for (int s = 0; s < 8; ++s) w[s] = _mm512_loadu_si512(block + 64 * s);
+    } else {
+      for (int t = 0; t < 4; ++t) {
+        __m512i v = _mm512_loadu_si512(block + 64 * t);
+        w[t] = _mm512_and_si512(v, low_nibbles);
+        w[t + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
+      }
+      if constexpr (Bits == 5) {
+        for (int s = 0; s < 8; ++s) {
+          uint64_t high;
+          std::memcpy(&high, block + 256 + 8 * s, sizeof(high));
+          w[s] = _mm512_or_si512(w[s], _mm512_maskz_mov_epi8(_cvtu64_mask64(high), fifth_bit));
+        }
+      }
+    }
+    const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * kLanes)));
+    __m512 wo;
+    if constexpr (Bits == 4)
+      wo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(offsets + b * kLanes)));
+    for (int i = 0; i < MR; ++i) {
+      const int64_t m = m0 + i;
+      const int8_t* xq = a.codes.data() + m * a.k + b * kBlock;
+      __m512i dot = _mm512_setzero_si512();
+      for (int s = 0; s < 8; ++s) {
+        int32_t four;
+        std::memcpy(&four, xq + 4 * s, sizeof(four));
+        dot = _mm512_dpbusd_epi32(dot, w[s], _mm512_set1_epi32(four));
+      }
+      const __m512 sx = _mm512_set1_ps(a.scales[m * a.blocks + b]);
+      const __m512 sums = _mm512_set1_ps(a.block_sums[m * a.blocks + b]);
+      if constexpr (Bits == 4) {
+        acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dot), sx), ws, acc[i]);
+        acc[i] = _mm512_fmadd_ps(wo, sums, acc[i]);
+      } else {  // s * (s_x * dot + factor * s_x * sum)
+        acc[i] = _mm512_fmadd_ps(ws, _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sx, sums), acc[i]);
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) store16(out + (m0 + i) * n_total, acc[i], valid);
+}
+
+template <int Bits, typename TOut>
+void tile_all_rows(const uint8_t* codes, const c10::Half* scales, const c10::Half* offsets,
+                   const QuantizedActivations& a, __m512 bias, TOut* out, int64_t n_total, __mmask16 valid) {
+  int64_t m0 = 0;
+  for (; m0 + kTokensPerTile <= a.rows; m0 += kTokensPerTile)
+    tile<Bits, kTokensPerTile>(codes, scales, offsets, a, m0, bias, out, n_total, valid);
+  switch (a.rows - m0) {
+#define TW_REMAINDER(R) \
+  case R: tile<Bits, R>(codes, scales, offsets, a, m0, bias, out, n_total, valid); break;
+    TW_REMAINDER(7) TW_REMAINDER(6) TW_REMAINDER(5) TW_REMAINDER(4) TW_REMAINDER(3) TW_REMAINDER(2) TW_REMAINDER(1)
+#undef TW_REMAINDER
+    default: break;
+  }
+}
+
+// Tiles of one call are shared between the calling thread and helper threads of our own,
+// claimed from one atomic word. The caller never waits for a helper to start: it claims
+// runs until none are left and then waits only for runs a helper has already claimed. On
+// these shared 2-core machines a fork-join pool (OpenMP's barrier) made a small call wait for
+// a worker the OS had not scheduled yet: 1 ms instead of 60 us per call under load. A call
+// with no helper running is simply single-threaded; a forked child (no helper threads)
+// still computes everything. The word packs generation (16 bits) | tiles (24) | next (24),
+// so a helper holding a stale view can never claim tiles of another call.
+class TilePool {
+ public:
+  using Work = std::function<void(int64_t, int64_t)>;
+
+  static TilePool& instance() {
+    static const bool registered = [] {
+      // A forked child has none of the helper threads (and maybe a mutex one of them held):
+      // it starts a fresh pool. The old one is leaked on purpose; its threads are detached.
+      pthread_atfork(nullptr, nullptr, [] { current_ = new TilePool(); });
+      return true;
+    }();
+    (void)registered;
+    if (current_ == nullptr) current_ = new TilePool();
+    return *current_;
+  }
+
+  void run(int64_t tiles, int threads, const Work& work) {
+    std::unique_lock<std::mutex> busy(call_mutex_, std::try_to_lock);
+    if (!busy.owns_lock() || threads <= 1 || tiles < 2 || tiles >= (1 << 24)) {  // another call runs: do it here
+      work(0, tiles);
+      return;
+    }
+    ensure_helpers(threads - 1);
+    work_ = &work;
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t generation = (++generation_) & 0xFFFF;
+    claim_.store(generation << 48 | static_cast<uint64_t>(tiles) << 24, std::memory_order_seq_cst);
+    if (sleeping_.load(std::memory_order_seq_cst) > 0) {
+      std::lock_guard<std::mutex> lock(sleep_mutex_);
+      wake_.notify_all();
+    }
+    work_on(generation);
+    while (done_.load(std::memory_order_acquire) < tiles) _mm_pause();
+  }
+
+ private:
+  static uint64_t generation_of(uint64_t v) { return v >> 48; }
+  static int64_t tiles_of(uint64_t v) { return static_cast<int64_t>((v >> 24) & 0xFFFFFF); }
+  static int64_t next_of(uint64_t v) { return static_cast<int64_t>(v & 0xFFFFFF); }
+  static int64_t run_length(int64_t tiles) { return std::max<int64_t>(1, tiles / 32); }
+  static bool open(uint64_t v, uint64_t seen) { return generation_of(v) != seen && next_of(v) < tiles_of(v); }
+
+  void work_on(uint64_t generation) {
+    uint64_t v = claim_.load(std::memory_order_acquire);
+    for (;;) {
+      if (generation_of(v) != generation || next_of(v) >= tiles_of(v)) return;
+      const int64_t tiles = tiles_of(v), start = next_of(v), end = std::min(tiles, start + run_length(tiles));
+      if (!claim_.compare_exchange_weak(v, (v & ~uint64_t{0xFFFFFF}) | static_cast<uint64_t>(end),
+                                        std::memory_order_acq_rel))
+        continue;
+      (*work_)(start, end);  // valid: the caller waits for these tiles before it returns
+      done_.fetch_add(end - start, std::memory_order_acq_rel);
+      v = claim_.load(std::memory_order_acquire);
+    }
+  }
+
+  void ensure_helpers(int wanted) {
+    while (static_cast<int>(helpers_) < wanted) {
+      std::thread(&TilePool::helper, this).detach();
+      ++helpers_;
+    }
+  }
+
+  void helper() {
+    uint64_t seen = generation_of(claim_.load());
+    for (;;) {
+      uint64_t v = claim_.load(std::memory_order_acquire);
+      // Spin ~100 us for the next call (the gaps between a layer's matmuls are shorter), then sleep.
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
+      for (int i = 0; !open(v, seen); ++i) {
+        _mm_pause();
+        v = claim_.load(std::memory_order_acquire);
+        if ((i & 255) == 255 && std::chrono::steady_clock::now() > until) {
+          std::unique_lock<std::mutex> lock(sleep_mutex_);
+          sleeping_.fetch_add(1, std::memory_order_seq_cst);
+          wake_.wait(lock, [&] { return open(v = claim_.load(std::memory_order_seq_cst), seen); });
+          sleeping_.fetch_sub(1, std::memory_order_seq_cst);
+        }
+      }
+      seen = generation_of(v);
+      work_on(seen);
+    }
+  }
+
+  std::mutex call_mutex_, sleep_mutex_;
+  std::condition_variable wake_;
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int> sleeping_{0};
+  uint64_t generation_ = 0;
+  size_t helpers_ = 0;
+  const Work* work_ = nullptr;
+  static inline TilePool* current_ = nullptr;
+};
+
+template <int Bits, typename TIn, typename TOut>
+void run(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const c10::Half* offsets,
+         const float* bias, TOut* out, int64_t k, int64_t n) {
+  const int64_t rows = x.size(0), tiles = codes.size(0), blocks = k / kBlock;
+  const QuantizedActivations a = quantize_activations(x.data_ptr<TIn>(), rows, k, offset_factor(Bits));
+  const uint8_t* w = codes.data_ptr<uint8_t>();
+  const c10::Half* s = scales.data_ptr<c10::Half>();
+  TilePool::instance().run(tiles, at::get_num_threads(), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n0 = t * kLanes;
+      const int64_t live = std::min<int64_t>(kLanes, n - n0);
+      const __mmask16 valid = static_cast<__mmask16>((1u << live) - 1);
+      const __m512 b = bias ? _mm512_maskz_loadu_ps(valid, bias + n0) : _mm512_setzero_ps();
+      tile_all_rows<Bits>(w + t * blocks * block_bytes(Bits), s + t * blocks * kLanes,
+                          offsets ? offsets + t * blocks * kLanes : nullptr, a, b, out + n0, n, valid);
+    }
+  });
+}
+
+template <int Bits>
+void dispatch(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, const c10::Half* offsets,
+              const float* bias, at::Tensor& out, int64_t k, int64_t n) {
+  if (x.scalar_type() == at::kBFloat16)
+    run<Bits, c10::BFloat16>(x, codes, scales, offsets, bias, out.data_ptr<c10::BFloat16>(), k, n);
+  else
+    run<Bits, float>(x, codes, scales, offsets, bias, out.data_ptr<float>(), k, n);
+}
+
+at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& codes, const at::Tensor& scales,
+                        const std::optional<at::Tensor>& offsets, const std::optional<at::Tensor>& bias,
+                        int64_t in_features, int64_t out_features, int64_t bits) {
+  TORCH_CHECK(bits == 4 || bits == 5 || bits == 8, "quant_linear: bits must be 4, 5 or 8, not ", bits);
+  TORCH_CHECK(x_in.dim() == 2, "quant_linear: x must be [M, K]");
+  const at::Tensor x = x_in.contiguous();  // no copy (and no dispatch) when it already is
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "quant_linear: x must be bfloat16 or float32");
+  TORCH_CHECK(x.size(1) == in_features && in_features % kBlock == 0 && in_features > 0, "quant_linear: x has ",
+              x.size(1), " columns, the layer ", in_features, " (a positive multiple of 32)");
+  const int64_t tiles = (out_features + kLanes - 1) / kLanes, blocks = in_features / kBlock;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.dim() == 2 &&
+                  codes.size(0) == tiles && codes.size(1) == blocks * block_bytes(bits),
+              "quant_linear: ", bits, "-bit codes for ", out_features, "x", in_features, " must be contiguous uint8 [",
+              tiles, ", ", blocks * block_bytes(bits), "]");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == tiles && scales.size(1) == blocks * kLanes,
+              "quant_linear: scales must be contiguous fp16 [", tiles, ", ", blocks * kLanes, "]");
+  if (bits == 4) {
+    TORCH_CHECK(offsets.has_value() && offsets->scalar_type() == at::kHalf && offsets->is_contiguous() &&
+                    offsets->sizes() == scales.sizes(),
+                "quant_linear: 4-bit codes need fp16 offsets shaped like the scales");
+  }
+  // The bias in float32, converted here rather than by an ATen op per call (~5 us each).
+  std::vector<float> bias_f;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == out_features && bias->is_contiguous() &&
+                    (bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBFloat16),
+                "quant_linear: bias must be a contiguous float32 or bfloat16 [", out_features, "]");
+    bias_f.resize(out_features);
+    if (bias->scalar_type() == at::kFloat) {
+      std::memcpy(bias_f.data(), bias->data_ptr<float>(), out_features * sizeof(float));
+    } else {
+      const c10::BFloat16* b = bias->data_ptr<c10::BFloat16>();
+      for (int64_t i = 0; i < out_features; ++i) bias_f[i] = static_cast<float>(b[i]);
+    }
+  }
+  const float* bias_ptr = bias.has_value() ? bias_f.data() : nullptr;
+  at::Tensor out = at::empty({x.size(0), out_features}, x.options());
+  if (x.size(0) == 0 || out_features == 0) return out;
+  const c10::Half* off = bits == 4 ? offsets->data_ptr<c10::Half>() : nullptr;
+  if (bits == 4) dispatch<4>(x, codes, scales, off, bias_ptr, out, in_features, out_features);
+  else if (bits == 5) dispatch<5>(x, codes, scales, off, bias_ptr, out, in_features, out_features);
+  else dispatch<8>(x, codes, scales, off, bias_ptr, out, in_features, out_features);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(thinkwise_cpu, m) {
+  m.def("quant_linear(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, Tensor? bias, int in_features, "
+        "int out_features, int bits) -> Tensor");
+  m.impl("quant_linear", c10::DispatchKey::CPU, TORCH_FN(quant_linear));
+}
