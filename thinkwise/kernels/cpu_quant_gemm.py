@@ -99,36 +99,33 @@ BLOCK_BYTES = {8: 512, 5: 320, 4: 256}  # code bytes per tile of 16 rows and blo
 FILLER = {8: 128, 5: 16, 4: 0}  # the zero weight's code, for padding rows
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes [N, K] uint8 = q + 128, scales [N, K/32] fp16) for a float weight [N, K], K a
-    multiple of 32: per block s = amax / 127 (rounded to fp16), q = round(w / s)."""
+def _quantize_symmetric(weight: torch.Tensor, top: float, low: int, high: int, offset: int
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, K] uint8 = q + offset, scales [N, K/32] fp16): per block s = amax / top
+    (rounded to fp16), q = round(w / s) clamped to low..high; K a multiple of 32."""
     n, k = weight.shape
     codes = torch.empty(n, k, dtype=torch.uint8)
     scales = torch.empty(n, k // BLOCK, dtype=torch.float16)
     for start in range(0, n, 8192):  # bounded fp32 temporaries (lm_head)
         rows = slice(start, start + 8192)
         w = weight[rows].to(torch.float32, copy=True).reshape(-1, k // BLOCK, BLOCK)
-        s = (w.abs().amax(dim=-1) / 127.0).clamp(max=65504.0).to(torch.float16)
+        s = (w.abs().amax(dim=-1) / top).clamp(max=65504.0).to(torch.float16)
         inverse = torch.where(s > 0, 1.0 / s.float(), torch.zeros((), dtype=torch.float32))
-        codes[rows] = w.mul_(inverse[..., None]).round_().clamp_(-127, 127).add_(128).reshape(-1, k).to(torch.uint8)
+        codes[rows] = w.mul_(inverse[..., None]).round_().clamp_(low, high).add_(offset).reshape(-1, k).to(torch.uint8)
         scales[rows] = s
     return codes, scales
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes [N, K] uint8 = q + 128, scales [N, K/32] fp16) for a float weight [N, K], K a
+    multiple of 32: per block s = amax / 127 (rounded to fp16), q = round(w / s)."""
+    return _quantize_symmetric(weight, 127.0, -127, 127, 128)
 
 
 def quantize_int5(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(codes [N, K] uint8 = q + 16, scales [N, K/32] fp16): per block s = amax / 15 (fp16),
     q = round(w / s) in -16..15 (GGUF Q5_0's grid, used symmetrically)."""
-    n, k = weight.shape
-    codes = torch.empty(n, k, dtype=torch.uint8)
-    scales = torch.empty(n, k // BLOCK, dtype=torch.float16)
-    for start in range(0, n, 8192):
-        rows = slice(start, start + 8192)
-        w = weight[rows].to(torch.float32, copy=True).reshape(-1, k // BLOCK, BLOCK)
-        s = (w.abs().amax(dim=-1) / 15.0).clamp(max=65504.0).to(torch.float16)
-        inverse = torch.where(s > 0, 1.0 / s.float(), torch.zeros((), dtype=torch.float32))
-        codes[rows] = w.mul_(inverse[..., None]).round_().clamp_(-16, 15).add_(16).reshape(-1, k).to(torch.uint8)
-        scales[rows] = s
-    return codes, scales
+    return _quantize_symmetric(weight, 15.0, -16, 15, 16)
 
 
 def quantize_int4(weight: torch.Tensor, group: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
