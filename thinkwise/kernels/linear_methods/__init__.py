@@ -100,18 +100,18 @@ def quantize_model(model: nn.Module, quantization: str | None, *, dtype: torch.d
     sixteen = str(dtype).removeprefix("torch.")
     if spec is None:
         return {"method": None, "layers": {name: sixteen for name, _ in layers}}
-    gguf_types = None
+    gguf_types = file_blocks = None
     if spec.kind == "gguf":
         if gguf_source is None:
             raise InvalidParameterError(
                 "quantization='gguf' keeps a GGUF file's own block types, but this model was not loaded from a "
                 "GGUF; use quantization='int8' or 'int4' to quantize 16-bit weights", param="quantization")
-        from thinkwise.kernels.linear_methods.gguf import gguf_tensor_types
+        from thinkwise.kernels.linear_methods.gguf import GgufBlocks
 
-        gguf_types = gguf_tensor_types(gguf_source)
+        file_blocks = GgufBlocks(gguf_source, getattr(model, "config", None))  # one reader for all layers
+        gguf_types = file_blocks.types()
     per_layer: dict[str, str] = {}
     notes: dict[str, str] = {}
-    file_blocks = None  # the open GGUF, once a layer can take the file's own bits
     for name, layer in layers:
         if layer.method is not None:
             raise ModelFormatError(f"layer {name} is already quantized", param="quantization")
@@ -126,9 +126,8 @@ def quantize_model(model: nn.Module, quantization: str | None, *, dtype: torch.d
             continue
         with torch.no_grad():
             if spec.kind == "gguf" and _takes_blocks(method, layer):
-                from thinkwise.kernels.linear_methods.gguf import GgufBlocks, keep_file_bits
+                from thinkwise.kernels.linear_methods.gguf import keep_file_bits
 
-                file_blocks = file_blocks or GgufBlocks(gguf_source, getattr(model, "config", None))
                 if not keep_file_bits(file_blocks, name, layer, method):
                     notes[name] = f"{notes[name]}: requantized to {method.describe()} (no kernel for its grid)"
             else:

@@ -45,20 +45,7 @@ def bits_of(type_name: str, tensor: str) -> int:
 
 def gguf_tensor_types(source: str) -> dict[str, str]:
     """Hugging Face weight name -> GGUF block type name, read from the file's tensor table."""
-    from pathlib import Path
-
-    from thinkwise.loading.gguf_file import hf_name
-    from thinkwise.loading.gguf_reading import field_value, open_gguf
-    from thinkwise.models import registry
-
-    reader = open_gguf(Path(source))
-    entry = registry.for_gguf(field_value(reader, "general.architecture"), source)
-    types = {}
-    for tensor in reader.tensors:
-        name = hf_name(tensor.name, entry)
-        if name is not None:
-            types[name] = tensor.tensor_type.name
-    return types
+    return GgufBlocks(source).types()
 
 
 def source_tensors(module_name: str, types: dict[str, str]) -> list[str]:
@@ -82,9 +69,11 @@ def layer_bits(module_name: str, types: dict[str, str]) -> tuple[int, str]:
 
 
 class GgufBlocks:
-    """The open GGUF behind a model, for `keep_file_bits` (one reader for all layers)."""
+    """The open GGUF behind a model: its tensor table by Hugging Face name, and what
+    `keep_file_bits` reads (one reader for the block types and every layer's bytes). `config`
+    (the model's) is needed only for `row_order` and `dequantized`."""
 
-    def __init__(self, source: str, config):
+    def __init__(self, source: str, config=None):
         from pathlib import Path
 
         from thinkwise.loading.gguf_file import hf_name
@@ -99,6 +88,10 @@ class GgufBlocks:
             name = hf_name(tensor.name, self.entry)
             if name is not None:
                 self.tensors[name] = tensor
+
+    def types(self) -> dict[str, str]:
+        """Hugging Face weight name -> GGUF block type name."""
+        return {name: tensor.tensor_type.name for name, tensor in self.tensors.items()}
 
     def row_order(self, name: str, rows: int):
         """None if the loader keeps the file's row order, the order it puts rows in, or False

@@ -21,6 +21,7 @@ import torch
 
 from thinkwise.kernels import cpu_quant_gemm
 from thinkwise.kernels.linear_methods.base import LinearMethod
+from thinkwise.kernels.linear_methods.cpu_blocks import BlockedOnCpu
 from thinkwise.kernels.linear_methods.plans import gpu_apply, quant_candidates
 
 GROUP_SIZES = (32, 64, 128)
@@ -51,14 +52,13 @@ def quantize_int4(weight: torch.Tensor, group: int, scale_dtype: torch.dtype
     return codes, scales, zeros
 
 
-class Int4Method(LinearMethod):
+class Int4Method(BlockedOnCpu, LinearMethod):
     name = "int4"
     bits = 4  # cpu_quant_gemm's code width when blocked
 
     def __init__(self, dtype: torch.dtype, group: int = DEFAULT_GROUP):
         self.dtype = dtype
         self.group = group
-        self.blocked = False  # True: cpu_quant_gemm's layout (set by quantize)
 
     def describe(self) -> str:
         return f"int4-g{self.group}"
@@ -92,29 +92,12 @@ class Int4Method(LinearMethod):
         # The CPU kernel takes [K/group, N, 2] (scale, zero).
         layer.register_buffer("scales_zeros", torch.stack([scales.t(), zeros.t()], dim=-1).contiguous())
 
-    def keep_blocks(self, layer, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor) -> None:
-        """Hold `cpu_quant_gemm`'s 4-bit layout (from `pack_int4`, or a GGUF Q4_0/Q4_1
-        tensor's own bits) in place of the layer's 16-bit weight."""
-        del layer.weight
-        layer.weight = None
-        layer.register_buffer("codes", codes)
-        layer.register_buffer("block_scales", scales)
-        layer.register_buffer("block_offsets", offsets)
-        self.blocked = True
-
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
-        if self.blocked and x.dim() == 2:  # the decode path: no reshapes, buffers read from the dicts
-            buffers = layer._buffers
-            return cpu_quant_gemm.quant_linear(x, buffers["codes"], buffers["block_scales"], buffers["block_offsets"],
-                                               layer._parameters.get("bias"), layer.in_features, layer.out_features, 4)
+        if self.blocked:
+            return self.blocked_apply(layer, x)
         if x.device.type == "cuda":
             return gpu_apply(self, layer, x, layer.qweight, layer.scales, layer.zeros, self.group)
         lead = x.shape[:-1]
-        if self.blocked:
-            out = cpu_quant_gemm.quant_linear(x.reshape(-1, layer.in_features).contiguous(), layer.codes,
-                                              layer.block_scales, layer.block_offsets, layer.bias,
-                                              layer.in_features, layer.out_features, 4)
-            return out.reshape(*lead, layer.out_features)
         scales_zeros = layer.scales_zeros
         if scales_zeros.dtype != x.dtype:
             scales_zeros = scales_zeros.to(x.dtype)
@@ -128,8 +111,7 @@ class Int4Method(LinearMethod):
 
     def dequantize(self, layer) -> torch.Tensor:
         if self.blocked:
-            return cpu_quant_gemm.dequantize(layer.codes, layer.block_scales, layer.block_offsets,
-                                             layer.in_features, layer.out_features, 4)
+            return self.blocked_dequantize(layer)
         if hasattr(layer, "qweight"):
             from thinkwise.kernels.triton_quant_gemm import dequantize_reference
 
@@ -141,7 +123,7 @@ class Int4Method(LinearMethod):
 
     def storage_bytes(self, layer) -> int:
         if self.blocked:
-            return layer.codes.numel() + (layer.block_scales.numel() + layer.block_offsets.numel()) * 2
+            return self.blocked_storage_bytes(layer)
         if hasattr(layer, "qweight"):
             return sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.zeros))
         return layer.packed.numel() * layer.packed.element_size() + \

@@ -15,9 +15,10 @@ import torch
 
 from thinkwise.kernels import cpu_quant_gemm
 from thinkwise.kernels.linear_methods.base import LinearMethod
+from thinkwise.kernels.linear_methods.cpu_blocks import BlockedOnCpu
 
 
-class Int5Method(LinearMethod):
+class Int5Method(BlockedOnCpu, LinearMethod):
     name = "int5"
     bits = 5
 
@@ -40,25 +41,11 @@ class Int5Method(LinearMethod):
     def quantize(self, layer, weight: torch.Tensor) -> None:
         self.keep_blocks(layer, *cpu_quant_gemm.pack_int5(weight))
 
-    def keep_blocks(self, layer, codes: torch.Tensor, scales: torch.Tensor) -> None:
-        del layer.weight
-        layer.weight = None
-        layer.register_buffer("codes", codes)
-        layer.register_buffer("block_scales", scales)
-
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:  # the decode path: no reshapes, buffers read from the dicts
-            return cpu_quant_gemm.quant_linear(x, layer._buffers["codes"], layer._buffers["block_scales"], None,
-                                               layer._parameters.get("bias"), layer.in_features, layer.out_features, 5)
-        lead = x.shape[:-1]
-        out = cpu_quant_gemm.quant_linear(x.reshape(-1, layer.in_features).contiguous(), layer.codes,
-                                          layer.block_scales, None, layer.bias, layer.in_features,
-                                          layer.out_features, 5)
-        return out.reshape(*lead, layer.out_features)
+        return self.blocked_apply(layer, x)
 
     def dequantize(self, layer) -> torch.Tensor:
-        return cpu_quant_gemm.dequantize(layer.codes, layer.block_scales, None, layer.in_features,
-                                         layer.out_features, 5)
+        return self.blocked_dequantize(layer)
 
     def storage_bytes(self, layer) -> int:
-        return layer.codes.numel() + layer.block_scales.numel() * 2
+        return self.blocked_storage_bytes(layer)

@@ -18,6 +18,7 @@ import torch
 
 from thinkwise.kernels import cpu_quant_gemm
 from thinkwise.kernels.linear_methods.base import LinearMethod
+from thinkwise.kernels.linear_methods.cpu_blocks import BlockedOnCpu
 from thinkwise.kernels.linear_methods.plans import gpu_apply, quant_candidates
 
 ROWS_PER_CHUNK = 8192
@@ -35,13 +36,12 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch
     return codes, scales
 
 
-class Int8Method(LinearMethod):
+class Int8Method(BlockedOnCpu, LinearMethod):
     name = "int8"
     bits = 8  # cpu_quant_gemm's code width when blocked
 
     def __init__(self, dtype: torch.dtype):
         self.dtype = dtype  # the activations' dtype: the scales are stored in it
-        self.blocked = False  # True: Q8_0-style blocks for cpu_quant_gemm (set by quantize)
 
     def quantize(self, layer, weight: torch.Tensor) -> None:
         if weight.device.type == "cpu" and weight.shape[1] % cpu_quant_gemm.BLOCK == 0 and cpu_quant_gemm.available():
@@ -54,33 +54,17 @@ class Int8Method(LinearMethod):
         layer.register_buffer("qweight", codes.contiguous())
         layer.register_buffer("scales", scales.contiguous())
 
-    def keep_blocks(self, layer, codes: torch.Tensor, scales: torch.Tensor) -> None:
-        """Hold `codes`/`scales` in `cpu_quant_gemm`'s 8-bit layout (from `pack_int8`, or a
-        GGUF Q8_0 tensor's own bytes) in place of the layer's 16-bit weight."""
-        del layer.weight
-        layer.weight = None
-        layer.register_buffer("codes", codes)
-        layer.register_buffer("block_scales", scales)
-        self.blocked = True
-
     def dequantize(self, layer) -> torch.Tensor:
         if self.blocked:
-            return cpu_quant_gemm.dequantize(layer.codes, layer.block_scales, None, layer.in_features,
-                                             layer.out_features, 8)
+            return self.blocked_dequantize(layer)
         return layer.qweight.float() * layer.scales.float()[:, None]
 
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
-        if self.blocked and x.dim() == 2:  # the decode path: no reshapes, buffers read from the dicts
-            return cpu_quant_gemm.quant_linear(x, layer._buffers["codes"], layer._buffers["block_scales"], None,
-                                               layer._parameters.get("bias"), layer.in_features, layer.out_features, 8)
+        if self.blocked:
+            return self.blocked_apply(layer, x)
         if x.device.type == "cuda":
             return gpu_apply(self, layer, x, layer.qweight, layer.scales, None, layer.in_features)
         lead = x.shape[:-1]
-        if self.blocked:
-            out = cpu_quant_gemm.quant_linear(x.reshape(-1, layer.in_features).contiguous(), layer.codes,
-                                              layer.block_scales, None, layer.bias, layer.in_features,
-                                              layer.out_features, 8)
-            return out.reshape(*lead, layer.out_features)
         out = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, layer.in_features), layer.qweight,
                                                  layer.scales.to(x.dtype))
         if layer.bias is not None:
@@ -89,7 +73,7 @@ class Int8Method(LinearMethod):
 
     def storage_bytes(self, layer) -> int:
         if self.blocked:
-            return layer.codes.numel() + layer.block_scales.numel() * 2
+            return self.blocked_storage_bytes(layer)
         return layer.qweight.numel() + layer.scales.numel() * layer.scales.element_size()
 
     def gpu_candidates(self, layer, rows: int):
