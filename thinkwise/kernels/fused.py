@@ -143,6 +143,11 @@ if triton is not None:
         return tl.where(magnitude < 0.015625, subnormal, normal)
 
     @triton.jit
+    def _e4m3_codes(x, scale):
+        """x / scale clamped to e4m3's range and rounded onto its grid (the store converts exactly)."""
+        return _to_e4m3_grid(tl.minimum(tl.maximum(x / scale, -448.0), 448.0))
+
+    @triton.jit
     def _qkv_rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_out_ptr,
                                  k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr, eps,
                                  stride_qkv, stride_cos, stride_qo_t, stride_qo_h,
@@ -165,7 +170,7 @@ if triton is not None:
                 v32 = v.to(tl.float32)
                 v_scale = tl.maximum(tl.max(tl.abs(v32), 0), 1e-30) / 448.0  # e4m3's max (paged_attention.FP8_MAX)
                 tl.store(v_scale_ptr + slot * stride_scale_slot + kv_head, v_scale)
-                v = _to_e4m3_grid(tl.minimum(tl.maximum(v32 / v_scale, -448.0), 448.0))
+                v = _e4m3_codes(v32, v_scale)
             tl.store(v_cache_ptr + slot * stride_cache_slot + kv_head * stride_cache_head + d,
                      v.to(v_cache_ptr.dtype.element_ty))
         else:
@@ -199,8 +204,8 @@ if triton is not None:
                     k_amax = tl.maximum(tl.max(tl.abs(k1), 0), tl.max(tl.abs(k2), 0))
                     k_scale = tl.maximum(k_amax, 1e-30) / 448.0  # e4m3's max (paged_attention.FP8_MAX)
                     tl.store(k_scale_ptr + slot * stride_scale_slot + head - NUM_HEADS, k_scale)
-                    k1 = _to_e4m3_grid(tl.minimum(tl.maximum(k1 / k_scale, -448.0), 448.0))
-                    k2 = _to_e4m3_grid(tl.minimum(tl.maximum(k2 / k_scale, -448.0), 448.0))
+                    k1 = _e4m3_codes(k1, k_scale)
+                    k2 = _e4m3_codes(k2, k_scale)
                     tl.store(dst + half, k1.to(k_cache_ptr.dtype.element_ty))
                     tl.store(dst + HEAD_DIM // 2 + half, k2.to(k_cache_ptr.dtype.element_ty))
                 else:

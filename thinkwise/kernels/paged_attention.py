@@ -92,7 +92,7 @@ def dequantize_fp8(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return codes.float() * scales[..., None]
 
 
-def _rows(cache, index: torch.Tensor, dim: int = 0) -> torch.Tensor:
+def _rows(cache, index: torch.Tensor) -> torch.Tensor:
     """`cache` gathered along its first dimension(s) by `index` (blocks, or slots of a flattened
     cache): the raw tensor for a plain cache, fp32 values for an fp8 one."""
     if not isinstance(cache, FP8KVCache):
