@@ -6,15 +6,11 @@ import torch
 
 from thinkwise import LLM, SamplingParams
 from tests.logit_probes import RecordingSampler
+from tests.models import model_checks
 from tests.tiny_models import reference_greedy
 
 PROMPTS = [
-    [256, 5, 9, 77, 31, 2, 200, 45, 45, 8, 19],
-    [256, 100],
-    [256, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 3],
-    [256, 1, 2, 3, 4, 5],
-    [256, 250, 40, 10, 90, 60, 61, 62, 63, 64, 65, 66, 67, 68, 69, 70, 71, 72, 73, 74, 75, 76, 77],
-    [256, 13],
+    *model_checks.PROMPTS,  # the shared model checks' prompts, then two more
     [256, 80, 81, 82, 83, 84, 85, 86],
     [256, 200, 150, 100, 50, 25, 12, 6, 3, 1, 0, 2, 4, 8, 16, 32, 64, 128],
 ]
