@@ -149,7 +149,7 @@ def test_bad_inputs_are_refused_with_the_reason():
 
 
 def test_without_the_kernel_the_methods_fall_back_and_the_record_says_why(monkeypatch):
-    monkeypatch.setattr(qg, "_status", {"available": False, "reason": "this CPU lacks avx512_vnni"})
+    monkeypatch.setattr(qg._library, "_status", {"available": False, "reason": "this CPU lacks avx512_vnni"})
     model = torch.nn.ModuleDict({"a": DispatchLinear(64, 32, bias=False), "b": DispatchLinear(64, 32, bias=False)})
     for layer in model.values():
         torch.nn.init.normal_(layer.weight)

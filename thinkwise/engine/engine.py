@@ -39,6 +39,7 @@ from thinkwise.engine.scheduler import ScheduledBatch, Scheduler
 from thinkwise.engine.sequence import Request, Sequence, SequenceStatus
 from thinkwise.engine.step_pipeline import StepPipeline
 from thinkwise.errors import CapacityError, InvalidParameterError
+from thinkwise.kernels import cpu_decode_ops
 from thinkwise.kernels.linear_dispatch import torch_threads
 from thinkwise.kernels.linear_methods import quantize_model, quantized_cost_spec
 from thinkwise.loading.config import LoadedModel
@@ -73,6 +74,8 @@ class Engine:
         self.run_metadata: dict[str, Any] = {"device": str(self.device), "dtype": str(self.weight_dtype),
                                              "compute_dtype": str(self.dtype), "linear_methods": linear_methods,
                                              "kv_cache_dtype": kv_cache_description(self.kv_cache_dtype)}
+        if self.device.type == "cpu":
+            self.run_metadata["cpu_decode_ops"] = cpu_decode_ops.record()
         gemm_dispatch, self.cpu_threads = profile_gemm_dispatch(model, self.device, self.dtype, self.layercast, config)
         if gemm_dispatch is not None:
             self.run_metadata["gemm_dispatch"] = gemm_dispatch

@@ -10,8 +10,7 @@ VNNI work; 16 weight rows are interleaved (`layout`) so each VNNI instruction fe
 outputs at once and no horizontal sums are needed, and the weights are read once per step
 for up to 8 token rows: the kernel (csrc/cpu_quant_gemm.cpp) is memory-bound at 1 row and
 stays close to it at 8, where PyTorch's int8 x bf16 kernel is compute-bound. It is compiled
-on first use with the system's C++ compiler (`torch.utils.cpp_extension`, ninja) into ~/.cache/thinkwise/torch_extensions
-keyed by the source's hash and the torch version; `status()` says whether it is usable and,
+on first use with the system's C++ compiler (kernels/cpu_build.py); `status()` says whether it is usable and,
 if not, why (no compiler, no AVX-512 VNNI, a failed build), and the linear methods then
 fall back to PyTorch's own int8/int4 CPU kernels and say so in the run metadata.
 `reference_linear` is the twin every call of `quant_linear` is tested against: dequantize
@@ -20,77 +19,22 @@ W, quantize-dequantize x the same way, one float32 `F.linear`.
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import shutil
-import threading
-from pathlib import Path
-
 import torch
 
-logger = logging.getLogger(__name__)
+from thinkwise.kernels import cpu_build
 
 BLOCK = 32  # weights per scale
-SOURCE = Path(__file__).with_name("csrc") / "cpu_quant_gemm.cpp"
 REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
 DISABLE_ENV = "THINKWISE_CPU_QUANT_KERNEL"  # "0": use PyTorch's kernels (A/B runs, debugging)
 
-_lock = threading.Lock()
-_status: dict | None = None
+_library = cpu_build.CppLibrary(
+    "cpu_quant_gemm", cpu_build.CSRC / "cpu_quant_gemm.cpp",
+    ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-pthread"],
+    REQUIRED_CPU_FLAGS, DISABLE_ENV)
+status = _library.status  # {"available": bool, "reason": why not (or the build directory)}; builds on first call
+available = _library.available
+_load = _library.load
 _op = None  # torch.ops.thinkwise_cpu.quant_linear once loaded
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _build_dir() -> Path:
-    from thinkwise.loading.cache import cache_root
-
-    digest = hashlib.sha256(SOURCE.read_bytes() + torch.__version__.encode()).hexdigest()[:16]
-    return cache_root() / "torch_extensions" / f"cpu_quant_gemm-{digest}"
-
-
-def status() -> dict:
-    """{"available": bool, "reason": why not (or the build directory)}; builds on first call."""
-    global _status
-    with _lock:
-        if _status is None:
-            _status = _load()
-        return _status
-
-
-def available() -> bool:
-    return status()["available"]
-
-
-def _load() -> dict:
-    if os.environ.get(DISABLE_ENV, "1") == "0":
-        return {"available": False, "reason": f"disabled by {DISABLE_ENV}=0"}
-    missing = [flag for flag in REQUIRED_CPU_FLAGS if flag not in _cpu_flags()]
-    if missing:
-        return {"available": False, "reason": f"this CPU lacks {', '.join(missing)}"}
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        return {"available": False, "reason": f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH"}
-    try:
-        from torch.utils.cpp_extension import load
-
-        build = _build_dir()
-        build.mkdir(parents=True, exist_ok=True)
-        flags = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-pthread"]
-        load(name="thinkwise_cpu_quant", sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-pthread"],
-             build_directory=str(build), is_python_module=False, verbose=False)
-    except Exception as exc:  # a broken toolchain must not stop the engine: fall back, say why
-        logger.warning("the CPU quantized-GEMM kernel could not be built (%s); using PyTorch's kernels", exc)
-        return {"available": False, "reason": f"build failed: {str(exc).strip().splitlines()[-1][:300]}"}
-    return {"available": True, "reason": f"built in {build}"}
 
 
 BITS = (4, 5, 8)

@@ -8,6 +8,7 @@ rotary embedding + writing K and V into their paged-cache slots; SiLU(gate) * up
 twins are the model's original op sequences (identical numerics to Hugging Face), used on
 CPU, when Triton is missing, and with `EngineConfig.fused_kernels` off (THINKWISE_FUSED=0);
 the kernels compute in fp32 and round where the twins round, so bf16 results agree to rounding.
+On CPU the same groups are single C++ operators (cpu_decode_ops) where they apply.
 With an fp8 KV cache (`paged_attention.FP8KVCache`) the q/k/v kernel quantizes each K and V
 head vector as it stores it, with its own scale (amax / 448), as the twin's `write_kv_cache` does.
 """
@@ -37,6 +38,13 @@ def set_fused_kernels(enabled: bool) -> None:
 
 def _use_triton(x: torch.Tensor) -> bool:
     return FUSED and triton is not None and x.is_cuda
+
+
+def _use_cpu_ops(*tensors) -> bool:
+    """The C++ CPU operators (cpu_decode_ops) take these: CPU tensors of one dtype, contiguous rows."""
+    from thinkwise.kernels import cpu_decode_ops
+
+    return FUSED and tensors[0].device.type == "cpu" and cpu_decode_ops.applies(*tensors)
 
 
 def _pdl(x: torch.Tensor) -> dict:
@@ -240,6 +248,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     """(rmsnorm(x + residual), x + residual); residual None: (rmsnorm(x), x). The new
     residual is written into `residual`'s storage on the Triton path."""
     if not _use_triton(x) or x.dim() != 2:
+        if x.dim() == 2 and (residual is None or residual.is_contiguous()) and _use_cpu_ops(
+                x, weight, *([] if residual is None else [residual])):
+            from thinkwise.kernels import cpu_decode_ops
+
+            return cpu_decode_ops.add_rms_norm(x, residual, weight, eps)
         return add_rms_norm_reference(x, residual, weight, eps)
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -258,6 +271,13 @@ def qkv_rotary_cache(qkv, cos, sin, q_norm_weight, k_norm_weight, eps, k_cache, 
     """From the fused qkv projection: optional per-head q/k RMSNorm (Qwen3), rotary on q and k,
     k and v written to their cache slots; returns q as [num_tokens, heads, head_dim]."""
     if not _use_triton(qkv) or head_dim & (head_dim - 1):
+        norms = [] if q_norm_weight is None else [q_norm_weight, k_norm_weight]
+        if (not isinstance(k_cache, FP8KVCache) and k_cache.is_contiguous() and v_cache.is_contiguous()
+                and _use_cpu_ops(qkv, cos, sin, k_cache, v_cache, *norms)):
+            from thinkwise.kernels import cpu_decode_ops
+
+            return cpu_decode_ops.qkv_rotary_cache(qkv, cos, sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
+                                                   slot_mapping, num_heads, num_kv_heads, head_dim)
         return qkv_rotary_cache_reference(qkv, cos, sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
                                           slot_mapping, num_heads, num_kv_heads, head_dim)
     num_tokens = qkv.shape[0]
@@ -283,6 +303,10 @@ def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
     if activation not in GATED_ACTIVATIONS:
         raise ValueError(f"unknown gated activation {activation!r}; known: {', '.join(GATED_ACTIVATIONS)}")
     if not _use_triton(gate_up) or gate_up.dim() != 2:
+        if activation == "silu" and gate_up.dim() == 2 and gate_up.stride(-1) == 1 and _use_cpu_ops(gate_up):
+            from thinkwise.kernels import cpu_decode_ops
+
+            return cpu_decode_ops.silu_mul(gate_up)
         return gated_activation_reference(gate_up, activation)
     rows, width = gate_up.shape
     cols = width // 2

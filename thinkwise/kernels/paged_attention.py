@@ -355,13 +355,20 @@ def _is_power_of_two(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def _decode_backend(query: torch.Tensor, k_cache: torch.Tensor | FP8KVCache):
-    """The Triton split-KV kernel on CUDA when it applies, else the PyTorch reference."""
+def _decode_backend(query: torch.Tensor, k_cache: torch.Tensor | FP8KVCache, v_cache: torch.Tensor | FP8KVCache):
+    """The Triton split-KV kernel on CUDA when it applies, the C++ operator on CPU when it
+    applies, else the PyTorch reference."""
     if ATTENTION_BACKEND != "torch" and query.is_cuda:
         from thinkwise.kernels.triton_decode_attention import HAVE_TRITON, triton_decode_attention
 
         if HAVE_TRITON and _is_power_of_two(query.shape[-1]) and _is_power_of_two(k_cache.shape[1]):
             return triton_decode_attention
+    if (ATTENTION_BACKEND != "torch" and query.device.type == "cpu" and not isinstance(k_cache, FP8KVCache)
+            and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        from thinkwise.kernels import cpu_decode_ops
+
+        if cpu_decode_ops.applies(query, k_cache, v_cache):
+            return cpu_decode_ops.decode_attention
     return decode_attention
 
 
@@ -382,7 +389,7 @@ def paged_attention(
     nd = metadata.num_decodes
     decoded = None
     if nd:
-        decoded = _decode_backend(query, k_cache)(
+        decoded = _decode_backend(query, k_cache, v_cache)(
             query[:nd], k_cache, v_cache, metadata.block_tables, metadata.seq_lens,
             metadata.decode_max_seq_len or max(metadata.seq_lens_host[:nd]), scale,
             unified_max=metadata.unified_max,
