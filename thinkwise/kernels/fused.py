@@ -200,10 +200,12 @@ if triton is not None:
             b = x2.to(tl.float32)
             out1 = a * c - b * s
             out2 = b * c + a * s
+            # q_dst and k_dst keep apart: one name bound to two pointer types in the two branches
+            # is a compile error (the interpreter does not check it).
             if head < NUM_HEADS:
-                dst = q_out_ptr + token * stride_qo_t + head * stride_qo_h
-                tl.store(dst + half, out1.to(q_out_ptr.dtype.element_ty))
-                tl.store(dst + HEAD_DIM // 2 + half, out2.to(q_out_ptr.dtype.element_ty))
+                q_dst = q_out_ptr + token * stride_qo_t + head * stride_qo_h
+                tl.store(q_dst + half, out1.to(q_out_ptr.dtype.element_ty))
+                tl.store(q_dst + HEAD_DIM // 2 + half, out2.to(q_out_ptr.dtype.element_ty))
             else:
                 dst = k_cache_ptr + slot * stride_cache_slot + (head - NUM_HEADS) * stride_cache_head
                 if FP8:  # quantize the key as rounded to the compute dtype, like the twin
