@@ -128,6 +128,12 @@ def test_layers_follow_the_installed_plan():
     assert planned_config(Layer, 300) == "prefill"
     assert planned_config(object(), 1) is None  # no table: dequantize + cuBLAS
 
+    class Rungs(Layer):
+        quant_plan_above = [(256, "mid"), (None, None)]  # above 256 rows: dequantize + cuBLAS
+
+    assert planned_config(Rungs, 3) == "mid" and planned_config(Rungs, 256) == "mid"
+    assert planned_config(Rungs, 257) is None and planned_config(Rungs, 10**6) is None
+
 
 @needs_triton
 @pytest.mark.parametrize("group", [64, 128])
@@ -168,3 +174,25 @@ def test_split_k_matches_twin_and_adds_the_bias_once(bits):
                                 bias.double(), group)
     assert rel_error(got.cpu(), want) < 1e-6
     assert torch.equal(got, triton_quant_gemm(x.to(device), *args, group, config))
+
+
+@needs_triton
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 32), (4, 128)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_dequantize_kernel_equals_the_twin_bit_for_bit(bits, group, dtype):
+    """The Triton dequantize (dequantize-then-cuBLAS on CUDA) must write exactly the twin's
+    values rounded once: N and K off its 16 x 256 tile, scales and zeros in the activations' dtype."""
+    device = device_and_check()
+    g = torch.Generator().manual_seed(bits + group)
+    weight = torch.randn(37, 384, generator=g) * 0.05
+    if bits == 8:
+        q, scales = quantize_int8(weight, dtype)
+        zeros = None
+    else:
+        codes, scales, zeros = quantize_int4(weight, group, dtype)
+        q, zeros = pack_int4(codes), zeros.to(device)
+    q, scales = q.to(device), scales.to(device)
+    want = tq.dequantize_reference(q, scales, zeros, group or 384).to(dtype)
+    got = tq.dequantize(q, scales, zeros, group or 384, dtype, use_triton=True)
+    assert got.dtype == dtype and torch.equal(got, want)
+    assert torch.equal(tq.dequantize(q, scales, zeros, group or 384, dtype, use_triton=False), want)

@@ -236,7 +236,11 @@ GRAPH_BYTES = 256 << 20  # weight bytes one timed graph replay reads (long enoug
 MAX_GRAPH_CALLS = 64
 
 
-QUANT_PREFILL_ROWS = 256  # quantized shapes: one prefill-sized rung, Triton GEMM vs dequantize + cuBLAS
+# Quantized shapes: prefill-sized rungs, Triton GEMM vs dequantize + cuBLAS. Between 64 and
+# a few hundred rows the in-kernel dequantizing GEMM still wins; by 2048 cuBLAS's tensor cores
+# on a dequantized copy win (H200, Llama-3-8B int8: 200 us vs 920 us at 256 rows, with the
+# float32 dequantize of the time).
+QUANT_PREFILL_ROWS = (256, 2048)
 
 
 def quantized_groups(model: nn.Module) -> dict[str, list[DispatchLinear]]:
@@ -302,7 +306,7 @@ class GpuLinearDispatcher:
     table: dict[tuple[int, int], list[FlatGemmConfig | None]] = field(default_factory=dict)
     timings_us: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
     timed_layers: dict[str, int] = field(default_factory=dict)
-    # Quantized layers, per "METHOD:NxK": the Triton tiling per rung of rows + (QUANT_PREFILL_ROWS,), or None
+    # Quantized layers, per "METHOD:NxK": the Triton tiling per rung of rows + QUANT_PREFILL_ROWS, or None
     # for dequantize-then-cuBLAS (the last rung decides every M above the ladder).
     quant_table: dict[str, list[Any]] = field(default_factory=dict)
     profile_seconds: float = 0.0
@@ -420,7 +424,7 @@ class GpuLinearDispatcher:
         def neighbour(x: torch.Tensor) -> torch.Tensor:
             return add_rms_norm(x, None, norm_weight, 1e-6)[0]
 
-        ladder = (*self.rows, QUANT_PREFILL_ROWS)
+        ladder = (*self.rows, *QUANT_PREFILL_ROWS)
         timings: dict[str, list[float | None]] = {"dequantize+cublas": []}
         failed: dict[str, str] = {}
         choices: list[Any] = []
@@ -468,7 +472,7 @@ class GpuLinearDispatcher:
             plan.append(choices[next(i for i, top in enumerate(self.rows) if rows <= top)])
         for layer in layers:
             layer.quant_plan = tuple(plan)
-            layer.quant_plan_above = choices[-1]
+            layer.quant_plan_above = [*zip(QUANT_PREFILL_ROWS[:-1], choices[len(self.rows):-1]), (None, choices[-1])]
 
     def row_plan(self, shape: tuple[int, int]) -> tuple[FlatGemmConfig | None, ...] | None:
         """The per-M list DispatchLinear reads: entry M is the config for M rows."""
@@ -520,7 +524,7 @@ class GpuLinearDispatcher:
         for key, choices in self.quant_table.items():
             ranges = []
             low = 1
-            for top, config in zip((*self.rows, QUANT_PREFILL_ROWS), choices):
+            for top, config in zip((*self.rows, *QUANT_PREFILL_ROWS), choices):
                 impl = "dequantize+cublas" if config is None else f"triton:{config.name}"
                 if ranges and ranges[-1]["impl"] == impl:
                     ranges[-1]["rows"][1] = top

@@ -286,6 +286,74 @@ if HAVE_TRITON:
                  result.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _round_for_store(w, BF16: tl.constexpr):
+        """fp32 weights rounded (to nearest even) onto bf16's grid, still fp32, so the store's
+        conversion is exact: the GPU rounds so itself, the Triton interpreter truncates."""
+        if BF16:
+            bits = w.to(tl.int32, bitcast=True)
+            w = ((bits + 0x7FFF + ((bits >> 16) & 1)) & -0x10000).to(tl.float32, bitcast=True)
+        return w
+
+    @triton.jit
+    def _dequantize_kernel(q_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_q, stride_s, stride_out,
+                           GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BF16: tl.constexpr):
+        """W [N, K] in out_ptr's dtype from its stored form, in fp32 as `dequantize_reference`
+        computes it (launched without FMA contraction, so int4's c * s + z rounds twice as
+        there) and rounded once: a 16-bit copy for dequantize-then-cuBLAS, one pass over the codes."""
+        n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rows_ok = n < N
+        if INT4:  # one byte = inputs 2j (low nibble) and 2j + 1 (high), of one group
+            j = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+            mask = rows_ok[:, None] & (j[None, :] < K // 2)
+            packed = tl.load(q_ptr + n[:, None] * stride_q + j[None, :], mask=mask, other=0).to(tl.int32)
+            at = n[:, None] * stride_s + ((2 * j) // GROUP)[None, :]
+            scale = tl.load(scale_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            zero = tl.load(zero_ptr + at, mask=mask, other=0.0).to(tl.float32)
+            low = ((packed & 15) - 8).to(tl.float32) * scale + zero
+            high = ((packed >> 4) - 8).to(tl.float32) * scale + zero
+            dst = out_ptr + n[:, None] * stride_out + 2 * j[None, :]
+            tl.store(dst, _round_for_store(low, BF16).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(dst + 1, _round_for_store(high, BF16).to(out_ptr.dtype.element_ty), mask=mask)
+        else:
+            k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+            mask = rows_ok[:, None] & (k[None, :] < K)
+            codes = tl.load(q_ptr + n[:, None] * stride_q + k[None, :], mask=mask, other=0).to(tl.float32)
+            scale = tl.load(scale_ptr + n * stride_s, mask=rows_ok, other=0.0).to(tl.float32)
+            tl.store(out_ptr + n[:, None] * stride_out + k[None, :],
+                     _round_for_store(codes * scale[:, None], BF16).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int, dtype: torch.dtype,
+               use_triton: bool | None = None) -> torch.Tensor:
+    """`dequantize_reference(...).to(dtype)`, bit for bit; by one Triton pass on CUDA (or
+    with use_triton=True, under the interpreter). The twin builds two float32 copies of W
+    on the way (8 bytes an element); on an H100 that made dequantize-then-cuBLAS for
+    Llama-3-8B's gate/up projection cost ~0.9 ms of dequantizing, which priced it out of
+    prefill, where cuBLAS's tensor cores beat the in-kernel dequantizing GEMM."""
+    if use_triton is None:
+        use_triton = HAVE_TRITON and q.is_cuda
+    if not use_triton:
+        return dequantize_reference(q, scales, zeros, group).to(dtype)
+    int4 = zeros is not None
+    n, k = q.shape[0], q.shape[1] * (2 if int4 else 1)
+    if int4 and (group % 2 or k % group):
+        raise ValueError(f"int4 needs an even group ({group}) dividing K ({k})")
+    out = torch.empty(n, k, dtype=dtype, device=q.device)
+    if n and k:
+        block_n, block_k = 16, 256
+        scales2 = scales.reshape(n, -1)
+        _dequantize_kernel[(-(-n // block_n), -(-k // block_k))](
+            q, scales2, zeros.reshape(n, -1) if int4 else scales2, out, n, k, q.stride(0), scales2.stride(0),
+            out.stride(0), GROUP=group, INT4=int4, BLOCK_N=block_n, BLOCK_K=block_k, BF16=dtype == torch.bfloat16,
+            num_warps=4,
+            enable_fp_fusion=False)
+    return out
+
+
 def code_words(q: torch.Tensor) -> torch.Tensor:
     """The stored codes (int8 [N, K] or packed int4 [N, K/2]) viewed as int32 words, as the
     kernels read them (4 int8 or 8 int4 codes a word); rows must hold whole words."""

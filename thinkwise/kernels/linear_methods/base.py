@@ -48,10 +48,15 @@ class LinearMethod:
         """The weight W [out, in] the stored form stands for, in float32."""
         raise NotImplementedError
 
+    def dequantize_to(self, layer: DispatchLinear, dtype: torch.dtype) -> torch.Tensor:
+        """`dequantize(layer).to(dtype)`; a method may make it without the float32 copy (on CUDA,
+        the dequantize-then-cuBLAS path the dispatch table times against its Triton kernels)."""
+        return self.dequantize(layer).to(dtype)
+
     def reference(self, layer: DispatchLinear, x: torch.Tensor) -> torch.Tensor:
         """The PyTorch twin of `apply`: dequantize, then an ordinary linear in x's dtype."""
         bias = layer.bias
-        return torch.nn.functional.linear(x, self.dequantize(layer).to(x.dtype), bias)
+        return torch.nn.functional.linear(x, self.dequantize_to(layer, x.dtype), bias)
 
     def storage_bytes(self, layer: DispatchLinear) -> int:
         """Bytes a matmul reads for this layer's weight (codes, scales, zero points)."""

@@ -109,6 +109,13 @@ class Int4Method(BlockedOnCpu, LinearMethod):
             out = out + layer.bias
         return out.reshape(*lead, layer.out_features)
 
+    def dequantize_to(self, layer, dtype: torch.dtype) -> torch.Tensor:
+        if not self.blocked and hasattr(layer, "qweight") and layer.qweight.is_cuda:  # one Triton pass
+            from thinkwise.kernels.triton_quant_gemm import dequantize
+
+            return dequantize(layer.qweight, layer.scales, layer.zeros, self.group, dtype)
+        return super().dequantize_to(layer, dtype)
+
     def dequantize(self, layer) -> torch.Tensor:
         if self.blocked:
             return self.blocked_dequantize(layer)

@@ -59,6 +59,13 @@ class Int8Method(BlockedOnCpu, LinearMethod):
             return self.blocked_dequantize(layer)
         return layer.qweight.float() * layer.scales.float()[:, None]
 
+    def dequantize_to(self, layer, dtype: torch.dtype) -> torch.Tensor:
+        if not self.blocked and layer.qweight.is_cuda:  # one Triton pass, no float32 copy
+            from thinkwise.kernels.triton_quant_gemm import dequantize
+
+            return dequantize(layer.qweight, layer.scales, None, layer.in_features, dtype)
+        return super().dequantize_to(layer, dtype)
+
     def apply(self, layer, x: torch.Tensor) -> torch.Tensor:
         if self.blocked:
             return self.blocked_apply(layer, x)

@@ -2,10 +2,10 @@
 their Triton tilings to it.
 
 `linear_dispatch.GpuLinearDispatcher` times each quantized weight shape per row count
-(the same ladder as the 16-bit table, plus one prefill-sized M) between the method's
+(the same ladder as the 16-bit table, plus prefill-sized rungs) between the method's
 Triton tilings and dequantize-then-cuBLAS, and installs on each layer `quant_plan` (entry
-M: the tiling for M rows, or None) and `quant_plan_above` (the choice for more rows than
-the plan covers). Without a table every call takes the dequantize-then-cuBLAS path.
+M: the tiling for M rows, or None) and `quant_plan_above` (for more rows than the plan
+covers: [(top rows, choice), ...], the last top None for every larger M). Without a table every call takes the dequantize-then-cuBLAS path.
 """
 
 from __future__ import annotations
@@ -19,7 +19,12 @@ def planned_config(layer, rows: int):
     plan = getattr(layer, "quant_plan", None)
     if plan is None:
         return None
-    return plan[rows] if rows < len(plan) else getattr(layer, "quant_plan_above", None)
+    if rows < len(plan):
+        return plan[rows]
+    above = getattr(layer, "quant_plan_above", None)
+    if not isinstance(above, list):
+        return above
+    return next(choice for top, choice in above if top is None or rows <= top)
 
 
 def gpu_apply(method, layer, x: torch.Tensor, q, scales, zeros, group: int) -> torch.Tensor:
