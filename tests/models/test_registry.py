@@ -84,3 +84,17 @@ def test_the_linear_layer_knows_no_activation():
     assert torch.allclose(layer.forward_gated(x, "silu"), torch.nn.functional.silu(gate) * up)
     assert torch.allclose(layer.forward_gated(x, "gelu_tanh"),
                           torch.nn.functional.gelu(gate, approximate="tanh") * up)
+
+
+def test_building_for_the_engine_hands_each_tensor_over_once(tmp_path):
+    """consume=True empties `loaded.weights` as the model takes them (no second copy kept), and
+    the model is the same as one built from a dict left intact."""
+    make_tiny_model("llama", tmp_path)
+    kept = load_hf_dir(tmp_path, dtype=torch.float32)
+    model = build_model(kept, device="cpu", dtype=torch.float32)
+    assert kept.weights  # left as it was
+    consumed = load_hf_dir(tmp_path, dtype=torch.float32)
+    handed = build_model(consumed, device="cpu", dtype=torch.float32, consume=True)
+    assert consumed.weights == {}
+    for (name, a), (_, b) in zip(model.state_dict().items(), handed.state_dict().items()):
+        assert torch.equal(a, b), name

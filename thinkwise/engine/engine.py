@@ -66,8 +66,9 @@ class Engine:
         # Before building the model: an fp8 cache on a GPU without fp8 fails at once.
         self.kv_cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.device, self.dtype)
         apply_kernel_settings(config)  # before GEMM profiling and graph capture, which launch kernels
-        model = build_model(loaded, device=self.device, dtype=self.weight_dtype, compute_dtype=self.dtype)
-        loaded.weights.clear()  # the model holds its own copy; don't keep two
+        # Each checkpoint tensor is freed as the model takes it: never two copies of the weights.
+        model = build_model(loaded, device=self.device, dtype=self.weight_dtype, compute_dtype=self.dtype,
+                            consume=True)
         # Before any dispatch table or graph: they see each layer's method (kernels/linear_methods).
         linear_methods = quantize_model(model, config.quantization, dtype=self.dtype, gguf_source=(
             loaded.source if (loaded.extra or {}).get("format") == "gguf" else None))
