@@ -30,7 +30,8 @@ only 1.11-1.54x (0.75-1.16 TB/s: its decode, ~7 instructions a weight, is bound 
 not bytes) and at 64 rows 0.54-0.90x. End to end on an H200 (`benchmarks/gpu_throughput.py
 --quantization`, `benchmarks/results/gpu_throughput_quantization_h200.json`, same run as the
 bf16 column): Llama-3-8B batch 1 int8 1.46x bf16, int4-all-g128 0.91x; batch 64 0.73x / 0.50x;
-Qwen3-0.6B batch 1 int8 1.04x, int4 0.91x. The H200's 4.2 TB/s makes bf16 faster while the
+Qwen3-0.6B batch 1 int8 1.04x, int4 0.91x; on an H100, Llama-3-8B batch 1 int8 1.56x,
+int4-all-g128 1.13x. The H200's 4.2 TB/s makes bf16 faster while the
 int4 decode stays issue-bound, and the batch-64 tiles trail cuBLAS. Next: packed
 half-precision decode (two codes per instruction, as Marlin does) for int4, and wgmma-sized
 tiles that take the decoded weights from shared memory for batch 64.
