@@ -158,7 +158,9 @@ def test_qkv_rotary_cache_into_an_fp8_cache(force_triton, device, dtype, qk_norm
         torch.testing.assert_close(have.scales, want.scales, **tolerance(dtype))
         values, wanted = dequantize_fp8(have.codes, have.scales), dequantize_fp8(want.codes, want.scales)
         step = want.scales[..., None] * 32  # one e4m3 step at the top binade (256..448) x scale
-        assert ((values - wanted).abs() <= step + 1e-6).all()
+        # One step exactly is allowed: the slack only absorbs the fp32 rounding of the two
+        # dequantized products (an H100 gave codes 249 vs 250: 103.43 against a step of 103.43).
+        assert ((values - wanted).abs() <= step * (1 + 1e-5) + 1e-6).all()
         written = [c.view(torch.uint8).reshape(-1, kv_heads, head_dim)[slots] for c in (have.codes, want.codes)]
         same = (written[0] == written[1]).float().mean().item()
         # A code differs only where the rotary rounded differently (observed: fp32 97.5-100% equal,
