@@ -99,7 +99,9 @@ def test_short_m_at_k_over_the_remote(eos_server):
         return RemoteBackend(eos_server.url, model=eos_server.model, api_key=eos_server.api_key)
 
     params = SamplingParams(temperature=1.0, max_tokens=200, seed=3)
+    _, generated_start = counters(eos_server)
     majority = solve_remote(backend(), "write words", "majority@6", sampling_params=params)
+    _, generated_full = counters(eos_server)  # the six samples run to their end, server-side
     assert all(s.finish_reason == "stop" for s in majority.samples) and majority.cost.prompt_tokens > 0
     before = disconnects(eos_server)
     prompt_before, generated_before = counters(eos_server)
@@ -122,7 +124,11 @@ def test_short_m_at_k_over_the_remote(eos_server):
     # ... which the server saw as clients leaving: it aborted them and freed their KV blocks.
     health = eos_server.wait_idle()
     assert health["engine"]["kv_blocks_used"] == 0 and health["engine"]["running_sequences"] == 0
-    assert 1 <= disconnects(eos_server) - before <= len(aborted)
+    # When the server still had tokens to generate as the client left, it saw the disconnect
+    # (a fast server may instead have finished every sample before the client closed).
+    cut_short = generated_after - generated_before < generated_full - generated_start
+    left = disconnects(eos_server) - before
+    assert (1 if cut_short else 0) <= left <= len(aborted), (cut_short, left)
 
 
 def test_server_counters_opt_in_charges_the_servers_own_deltas(eos_server):
