@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from thinkwise.kernels import pdl
+from thinkwise.kernels import cpu_decode_ops, pdl
 from thinkwise.kernels.paged_attention import FP8KVCache, write_kv_cache
 
 try:
@@ -42,9 +42,7 @@ def _use_triton(x: torch.Tensor) -> bool:
 
 def _use_cpu_ops(*tensors) -> bool:
     """The C++ CPU operators (cpu_decode_ops) take these: CPU tensors of one dtype, contiguous rows."""
-    from thinkwise.kernels import cpu_decode_ops
-
-    return FUSED and tensors[0].device.type == "cpu" and cpu_decode_ops.applies(*tensors)
+    return FUSED and cpu_decode_ops.applies(*tensors)
 
 
 def _pdl(x: torch.Tensor) -> dict:
@@ -252,8 +250,6 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     if not _use_triton(x) or x.dim() != 2:
         if x.dim() == 2 and (residual is None or residual.is_contiguous()) and _use_cpu_ops(
                 x, weight, *([] if residual is None else [residual])):
-            from thinkwise.kernels import cpu_decode_ops
-
             return cpu_decode_ops.add_rms_norm(x, residual, weight, eps)
         return add_rms_norm_reference(x, residual, weight, eps)
     x = x.contiguous()
@@ -276,8 +272,6 @@ def qkv_rotary_cache(qkv, cos, sin, q_norm_weight, k_norm_weight, eps, k_cache, 
         norms = [] if q_norm_weight is None else [q_norm_weight, k_norm_weight]
         if (not isinstance(k_cache, FP8KVCache) and k_cache.is_contiguous() and v_cache.is_contiguous()
                 and _use_cpu_ops(qkv, cos, sin, k_cache, v_cache, *norms)):
-            from thinkwise.kernels import cpu_decode_ops
-
             return cpu_decode_ops.qkv_rotary_cache(qkv, cos, sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
                                                    slot_mapping, num_heads, num_kv_heads, head_dim)
         return qkv_rotary_cache_reference(qkv, cos, sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
@@ -306,8 +300,6 @@ def gated_activation(gate_up: torch.Tensor, activation: str) -> torch.Tensor:
         raise ValueError(f"unknown gated activation {activation!r}; known: {', '.join(GATED_ACTIVATIONS)}")
     if not _use_triton(gate_up) or gate_up.dim() != 2:
         if activation == "silu" and gate_up.dim() == 2 and gate_up.stride(-1) == 1 and _use_cpu_ops(gate_up):
-            from thinkwise.kernels import cpu_decode_ops
-
             return cpu_decode_ops.silu_mul(gate_up)
         return gated_activation_reference(gate_up, activation)
     rows, width = gate_up.shape

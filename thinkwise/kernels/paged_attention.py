@@ -38,6 +38,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from thinkwise.kernels import cpu_decode_ops
+
 # "torch" forces the reference everywhere (for debugging a kernel); "auto" uses Triton on CUDA.
 # Set from EngineConfig.attention_backend by the engine (`set_attention_backend`).
 ATTENTION_BACKEND = "auto"
@@ -363,12 +365,9 @@ def _decode_backend(query: torch.Tensor, k_cache: torch.Tensor | FP8KVCache, v_c
 
         if HAVE_TRITON and _is_power_of_two(query.shape[-1]) and _is_power_of_two(k_cache.shape[1]):
             return triton_decode_attention
-    if (ATTENTION_BACKEND != "torch" and query.device.type == "cpu" and not isinstance(k_cache, FP8KVCache)
-            and k_cache.is_contiguous() and v_cache.is_contiguous()):
-        from thinkwise.kernels import cpu_decode_ops
-
-        if cpu_decode_ops.applies(query, k_cache, v_cache):
-            return cpu_decode_ops.decode_attention
+    if (ATTENTION_BACKEND != "torch" and not isinstance(k_cache, FP8KVCache) and k_cache.is_contiguous()
+            and v_cache.is_contiguous() and cpu_decode_ops.applies(query, k_cache, v_cache)):
+        return cpu_decode_ops.decode_attention
     return decode_attention
 
 

@@ -313,7 +313,7 @@ void decode_attention_impl(const at::Tensor& query, const at::Tensor& k_cache, c
                            at::Tensor& out) {
   const int64_t batch = query.size(0), heads = query.size(1), dim = query.size(2);
   const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2), group = heads / kv_heads;
-  const int64_t table_width = block_tables.size(1), table_stride = block_tables.stride(0);
+  const int64_t table_stride = block_tables.stride(0);
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* lens = seq_lens.data_ptr<int64_t>();
   const T* qp = query.data_ptr<T>();
@@ -339,7 +339,6 @@ void decode_attention_impl(const at::Tensor& query, const at::Tensor& k_cache, c
                 kv_heads, h, group, dim, static_cast<float>(scale), dst, scores, acc, row);
     }
   });
-  (void)table_width;
 }
 
 // One query token per sequence: query [B, H, D] -> [B, H, D], attending to each sequence's
