@@ -1,6 +1,6 @@
 """Where a decode step's time goes on the GPU: scheduling, the forward (graph), sampling, bookkeeping.
 
-    python benchmarks/gpu_step_profile.py [--shape llama3-8b] [--batch 64]
+    python benchmarks/gpu_step_profile.py [--shape llama3-8b] [--batch 64] [--quantization int8] [--kernels]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--cprofile", action="store_true", help="print the top host functions of the timed steps")
     parser.add_argument("--kernels", action="store_true", help="print the GPU kernels of one graph replay")
+    parser.add_argument("--quantization", default="none", help="weights quantized on load: none, int8, int4, ...")
     args = parser.parse_args()
     require_cuda("gpu_step_profile.py")
     from transformers import AutoModelForCausalLM
@@ -39,7 +40,8 @@ def main() -> None:
     config = ModelConfig(rms_norm_eps=1e-6, max_position_embeddings=4096, **shape)
     llm = LLM.from_loaded(LoadedModel(config, dict(hf.state_dict()), None, None, "random", args.shape),
                           device="cuda", dtype="bfloat16", num_kv_blocks=args.batch * 40, max_num_seqs=args.batch,
-                          enable_prefix_caching=False)
+                          enable_prefix_caching=False,
+                          quantization=None if args.quantization == "none" else args.quantization)
     del hf
     engine = llm.engine
     # Profile the phases of a synchronous step (async scheduling would hide them behind
@@ -121,7 +123,7 @@ def main() -> None:
                 torch.cuda.synchronize()
             print(trace.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
     timings["rest"] = total - timings["forward"] - timings["schedule"] - timings.get("sampler", 0.0)
-    print(f"{args.shape} batch {args.batch}: {1e3 * total / args.steps:.2f} ms/step, "
+    print(f"{args.shape} batch {args.batch} {args.quantization}: {1e3 * total / args.steps:.2f} ms/step, "
           f"{args.batch * args.steps / total:.0f} tok/s decode-only; per step: "
           + ", ".join(f"{k} {1e3 * v / args.steps:.2f} ms" for k, v in timings.items()))
     print("graphs captured:", sorted(runner.graph_decoder.graphs))
