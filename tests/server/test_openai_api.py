@@ -369,7 +369,7 @@ def test_disconnect_during_non_streamed_request_aborts(server):
     before = disconnects(server)
     body = {"model": MODEL, "prompt": "wait for me", "max_tokens": 240, "n": 8, "ignore_eos": True}
     with pytest.raises(httpx.ReadTimeout):
-        raw_post(server, "/v1/completions", body, timeout=0.15)
+        raw_post(server, "/v1/completions", body, timeout=0.05)  # 8 x 240 tokens take ~0.4 s
     health = server.wait_idle(timeout=5)
     assert health["engine"]["kv_blocks_used"] == 0 and health["requests_in_flight"] == 0
     assert disconnects(server) == before + 1
