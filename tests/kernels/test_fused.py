@@ -128,10 +128,13 @@ def test_rotary_table_rows_are_the_computed_values(dtype):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_qkv_rotary_cache_into_an_fp8_cache(force_triton, device, dtype, qk_norm):
+@pytest.mark.parametrize("head_major", [False, True])
+def test_qkv_rotary_cache_into_an_fp8_cache(force_triton, device, dtype, qk_norm, head_major):
     """The kernel quantizes K and V into an fp8 cache (codes + a scale per token and head) as
     the twin's write_kv_cache does: the same scales, codes at most one e4m3 step apart (the
-    kernel's rotary rounds once, the twin's per op), untouched slots left alone."""
+    kernel's rotary rounds once, the twin's per op), untouched slots left alone. With
+    `head_major` the kernel's and the twin's caches store their scales [blocks, kv_heads,
+    block_size] (the engine's layout); the twin's must equal a token-major twin's exactly."""
     if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 needs compute capability 8.9+")
     run_triton_on(device)
@@ -147,13 +150,22 @@ def test_qkv_rotary_cache_into_an_fp8_cache(force_triton, device, dtype, qk_norm
         else [None, None]
     slots = torch.tensor([2, 9, 10, 17, 23], device=device)
 
-    def fp8_cache():
+    def fp8_cache(head_major=head_major):
+        scales = torch.zeros(blocks, kv_heads, block_size, device=device).transpose(1, 2) if head_major \
+            else torch.zeros(blocks, block_size, kv_heads, device=device)
         return FP8KVCache(torch.zeros(blocks, block_size, kv_heads, head_dim, dtype=torch.float8_e4m3fn,
-                                      device=device), torch.zeros(blocks, block_size, kv_heads, device=device))
+                                      device=device), scales)
 
     expected, got = (fp8_cache(), fp8_cache()), (fp8_cache(), fp8_cache())
     fused.qkv_rotary_cache_reference(qkv, cos, sin, *weights, 1e-6, *expected, slots, heads, kv_heads, head_dim)
     fused.qkv_rotary_cache(qkv, cos, sin, *weights, 1e-6, *got, slots, heads, kv_heads, head_dim)
+    if head_major:
+        plain = (fp8_cache(False), fp8_cache(False))
+        fused.qkv_rotary_cache_reference(qkv, cos, sin, *weights, 1e-6, *plain, slots, heads, kv_heads, head_dim)
+        for laid, flat in zip(expected, plain):
+            assert laid.scales.stride() != flat.scales.stride()
+            assert torch.equal(laid.scales, flat.scales) and torch.equal(laid.codes.view(torch.uint8),
+                                                                         flat.codes.view(torch.uint8))
     for want, have in zip(expected, got):
         torch.testing.assert_close(have.scales, want.scales, **tolerance(dtype))
         values, wanted = dequantize_fp8(have.codes, have.scales), dequantize_fp8(want.codes, want.scales)

@@ -252,12 +252,61 @@ def test_fp8_cascade_and_window_kernels_match_reference_in_interpreter(window):
     assert (got - expected).abs().max().item() < 1e-4
 
 
-def test_fp8_cache_with_a_foreign_layout_is_refused():
+def head_major(cache: FP8KVCache) -> FP8KVCache:
+    """The same cache with its scales stored [blocks, kv_heads, block_size] (the engine's layout:
+    one head's scales of a block side by side), viewed as [blocks, block_size, kv_heads]."""
+    return FP8KVCache(cache.codes, cache.scales.transpose(1, 2).contiguous().transpose(1, 2))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fp8_head_major_scales_match_reference_in_interpreter(case):
+    interpreter_only()
+    batch, heads, kv_heads, head_dim, block_size, lens = case
+    q, k, v, tables, seq_lens = make_case(batch, heads, kv_heads, head_dim, block_size, lens, torch.float32, "cpu")
+    kf, vf = fp8_caches(k * 40, v)
+    expected = decode_attention(q, kf, vf, tables, seq_lens, max(lens), head_dim**-0.5)
+    moved_k, moved_v = head_major(kf), head_major(vf)
+    assert moved_k.scales.stride() != kf.scales.stride() or kv_heads == 1  # one KV head: the same layout
+    got = tda.triton_decode_attention(q, moved_k, moved_v, tables, seq_lens, max(lens), head_dim**-0.5)
+    assert (got - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("unified", [None, 0.0, 500.0])
+def test_fp8_fp16_path_for_16_bit_queries_in_interpreter(dtype, unified):
+    """16-bit queries on an fp8 cache: q scaled into fp16 by its row's largest magnitude, codes
+    to fp16, the V scale folded into p under the synchronized softmax (so a requested unified
+    max is not used and no row is flagged). Large queries (bf16 5e4: past fp16's range, squared
+    against large keys; fp16 queries 1e4, near their own range) must not overflow; cascade
+    groups too."""
+    interpreter_only()
+    batch, heads, kv_heads, head_dim, block_size, lens = CASES[0]
+    q, k, v, tables, seq_lens = make_case(batch, heads, kv_heads, head_dim, block_size, lens, torch.float32, "cpu")
+    kf, vf = fp8_caches(k * 40, v * 1000)
+    for magnitude in (1.0, 5e4 if dtype == torch.bfloat16 else 1e4):
+        query = (q * magnitude).to(dtype)
+        expected = decode_attention(query.float(), kf, vf, tables, seq_lens, max(lens), head_dim**-0.5)
+        flags = torch.ones(batch, heads, dtype=torch.int32)
+        got = tda.triton_decode_attention(query, head_major(kf), head_major(vf), tables, seq_lens, max(lens),
+                                          head_dim**-0.5, unified_max=unified, fallback_flags=flags)
+        assert got.dtype == dtype and torch.isfinite(got).all()
+        rel = ((got.float() - expected).norm() / expected.norm()).item()
+        assert rel < 1e-2, (magnitude, rel)
+        assert not flags.any()
+    q, k, v, tables, lens, prefix = shared_prefix_case(3, 32, [1, 9, 17], 4, 2, 16, 4, torch.float32, "cpu")
+    kf, vf = fp8_caches(k, v)
+    expected = decode_attention(q, kf, vf, tables, lens, int(lens.max()), 0.25)
+    got = tda.triton_decode_attention(q.to(dtype), kf, vf, tables, lens, int(lens.max()), 0.25, prefix=prefix)
+    assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
+
+
+def test_fp8_cache_with_mismatched_scales_is_refused():
     q, k, v, tables, seq_lens = make_case(2, 4, 2, 16, 4, [5, 9], torch.float32, "cpu")
     kf, vf = fp8_caches(k, v)
-    moved = FP8KVCache(kf.codes, kf.scales.transpose(1, 2).contiguous().transpose(1, 2))
-    with pytest.raises(ValueError, match="fp8 KV cache layout"):
-        tda.triton_decode_attention(q, moved, vf, tables, seq_lens, 9, 0.25)
+    with pytest.raises(ValueError, match="fp8 KV cache layout"):  # K's scales head-major, V's not
+        tda.triton_decode_attention(q, head_major(kf), vf, tables, seq_lens, 9, 0.25)
+    with pytest.raises(ValueError, match="fp8 KV cache layout"):  # scales of the wrong shape
+        tda.triton_decode_attention(q, FP8KVCache(kf.codes, kf.scales[:, :2]), vf, tables, seq_lens, 9, 0.25)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),

@@ -7,7 +7,8 @@ copy-on-write block copies, runs the model, and returns logits only for the rows
 will be sampled: a sequence's last token, once all its pending tokens are computed.
 
 With an fp8 KV cache (`kv_cache_dtype=torch.float8_e4m3fn`) the codes keep the one-tensor
-layout and a second tensor holds their scales, [layers, k/v, blocks, block_size, kv_heads];
+layout and a second tensor holds their scales, [layers, k/v, blocks, block_size, kv_heads]
+(stored head-major, so one head's scales of a block are contiguous);
 each layer gets `FP8KVCache` views of both, and a copy-on-write block copy moves codes
 and scales together, so forks, the prefix cache and CUDA graphs see no difference.
 """
@@ -88,7 +89,11 @@ class ModelRunner:
         if self.kv_cache_dtype == FP8_KV_DTYPE:
             # Zeroed as bytes (0x00 is e4m3's +0): fills of fp8 tensors are not on every device.
             self.kv_cache = torch.zeros(*shape, config.head_dim, dtype=torch.uint8, device=device).view(FP8_KV_DTYPE)
-            self.kv_scales = torch.zeros(shape, dtype=KV_SCALE_DTYPE, device=device)
+            # Scales stored head-major ([.., blocks, kv_heads, block_size]) and viewed as [.., blocks,
+            # block_size, kv_heads]: a decode tile reads one head's scales of a block side by side
+            # (one or two sectors) instead of one strided 4-byte read per position.
+            self.kv_scales = torch.zeros(*shape[:3], shape[4], shape[3], dtype=KV_SCALE_DTYPE,
+                                         device=device).transpose(-1, -2)
             self.kv_caches = [tuple(FP8KVCache(self.kv_cache[i, j], self.kv_scales[i, j]) for j in (0, 1))
                               for i in range(config.num_layers)]
         else:

@@ -157,7 +157,8 @@ if triton is not None:
     def _qkv_rotary_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, q_norm_ptr, k_norm_ptr, q_out_ptr,
                                  k_cache_ptr, v_cache_ptr, k_scale_ptr, v_scale_ptr, slot_ptr, eps,
                                  stride_qkv, stride_cos, stride_qo_t, stride_qo_h,
-                                 stride_cache_slot, stride_cache_head, stride_scale_slot,
+                                 stride_cache_slot, stride_cache_head,
+                                 block_size, stride_scale_block, stride_scale_tok, stride_scale_head,
                                  NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                                  QK_NORM: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr):
         if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
@@ -168,6 +169,8 @@ if triton is not None:
         half = tl.arange(0, HEAD_DIM // 2)
         base = qkv_ptr + token * stride_qkv + head * HEAD_DIM
         slot = tl.load(slot_ptr + token)
+        # A slot's scales sit at (block, position, head) strides of their own (fp8 only).
+        scale_base = (slot // block_size) * stride_scale_block + (slot % block_size) * stride_scale_tok
         if head >= NUM_HEADS + NUM_KV_HEADS:  # V: straight into its cache slot
             kv_head = head - NUM_HEADS - NUM_KV_HEADS
             d = tl.arange(0, HEAD_DIM)
@@ -175,7 +178,7 @@ if triton is not None:
             if FP8:  # one scale per (token, head): amax / 448 (paged_attention.quantize_fp8)
                 v32 = v.to(tl.float32)
                 v_scale = tl.maximum(tl.max(tl.abs(v32), 0), 1e-30) / 448.0  # e4m3's max (paged_attention.FP8_MAX)
-                tl.store(v_scale_ptr + slot * stride_scale_slot + kv_head, v_scale)
+                tl.store(v_scale_ptr + scale_base + kv_head * stride_scale_head, v_scale)
                 v = _e4m3_codes(v32, v_scale)
             tl.store(v_cache_ptr + slot * stride_cache_slot + kv_head * stride_cache_head + d,
                      v.to(v_cache_ptr.dtype.element_ty))
@@ -211,7 +214,7 @@ if triton is not None:
                     k2 = out2.to(dtype).to(tl.float32)
                     k_amax = tl.maximum(tl.max(tl.abs(k1), 0), tl.max(tl.abs(k2), 0))
                     k_scale = tl.maximum(k_amax, 1e-30) / 448.0  # e4m3's max (paged_attention.FP8_MAX)
-                    tl.store(k_scale_ptr + slot * stride_scale_slot + head - NUM_HEADS, k_scale)
+                    tl.store(k_scale_ptr + scale_base + (head - NUM_HEADS) * stride_scale_head, k_scale)
                     k1 = _e4m3_codes(k1, k_scale)
                     k2 = _e4m3_codes(k2, k_scale)
                     tl.store(dst + half, k1.to(k_cache_ptr.dtype.element_ty))
@@ -282,12 +285,15 @@ def qkv_rotary_cache(qkv, cos, sin, q_norm_weight, k_norm_weight, eps, k_cache, 
     fp8 = isinstance(k_cache, FP8KVCache)
     k_scales, v_scales = (k_cache.scales, v_cache.scales) if fp8 else (qkv, qkv)  # unused pointers without fp8
     if fp8:
+        if k_scales.stride() != v_scales.stride() or k_cache.codes.stride() != v_cache.codes.stride():
+            raise ValueError("fp8 KV cache layout: K and V codes (and scales) must share their strides")
         k_cache, v_cache = k_cache.codes, v_cache.codes
     _qkv_rotary_cache_kernel[(num_tokens, num_heads + 2 * num_kv_heads)](
         qkv, cos, sin, q_norm_weight if qk_norm else qkv, k_norm_weight if qk_norm else qkv, q,
         k_cache, v_cache, k_scales, v_scales, slot_mapping, eps,
         qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
-        k_cache.stride(1), k_cache.stride(2), k_scales.stride(1) if fp8 else 0,
+        k_cache.stride(1), k_cache.stride(2),
+        k_cache.shape[1], *(k_scales.stride() if fp8 else (0, 0, 0)),
         NUM_HEADS=num_heads, NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, QK_NORM=qk_norm, FP8=fp8, **_pdl(qkv),
     )
     return q

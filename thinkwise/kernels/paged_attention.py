@@ -62,9 +62,10 @@ KV_SCALE_BYTES = 4  # one scale per (token, KV head), beside head_dim one-byte c
 @dataclass(frozen=True)
 class FP8KVCache:
     """One layer's K or V cache in fp8: `codes` [num_blocks, block_size, num_kv_heads,
-    head_dim] float8_e4m3fn and `scales` [num_blocks, block_size, num_kv_heads] fp32, laid
-    out so that a slot's code offset is head_dim x its scale offset (the Triton kernel
-    relies on it). Passed wherever a plain cache tensor goes; `shape` is the codes' shape."""
+    head_dim] float8_e4m3fn and `scales` [num_blocks, block_size, num_kv_heads] fp32, in any
+    strides (the engine stores them head-major; kernels take the scales' own strides, and
+    this module indexes them by (block, position), never through a flattened view). Passed
+    wherever a plain cache tensor goes; `shape` is the codes' shape."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -103,11 +104,16 @@ def _rows(cache, index: torch.Tensor) -> torch.Tensor:
     return dequantize_fp8(codes, cache.scales[index])
 
 
-def _flat_slots(cache) -> torch.Tensor | FP8KVCache:
-    """The cache viewed as [num_slots, num_kv_heads, head_dim] (scales [num_slots, num_kv_heads])."""
+def _slot_rows(cache, slots: torch.Tensor) -> torch.Tensor:
+    """The cached vectors of flat slot numbers `slots` (block x block_size + position):
+    [len(slots), num_kv_heads, head_dim], fp32 values for an fp8 cache. Indexed by (block,
+    position), not through a flattened view: the engine stores fp8 scales head-major, which no
+    [num_slots, heads] view can show."""
     if not isinstance(cache, FP8KVCache):
-        return cache.reshape(-1, *cache.shape[2:])
-    return FP8KVCache(cache.codes.reshape(-1, *cache.shape[2:]), cache.scales.reshape(-1, cache.shape[2]))
+        return cache.reshape(-1, *cache.shape[2:])[slots]
+    blocks, positions = slots // cache.shape[1], slots % cache.shape[1]
+    codes = cache.codes.view(torch.uint8)[blocks, positions].view(FP8_KV_DTYPE)
+    return dequantize_fp8(codes, cache.scales[blocks, positions])
 
 
 MAX_GROUP_MEMBERS = 16  # rows of one cascade group (more samples form more groups)
@@ -202,9 +208,9 @@ def write_kv_cache(
     if isinstance(k_cache, FP8KVCache):
         for new, cache in ((key, k_cache), (value, v_cache)):
             codes, scales = quantize_fp8(new)
-            flat = _flat_slots(cache)
-            flat.codes.view(torch.uint8).index_copy_(0, slot_mapping, codes.view(torch.uint8))
-            flat.scales.index_copy_(0, slot_mapping, scales)
+            blocks, positions = slot_mapping // cache.shape[1], slot_mapping % cache.shape[1]
+            cache.codes.view(torch.uint8)[blocks, positions] = codes.view(torch.uint8)
+            cache.scales[blocks, positions] = scales  # (block, position): scales may be head-major
         return
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, key.to(k_cache.dtype))
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, value.to(v_cache.dtype))
@@ -340,8 +346,8 @@ def batched_prefill_attention(
     """All prefill chunks of a step in one attention call: the contexts are gathered into
     one flat sequence and a mask keeps each query to its own sequence, causally."""
     num_heads = query.shape[1]
-    keys = _rows(_flat_slots(k_cache), context_slots).to(query.dtype)
-    values = _rows(_flat_slots(v_cache), context_slots).to(query.dtype)
+    keys = _slot_rows(k_cache, context_slots).to(query.dtype)
+    values = _slot_rows(v_cache, context_slots).to(query.dtype)
     group = num_heads // keys.shape[1]
     if group > 1:  # expand K/V heads so the memory-efficient kernel (which takes a mask) applies
         keys = keys.repeat_interleave(group, dim=1)

@@ -62,16 +62,35 @@ HAVE_TRITON = triton is not None
 # The unified-max safe window (scores minus phi): within it, exp() neither overflows fp32
 # when summed over a long context nor underflows to nothing; outside it, the exact fallback.
 UNIFIED_WINDOW = {torch.float32: (-60.0, 60.0), torch.bfloat16: (-60.0, 60.0), torch.float16: (-8.0, 10.0)}
+# fp8 caches: context positions per tile (a tile reads TILE x head_dim bytes of K and of V) and
+# warps per program of the split and prefix kernels.
+FP8_TILE = 32
+FP8_WARPS = 4
 
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _attend_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, table_row_ptr, first_pos, end_pos, phi,
-                      stride_kblock, stride_ktok, kv_head_offset, scale,
+    def _fp16_queries(q, scale, F16: tl.constexpr):
+        """For the fp16 path of an fp8 cache: q divided by its row's largest magnitude (so fp16
+        cannot overflow, and keeps 11 mantissa bits) and the factor each score is multiplied
+        by afterwards (that magnitude x the softmax scale); otherwise q and the scale as given."""
+        if F16:
+            q32 = q.to(tl.float32)
+            magnitude = tl.maximum(tl.max(tl.abs(q32), 1), 1e-30)
+            q = (q32 / magnitude[:, None]).to(tl.float16)
+            row_scale = magnitude * scale
+        else:
+            row_scale = tl.full([q.shape[0]], scale, tl.float32)
+        return q, row_scale
+
+    @triton.jit
+    def _attend_tiles(q, row_scale, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, table_row_ptr, first_pos, end_pos,
+                      phi, stride_kblock, stride_ktok, kv_head_offset, stride_sblock, stride_stok, scale_head_offset,
                       HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-                      IEEE: tl.constexpr, UNIFIED: tl.constexpr, FP8: tl.constexpr):
-        """Online softmax of queries `q` [R, D] over context positions [first_pos, end_pos)."""
+                      IEEE: tl.constexpr, UNIFIED: tl.constexpr, FP8: tl.constexpr, F16: tl.constexpr):
+        """Online softmax of queries `q` [R, D] over context positions [first_pos, end_pos);
+        `row_scale` [R] multiplies each row's scores (from `_fp16_queries`)."""
         d = tl.arange(0, HEAD_DIM)
         t = tl.arange(0, TILE)
         for start in range(first_pos, end_pos, TILE):
@@ -80,20 +99,24 @@ if HAVE_TRITON:
             block_ids = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
             offsets = block_ids * stride_kblock + (pos % BLOCK_SIZE) * stride_ktok + kv_head_offset
             k = tl.load(k_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            if FP8:  # codes -> the query's dtype (exact); the scales are applied to scores and p
+            if FP8:  # codes -> fp16 (one instruction per two) or the query's dtype; both exact
+                scale_offsets = block_ids * stride_sblock + (pos % BLOCK_SIZE) * stride_stok + scale_head_offset
                 k = k.to(q.dtype)
             if IEEE:
                 scores = tl.dot(q, tl.trans(k), input_precision="ieee")
             else:
                 scores = tl.dot(q, tl.trans(k))
             if FP8:
-                k_scales = tl.load(ks_ptr + offsets // HEAD_DIM, mask=valid, other=0.0)
+                k_scales = tl.load(ks_ptr + scale_offsets, mask=valid, other=0.0)
                 scores = scores * k_scales[None, :]
-            scores = tl.where(valid[None, :], scores * scale, float("-inf"))
+            scores = tl.where(valid[None, :], scores * row_scale[:, None], float("-inf"))
             v = tl.load(v_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            if FP8:  # values dequantized in fp32, then to the query's dtype (which they came from)
-                v_scales = tl.load(vs_ptr + offsets // HEAD_DIM, mask=valid, other=0.0)
-                v = (v.to(tl.float32) * v_scales[:, None]).to(q.dtype)
+            if FP8:
+                v_scales = tl.load(vs_ptr + scale_offsets, mask=valid, other=0.0)
+                if F16:  # the scale goes into p (p <= 1 here: synchronized softmax), codes to fp16
+                    v = v.to(tl.float16)
+                else:  # dequantized in fp32, then to the query's dtype (p may reach e^60 in unified mode)
+                    v = (v.to(tl.float32) * v_scales[:, None]).to(q.dtype)
             if UNIFIED:
                 # No rescaling: every tile of every split subtracts the same phi. The max is
                 # kept only to detect rows that leave the safe window.
@@ -111,6 +134,8 @@ if HAVE_TRITON:
                 p = tl.exp(scores - m_safe[:, None])
                 alpha = tl.exp(m_i - m_safe)
                 l_i = l_i * alpha + tl.sum(p, 1)
+                if F16:
+                    p = p * v_scales[None, :]
                 if IEEE:
                     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
                 else:
@@ -124,12 +149,13 @@ if HAVE_TRITON:
         scale, phi, split_offset, window,
         stride_qb, stride_qh,
         stride_kblock, stride_ktok, stride_khead,
+        stride_sblock, stride_stok, stride_shead,
         stride_tb,
         stride_ab, stride_ah, stride_as,
         stride_mb, stride_mh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, UNIFIED: tl.constexpr,
-        HAS_STARTS: tl.constexpr, HAS_WINDOW: tl.constexpr, FP8: tl.constexpr, PDL: tl.constexpr,
+        HAS_STARTS: tl.constexpr, HAS_WINDOW: tl.constexpr, FP8: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
             tl.extra.cuda.gdc_launch_dependents()
@@ -147,6 +173,7 @@ if HAVE_TRITON:
         heads = kv_head * GROUP + g
         head_ok = g < GROUP
         q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=head_ok[:, None], other=0.0)
+        q, row_scale = _fp16_queries(q, scale, F16)
         m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([GROUP_PAD], tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -155,9 +182,10 @@ if HAVE_TRITON:
         tiles_per_split = tl.cdiv(tl.cdiv(seq_len - seq_start, TILE), tl.num_programs(2))
         first = seq_start + split * tiles_per_split * TILE
         last = tl.minimum(first + tiles_per_split * TILE, seq_len)
-        m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr + b * stride_tb,
-                                      first, last, phi, stride_kblock, stride_ktok, kv_head * stride_khead, scale,
-                                      HEAD_DIM, BLOCK_SIZE, TILE, IEEE, UNIFIED, FP8)
+        m_i, l_i, acc = _attend_tiles(q, row_scale, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr,
+                                      tables_ptr + b * stride_tb, first, last, phi, stride_kblock, stride_ktok,
+                                      kv_head * stride_khead, stride_sblock, stride_stok, kv_head * stride_shead,
+                                      HEAD_DIM, BLOCK_SIZE, TILE, IEEE, UNIFIED, FP8, F16)
         slot = split_offset + split
         out = acc_ptr + b * stride_ab + heads[:, None] * stride_ah + slot * stride_as + d[None, :]
         tl.store(out, acc, mask=head_ok[:, None])
@@ -170,12 +198,13 @@ if HAVE_TRITON:
         scale, phi,
         stride_qb, stride_qh,
         stride_kblock, stride_ktok, stride_khead,
+        stride_sblock, stride_stok, stride_shead,
         stride_tb, stride_gr,
         stride_ab, stride_ah, stride_as,
         stride_mb, stride_mh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MEMBERS: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, UNIFIED: tl.constexpr,
-        FP8: tl.constexpr, PDL: tl.constexpr,
+        FP8: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr,
     ):
         """All queries of one sample group against its shared prefix: one read of the prefix."""
         if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
@@ -194,6 +223,7 @@ if HAVE_TRITON:
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + rows[:, None] * stride_qb + head[:, None] * stride_qh + d[None, :], mask=ok[:, None],
                     other=0.0)
+        q, row_scale = _fp16_queries(q, scale, F16)
         m_i = tl.full([MEMBERS * GROUP_PAD], float("-inf"), tl.float32)
         l_i = tl.zeros([MEMBERS * GROUP_PAD], tl.float32)
         acc = tl.zeros([MEMBERS * GROUP_PAD, HEAD_DIM], tl.float32)
@@ -202,10 +232,10 @@ if HAVE_TRITON:
         last = tl.minimum(first + tiles_per_split * TILE, prefix_len)
         # Every member's table starts with the same prefix blocks; read them through the first.
         first_row = tl.load(group_rows_ptr + group_id * stride_gr)
-        m_i, l_i, acc = _attend_tiles(q, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr,
-                                      tables_ptr + first_row * stride_tb, first, last,
-                                      phi, stride_kblock, stride_ktok, kv_head * stride_khead, scale,
-                                      HEAD_DIM, BLOCK_SIZE, TILE, IEEE, UNIFIED, FP8)
+        m_i, l_i, acc = _attend_tiles(q, row_scale, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr,
+                                      tables_ptr + first_row * stride_tb, first, last, phi, stride_kblock, stride_ktok,
+                                      kv_head * stride_khead, stride_sblock, stride_stok, kv_head * stride_shead,
+                                      HEAD_DIM, BLOCK_SIZE, TILE, IEEE, UNIFIED, FP8, F16)
         out = acc_ptr + rows[:, None] * stride_ab + head[:, None] * stride_ah + split * stride_as + d[None, :]
         tl.store(out, acc, mask=ok[:, None])
         tl.store(max_ptr + rows * stride_mb + head * stride_mh + split, m_i, mask=ok)
@@ -216,7 +246,8 @@ if HAVE_TRITON:
         acc_ptr, max_ptr, sum_ptr, out_ptr, num_splits, num_prefix_splits, starts_ptr, flags_ptr,
         q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, tables_ptr, lens_ptr, scale, phi, window_low, window_high, window,
         stride_ab, stride_ah, stride_as, stride_mb, stride_mh, stride_ob, stride_oh,
-        stride_qb, stride_qh, stride_kblock, stride_ktok, stride_khead, stride_tb,
+        stride_qb, stride_qh, stride_kblock, stride_ktok, stride_khead, stride_sblock, stride_stok, stride_shead,
+        stride_tb,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr,
         TILE: tl.constexpr, UNIFIED: tl.constexpr, HAS_STARTS: tl.constexpr, HAS_WINDOW: tl.constexpr,
         FP8: tl.constexpr, PDL: tl.constexpr,
@@ -260,16 +291,18 @@ if HAVE_TRITON:
                     valid = pos < seq_len
                     block_ids = tl.load(tables_ptr + b * stride_tb + pos // BLOCK_SIZE, mask=valid, other=0)
                     offsets = block_ids * stride_kblock + (pos % BLOCK_SIZE) * stride_ktok + kv_offset
+                    scale_offsets = block_ids * stride_sblock + (pos % BLOCK_SIZE) * stride_stok + \
+                        (h // GROUP) * stride_shead
                     k = tl.load(k_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
                     if FP8:
-                        k = k * tl.load(ks_ptr + offsets // HEAD_DIM, mask=valid, other=0.0)[:, None]
+                        k = k * tl.load(ks_ptr + scale_offsets, mask=valid, other=0.0)[:, None]
                     scores = tl.where(valid, tl.sum(k * q[None, :], 1) * scale, float("-inf"))
                     m_new = tl.maximum(m_run, tl.max(scores, 0))
                     p = tl.exp(scores - m_new)
                     alpha = tl.exp(m_run - m_new)
                     v = tl.load(v_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
                     if FP8:
-                        v = v * tl.load(vs_ptr + offsets // HEAD_DIM, mask=valid, other=0.0)[:, None]
+                        v = v * tl.load(vs_ptr + scale_offsets, mask=valid, other=0.0)[:, None]
                     l_run = l_run * alpha + tl.sum(p, 0)
                     acc_run = acc_run * alpha + tl.sum(p[:, None] * v, 0)
                     m_run = m_new
@@ -317,22 +350,30 @@ def triton_decode_attention(
     if window is not None and prefix is not None:
         raise ValueError("a sliding window cannot be combined with cascade prefix groups")
     fp8 = isinstance(k_cache, FP8KVCache)
-    if fp8:  # codes and scales travel separately; a slot's scale offset is its code offset / head_dim
+    if fp8:  # codes and scales travel separately, the scales with strides of their own
         k_scales, v_scales = k_cache.scales, v_cache.scales
         k_cache, v_cache = k_cache.codes, v_cache.codes
-        for codes, scales in ((k_cache, k_scales), (v_cache, v_scales)):
-            if codes.stride()[:3] != tuple(s * codes.shape[3] for s in scales.stride()) or codes.stride(3) != 1:
-                raise ValueError("fp8 KV cache layout: code strides must be head_dim x scale strides")
+        if k_scales.shape != k_cache.shape[:3] or v_scales.shape != v_cache.shape[:3] \
+                or k_scales.stride() != v_scales.stride():
+            raise ValueError("fp8 KV cache layout: K and V scales must be [blocks, block_size, kv_heads] "
+                             "with the same strides")
+        scale_strides = k_scales.stride()
     else:
         k_scales, v_scales = k_cache, v_cache  # unused pointers
+        scale_strides = (0, 0, 0)
     batch, num_heads, head_dim = query.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     group_pad = max(16, _next_power_of_two(group))
-    # Positions per tile: 16 (32 for fp8, the same bytes a tile as 16-bit) or a whole block.
-    tile = max(32 if fp8 else 16, block_size)
+    # Positions per tile: 16 (FP8_TILE for fp8) or a whole block.
+    tile = max(FP8_TILE if fp8 else 16, block_size)
     device = query.device
-    unified = unified_max is not None
+    # fp8 with 16-bit queries takes the fp16 path (codes to fp16, one instruction per two),
+    # whose synchronized softmax keeps p <= 1 for fp16: the unified max does not apply.
+    f16 = fp8 and query.dtype in (torch.bfloat16, torch.float16)
+    unified = unified_max is not None and not f16
+    if fallback_flags is not None and not unified:
+        fallback_flags.zero_()  # no row falls back without the unified max
     phi = float(unified_max) if unified else 0.0
     low, high = UNIFIED_WINDOW.get(query.dtype, (-8.0, 10.0))
     ieee = query.dtype == torch.float32
@@ -359,24 +400,25 @@ def triton_decode_attention(
             query, k_cache, v_cache, k_scales, v_scales, tables, prefix.rows, prefix.prefix_lens, acc, maxes, sums,
             scale, phi,
             query.stride(0), query.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides,
             tables.stride(0), prefix.rows.stride(0),
             acc.stride(0), acc.stride(1), acc.stride(2),
             maxes.stride(0), maxes.stride(1),
             GROUP=group, GROUP_PAD=_next_power_of_two(group), MEMBERS=members, HEAD_DIM=head_dim,
-            BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, FP8=fp8, **launch,
+            BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, FP8=fp8, F16=f16,
+            num_warps=FP8_WARPS if fp8 else 4, **launch,
         )
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         query, k_cache, v_cache, k_scales, v_scales, tables, seq_lens, starts, acc, maxes, sums,
         scale, phi, num_prefix_splits, window or 0,
         query.stride(0), query.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides,
         tables.stride(0),
         acc.stride(0), acc.stride(1), acc.stride(2),
         maxes.stride(0), maxes.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, HAS_STARTS=prefix is not None,
-        HAS_WINDOW=window is not None, FP8=fp8, **launch,
+        HAS_WINDOW=window is not None, FP8=fp8, F16=f16, num_warps=FP8_WARPS if fp8 else 4, **launch,
     )
     out = torch.empty_like(query)
     flags = fallback_flags
@@ -386,8 +428,8 @@ def triton_decode_attention(
         acc, maxes, sums, out, total_splits, num_prefix_splits, starts, flags,
         query, k_cache, v_cache, k_scales, v_scales, tables, seq_lens, scale, phi, low, high, window or 0,
         acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1), out.stride(0), out.stride(1),
-        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tables.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, SPLITS_PAD=max(2, _next_power_of_two(total_splits)), BLOCK_SIZE=block_size,
+        query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides,
+        tables.stride(0), GROUP=group, HEAD_DIM=head_dim, SPLITS_PAD=max(2, _next_power_of_two(total_splits)), BLOCK_SIZE=block_size,
         TILE=tile, UNIFIED=unified, HAS_STARTS=prefix is not None, HAS_WINDOW=window is not None, FP8=fp8,
         **launch,
     )
