@@ -81,7 +81,7 @@ if HAVE_TRITON:
             q = (q32 / magnitude[:, None]).to(tl.float16)
             row_scale = magnitude * scale
         else:
-            row_scale = tl.full([q.shape[0]], scale, tl.float32)
+            row_scale = tl.zeros([q.shape[0]], tl.float32) + scale
         return q, row_scale
 
     @triton.jit
