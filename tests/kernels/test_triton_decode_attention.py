@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -323,3 +324,34 @@ def test_fp8_matches_reference_on_gpu(case, dtype, unified):
                                       unified_max=unified).float()
     rel = ((got - expected).norm() / expected.norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_fp8_fp16_path_that_fails_to_build_falls_back_once(monkeypatch):
+    """If the fp16 path cannot be compiled on this GPU/Triton, the call (and every later one)
+    takes the conversion path with one warning, instead of failing every decode step."""
+    interpreter_only()
+    real = tda._decode_split_kernel
+
+    class Refuses16:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if kwargs["F16"]:
+                    raise RuntimeError("simulated compiler failure")
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tda, "_decode_split_kernel", Refuses16())
+    monkeypatch.setattr(tda, "_fp16_path_failure", None)
+    batch, heads, kv_heads, head_dim, block_size, lens = CASES[0]
+    q, k, v, tables, seq_lens = make_case(batch, heads, kv_heads, head_dim, block_size, lens, torch.float32, "cpu")
+    kf, vf = fp8_caches(k, v)
+    expected = decode_attention(q, kf, vf, tables, seq_lens, max(lens), head_dim**-0.5)
+    query = q.to(torch.float16)
+    with pytest.warns(RuntimeWarning, match="fp16 path of the fp8 KV decode kernel failed"):
+        got = tda.triton_decode_attention(query, kf, vf, tables, seq_lens, max(lens), head_dim**-0.5)
+    assert "simulated compiler failure" in tda._fp16_path_failure
+    assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the failure is remembered
+        again = tda.triton_decode_attention(query, kf, vf, tables, seq_lens, max(lens), head_dim**-0.5)
+    assert torch.equal(again, got)

@@ -44,6 +44,8 @@ engine refuses fp8 KV on older GPUs); the Triton interpreter handles it on CPU.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from thinkwise.kernels import pdl
@@ -347,6 +349,37 @@ def triton_decode_attention(
     `window`: a sliding-window layer's window (not combinable with `prefix`). The caches
     may be `FP8KVCache`s (e4m3 codes and per-slot scales).
     """
+    if isinstance(k_cache, FP8KVCache) and query.dtype in (torch.bfloat16, torch.float16) \
+            and _fp16_path_failure is None:
+        try:
+            return _decode(query, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale, unified_max,
+                           prefix, window, fallback_flags, f16=True)
+        except ValueError:
+            raise  # bad arguments: the other path would refuse them too
+        except Exception as error:  # noqa: BLE001 - a compiler or launch failure of the fp16 path
+            _record_fp16_failure(error)
+    return _decode(query, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale, unified_max, prefix,
+                   window, fallback_flags, f16=False)
+
+
+# Why the fp16 path of the fp8 kernels could not run here (then 16-bit queries on an fp8 cache
+# take the conversion path, as fp32 queries do), or None.
+_fp16_path_failure: str | None = None
+
+
+def _record_fp16_failure(error: Exception) -> None:
+    global _fp16_path_failure
+    _fp16_path_failure = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    warnings.warn(f"the fp16 path of the fp8 KV decode kernel failed ({_fp16_path_failure}); fp8 decode "
+                  "attention converts codes to the query's dtype from now on (same results, slower)",
+                  RuntimeWarning, stacklevel=3)
+
+
+def _decode(query, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale, unified_max, prefix, window,
+            fallback_flags, f16: bool) -> torch.Tensor:
+    """`triton_decode_attention`'s launches; `f16`: an fp8 cache with 16-bit queries takes the
+    fp16 path (codes to fp16, one instruction per two), whose synchronized softmax keeps
+    p <= 1 for fp16, so the unified max does not apply there."""
     if window is not None and prefix is not None:
         raise ValueError("a sliding window cannot be combined with cascade prefix groups")
     fp8 = isinstance(k_cache, FP8KVCache)
@@ -368,9 +401,6 @@ def triton_decode_attention(
     # Positions per tile: 16 (FP8_TILE for fp8) or a whole block.
     tile = max(FP8_TILE if fp8 else 16, block_size)
     device = query.device
-    # fp8 with 16-bit queries takes the fp16 path (codes to fp16, one instruction per two),
-    # whose synchronized softmax keeps p <= 1 for fp16: the unified max does not apply.
-    f16 = fp8 and query.dtype in (torch.bfloat16, torch.float16)
     unified = unified_max is not None and not f16
     if fallback_flags is not None and not unified:
         fallback_flags.zero_()  # no row falls back without the unified max
