@@ -30,16 +30,19 @@ fallback alike; a window as long as the context is full attention. The caller ne
 combines a window with cascade groups (see `paged_attention.paged_attention`).
 
 8-bit KV cache (`paged_attention.FP8KVCache`): with FP8, tiles are loaded as e4m3 codes
-(half the bytes of bf16, which is the point: decode at long contexts is bound by reading
-the cache) plus one fp32 scale per (token, KV head), and converted to the query's dtype in
-registers (exact: every e4m3 value is a bf16/fp16/fp32 value). The key scale is folded
-into each score column after the QK matmul (q . (c k) = c (q . k), one multiply per score,
-in fp32); the value tile is dequantized in fp32 and cast to the query's dtype before the
-PV matmul (folding its scale into the probabilities instead could overflow fp16's range
-in unified-max mode, where p reaches e^10). The scale of a slot sits at the slot's code
-offset / head_dim (the cache layout guarantees it; the wrapper checks).
-Splits, unified max, cascade and windows are unchanged. Loading fp8 needs sm_89+ (the
-engine refuses fp8 KV on older GPUs); the Triton interpreter handles it on CPU.
+(half the bytes of bf16, which is the point: decode at long contexts is bound by reading the
+cache) plus one fp32 scale per (token, KV head), read through the scales' own strides (the
+engine stores them head-major, so a tile's scales of one head are side by side). The key
+scale is folded into each score column after the QK matmul (q . (c k) = c (q . k)). With
+16-bit queries the fp16 path runs: q is divided by its row's largest magnitude and held in
+fp16 (no overflow, 11 mantissa bits; the magnitude multiplies the scores back), codes become
+fp16 at one instruction per two (converting to bf16 takes several), and the value scale is
+folded into p under the synchronized softmax (p <= 1, so p x scale cannot overflow fp16;
+the unified max, whose p reaches e^60, does not apply there). If that path cannot be built
+on a GPU, a warning says so and the conversion path runs: codes to the query's dtype, the
+value tile dequantized in fp32 (fp32 queries always take it). Splits, cascade and windows
+are unchanged. Loading fp8 needs sm_89+ (the engine refuses fp8 KV on older GPUs); the
+Triton interpreter handles it on CPU.
 """
 
 from __future__ import annotations
