@@ -8,9 +8,12 @@ and times, with CUDA events, one decode-attention call of:
     K/V, then `scaled_dot_product_attention` (GQA);
   - SDPA alone on pre-gathered contiguous K/V (a stricter bound: no gather at all).
 KV-read bandwidth = bytes of K and V the call must read / time (CUDA-graph replay, as in
-the engine), next to the device's copy bandwidth. Prints ratios; writes a new JSON file under $OUT or benchmarks/results (or --out).
+the engine), next to the device's copy bandwidth. With `--fp8` each row also times the
+kernel on the same cache quantized to e4m3 with head-major scales (the engine's fp8 layout;
+bytes counted with the scales) and prints fp8 / bf16. Prints ratios; writes a new JSON file
+under $OUT or benchmarks/results (or --out).
 
-    python benchmarks/gpu_attention.py [--batches 1,16,64] [--contexts 1024,4096,16384,32768]
+    python benchmarks/gpu_attention.py [--batches 1,16,64] [--contexts 1024,4096,16384,32768] [--fp8]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn.functional as F
 
 from benchmarks.common import add_output_arguments, output_path, require_cuda, write_result
 from benchmarks.gpu_throughput import copy_bandwidth
+from thinkwise.kernels.paged_attention import FP8KVCache, quantize_fp8
 from thinkwise.kernels.triton_decode_attention import triton_decode_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
@@ -61,6 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", default="1,16,64")
     parser.add_argument("--contexts", default="1024,4096,16384,32768")
+    parser.add_argument("--fp8", action="store_true", help="also time the kernel on an fp8 (e4m3) copy of the cache")
     add_output_arguments(parser, "gpu_attention")
     args = parser.parse_args()
     require_cuda("gpu_attention.py")
@@ -115,6 +120,16 @@ def main() -> None:
                    "speedup_vs_sdpa_contiguous": round(t_sdpa_contiguous / best, 2),
                    "kv_read_GBps": round(kv_bytes / best / 1e9, 1),
                    "kv_read_vs_copy_bandwidth": round(kv_bytes / best / bandwidth, 3)}
+            if args.fp8:
+                fp8_k, fp8_v = (FP8KVCache(codes, scales.transpose(1, 2).contiguous().transpose(1, 2))
+                                for codes, scales in (quantize_fp8(k_cache), quantize_fp8(v_cache)))
+                fp8_out = triton_decode_attention(query, fp8_k, fp8_v, tables, lens, context, scale).float()
+                row["fp8_error_vs_sdpa"] = round(((fp8_out - reference).norm() / reference.norm()).item(), 4)
+                t_fp8 = timed(lambda: triton_decode_attention(query, fp8_k, fp8_v, tables, lens, context, scale))
+                fp8_bytes = 2 * batch * context * KV_HEADS * (HEAD_DIM + 4)
+                row.update(fp8_us=round(t_fp8 * 1e6, 1), fp8_kv_read_GBps=round(fp8_bytes / t_fp8 / 1e9, 1),
+                           fp8_speedup_vs_bf16=round(best / t_fp8, 3))
+                del fp8_k, fp8_v
             report["results"].append(row)
             print(json.dumps(row), flush=True)
             del k_cache, v_cache, keys, values
