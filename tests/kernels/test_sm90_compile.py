@@ -4,7 +4,8 @@ The Triton interpreter runs kernels as NumPy and checks neither types nor loweri
 kernel can pass every interpreter test and still fail to compile on the GPU (an fp8 pointer
 and a bf16 pointer bound to one name did, once). Triton's wheel ships ptxas, so these tests
 compile the decode-attention kernels (every fp8 path) and the fused q/k/v cache writer ahead
-of time for sm_90, down to a cubin, with no GPU. The compiles run in a child process without
+of time for sm_90, down to a cubin, with no GPU, and the int8/int4 GEMV, GEMM and dequantize
+kernels in their tilings' variants. The compiles run in a child process without
 TRITON_INTERPRET (under it `triton.jit` hands out interpreter objects that cannot be
 compiled). On a CUDA machine the GPU tests compile them for real instead.
 """
@@ -73,11 +74,38 @@ def cache_writer(fp8: bool) -> bool:
                             dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, QK_NORM=True, FP8=fp8, PDL=True))
 
 
+# int4?, GEMV (else dot tile)?, variant flag (GEMV: x read in pairs / word sums; dot: magic decode, split-K)
+QUANT_PATHS = [(False, True, "plain"), (False, True, "x_pairs"), (True, True, "plain"), (True, True, "x_pairs"),
+               (True, True, "word_sums"), (False, False, "plain"), (False, False, "magic"), (True, False, "plain"),
+               (True, False, "magic"), (True, False, "split_k")]
+
+
+def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
+    from thinkwise.kernels import triton_quant_gemm as tqg
+
+    types = {"x_ptr": "*i32" if variant == "x_pairs" else "*bf16", "w_ptr": "*i32", "q_ptr": "*u8" if int4 else "*i8",
+             "scale_ptr": "*bf16", "zero_ptr": "*bf16", "bias_ptr": "*bf16",
+             "out_ptr": "*fp32" if variant == "split_k" else "*bf16"}
+    common = dict(GROUP=128, INT4=int4, BLOCK_N=64 if not gemv else 8, HAS_BIAS=variant != "split_k", PDL=True)
+    if gemv:
+        kernel = compile_for_sm90(tqg._quant_gemv_kernel, types, dict(common, BLOCK_K=1024,
+                                                                      X_PAIRS=variant == "x_pairs",
+                                                                      WORD_SUMS=variant == "word_sums"))
+    else:
+        kernel = compile_for_sm90(tqg._quant_gemm_kernel, types, dict(common, BLOCK_M=16, BLOCK_K=128, IEEE=False,
+                                                                      SPLIT_K=4 if variant == "split_k" else 1,
+                                                                      MAGIC=variant == "magic"))
+    dequantize = compile_for_sm90(tqg._dequantize_kernel, types, dict(GROUP=128, INT4=int4, BLOCK_N=16,
+                                                                      BLOCK_K=256, BF16=True))
+    return kernel and dequantize
+
+
 def compile_everything() -> dict:
     """In the child: each kernel family's result, or the first line of its compile error."""
     results = {}
     jobs = {f"decode{path}": (decode_kernels, path) for path in DECODE_PATHS}
     jobs.update({f"writer{fp8}": (cache_writer, (fp8,)) for fp8 in (False, True)})
+    jobs.update({f"quant{path}": (quant_kernels, path) for path in QUANT_PATHS})
     for name, (job, args) in jobs.items():
         try:
             results[name] = "ok" if job(*args) else "no cubin"
@@ -109,6 +137,11 @@ def test_decode_attention_kernels_compile_for_sm90(compiled, path):
 @pytest.mark.parametrize("fp8", [False, True])
 def test_fused_qkv_cache_writer_compiles_for_sm90(compiled, fp8):
     assert compiled[f"writer{fp8}"] == "ok"
+
+
+@pytest.mark.parametrize("path", QUANT_PATHS)
+def test_quantized_gemm_kernels_compile_for_sm90(compiled, path):
+    assert compiled[f"quant{path}"] == "ok"
 
 
 if __name__ == "__main__":
