@@ -342,6 +342,7 @@ def test_fp8_fp16_path_that_fails_to_build_falls_back_once(monkeypatch):
 
     monkeypatch.setattr(tda, "_decode_split_kernel", Refuses16())
     monkeypatch.setattr(tda, "_fp16_path_failure", None)
+    monkeypatch.setitem(tda.FP8_DECODE_PATHS, "16-bit queries", tda.FP8_DECODE_PATHS["16-bit queries"])
     batch, heads, kv_heads, head_dim, block_size, lens = CASES[0]
     q, k, v, tables, seq_lens = make_case(batch, heads, kv_heads, head_dim, block_size, lens, torch.float32, "cpu")
     kf, vf = fp8_caches(k, v)
@@ -350,6 +351,8 @@ def test_fp8_fp16_path_that_fails_to_build_falls_back_once(monkeypatch):
     with pytest.warns(RuntimeWarning, match="fp16 path of the fp8 KV decode kernel failed"):
         got = tda.triton_decode_attention(query, kf, vf, tables, seq_lens, max(lens), head_dim**-0.5)
     assert "simulated compiler failure" in tda._fp16_path_failure
+    # The run metadata (which holds this dict) says so too.
+    assert tda.FP8_DECODE_PATHS["16-bit queries"].startswith("conversion path (the fp16 path failed: RuntimeError")
     assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning: the failure is remembered

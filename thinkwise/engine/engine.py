@@ -42,6 +42,7 @@ from thinkwise.errors import CapacityError, InvalidParameterError
 from thinkwise.kernels import cpu_decode_ops
 from thinkwise.kernels.linear_dispatch import torch_threads
 from thinkwise.kernels.linear_methods import quantize_model, quantized_cost_spec
+from thinkwise.kernels.paged_attention import FP8_DECODE_PATHS, FP8_KV_DTYPE
 from thinkwise.loading.config import LoadedModel
 from thinkwise.reasoning.parser import resolve_parser
 
@@ -77,6 +78,8 @@ class Engine:
                                              "kv_cache_dtype": kv_cache_description(self.kv_cache_dtype)}
         if self.device.type == "cpu":
             self.run_metadata["cpu_decode_ops"] = cpu_decode_ops.record()
+        elif self.kv_cache_dtype == FP8_KV_DTYPE:  # the Triton kernel's paths (a later fallback shows here)
+            self.run_metadata["fp8_decode"] = FP8_DECODE_PATHS
         gemm_dispatch, self.cpu_threads = profile_gemm_dispatch(model, self.device, self.dtype, self.layercast, config)
         if gemm_dispatch is not None:
             self.run_metadata["gemm_dispatch"] = gemm_dispatch

@@ -59,6 +59,12 @@ KV_SCALE_DTYPE = torch.float32
 KV_SCALE_BYTES = 4  # one scale per (token, KV head), beside head_dim one-byte codes
 
 
+# Which path the Triton decode kernel takes on an fp8 cache, for the run metadata: the engine
+# puts this very dict there, and triton_decode_attention rewrites its entry if the fp16 path
+# fails to build on a GPU, so the fallback shows there.
+FP8_DECODE_PATHS = {"16-bit queries": "fp16 path", "fp32 queries": "conversion path"}
+
+
 @dataclass(frozen=True)
 class FP8KVCache:
     """One layer's K or V cache in fp8: `codes` [num_blocks, block_size, num_kv_heads,

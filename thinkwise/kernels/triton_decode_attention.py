@@ -53,7 +53,8 @@ import torch
 
 from thinkwise.kernels import pdl
 from thinkwise.kernels.device_info import sm_count
-from thinkwise.kernels.paged_attention import MAX_GROUP_MEMBERS, FP8KVCache, PrefixGroups  # noqa: F401
+from thinkwise.kernels.paged_attention import (  # noqa: F401  (MAX_GROUP_MEMBERS: re-exported)
+    FP8_DECODE_PATHS, MAX_GROUP_MEMBERS, FP8KVCache, PrefixGroups)
 
 try:
     import triton
@@ -373,6 +374,7 @@ _fp16_path_failure: str | None = None
 def _record_fp16_failure(error: Exception) -> None:
     global _fp16_path_failure
     _fp16_path_failure = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    FP8_DECODE_PATHS["16-bit queries"] = f"conversion path (the fp16 path failed: {_fp16_path_failure})"
     warnings.warn(f"the fp16 path of the fp8 KV decode kernel failed ({_fp16_path_failure}); fp8 decode "
                   "attention converts codes to the query's dtype from now on (same results, slower)",
                   RuntimeWarning, stacklevel=3)
@@ -462,7 +464,8 @@ def _decode(query, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale,
         query, k_cache, v_cache, k_scales, v_scales, tables, seq_lens, scale, phi, low, high, window or 0,
         acc.stride(0), acc.stride(1), acc.stride(2), maxes.stride(0), maxes.stride(1), out.stride(0), out.stride(1),
         query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *scale_strides,
-        tables.stride(0), GROUP=group, HEAD_DIM=head_dim, SPLITS_PAD=max(2, _next_power_of_two(total_splits)), BLOCK_SIZE=block_size,
+        tables.stride(0), GROUP=group, HEAD_DIM=head_dim, SPLITS_PAD=max(2, _next_power_of_two(total_splits)),
+        BLOCK_SIZE=block_size,
         TILE=tile, UNIFIED=unified, HAS_STARTS=prefix is not None, HAS_WINDOW=window is not None, FP8=fp8,
         **launch,
     )
