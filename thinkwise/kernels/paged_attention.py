@@ -212,9 +212,9 @@ def write_kv_cache(
     """Store `key`/`value` ([num_tokens, num_kv_heads, head_dim]) into their slots (an fp8
     cache: quantized, with one scale per token and KV head)."""
     if isinstance(k_cache, FP8KVCache):
+        blocks, positions = slot_mapping // k_cache.shape[1], slot_mapping % k_cache.shape[1]
         for new, cache in ((key, k_cache), (value, v_cache)):
             codes, scales = quantize_fp8(new)
-            blocks, positions = slot_mapping // cache.shape[1], slot_mapping % cache.shape[1]
             cache.codes.view(torch.uint8)[blocks, positions] = codes.view(torch.uint8)
             cache.scales[blocks, positions] = scales  # (block, position): scales may be head-major
         return

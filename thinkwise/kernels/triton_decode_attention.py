@@ -358,8 +358,8 @@ def triton_decode_attention(
         try:
             return _decode(query, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale, unified_max,
                            prefix, window, fallback_flags, f16=True)
-        except ValueError:
-            raise  # bad arguments: the other path would refuse them too
+        except (ValueError, torch.OutOfMemoryError):
+            raise  # bad arguments or no memory: the other path would fail the same way
         except Exception as error:  # noqa: BLE001 - a compiler or launch failure of the fp16 path
             _record_fp16_failure(error)
     return _decode(query, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale, unified_max, prefix,
@@ -415,6 +415,7 @@ def _decode(query, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale,
     query = query.contiguous()
     tables = block_tables[:batch]
     launch = pdl.kernel_args(device, batch)
+    tile_launch = dict(launch, num_warps=FP8_WARPS if fp8 else 4)  # the split and prefix kernels
 
     num_prefix_splits = 0
     if prefix is not None:
@@ -440,8 +441,7 @@ def _decode(query, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale,
             acc.stride(0), acc.stride(1), acc.stride(2),
             maxes.stride(0), maxes.stride(1),
             GROUP=group, GROUP_PAD=_next_power_of_two(group), MEMBERS=members, HEAD_DIM=head_dim,
-            BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, FP8=fp8, F16=f16,
-            num_warps=FP8_WARPS if fp8 else 4, **launch,
+            BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, FP8=fp8, F16=f16, **tile_launch,
         )
     _decode_split_kernel[(batch, num_kv_heads, splits)](
         query, k_cache, v_cache, k_scales, v_scales, tables, seq_lens, starts, acc, maxes, sums,
@@ -453,7 +453,7 @@ def _decode(query, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale,
         maxes.stride(0), maxes.stride(1),
         GROUP=group, GROUP_PAD=group_pad, HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size, TILE=tile, IEEE=ieee, UNIFIED=unified, HAS_STARTS=prefix is not None,
-        HAS_WINDOW=window is not None, FP8=fp8, F16=f16, num_warps=FP8_WARPS if fp8 else 4, **launch,
+        HAS_WINDOW=window is not None, FP8=fp8, F16=f16, **tile_launch,
     )
     out = torch.empty_like(query)
     flags = fallback_flags
