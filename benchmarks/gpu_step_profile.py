@@ -17,6 +17,8 @@ import torch
 
 from benchmarks.common import require_cuda
 from benchmarks.gpu_throughput import SHAPES, hf_config
+from thinkwise.errors import InvalidParameterError
+from thinkwise.kernels.linear_methods import parse_quantization
 
 
 def main() -> None:
@@ -28,6 +30,10 @@ def main() -> None:
     parser.add_argument("--kernels", action="store_true", help="print the GPU kernels of one graph replay")
     parser.add_argument("--quantization", default="none", help="weights quantized on load: none, int8, int4, ...")
     args = parser.parse_args()
+    try:  # before the GPU check and the minutes of model building: a typo fails at once
+        parse_quantization(args.quantization)
+    except InvalidParameterError as error:
+        parser.error(str(error))
     require_cuda("gpu_step_profile.py")
     from transformers import AutoModelForCausalLM
 
