@@ -52,6 +52,9 @@ def wide_configs() -> list[QuantGemmConfig]:
             for pairs, sums in ((False, False), (True, False), (False, True)):
                 configs.append(QuantGemmConfig(block_n, block_k, warps, 2, use_dot=False, max_rows=4, x_pairs=pairs,
                                                word_sums=sums))
+    for block_n, block_k in ((8, 1024), (16, 2048), (32, 512), (64, 512), (64, 1024)):
+        for warps in (4, 8):
+            configs.append(QuantGemmConfig(block_n, block_k, warps, 2, use_dot=False, max_rows=4, half2=True))
     for block_n, block_k in ((32, 256), (64, 128), (128, 64), (128, 128)):
         for warps, stages in ((4, 3), (8, 3)):
             for split in (1, 2, 4):
@@ -114,7 +117,7 @@ def main() -> None:
                     passes_q = max(1, min(math.ceil(GRAPH_BYTES / (copies * nbytes)), MAX_GRAPH_CALLS // copies))
                     timings = {}
                     for config in configs:
-                        if config.word_sums and method == "int8":
+                        if (config.word_sums or config.half2) and method == "int8":
                             continue  # an int4-only variant
                         if rows > config.max_rows or (not config.use_dot and rows > tq.GEMV_MAX_ROWS):
                             continue

@@ -77,17 +77,22 @@ def cache_writer(fp8: bool) -> bool:
 # int4?, GEMV (else dot tile)?, variant flag (GEMV: x read in pairs / word sums; dot: magic decode, split-K)
 QUANT_PATHS = [(False, True, "plain"), (False, True, "x_pairs"), (True, True, "plain"), (True, True, "x_pairs"),
                (True, True, "word_sums"), (False, False, "plain"), (False, False, "magic"), (True, False, "plain"),
-               (True, False, "magic"), (True, False, "split_k")]
+               (True, False, "magic"), (True, False, "split_k"), (True, True, "half2"), (True, True, "half2_no_asm")]
 
 
 def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
+    from thinkwise.kernels import triton_int4_half2 as half2
     from thinkwise.kernels import triton_quant_gemm as tqg
 
-    types = {"x_ptr": "*i32" if variant == "x_pairs" else "*bf16", "w_ptr": "*i32", "q_ptr": "*u8" if int4 else "*i8",
+    types = {"x_ptr": "*i32" if variant.startswith(("x_pairs", "half2")) else "*bf16", "w_ptr": "*i32", "q_ptr": "*u8" if int4 else "*i8",
              "scale_ptr": "*bf16", "zero_ptr": "*bf16", "bias_ptr": "*bf16",
              "out_ptr": "*fp32" if variant == "split_k" else "*bf16"}
     common = dict(GROUP=128, INT4=int4, BLOCK_N=64 if not gemv else 8, HAS_BIAS=variant != "split_k", PDL=True)
-    if gemv:
+    if variant.startswith("half2"):  # the PTX fp16-pair decode, and its plain-Triton twin path
+        kernel = compile_for_sm90(half2._int4_gemv_half2_kernel, types,
+                                  dict(GROUP=128, BLOCK_N=16, BLOCK_K=1024, HAS_BIAS=True, PDL=True,
+                                       ASM=variant == "half2"))
+    elif gemv:
         kernel = compile_for_sm90(tqg._quant_gemv_kernel, types, dict(common, BLOCK_K=1024,
                                                                       X_PAIRS=variant == "x_pairs",
                                                                       WORD_SUMS=variant == "word_sums"))

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from thinkwise.kernels import pdl
+from thinkwise.kernels.triton_int4_half2 import int4_gemv_half2
 
 try:
     import triton
@@ -72,11 +73,13 @@ class QuantGemmConfig:
     word_sums: bool = False  # int4 GEMV tiles: scale and zero applied once per word of 8 codes
     magic_decode: bool = False  # dot tiles: codes to floats by the mantissa trick (as the GEMV), not a conversion
     split_k: int = 1  # dot tiles: K cut into this many slices, summed in a fixed order afterwards
+    half2: bool = False  # int4 GEMV tiles, bf16 x: two codes per instruction in fp16 pairs (triton_int4_half2)
 
     @property
     def name(self) -> str:
         extra = (f"_sk{self.split_k}" if self.split_k > 1 else "") + ("_xp" if self.x_pairs else "") + \
-            ("_mg" if self.magic_decode else "") + ("_ws" if self.word_sums else "")
+            ("_mg" if self.magic_decode else "") + ("_ws" if self.word_sums else "") + \
+            ("_h2" if self.half2 else "")
         return f"{'dot' if self.use_dot else 'gemv'}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{extra}"
 
     def block_m(self, rows: int) -> int:
@@ -90,7 +93,8 @@ class QuantGemmConfig:
 # --sweep wide` on an H100): CUDA-core GEMVs for 1..4 rows (one token row per program; narrow
 # tiles so small matrices still spread over all SMs, long ones so each thread keeps 16-byte
 # loads in flight), tensor-core tiles for any M (int4 on large N wins with them even at one
-# row: its decode is bound by instruction issue on the CUDA cores), split-K tiles for long-K,
+# row: its decode is bound by instruction issue on the CUDA cores; the half2 GEMVs decode two
+# codes an instruction, ~3 instructions a weight against ~8), split-K tiles for long-K,
 # small-N shapes at batch sizes where 64-row tiles leave SMs idle, and wide tiles for
 # prefill-sized M (compared there against dequantize + cuBLAS).
 DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
@@ -100,6 +104,10 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=4, block_k=1024, num_warps=8, num_stages=2, use_dot=False, max_rows=4, x_pairs=True),
     QuantGemmConfig(block_n=4, block_k=2048, num_warps=4, num_stages=2, use_dot=False, max_rows=4, x_pairs=True),
     QuantGemmConfig(block_n=8, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4, x_pairs=True),
+    QuantGemmConfig(block_n=16, block_k=1024, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
+    QuantGemmConfig(block_n=32, block_k=1024, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
+    QuantGemmConfig(block_n=16, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
+    QuantGemmConfig(block_n=8, block_k=2048, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
     QuantGemmConfig(block_n=16, block_k=256, num_warps=4, num_stages=3),
     QuantGemmConfig(block_n=32, block_k=256, num_warps=4, num_stages=3),
     QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3),
@@ -415,6 +423,9 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
                 if bias is not None:
                     total += bias
                 out.copy_(total)
+        elif config.half2 and int4 and x2.dtype == torch.bfloat16 and x2.stride(0) % 2 == 0:
+            int4_gemv_half2(x2, words, scales, zeros, bias, out, group, config.block_n, block_k, config.num_warps,
+                            config.num_stages)
         elif config.x_pairs and not (int4 and config.word_sums) and x2.dtype == torch.bfloat16 \
                 and x2.stride(0) % 2 == 0:
             pairs = x2.view(torch.int32)
