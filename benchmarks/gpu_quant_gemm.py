@@ -54,7 +54,9 @@ def wide_configs() -> list[QuantGemmConfig]:
                                                word_sums=sums))
     for block_n, block_k in ((8, 1024), (16, 2048), (32, 512), (64, 512), (64, 1024)):
         for warps in (4, 8):
-            configs.append(QuantGemmConfig(block_n, block_k, warps, 2, use_dot=False, max_rows=4, half2=True))
+            for scalar in (False, True):
+                configs.append(QuantGemmConfig(block_n, block_k, warps, 2, use_dot=False, max_rows=4, half2=True,
+                                               scalar_loads=scalar))
     for block_n, block_k in ((32, 256), (64, 128), (128, 64), (128, 128)):
         for warps, stages in ((4, 3), (8, 3)):
             for split in (1, 2, 4):

@@ -74,12 +74,13 @@ class QuantGemmConfig:
     magic_decode: bool = False  # dot tiles: codes to floats by the mantissa trick (as the GEMV), not a conversion
     split_k: int = 1  # dot tiles: K cut into this many slices, summed in a fixed order afterwards
     half2: bool = False  # int4 GEMV tiles, bf16 x: two codes per instruction in fp16 pairs (triton_int4_half2)
+    scalar_loads: bool = False  # half2 tiles: one layout for every load (no shared-memory conversions)
 
     @property
     def name(self) -> str:
         extra = (f"_sk{self.split_k}" if self.split_k > 1 else "") + ("_xp" if self.x_pairs else "") + \
             ("_mg" if self.magic_decode else "") + ("_ws" if self.word_sums else "") + \
-            ("_h2" if self.half2 else "")
+            ("_h2" if self.half2 else "") + ("_sl" if self.scalar_loads else "")
         return f"{'dot' if self.use_dot else 'gemv'}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{extra}"
 
     def block_m(self, rows: int) -> int:
@@ -108,6 +109,10 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=32, block_k=1024, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
     QuantGemmConfig(block_n=16, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
     QuantGemmConfig(block_n=8, block_k=2048, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
+    QuantGemmConfig(block_n=16, block_k=1024, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True,
+                    scalar_loads=True),
+    QuantGemmConfig(block_n=32, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True,
+                    scalar_loads=True),
     QuantGemmConfig(block_n=16, block_k=256, num_warps=4, num_stages=3),
     QuantGemmConfig(block_n=32, block_k=256, num_warps=4, num_stages=3),
     QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3),
@@ -425,7 +430,7 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
                 out.copy_(total)
         elif config.half2 and int4 and x2.dtype == torch.bfloat16 and x2.stride(0) % 2 == 0:
             int4_gemv_half2(x2, words, scales, zeros, bias, out, group, config.block_n, block_k, config.num_warps,
-                            config.num_stages)
+                            config.num_stages, config.scalar_loads)
         elif config.x_pairs and not (int4 and config.word_sums) and x2.dtype == torch.bfloat16 \
                 and x2.stride(0) % 2 == 0:
             pairs = x2.view(torch.int32)
