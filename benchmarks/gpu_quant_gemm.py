@@ -60,9 +60,9 @@ def wide_configs() -> list[QuantGemmConfig]:
     for block_n, block_k in ((32, 256), (64, 128), (128, 64), (128, 128)):
         for warps, stages in ((4, 3), (8, 3)):
             for split in (1, 2, 4):
-                for magic in (False, True):
+                for magic, planes in ((False, False), (True, False), (False, True)):
                     configs.append(QuantGemmConfig(block_n, block_k, warps, stages, max_rows=4096, split_k=split,
-                                                   magic_decode=magic))
+                                                   magic_decode=magic, nibble_planes=planes))
     return configs
 
 
@@ -119,7 +119,7 @@ def main() -> None:
                     passes_q = max(1, min(math.ceil(GRAPH_BYTES / (copies * nbytes)), MAX_GRAPH_CALLS // copies))
                     timings = {}
                     for config in configs:
-                        if (config.word_sums or config.half2) and method == "int8":
+                        if (config.word_sums or config.half2 or config.nibble_planes) and method == "int8":
                             continue  # an int4-only variant
                         if rows > config.max_rows or (not config.use_dot and rows > tq.GEMV_MAX_ROWS):
                             continue

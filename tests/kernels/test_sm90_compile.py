@@ -77,7 +77,8 @@ def cache_writer(fp8: bool) -> bool:
 # int4?, GEMV (else dot tile)?, variant flag (GEMV: x read in pairs / word sums; dot: magic decode, split-K)
 QUANT_PATHS = [(False, True, "plain"), (False, True, "x_pairs"), (True, True, "plain"), (True, True, "x_pairs"),
                (True, True, "word_sums"), (False, False, "plain"), (False, False, "magic"), (True, False, "plain"),
-               (True, False, "magic"), (True, False, "split_k"), (True, True, "half2"), (True, True, "half2_no_asm"),
+               (True, False, "magic"), (True, False, "split_k"), (True, False, "nibble_planes"), (True, True, "half2"),
+               (True, True, "half2_no_asm"),
                (True, True, "half2_scalar_loads")]
 
 
@@ -100,7 +101,8 @@ def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
     else:
         kernel = compile_for_sm90(tqg._quant_gemm_kernel, types, dict(common, BLOCK_M=16, BLOCK_K=128, IEEE=False,
                                                                       SPLIT_K=4 if variant == "split_k" else 1,
-                                                                      MAGIC=variant == "magic"))
+                                                                      MAGIC=variant == "magic",
+                                                                      INTERLEAVE=variant != "nibble_planes"))
     dequantize = compile_for_sm90(tqg._dequantize_kernel, types, dict(GROUP=128, INT4=int4, BLOCK_N=16,
                                                                       BLOCK_K=256, BF16=True))
     return kernel and dequantize
