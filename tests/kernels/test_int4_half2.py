@@ -227,3 +227,18 @@ def test_half2_tilings_are_offered_only_for_int4():
     int8 = quant_candidates(Layer(), 1, q, torch.zeros(8, 1), None, 32)
     assert any(name.endswith("_h2") for name in int4)
     assert not any(name.endswith("_h2") for name in int8)
+
+
+def test_odd_offset_rows_take_the_plain_gemv():
+    """A bf16 x starting at an odd element cannot be read as int32 pairs: the plain GEMV runs."""
+    device = device_or_skip()
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(16, 64, generator=g)
+    codes, scales, zeros = quantize_int4(w, 32, torch.bfloat16)
+    q = pack_int4(codes)
+    x = torch.randn(1, 66, generator=g).to(torch.bfloat16)[:, 1:65]  # even row stride, storage offset 1
+    assert x.storage_offset() % 2 == 1 and x.stride(0) % 2 == 0
+    config = QuantGemmConfig(block_n=8, block_k=64, use_dot=False, max_rows=4, half2=True)
+    got = triton_quant_gemm(x.to(device), q.to(device), scales.to(device), zeros.to(device), None, 32, config).cpu()
+    want = quant_gemm_reference(x.double(), q, scales.double(), zeros.double(), None, 32)
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-2

@@ -401,6 +401,11 @@ def code_words(q: torch.Tensor) -> torch.Tensor:
     return q.view(torch.int32)
 
 
+def _int32_pairs_ok(x2: torch.Tensor) -> bool:
+    """Whether a 16-bit [rows, K] tensor can be read as int32 pairs (even row stride and start)."""
+    return x2.stride(0) % 2 == 0 and x2.storage_offset() % 2 == 0
+
+
 def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                       bias: torch.Tensor | None, group: int, config: QuantGemmConfig) -> torch.Tensor:
     """`x @ W.T + bias` for W stored as int8 (zeros None, scales [N, 1]) or int4 (q [N, K/2]
@@ -455,11 +460,11 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
                 if bias is not None:
                     total += bias
                 out.copy_(total)
-        elif config.half2 and int4 and x2.dtype == torch.bfloat16 and x2.stride(0) % 2 == 0:
+        elif config.half2 and int4 and x2.dtype == torch.bfloat16 and _int32_pairs_ok(x2):
             int4_gemv_half2(x2, words, scales, zeros, bias, out, group, config.block_n, block_k, config.num_warps,
                             config.num_stages, config.scalar_loads)
         elif config.x_pairs and not (int4 and config.word_sums) and x2.dtype == torch.bfloat16 \
-                and x2.stride(0) % 2 == 0:
+                and _int32_pairs_ok(x2):
             pairs = x2.view(torch.int32)
             _quant_gemv_kernel[(rows, -(-n // config.block_n))](pairs, *tensors[1:9], pairs.stride(0), *tensors[10:],
                                                                  X_PAIRS=True, WORD_SUMS=False, **common)
