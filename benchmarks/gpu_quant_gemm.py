@@ -54,15 +54,13 @@ def wide_configs() -> list[QuantGemmConfig]:
                                                word_sums=sums))
     for block_n, block_k in ((8, 1024), (16, 2048), (32, 512), (64, 512), (64, 1024)):
         for warps in (4, 8):
-            for scalar in (False, True):
-                configs.append(QuantGemmConfig(block_n, block_k, warps, 2, use_dot=False, max_rows=4, half2=True,
-                                               scalar_loads=scalar))
+            configs.append(QuantGemmConfig(block_n, block_k, warps, 2, use_dot=False, max_rows=4, half2=True))
     for block_n, block_k in ((32, 256), (64, 128), (128, 64), (128, 128)):
         for warps, stages in ((4, 3), (8, 3)):
             for split in (1, 2, 4):
-                for magic, planes in ((False, False), (True, False), (False, True)):
+                for magic in (False, True):
                     configs.append(QuantGemmConfig(block_n, block_k, warps, stages, max_rows=4096, split_k=split,
-                                                   magic_decode=magic, nibble_planes=planes))
+                                                   magic_decode=magic))
     return configs
 
 
@@ -119,7 +117,7 @@ def main() -> None:
                     passes_q = max(1, min(math.ceil(GRAPH_BYTES / (copies * nbytes)), MAX_GRAPH_CALLS // copies))
                     timings = {}
                     for config in configs:
-                        if (config.word_sums or config.half2 or config.nibble_planes) and method == "int8":
+                        if (config.word_sums or config.half2) and method == "int8":
                             continue  # an int4-only variant
                         if rows > config.max_rows or (not config.use_dot and rows > tq.GEMV_MAX_ROWS):
                             continue

@@ -77,9 +77,8 @@ def cache_writer(fp8: bool) -> bool:
 # int4?, GEMV (else dot tile)?, variant flag (GEMV: x read in pairs / word sums; dot: magic decode, split-K)
 QUANT_PATHS = [(False, True, "plain"), (False, True, "x_pairs"), (True, True, "plain"), (True, True, "x_pairs"),
                (True, True, "word_sums"), (False, False, "plain"), (False, False, "magic"), (True, False, "plain"),
-               (True, False, "magic"), (True, False, "split_k"), (True, False, "nibble_planes"), (True, True, "half2"),
-               (True, True, "half2_no_asm"),
-               (True, True, "half2_scalar_loads")]
+               (True, False, "magic"), (True, False, "split_k"), (True, True, "half2"),
+               (True, True, "half2_no_asm")]
 
 
 def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
@@ -93,7 +92,7 @@ def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
     if variant.startswith("half2"):  # the PTX fp16-pair decode, and its plain-Triton twin path
         kernel = compile_for_sm90(half2._int4_gemv_half2_kernel, types,
                                   dict(GROUP=128, BLOCK_N=16, BLOCK_K=1024, HAS_BIAS=True, PDL=True,
-                                       ASM=variant != "half2_no_asm", SCALAR_LOADS=variant == "half2_scalar_loads"))
+                                       ASM=variant == "half2"))
     elif gemv:
         kernel = compile_for_sm90(tqg._quant_gemv_kernel, types, dict(common, BLOCK_K=1024,
                                                                       X_PAIRS=variant == "x_pairs",
@@ -101,8 +100,7 @@ def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
     else:
         kernel = compile_for_sm90(tqg._quant_gemm_kernel, types, dict(common, BLOCK_M=16, BLOCK_K=128, IEEE=False,
                                                                       SPLIT_K=4 if variant == "split_k" else 1,
-                                                                      MAGIC=variant == "magic",
-                                                                      INTERLEAVE=variant != "nibble_planes"))
+                                                                      MAGIC=variant == "magic"))
     dequantize = compile_for_sm90(tqg._dequantize_kernel, types, dict(GROUP=128, INT4=int4, BLOCK_N=16,
                                                                       BLOCK_K=256, BF16=True))
     return kernel and dequantize

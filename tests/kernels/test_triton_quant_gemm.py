@@ -25,12 +25,10 @@ SMALL_CONFIGS = [
     QuantGemmConfig(block_n=8, block_k=64, use_dot=False, max_rows=4, x_pairs=True),  # bf16 x read in pairs
     QuantGemmConfig(block_n=16, block_k=64),
     QuantGemmConfig(block_n=16, block_k=64, magic_decode=True),
-    QuantGemmConfig(block_n=16, block_k=64, nibble_planes=True),  # int4: a dot per nibble plane
     QuantGemmConfig(block_n=8, block_k=128, use_dot=False, max_rows=4, word_sums=True),
     QuantGemmConfig(block_n=32, block_k=16),
     QuantGemmConfig(block_n=8, block_k=64, use_dot=False, max_rows=4, half2=True),  # int4, bf16 x: fp16 pairs
     QuantGemmConfig(block_n=16, block_k=32, use_dot=False, max_rows=4, half2=True),
-    QuantGemmConfig(block_n=8, block_k=64, use_dot=False, max_rows=4, half2=True, scalar_loads=True),
 ]
 # (M, N, K): N off the tile, K a multiple of the int4 group but not always of block_k.
 SHAPES = [(1, 40, 96), (3, 33, 128), (17, 24, 64)]

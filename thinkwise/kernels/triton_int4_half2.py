@@ -175,19 +175,17 @@ if triton is not None:
     def _int4_gemv_half2_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
                                 M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
                                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                HAS_BIAS: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
-                                SCALAR_LOADS: tl.constexpr):
+                                HAS_BIAS: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr):
         """One token row (x_ptr: bf16 x viewed as int32 pairs) times BLOCK_N output rows
         (w_ptr: the codes as int32 words). A tile is [BLOCK_N, groups, words of a group], so
         a group's scale and zero are loaded once per thread and row, not once per word.
 
         Triton gives the word loads a vectorized layout (four words a thread) and the x and
-        scale loads others, so each iteration converts tiles through shared memory behind
-        barriers (~3.2 instructions a weight on sm_90). SCALAR_LOADS hides the contiguity
-        instead: every tensor in the default layout (a thread holds one word of each of its
-        rows, so x is converted once for BLOCK_N rows), no conversion, but one address and
-        load per word and per row's scale and zero (~4.9 instructions a weight). Which is
-        faster is the dispatch table's to measure."""
+        scale loads others, so each iteration converts the word tile through shared memory
+        (~3.2 instructions a weight on sm_90 all told). Hiding the contiguity instead (one
+        layout, no conversion, but an address and a load per word and per row's scale and
+        zero: ~4.9 instructions a weight) measured 1.1-2x slower on an H100 on every
+        Llama-3-8B and Qwen3-0.6B shape, so it was dropped."""
         row = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -197,10 +195,7 @@ if triton is not None:
         g = tl.arange(0, GT)
         word = (g[:, None] * WPG + tl.arange(0, WPG)[None, :])[None, :, :]  # [1, GT, WPG]
         groups = K // GROUP
-        if SCALAR_LOADS:  # hide the contiguity: every load in one layout, no conversions in the loop
-            w_ptrs = w_ptr + rows[:, None, None] * stride_wn + tl.max_contiguous(word, [1, 1, 1])
-        else:
-            w_ptrs = w_ptr + rows[:, None, None] * stride_wn + word
+        w_ptrs = w_ptr + rows[:, None, None] * stride_wn + word
         words_next = tl.load(w_ptrs, mask=(g < groups)[None, :, None], other=0)
         if PDL:  # the weights are nobody's output: the first tile is read before the wait
             tl.extra.cuda.gdc_wait()
@@ -223,10 +218,7 @@ if triton is not None:
             # applied per word against the word's x sum: reducing x over a group first, or
             # broadcasting 2-D scales, makes Triton move data through shared memory behind a
             # barrier every iteration.
-            if SCALAR_LOADS:
-                where = rows[:, None, None] * stride_sn + tl.max_contiguous(k // GROUP + word // WPG, [1, 1, 1])
-            else:
-                where = rows[:, None, None] * stride_sn + group[None, :, None]
+            where = rows[:, None, None] * stride_sn + group[None, :, None]
             scale = tl.load(scale_ptr + where, mask=x_ok, other=0.0).to(tl.float32)
             zero = tl.load(zero_ptr + where, mask=x_ok, other=0.0).to(tl.float32)
             acc += _word_dot(words, h04, h15, h26, h37, ASM) * scale
@@ -244,7 +236,7 @@ def use_asm(device: torch.device) -> bool:
 
 def int4_gemv_half2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     bias: torch.Tensor | None, out: torch.Tensor, group: int, block_n: int, block_k: int,
-                    num_warps: int, num_stages: int, scalar_loads: bool = False) -> None:
+                    num_warps: int, num_stages: int) -> None:
     """out[rows, N] = x2 [rows, K] (bf16, rows <= a few) @ W.T (+ bias), W int4 as `words`
     (the packed codes viewed as int32). block_k (a power of two) must cover whole groups."""
     rows, k = x2.shape
@@ -258,5 +250,5 @@ def int4_gemv_half2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
     _int4_gemv_half2_kernel[(rows, -(-n // block_n))](
         pairs, words, scales, zeros, bias if bias is not None else out, out, rows, n, k, pairs.stride(0),
         words.stride(0), scales.stride(0), out.stride(0), GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None, ASM=use_asm(x2.device), SCALAR_LOADS=scalar_loads, num_warps=num_warps, num_stages=num_stages,
+        HAS_BIAS=bias is not None, ASM=use_asm(x2.device), num_warps=num_warps, num_stages=num_stages,
         **pdl.kernel_args(x2.device, rows))

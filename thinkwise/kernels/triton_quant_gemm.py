@@ -19,7 +19,7 @@ them into `tl.dot` (int4: the low- and high-nibble planes dequantized, then join
 k order for one dot on a plain x tile), so Triton's pipeliner stages the weight and x loads
 like a 16-bit GEMM's (asynchronous copies on sm_90; the older form, a dot per nibble plane
 against the even and the odd inputs, read x with strided 16-bit loads that nothing staged:
-~9.8 SASS instructions a weight against ~7.0, `nibble_planes` tilings keep it on offer); a
+~9.8 SASS instructions a weight against ~7.0, and 1.3-3.5x slower on an H100); a
 split-K variant gives long-K, small-N shapes enough programs and sums its slices in a fixed
 order (deterministic, unlike atomics). Under PDL (`pdl`) the GEMV loads its first weight
 tile before waiting for the previous kernel. The twin is `quant_gemm_reference`
@@ -35,10 +35,14 @@ not bytes) and at 64 rows 0.54-0.90x. End to end on an H200 (`benchmarks/gpu_thr
 bf16 column): Llama-3-8B batch 1 int8 1.46x bf16, int4-all-g128 0.91x; batch 64 0.73x / 0.50x;
 Qwen3-0.6B batch 1 int8 1.04x, int4 0.91x; on an H100, Llama-3-8B batch 1 int8 1.56x,
 int4-all-g128 1.13x. The H200's 4.2 TB/s makes bf16 faster while the
-int4 decode stays issue-bound, and the batch-64 tiles trail cuBLAS. For int4 at 1..4 rows
-the table is also offered `triton_int4_half2`'s GEMV (`half2` tilings: two codes decoded per
-instruction in fp16 pairs, ~3 instructions a weight on sm_90 instead of ~8). Next: wgmma-sized
-tiles that take the decoded weights from shared memory for batch 64.
+int4 decode stays issue-bound, and the batch-64 tiles trail cuBLAS. Those int4 figures
+predate two changes measured on an H100 (`benchmarks/results/gpu_quant_gemm_int4_*_h100.json`,
+default tilings): at 1..4 rows `triton_int4_half2`'s GEMV (`half2` tilings: two codes decoded
+per instruction in fp16 pairs, ~3.2 SASS instructions a weight instead of ~8) wins every
+shape: Llama-3-8B int4-g128 at one row 2.16-3.60x bf16 cuBLAS (1.42-2.42 TB/s; the best plain
+GEMV 2.0-2.8x slower in the same run), Qwen3-0.6B int4-g32 1.77-3.02x; the k-order dot tiles
+at 64 rows 0.69-1.42x bf16 (0.47-0.96 TB/s; the per-plane form 1.3-3.5x slower in the same
+run). Next: wgmma-sized tiles that decode two codes an instruction for batch 64.
 """
 
 from __future__ import annotations
@@ -78,15 +82,12 @@ class QuantGemmConfig:
     magic_decode: bool = False  # dot tiles: codes to floats by the mantissa trick (as the GEMV), not a conversion
     split_k: int = 1  # dot tiles: K cut into this many slices, summed in a fixed order afterwards
     half2: bool = False  # int4 GEMV tiles, bf16 x: two codes per instruction in fp16 pairs (triton_int4_half2)
-    scalar_loads: bool = False  # half2 tiles: one layout for every load (no shared-memory conversions)
-    nibble_planes: bool = False  # int4 dot tiles: a dot per nibble plane against strided x (else one on k order)
 
     @property
     def name(self) -> str:
         extra = (f"_sk{self.split_k}" if self.split_k > 1 else "") + ("_xp" if self.x_pairs else "") + \
             ("_mg" if self.magic_decode else "") + ("_ws" if self.word_sums else "") + \
-            ("_h2" if self.half2 else "") + ("_sl" if self.scalar_loads else "") + \
-            ("_np" if self.nibble_planes else "")
+            ("_h2" if self.half2 else "")
         return f"{'dot' if self.use_dot else 'gemv'}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{extra}"
 
     def block_m(self, rows: int) -> int:
@@ -115,19 +116,13 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=32, block_k=1024, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
     QuantGemmConfig(block_n=16, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
     QuantGemmConfig(block_n=8, block_k=2048, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
-    QuantGemmConfig(block_n=16, block_k=1024, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True,
-                    scalar_loads=True),
-    QuantGemmConfig(block_n=32, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True,
-                    scalar_loads=True),
     QuantGemmConfig(block_n=16, block_k=256, num_warps=4, num_stages=3),
     QuantGemmConfig(block_n=32, block_k=256, num_warps=4, num_stages=3),
     QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3),
     QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4),
-    QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, nibble_planes=True),
     QuantGemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, max_rows=4096),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=4, num_stages=3, split_k=4),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, max_rows=4096),
-    QuantGemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, max_rows=4096, nibble_planes=True),
 )
 
 
@@ -235,33 +230,19 @@ if HAVE_TRITON:
             result += tl.load(bias_ptr + rows).to(tl.float32)
         tl.store(out_ptr + row * stride_om + offs_n, result.to(out_ptr.dtype.element_ty), mask=offs_n < N)
 
-    @triton.jit
-    def _dot_nibble_planes(low, high, x_ptrs, k, offs_b, K, acc, IEEE: tl.constexpr):
-        """acc + low @ x[even k] + high @ x[odd k] (each plane against its inputs)."""
-        k_even = k + 2 * offs_b
-        x_even = tl.load(x_ptrs + k_even[:, None], mask=(k_even < K)[:, None], other=0.0)
-        x_odd = tl.load(x_ptrs + k_even[:, None] + 1, mask=(k_even + 1 < K)[:, None], other=0.0)
-        if IEEE:
-            acc = tl.dot(low.to(x_even.dtype), x_even, acc, input_precision="ieee")
-            acc = tl.dot(high.to(x_odd.dtype), x_odd, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(low.to(x_even.dtype), x_even, acc)
-            acc = tl.dot(high.to(x_odd.dtype), x_odd, acc)
-        return acc
-
     @triton.jit(do_not_specialize=["M"])
     def _quant_gemm_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
                            M, N, K, stride_xm, stride_qn, stride_sn, stride_om, k_per_split, stride_split,
                            GROUP: tl.constexpr, INT4: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr,
-                           MAGIC: tl.constexpr, INTERLEAVE: tl.constexpr):
+                           MAGIC: tl.constexpr):
         """BLOCK_M token rows (>= 16, padded) times BLOCK_N output rows on the tensor cores
         (FlashDecoding++'s flat GEMM, the weights as the wide side). The code bytes are
         loaded as they are stored and cast straight into the dot (int8), or split into the
-        low- and high-nibble planes and dequantized (int4), then joined back into k order
-        (INTERLEAVE) or each dotted against the even and the odd inputs, so Triton's
-        pipeliner stages the weight loads like a 16-bit GEMM's. With SPLIT_K > 1, program (m, n, s) covers
+        low- and high-nibble planes and dequantized (int4), then joined back into k order for
+        one dot against a contiguous x tile, so Triton's pipeliner stages the weight and x
+        loads like a 16-bit GEMM's. With SPLIT_K > 1, program (m, n, s) covers
         k in [s * k_per_split, (s + 1) * k_per_split) and stores its float32 partial sums
         at out + s * stride_split (no bias); the caller adds the slices in a fixed order, so
         results do not depend on scheduling, as atomics would."""
@@ -294,19 +275,15 @@ if HAVE_TRITON:
                 scale = tl.load(scale_ptr + where, mask=group_ok, other=0.0).to(tl.float32)[:, :, None]
                 zero = tl.load(zero_ptr + where, mask=group_ok, other=0.0).to(tl.float32)[:, :, None] - 8.0 * scale
                 grouped = tl.reshape(codes, [BLOCK_N, BLOCK_K // GROUP, GROUP // 2])
-                if INTERLEAVE:  # the two nibble planes joined back into k order: one dot on a plain x tile
-                    w = tl.reshape(tl.join(_nibble(grouped, 0, MAGIC) * scale + zero,
-                                           _nibble(grouped, 4, MAGIC) * scale + zero), [BLOCK_N, BLOCK_K])
-                    kk = k + tl.arange(0, BLOCK_K)
-                    x = tl.load(x_ptrs + kk[:, None], mask=(kk < K)[:, None], other=0.0)
-                    if IEEE:
-                        acc = tl.dot(w.to(x.dtype), x, acc, input_precision="ieee")
-                    else:
-                        acc = tl.dot(w.to(x.dtype), x, acc)
+                # The two nibble planes joined back into k order: one dot on a plain x tile.
+                w = tl.reshape(tl.join(_nibble(grouped, 0, MAGIC) * scale + zero,
+                                       _nibble(grouped, 4, MAGIC) * scale + zero), [BLOCK_N, BLOCK_K])
+                kk = k + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptrs + kk[:, None], mask=(kk < K)[:, None], other=0.0)
+                if IEEE:
+                    acc = tl.dot(w.to(x.dtype), x, acc, input_precision="ieee")
                 else:
-                    low = tl.reshape(_nibble(grouped, 0, MAGIC) * scale + zero, [BLOCK_N, BYTES])
-                    high = tl.reshape(_nibble(grouped, 4, MAGIC) * scale + zero, [BLOCK_N, BYTES])
-                    acc = _dot_nibble_planes(low, high, x_ptrs, k, offs_b, K, acc, IEEE)
+                    acc = tl.dot(w.to(x.dtype), x, acc)
             else:
 
                 kk = k + offs_b
@@ -448,21 +425,19 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
             grid = (-(-rows // block_m), -(-n // config.block_n), split)
             if split == 1:
                 _quant_gemm_kernel[grid](*tensors, k_per_split, 0, BLOCK_M=block_m, IEEE=x2.dtype == torch.float32,
-                                         SPLIT_K=1, MAGIC=config.magic_decode, INTERLEAVE=not config.nibble_planes,
-                                         **common)
+                                         SPLIT_K=1, MAGIC=config.magic_decode, **common)
             else:
                 partial = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
                 _quant_gemm_kernel[grid](*tensors[:5], partial, *tensors[6:12], partial.stride(1), k_per_split,
                                          partial.stride(0), BLOCK_M=block_m, IEEE=x2.dtype == torch.float32,
-                                         SPLIT_K=split, MAGIC=config.magic_decode, INTERLEAVE=not config.nibble_planes,
-                                         **common)
+                                         SPLIT_K=split, MAGIC=config.magic_decode, **common)
                 total = partial.sum(dim=0)  # a fixed-order reduction: deterministic
                 if bias is not None:
                     total += bias
                 out.copy_(total)
         elif config.half2 and int4 and x2.dtype == torch.bfloat16 and _int32_pairs_ok(x2):
             int4_gemv_half2(x2, words, scales, zeros, bias, out, group, config.block_n, block_k, config.num_warps,
-                            config.num_stages, config.scalar_loads)
+                            config.num_stages)
         elif config.x_pairs and not (int4 and config.word_sums) and x2.dtype == torch.bfloat16 \
                 and _int32_pairs_ok(x2):
             pairs = x2.view(torch.int32)
