@@ -8,7 +8,7 @@ the bytes' roofline. Here one 32-bit word of eight codes is decoded in fp16x2 re
 leaves the two signed codes (code - 8) exactly, and `fma.f16x2` multiplies them into two x
 values; the word's eight products end as two fp16 sums, added in fp32 (~16 instructions a
 word, 2 a weight). The group's scale multiplies those fp32 partials once per word, and its
-zero point once per group against the group's sum of x (sum_k ((c - 8) s + z) x_k = s sum_k
+zero point multiplies the word's sum of x once per word (sum_k ((c - 8) s + z) x_k = s sum_k
 (c - 8) x_k + z sum_k x_k), so neither is applied per weight.
 
 x (bf16) is converted once per thread and word to fp16 pairs in the codes' order (x0/x4,
@@ -41,7 +41,7 @@ except ImportError:  # CPU-only installs: the PyTorch twin runs instead
     triton = None
     tl = None
 
-X_SCALE = 2.0 ** -8  # x is scaled by this into fp16 (undone in fp32 at the end)
+X_SCALE = 2.0 ** -8  # x is scaled by this into fp16 (undone in fp32 at the end; 0f3B800000 in the PTX)
 WORD_CODES = 8
 
 # x (four bf16 pairs as 32-bit words: x0|x1, x2|x3, x4|x5, x6|x7) -> four fp16 pairs in the
@@ -113,6 +113,7 @@ if triton is not None:
     # Kernels may read module globals only as constexprs.
     _X_TO_HALF_PAIRS = tl.constexpr(X_TO_HALF_PAIRS)
     _WORD_DOT = tl.constexpr(WORD_DOT)
+    _X_SCALE = tl.constexpr(X_SCALE)
 
     @triton.jit
     def _x_half_pairs(xa, xb, xc, xd, ASM: tl.constexpr):
@@ -141,8 +142,8 @@ if triton is not None:
     @triton.jit
     def _pack_halves(low, high):
         """Two float32 (times 2^-8, rounded to fp16) packed into one int32, `low` in the low half."""
-        lo = (low * 0.00390625).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
-        hi = (high * 0.00390625).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+        lo = (low * _X_SCALE).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 65535
+        hi = (high * _X_SCALE).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
         return lo | hi
 
     @triton.jit
@@ -223,7 +224,7 @@ if triton is not None:
             zero = tl.load(zero_ptr + where, mask=x_ok, other=0.0).to(tl.float32)
             acc += _word_dot(words, h04, h15, h26, h37, ASM) * scale
             acc_zero += zero * x_sum
-        result = tl.sum(tl.sum(acc * 256.0 + acc_zero, axis=2), axis=1)
+        result = tl.sum(tl.sum(acc / _X_SCALE + acc_zero, axis=2), axis=1)
         if HAS_BIAS:
             result += tl.load(bias_ptr + rows).to(tl.float32)
         tl.store(out_ptr + row * stride_om + offs_n, result.to(out_ptr.dtype.element_ty), mask=offs_n < N)
@@ -241,8 +242,8 @@ def int4_gemv_half2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
     (the packed codes viewed as int32). block_k (a power of two) must cover whole groups."""
     rows, k = x2.shape
     n = words.shape[0]
-    if x2.dtype != torch.bfloat16 or x2.stride(-1) != 1 or x2.stride(0) % 2:
-        raise ValueError("the half-pair int4 GEMV takes contiguous bf16 rows")
+    if x2.dtype != torch.bfloat16 or x2.stride(-1) != 1 or x2.stride(0) % 2 or x2.storage_offset() % 2:
+        raise ValueError("the half-pair int4 GEMV takes contiguous bf16 rows starting on even elements")
     if block_k % group or k % group or group % WORD_CODES:
         raise ValueError(f"block_k ({block_k}) and K ({k}) must be multiples of the group ({group}), "
                          f"itself a multiple of {WORD_CODES}")
