@@ -10,7 +10,6 @@ order or shift fails these tests without a GPU.
 from __future__ import annotations
 
 import os
-import re
 
 import numpy as np
 import pytest
@@ -20,94 +19,9 @@ from thinkwise.kernels import triton_int4_half2 as h2
 from thinkwise.kernels import triton_quant_gemm as tq
 from thinkwise.kernels.linear_methods.int4 import quantize_int4
 from thinkwise.kernels.triton_quant_gemm import QuantGemmConfig, pack_int4, quant_gemm_reference, triton_quant_gemm
+from tests.ptx_evaluator import f16, f16_bits, f32, run_ptx
 
 CUDA = torch.cuda.is_available()
-
-
-def _half(bits: int) -> np.float16:
-    return np.array([bits & 0xFFFF], dtype=np.uint16).view(np.float16)[0]
-
-
-def _half_bits(value) -> int:
-    return int(np.array([value], dtype=np.float16).view(np.uint16)[0])
-
-
-def _f32(bits: int) -> np.float32:
-    return np.array([bits & 0xFFFFFFFF], dtype=np.uint32).view(np.float32)[0]
-
-
-def _f32_bits(value) -> int:
-    return int(np.array([value], dtype=np.float32).view(np.uint32)[0])
-
-
-def _pairwise(a: int, b: int, c: int | None, op) -> int:
-    """An f16x2 instruction: `op` on the low halves and on the high halves, each rounded
-    once to fp16 (float64 holds these products and sums exactly)."""
-    out = 0
-    for shift in (0, 16):
-        x, y = float(_half(a >> shift)), float(_half(b >> shift))
-        z = None if c is None else float(_half(c >> shift))
-        out |= _half_bits(np.float16(op(x, y, z))) << shift
-    return out
-
-
-def run_ptx(asm: str, inputs: list[int], outputs: int) -> list[int]:
-    """Execute one of the module's PTX blocks: `inputs` are the 32-bit patterns of $outputs..,
-    returns the 32-bit patterns of $0..$outputs-1. Knows only the instructions they use."""
-    regs = {f"${i + outputs}": value & 0xFFFFFFFF for i, value in enumerate(inputs)}
-
-    def val(token: str) -> int:
-        token = token.strip()
-        if token.startswith("0f"):
-            return int(token[2:], 16)
-        if re.fullmatch(r"-?(0x[0-9a-fA-F]+|\d+)", token):
-            return int(token, 0) & 0xFFFFFFFF
-        return regs[token]
-
-    for line in asm.strip().strip("{}").splitlines():
-        line = line.strip().rstrip(";")
-        if not line or line.startswith(".reg"):
-            continue
-        op, _, rest = line.partition(" ")
-        if op == "mov.b32" and rest.startswith("{"):
-            pair, _, src = rest.partition("},")
-            low, high = (name.strip() for name in pair.strip("{ ").split(","))
-            regs[low], regs[high] = val(src) & 0xFFFF, val(src) >> 16
-            continue
-        dst, *args = [a.strip() for a in rest.split(",")]
-        a = [val(x) for x in args]
-        if op == "mov.b32":
-            result = a[0]
-        elif op == "lop3.b32":
-            lut = a[3]
-            result = 0
-            for bit in range(32):
-                index = (((a[0] >> bit) & 1) << 2) | (((a[1] >> bit) & 1) << 1) | ((a[2] >> bit) & 1)
-                result |= ((lut >> index) & 1) << bit
-        elif op == "shr.u32":
-            result = a[0] >> a[1]
-        elif op == "shl.b32":
-            result = (a[0] << a[1]) & 0xFFFFFFFF
-        elif op == "and.b32":
-            result = a[0] & a[1]
-        elif op == "sub.f16x2":
-            result = _pairwise(a[0], a[1], None, lambda x, y, _: x - y)
-        elif op == "mul.rn.f16x2":
-            result = _pairwise(a[0], a[1], None, lambda x, y, _: x * y)
-        elif op == "fma.rn.f16x2":
-            result = _pairwise(a[0], a[1], a[2], lambda x, y, z: x * y + z)
-        elif op == "cvt.f32.f16":
-            result = _f32_bits(np.float32(_half(a[0])))
-        elif op == "add.f32":
-            result = _f32_bits(np.float32(_f32(a[0])) + np.float32(_f32(a[1])))
-        elif op == "mul.f32":
-            result = _f32_bits(np.float32(_f32(a[0])) * np.float32(_f32(a[1])))
-        elif op == "cvt.rn.f16x2.f32":  # d = {a (upper half), b (lower half)}
-            result = (_half_bits(np.float16(_f32(a[0]))) << 16) | _half_bits(np.float16(_f32(a[1])))
-        else:
-            raise AssertionError(f"the evaluator does not know {op!r}")
-        regs[dst] = result & 0xFFFFFFFF
-    return [regs[f"${i}"] for i in range(outputs)]
 
 
 def bf16_pair(low: float, high: float) -> int:
@@ -123,10 +37,10 @@ def test_x_to_half_pairs_ptx(magnitude):
         pairs = [bf16_pair(x[0], x[1]), bf16_pair(x[2], x[3]), bf16_pair(x[4], x[5]), bf16_pair(x[6], x[7])]
         h04, h15, h26, h37, total = run_ptx(h2.X_TO_HALF_PAIRS, pairs, 5)
         for pair, (low, high) in zip((h04, h15, h26, h37), ((0, 4), (1, 5), (2, 6), (3, 7))):
-            assert float(_half(pair)) == float(np.float16(np.float32(x[low]) * np.float32(2.0 ** -8)))
-            assert float(_half(pair >> 16)) == float(np.float16(np.float32(x[high]) * np.float32(2.0 ** -8)))
-            assert np.isfinite(float(_half(pair))) and np.isfinite(float(_half(pair >> 16)))
-        assert float(_f32(total)) == pytest.approx(sum(x), rel=1e-5, abs=1e-6 * magnitude)
+            assert float(f16(pair)) == float(np.float16(np.float32(x[low]) * np.float32(2.0 ** -8)))
+            assert float(f16(pair >> 16)) == float(np.float16(np.float32(x[high]) * np.float32(2.0 ** -8)))
+            assert np.isfinite(float(f16(pair))) and np.isfinite(float(f16(pair >> 16)))
+        assert float(f32(total)) == pytest.approx(sum(x), rel=1e-5, abs=1e-6 * magnitude)
 
 
 def test_word_dot_ptx_every_code():
@@ -136,23 +50,23 @@ def test_word_dot_ptx_every_code():
         codes = [(trial + 3 * j) % 16 for j in range(8)] if trial < 16 else rng.integers(0, 16, 8).tolist()
         word = sum(c << (4 * j) for j, c in enumerate(codes))
         x = (rng.standard_normal(8) * 0.01).astype(np.float16)  # already x * 2^-8, as fp16
-        xh = [_half_bits(v) for v in x]
+        xh = [f16_bits(v) for v in x]
         pairs = [xh[0] | (xh[4] << 16), xh[1] | (xh[5] << 16), xh[2] | (xh[6] << 16), xh[3] | (xh[7] << 16)]
         (got,) = run_ptx(h2.WORD_DOT, [word, *pairs], 1)
         exact = sum((c - 8) * float(v) for c, v in zip(codes, x))
         # four fp16 roundings of sums at most sum |products|: half an fp16 ulp (2^-11) each
         bound = 4 * 2.0 ** -11 * sum(abs(c - 8) * abs(float(v)) for c, v in zip(codes, x))
-        assert abs(float(_f32(got)) - exact) <= bound, codes
+        assert abs(float(f32(got)) - exact) <= bound, codes
     # one-hot words: each nibble's code lands on its own x (a swapped pair or shift fails here)
     for j in range(8):
         x = np.zeros(8, dtype=np.float16)
         x[j] = 1.0
-        xh = [_half_bits(v) for v in x]
+        xh = [f16_bits(v) for v in x]
         pairs = [xh[0] | (xh[4] << 16), xh[1] | (xh[5] << 16), xh[2] | (xh[6] << 16), xh[3] | (xh[7] << 16)]
         for code in (0, 7, 15):
             word = (code << (4 * j)) | sum(8 << (4 * i) for i in range(8) if i != j)  # others contribute 0
             (got,) = run_ptx(h2.WORD_DOT, [word, *pairs], 1)
-            assert float(_f32(got)) == code - 8
+            assert float(f32(got)) == code - 8
 
 
 def device_or_skip():

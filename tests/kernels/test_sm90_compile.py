@@ -26,8 +26,12 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the kernels are compiled for real")
 
 # fp8 cache?, fp16 path?, unified max?, query dtype
-DECODE_PATHS = [(False, False, True, "bf16"), (False, False, False, "fp16"), (True, True, False, "bf16"),
-                (True, True, False, "fp16"), (True, False, True, "bf16"), (True, False, False, "fp32")]
+# (fp8, fp16 path, unified max, query dtype, tile loop pipelined by hand): the engine's choices
+# (by hand for fp8 only), then the other pipelining for each cache kind.
+DECODE_PATHS = [(False, False, True, "bf16", False), (False, False, False, "fp16", False),
+                (True, True, False, "bf16", True), (True, True, False, "fp16", True), (True, False, True, "bf16", True),
+                (True, False, False, "fp32", True), (False, False, False, "bf16", True),
+                (True, True, False, "bf16", False)]
 
 
 def compile_for_sm90(kernel, types: dict, constants: dict) -> bool:
@@ -42,7 +46,7 @@ def compile_for_sm90(kernel, types: dict, constants: dict) -> bool:
     return bool(triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm.get("cubin"))
 
 
-def decode_kernels(fp8: bool, f16: bool, unified: bool, query: str) -> bool:
+def decode_kernels(fp8: bool, f16: bool, unified: bool, query: str, prefetch: bool) -> bool:
     from thinkwise.kernels import triton_decode_attention as tda
 
     cache = "fp8e4nv" if fp8 else query
@@ -52,12 +56,13 @@ def decode_kernels(fp8: bool, f16: bool, unified: bool, query: str) -> bool:
              "group_lens_ptr": "*i32", "out_ptr": f"*{query}", "flags_ptr": "*i32", "window_low": "fp32",
              "window_high": "fp32"}
     common = dict(HEAD_DIM=128, BLOCK_SIZE=16, TILE=32 if fp8 else 16, UNIFIED=unified, FP8=fp8, PDL=True)
+    tiles = dict(PREFETCH=prefetch, V_WORDS=f16, ASM=True)
     ieee = query == "fp32"
     return all([
         compile_for_sm90(tda._decode_split_kernel, types, dict(common, IEEE=ieee, GROUP=2, GROUP_PAD=16,
-                                                               HAS_STARTS=True, HAS_WINDOW=False, F16=f16)),
+                                                               HAS_STARTS=True, HAS_WINDOW=False, F16=f16, **tiles)),
         compile_for_sm90(tda._prefix_kernel, types, dict(common, IEEE=ieee, GROUP=4, GROUP_PAD=4, MEMBERS=4,
-                                                         F16=f16)),
+                                                         F16=f16, **tiles)),
         compile_for_sm90(tda._merge_splits_kernel, types, dict(common, GROUP=2, SPLITS_PAD=32, HAS_STARTS=True,
                                                                HAS_WINDOW=True)),
     ])

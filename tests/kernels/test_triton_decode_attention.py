@@ -5,13 +5,27 @@ from __future__ import annotations
 import os
 import warnings
 
+import math
+
+import numpy as np
 import pytest
 import torch
 
 from thinkwise.kernels.paged_attention import FP8KVCache, decode_attention, pack_prefix_groups, quantize_fp8
 from thinkwise.kernels import triton_decode_attention as tda
+from tests.ptx_evaluator import e4m3, f16, run_ptx
 
 pytestmark = pytest.mark.skipif(not tda.HAVE_TRITON, reason="triton is not installed")
+
+
+@pytest.fixture(params=["triton", "registers"])
+def pipelining(request, monkeypatch):
+    """Both ways the split and prefix kernels pipeline their tile loop: Triton's (through shared
+    memory) and by hand in registers, for 16-bit and fp8 caches alike."""
+    by_hand = request.param == "registers"
+    monkeypatch.setattr(tda, "PREFETCH_16BIT", by_hand)
+    monkeypatch.setattr(tda, "FP8_PREFETCH", by_hand)
+    return request.param
 
 
 def make_case(batch, heads, kv_heads, head_dim, block_size, lens, dtype, device, seed=0):
@@ -42,7 +56,7 @@ CASES = [
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU module covers CUDA")
 @pytest.mark.parametrize("case", CASES)
-def test_matches_reference_in_interpreter(case, monkeypatch):
+def test_matches_reference_in_interpreter(case, monkeypatch, pipelining):
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("set TRITON_INTERPRET=1 (the test suite's conftest does) to run Triton on CPU")
     batch, heads, kv_heads, head_dim, block_size, lens = case
@@ -55,7 +69,7 @@ def test_matches_reference_in_interpreter(case, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES + [(64, 32, 8, 128, 16, [4096] * 64), (4, 14, 2, 64, 16, [5, 900, 33, 2048])])
-def test_matches_reference_on_gpu(case, dtype):
+def test_matches_reference_on_gpu(case, dtype, pipelining):
     batch, heads, kv_heads, head_dim, block_size, lens = case
     q, k, v, tables, seq_lens = make_case(batch, heads, kv_heads, head_dim, block_size, lens, dtype, "cuda")
     expected = decode_attention(q.float(), k.float(), v.float(), tables, seq_lens, max(lens), head_dim**-0.5)
@@ -103,7 +117,7 @@ def test_cascade_reference_equals_plain_attention():
 
 
 @pytest.mark.parametrize("unified", [False, True])
-def test_cascade_kernel_matches_reference_in_interpreter(unified):
+def test_cascade_kernel_matches_reference_in_interpreter(unified, pipelining):
     interpreter_only()
     q, k, v, tables, lens, prefix = shared_prefix_case(3, 32, [1, 9, 17], 4, 2, 16, 4, torch.float32, "cpu")
     scale = 0.25
@@ -136,7 +150,7 @@ def test_unified_max_matches_and_falls_back_in_interpreter():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("members,prefix_len,group", [(16, 4096, 4), (5, 512, 2), (20, 1024, 1)])
-def test_cascade_and_unified_on_gpu(dtype, members, prefix_len, group):
+def test_cascade_and_unified_on_gpu(dtype, members, prefix_len, group, pipelining):
     kv_heads = 8 if group > 1 else 4
     q, k, v, tables, lens, prefix = shared_prefix_case(members, prefix_len, [1 + 7 * i for i in range(members)],
                                                       kv_heads * group, kv_heads, 128, 16, dtype, "cuda")
@@ -188,7 +202,7 @@ def test_reference_window_is_the_last_positions(window):
 
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("unified", [None, 0.0, 500.0])  # synchronized; unified; unified, every row falls back
-def test_window_kernel_matches_reference_in_interpreter(window, unified):
+def test_window_kernel_matches_reference_in_interpreter(window, unified, pipelining):
     interpreter_only()
     q, k, v, tables, seq_lens = make_case(3, 4, 2, 16, 4, [1, 37, 70], torch.float32, "cpu")
     expected = decode_attention(q, k, v, tables, seq_lens, 70, 0.25, window=window)
@@ -209,7 +223,7 @@ def test_window_with_cascade_groups_is_refused():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("window", [16, 500, 4096])
-def test_window_on_gpu(dtype, window):
+def test_window_on_gpu(dtype, window, pipelining):
     lens = [5, 900, 33, 2048]
     q, k, v, tables, seq_lens = make_case(4, 14, 2, 64, 16, lens, dtype, "cuda")
     expected = decode_attention(q.float(), k.float(), v.float(), tables, seq_lens, max(lens), 0.125, window=window)
@@ -226,7 +240,7 @@ def fp8_caches(k, v):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("unified", [None, 0.0, 500.0])  # synchronized; unified; unified, every row falls back
-def test_fp8_kernel_matches_reference_in_interpreter(case, unified):
+def test_fp8_kernel_matches_reference_in_interpreter(case, unified, pipelining):
     """fp8 codes + scales through the split kernel (and the unified-max fallback in the merge
     kernel) against the PyTorch twin on the same fp8 cache."""
     interpreter_only()
@@ -243,7 +257,7 @@ def test_fp8_kernel_matches_reference_in_interpreter(case, unified):
 
 
 @pytest.mark.parametrize("window", [None, 5])
-def test_fp8_cascade_and_window_kernels_match_reference_in_interpreter(window):
+def test_fp8_cascade_and_window_kernels_match_reference_in_interpreter(window, pipelining):
     interpreter_only()
     q, k, v, tables, lens, prefix = shared_prefix_case(3, 32, [1, 9, 17], 4, 2, 16, 4, torch.float32, "cpu")
     kf, vf = fp8_caches(k, v)
@@ -274,7 +288,7 @@ def test_fp8_head_major_scales_match_reference_in_interpreter(case):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("unified", [None, 0.0, 500.0])
-def test_fp8_fp16_path_for_16_bit_queries_in_interpreter(dtype, unified):
+def test_fp8_fp16_path_for_16_bit_queries_in_interpreter(dtype, unified, pipelining):
     """16-bit queries on an fp8 cache: q scaled into fp16 by its row's largest magnitude, codes
     to fp16, the V scale folded into p under the synchronized softmax (so a requested unified
     max is not used and no row is flagged). Large queries (bf16 5e4: past fp16's range, squared
@@ -301,6 +315,27 @@ def test_fp8_fp16_path_for_16_bit_queries_in_interpreter(dtype, unified):
     assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
 
 
+def test_e4m3_decoder_of_the_evaluator_matches_torch():
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().tolist()
+    for code, value in enumerate(values):
+        assert (math.isnan(value) and math.isnan(e4m3(code))) or e4m3(code) == value, code
+
+
+def test_e4m3_to_fp16_ptx_every_code_in_every_byte():
+    """The GPU path's PTX (four codes of a word -> four fp16, in memory order), run by the
+    evaluator: every code in every byte position, beside random neighbours."""
+    rng = np.random.default_rng(0)
+    for code in range(256):
+        for position in range(4):
+            codes = [int(c) for c in rng.integers(0, 256, 4)]
+            codes[position] = code
+            word = codes[0] | codes[1] << 8 | codes[2] << 16 | codes[3] << 24
+            halves = run_ptx(tda.E4M3X4_TO_F16, [word], 4)
+            for got, c in zip(halves, codes):
+                expected = np.float16(e4m3(c))
+                assert (np.isnan(expected) and np.isnan(f16(got))) or f16(got) == expected, (code, position)
+
+
 def test_fp8_cache_with_mismatched_scales_is_refused():
     q, k, v, tables, seq_lens = make_case(2, 4, 2, 16, 4, [5, 9], torch.float32, "cpu")
     kf, vf = fp8_caches(k, v)
@@ -315,7 +350,7 @@ def test_fp8_cache_with_mismatched_scales_is_refused():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("unified", [None, 0.0])
 @pytest.mark.parametrize("case", CASES + [(64, 32, 8, 128, 16, [4096] * 64), (4, 14, 2, 64, 16, [5, 900, 33, 2048])])
-def test_fp8_matches_reference_on_gpu(case, dtype, unified):
+def test_fp8_matches_reference_on_gpu(case, dtype, unified, pipelining):
     batch, heads, kv_heads, head_dim, block_size, lens = case
     q, k, v, tables, seq_lens = make_case(batch, heads, kv_heads, head_dim, block_size, lens, dtype, "cuda")
     kf, vf = fp8_caches(k * 40, v)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -18,3 +19,9 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return _multi_processor_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def use_asm(device: torch.device) -> bool:
+    """Whether kernels may take their inline-PTX paths: on CUDA, yes; under the Triton
+    interpreter (which cannot run PTX) they take their plain-Triton twins of the same code."""
+    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"

@@ -52,7 +52,7 @@ import warnings
 import torch
 
 from thinkwise.kernels import pdl
-from thinkwise.kernels.device_info import sm_count
+from thinkwise.kernels.device_info import sm_count, use_asm
 from thinkwise.kernels.paged_attention import (  # noqa: F401  (MAX_GROUP_MEMBERS: re-exported)
     FP8_DECODE_PATHS, MAX_GROUP_MEMBERS, FP8KVCache, PrefixGroups)
 
@@ -73,9 +73,26 @@ UNIFIED_WINDOW = {torch.float32: (-60.0, 60.0), torch.bfloat16: (-60.0, 60.0), t
 # these takes 948.5 us at batch 64 x 8k against bf16's 832.0 (benchmarks/gpu_attention.py --fp8).
 FP8_TILE = 32
 FP8_WARPS = 4
+# Whether the split and prefix kernels pipeline their tile loop by hand, in registers
+# (`_attend_tiles`), for fp8 and for 16-bit caches; otherwise Triton pipelines it through
+# shared memory.
+FP8_PREFETCH = True
+PREFETCH_16BIT = False
+
+# Four e4m3 codes (one int32, lowest byte first) -> four fp16 ($0..$3), two codes an instruction.
+E4M3X4_TO_F16 = """{
+.reg .b16 lo, hi;
+.reg .b32 a, b;
+mov.b32 {lo, hi}, $4;
+cvt.rn.f16x2.e4m3x2 a, lo;
+cvt.rn.f16x2.e4m3x2 b, hi;
+mov.b32 {$0, $1}, a;
+mov.b32 {$2, $3}, b;
+}"""
 
 
 if HAVE_TRITON:
+    _E4M3X4_TO_F16 = tl.constexpr(E4M3X4_TO_F16)
 
     @triton.jit
     def _fp16_queries(q, scale, F16: tl.constexpr):
@@ -92,62 +109,142 @@ if HAVE_TRITON:
         return q, row_scale
 
     @triton.jit
+    def _load_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, block_ids, pos, valid, stride_kblock, stride_ktok, kv_head_offset,
+                   stride_sblock, stride_stok, scale_head_offset,
+                   HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr, V_WORDS: tl.constexpr):
+        """One tile's K and V rows (gathered through their block ids) and, for fp8, their scales.
+        With V_WORDS the V codes come as int32 words of four (for `_codes_to_fp16`)."""
+        d = tl.arange(0, HEAD_DIM)
+        offsets = block_ids * stride_kblock + (pos % BLOCK_SIZE) * stride_ktok + kv_head_offset
+        k = tl.load(k_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if V_WORDS:
+            w = tl.arange(0, HEAD_DIM // 4)
+            v = tl.load(v_ptr.to(tl.pointer_type(tl.int32)) + (offsets // 4)[:, None] + w[None, :],
+                        mask=valid[:, None], other=0)
+        else:
+            v = tl.load(v_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+        if FP8:
+            scale_offsets = block_ids * stride_sblock + (pos % BLOCK_SIZE) * stride_stok + scale_head_offset
+            k_scales = tl.load(ks_ptr + scale_offsets, mask=valid, other=0.0)
+            v_scales = tl.load(vs_ptr + scale_offsets, mask=valid, other=0.0)
+        else:  # unused
+            k_scales = valid.to(tl.float32)
+            v_scales = k_scales
+        return k, v, k_scales, v_scales
+
+    @triton.jit
+    def _codes_to_fp16(words, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, ASM: tl.constexpr):
+        """[TILE, HEAD_DIM // 4] int32 words of e4m3 codes -> [TILE, HEAD_DIM] fp16 (exact): by PTX
+        (two codes an instruction) on a GPU, by Triton arithmetic under the interpreter. The
+        join/reshape keeps the conversion in the load's layout: converting codes, Triton would
+        instead move them into the dot's operand layout, which for V (transposed there) means
+        one shared-memory byte load per code."""
+        if ASM:
+            h0, h1, h2, h3 = tl.inline_asm_elementwise(_E4M3X4_TO_F16, "=h,=h,=h,=h,r", [words],
+                                                       dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                       is_pure=True, pack=1)
+        else:
+            h0 = (words & 255).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+            h1 = ((words >> 8) & 255).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+            h2 = ((words >> 16) & 255).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+            h3 = ((words >> 24) & 255).to(tl.uint8).to(tl.float8e4nv, bitcast=True).to(tl.float16)
+        # join adds the last axis: [[h0, h1], [h2, h3]] in memory order
+        return tl.reshape(tl.join(tl.join(h0, h2), tl.join(h1, h3)), [TILE, HEAD_DIM])
+
+    @triton.jit
+    def _tile_update(q, row_scale, m_i, l_i, acc, k, v, k_scales, v_scales, valid, phi,
+                     HEAD_DIM: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, UNIFIED: tl.constexpr,
+                     FP8: tl.constexpr, F16: tl.constexpr, V_WORDS: tl.constexpr, ASM: tl.constexpr):
+        """The online softmax's step over one tile of K/V (from `_load_tile`)."""
+        if FP8:  # codes -> fp16 (one instruction per two) or the query's dtype; both exact
+            k = k.to(q.dtype)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        if FP8:  # q . (c k) = c (q . k)
+            scores = scores * k_scales[None, :]
+        scores = tl.where(valid[None, :], scores * row_scale[:, None], float("-inf"))
+        if FP8:
+            if F16:  # the scale goes into p (p <= 1 here: synchronized softmax), codes to fp16
+                if V_WORDS:
+                    v = _codes_to_fp16(v, TILE, HEAD_DIM, ASM)
+                else:
+                    v = v.to(tl.float16)
+            else:  # dequantized in fp32, then to the query's dtype (p may reach e^60 in unified mode)
+                v = (v.to(tl.float32) * v_scales[:, None]).to(q.dtype)
+        if UNIFIED:
+            # No rescaling: every tile of every split subtracts the same phi. The max is
+            # kept only to detect rows that leave the safe window.
+            m_i = tl.maximum(m_i, tl.max(scores, 1))
+            p = tl.exp(scores - phi)
+            l_i += tl.sum(p, 1)
+            if IEEE:
+                acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc += tl.dot(p.to(v.dtype), v)
+        else:
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            # A row that has seen only masked positions keeps max -inf; use 0 to avoid inf - inf.
+            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+            p = tl.exp(scores - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if F16:
+                p = p * v_scales[None, :]
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
     def _attend_tiles(q, row_scale, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr, table_row_ptr, first_pos, end_pos,
                       phi, stride_kblock, stride_ktok, kv_head_offset, stride_sblock, stride_stok, scale_head_offset,
                       HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
-                      IEEE: tl.constexpr, UNIFIED: tl.constexpr, FP8: tl.constexpr, F16: tl.constexpr):
+                      IEEE: tl.constexpr, UNIFIED: tl.constexpr, FP8: tl.constexpr, F16: tl.constexpr,
+                      PREFETCH: tl.constexpr, V_WORDS: tl.constexpr, ASM: tl.constexpr):
         """Online softmax of queries `q` [R, D] over context positions [first_pos, end_pos);
-        `row_scale` [R] multiplies each row's scores (from `_fp16_queries`)."""
-        d = tl.arange(0, HEAD_DIM)
+        `row_scale` [R] multiplies each row's scores (from `_fp16_queries`).
+
+        PREFETCH: the loop is pipelined by hand, in registers: while a tile is computed, the
+        next tile's K/V and the block ids of the tile after that are already being loaded.
+        (Triton's own pipelining of these gathers waits for every copy at the top of each
+        iteration, so a program's loads never overlap its math.)"""
         t = tl.arange(0, TILE)
-        for start in range(first_pos, end_pos, TILE):
-            pos = start + t
+        if PREFETCH:
+            pos = first_pos + t
             valid = pos < end_pos
             block_ids = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
-            offsets = block_ids * stride_kblock + (pos % BLOCK_SIZE) * stride_ktok + kv_head_offset
-            k = tl.load(k_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            if FP8:  # codes -> fp16 (one instruction per two) or the query's dtype; both exact
-                scale_offsets = block_ids * stride_sblock + (pos % BLOCK_SIZE) * stride_stok + scale_head_offset
-                k = k.to(q.dtype)
-            if IEEE:
-                scores = tl.dot(q, tl.trans(k), input_precision="ieee")
-            else:
-                scores = tl.dot(q, tl.trans(k))
-            if FP8:
-                k_scales = tl.load(ks_ptr + scale_offsets, mask=valid, other=0.0)
-                scores = scores * k_scales[None, :]
-            scores = tl.where(valid[None, :], scores * row_scale[:, None], float("-inf"))
-            v = tl.load(v_ptr + offsets[:, None] + d[None, :], mask=valid[:, None], other=0.0)
-            if FP8:
-                v_scales = tl.load(vs_ptr + scale_offsets, mask=valid, other=0.0)
-                if F16:  # the scale goes into p (p <= 1 here: synchronized softmax), codes to fp16
-                    v = v.to(tl.float16)
-                else:  # dequantized in fp32, then to the query's dtype (p may reach e^60 in unified mode)
-                    v = (v.to(tl.float32) * v_scales[:, None]).to(q.dtype)
-            if UNIFIED:
-                # No rescaling: every tile of every split subtracts the same phi. The max is
-                # kept only to detect rows that leave the safe window.
-                m_i = tl.maximum(m_i, tl.max(scores, 1))
-                p = tl.exp(scores - phi)
-                l_i += tl.sum(p, 1)
-                if IEEE:
-                    acc += tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    acc += tl.dot(p.to(v.dtype), v)
-            else:
-                m_new = tl.maximum(m_i, tl.max(scores, 1))
-                # A row that has seen only masked positions keeps max -inf; use 0 to avoid inf - inf.
-                m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-                p = tl.exp(scores - m_safe[:, None])
-                alpha = tl.exp(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                if F16:
-                    p = p * v_scales[None, :]
-                if IEEE:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-                else:
-                    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+            k, v, k_scales, v_scales = _load_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, block_ids, pos, valid,
+                                                  stride_kblock, stride_ktok, kv_head_offset, stride_sblock,
+                                                  stride_stok, scale_head_offset, HEAD_DIM, BLOCK_SIZE, FP8, V_WORDS)
+            next_pos = pos + TILE
+            next_valid = next_pos < end_pos
+            next_ids = tl.load(table_row_ptr + next_pos // BLOCK_SIZE, mask=next_valid, other=0)
+            for _ in range(first_pos, end_pos, TILE):
+                k_next, v_next, ks_next, vs_next = _load_tile(
+                    k_ptr, v_ptr, ks_ptr, vs_ptr, next_ids, next_pos, next_valid, stride_kblock, stride_ktok,
+                    kv_head_offset, stride_sblock, stride_stok, scale_head_offset, HEAD_DIM, BLOCK_SIZE, FP8, V_WORDS)
+                after_pos = next_pos + TILE
+                after_valid = after_pos < end_pos
+                after_ids = tl.load(table_row_ptr + after_pos // BLOCK_SIZE, mask=after_valid, other=0)
+                m_i, l_i, acc = _tile_update(q, row_scale, m_i, l_i, acc, k, v, k_scales, v_scales, valid, phi,
+                                             HEAD_DIM, TILE, IEEE, UNIFIED, FP8, F16, V_WORDS, ASM)
+                k, v, k_scales, v_scales, valid = k_next, v_next, ks_next, vs_next, next_valid
+                next_pos, next_valid, next_ids = after_pos, after_valid, after_ids
+        else:
+            for start in range(first_pos, end_pos, TILE):
+                pos = start + t
+                valid = pos < end_pos
+                block_ids = tl.load(table_row_ptr + pos // BLOCK_SIZE, mask=valid, other=0)
+                k, v, k_scales, v_scales = _load_tile(k_ptr, v_ptr, ks_ptr, vs_ptr, block_ids, pos, valid,
+                                                      stride_kblock, stride_ktok, kv_head_offset, stride_sblock,
+                                                      stride_stok, scale_head_offset, HEAD_DIM, BLOCK_SIZE, FP8,
+                                                      V_WORDS)
+                m_i, l_i, acc = _tile_update(q, row_scale, m_i, l_i, acc, k, v, k_scales, v_scales, valid, phi,
+                                             HEAD_DIM, TILE, IEEE, UNIFIED, FP8, F16, V_WORDS, ASM)
         return m_i, l_i, acc
 
     @triton.jit
@@ -163,6 +260,7 @@ if HAVE_TRITON:
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, UNIFIED: tl.constexpr,
         HAS_STARTS: tl.constexpr, HAS_WINDOW: tl.constexpr, FP8: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr,
+        PREFETCH: tl.constexpr, V_WORDS: tl.constexpr, ASM: tl.constexpr,
     ):
         if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
             tl.extra.cuda.gdc_launch_dependents()
@@ -192,7 +290,7 @@ if HAVE_TRITON:
         m_i, l_i, acc = _attend_tiles(q, row_scale, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr,
                                       tables_ptr + b * stride_tb, first, last, phi, stride_kblock, stride_ktok,
                                       kv_head * stride_khead, stride_sblock, stride_stok, kv_head * stride_shead,
-                                      HEAD_DIM, BLOCK_SIZE, TILE, IEEE, UNIFIED, FP8, F16)
+                                      HEAD_DIM, BLOCK_SIZE, TILE, IEEE, UNIFIED, FP8, F16, PREFETCH, V_WORDS, ASM)
         slot = split_offset + split
         out = acc_ptr + b * stride_ab + heads[:, None] * stride_ah + slot * stride_as + d[None, :]
         tl.store(out, acc, mask=head_ok[:, None])
@@ -211,7 +309,8 @@ if HAVE_TRITON:
         stride_mb, stride_mh,
         GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, MEMBERS: tl.constexpr, HEAD_DIM: tl.constexpr,
         BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, UNIFIED: tl.constexpr,
-        FP8: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr,
+        FP8: tl.constexpr, F16: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr, V_WORDS: tl.constexpr,
+        ASM: tl.constexpr,
     ):
         """All queries of one sample group against its shared prefix: one read of the prefix."""
         if PDL:  # kernels/pdl.py: let the next kernel launch now; wait for the previous one's writes
@@ -242,7 +341,7 @@ if HAVE_TRITON:
         m_i, l_i, acc = _attend_tiles(q, row_scale, m_i, l_i, acc, k_ptr, v_ptr, ks_ptr, vs_ptr,
                                       tables_ptr + first_row * stride_tb, first, last, phi, stride_kblock, stride_ktok,
                                       kv_head * stride_khead, stride_sblock, stride_stok, kv_head * stride_shead,
-                                      HEAD_DIM, BLOCK_SIZE, TILE, IEEE, UNIFIED, FP8, F16)
+                                      HEAD_DIM, BLOCK_SIZE, TILE, IEEE, UNIFIED, FP8, F16, PREFETCH, V_WORDS, ASM)
         out = acc_ptr + rows[:, None] * stride_ab + head[:, None] * stride_ah + split * stride_as + d[None, :]
         tl.store(out, acc, mask=ok[:, None])
         tl.store(max_ptr + rows * stride_mb + head * stride_mh + split, m_i, mask=ok)
@@ -416,7 +515,10 @@ def _decode(query, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale,
     query = query.contiguous()
     tables = block_tables[:batch]
     launch = pdl.kernel_args(device, batch)
-    tile_launch = dict(launch, num_warps=FP8_WARPS if fp8 else 4)  # the split and prefix kernels
+    prefetch = FP8_PREFETCH if fp8 else PREFETCH_16BIT
+    # The split and prefix kernels; a hand-pipelined loop needs no stages of Triton's.
+    tile_launch = dict(launch, num_warps=FP8_WARPS if fp8 else 4, PREFETCH=prefetch,
+                       V_WORDS=f16, ASM=use_asm(device), **({"num_stages": 1} if prefetch else {}))
 
     num_prefix_splits = 0
     if prefix is not None:

@@ -28,11 +28,10 @@ a tiling whose output disagrees with the twin before timing it.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from thinkwise.kernels import pdl
+from thinkwise.kernels.device_info import use_asm
 
 try:
     import triton
@@ -228,11 +227,6 @@ if triton is not None:
         if HAS_BIAS:
             result += tl.load(bias_ptr + rows).to(tl.float32)
         tl.store(out_ptr + row * stride_om + offs_n, result.to(out_ptr.dtype.element_ty), mask=offs_n < N)
-
-
-def use_asm(device: torch.device) -> bool:
-    """The PTX path on CUDA; the Triton-arithmetic path under the interpreter."""
-    return device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def int4_gemv_half2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
