@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import torch
 
 
 def e4m3(code: int) -> float:
@@ -40,14 +41,28 @@ def f32_bits(value) -> int:
     return int(np.array([value], dtype=np.float32).view(np.uint32)[0])
 
 
-def pairwise(a: int, b: int, c: int | None, op) -> int:
-    """An f16x2 instruction: `op` on the low halves and on the high halves, each rounded
-    once to fp16 (float64 holds these products and sums exactly)."""
+def bf16(bits: int) -> float:
+    return float(f32((bits & 0xFFFF) << 16))
+
+
+def bf16_bits(value: float) -> int:
+    """bf16 bits of a float64, rounded to nearest even once (torch rounds so)."""
+    return int(torch.tensor([value], dtype=torch.float64).to(torch.bfloat16).view(torch.int16)[0]) & 0xFFFF
+
+
+def pairwise(a: int, b: int, c: int | None, op, bf: bool = False) -> int:
+    """An f16x2 (bf: bf16x2) instruction: `op` on the low halves and on the high halves, each
+    rounded once (float64 holds these products and sums exactly)."""
     out = 0
     for shift in (0, 16):
-        x, y = float(f16(a >> shift)), float(f16(b >> shift))
-        z = None if c is None else float(f16(c >> shift))
-        out |= f16_bits(np.float16(op(x, y, z))) << shift
+        if bf:
+            x, y = bf16(a >> shift), bf16(b >> shift)
+            z = None if c is None else bf16(c >> shift)
+            out |= bf16_bits(op(x, y, z)) << shift
+        else:
+            x, y = float(f16(a >> shift)), float(f16(b >> shift))
+            z = None if c is None else float(f16(c >> shift))
+            out |= f16_bits(np.float16(op(x, y, z))) << shift
     return out
 
 
@@ -69,6 +84,11 @@ def run_ptx(asm: str, inputs: list[int], outputs: int) -> list[int]:
         if not line or line.startswith(".reg"):
             continue
         op, _, rest = line.partition(" ")
+        if op == "mov.b32" and rest.rstrip().endswith("}"):  # pack two 16-bit values: d = {low, high}
+            dst, _, pair = rest.partition(",")
+            low, high = (val(name) & 0xFFFF for name in pair.strip(" {}").split(","))
+            regs[dst.strip()] = low | (high << 16)
+            continue
         if op == "mov.b32" and rest.startswith("{"):
             pair, _, src = rest.partition("},")
             low, high = (name.strip() for name in pair.strip("{ ").split(","))
@@ -96,6 +116,12 @@ def run_ptx(asm: str, inputs: list[int], outputs: int) -> list[int]:
             result = pairwise(a[0], a[1], None, lambda x, y, _: x * y)
         elif op == "fma.rn.f16x2":
             result = pairwise(a[0], a[1], a[2], lambda x, y, z: x * y + z)
+        elif op == "sub.rn.bf16x2":
+            result = pairwise(a[0], a[1], None, lambda x, y, _: x - y, bf=True)
+        elif op == "fma.rn.bf16x2":
+            result = pairwise(a[0], a[1], a[2], lambda x, y, z: x * y + z, bf=True)
+        elif op == "cvt.rn.bf16x2.f32":  # d = {a (upper half), b (lower half)}
+            result = (bf16_bits(float(f32(a[0]))) << 16) | bf16_bits(float(f32(a[1])))
         elif op == "cvt.rn.f16x2.e4m3x2":  # two e4m3 codes (low byte -> low half) -> fp16, exact
             result = f16_bits(e4m3(a[0] & 0xFF)) | (f16_bits(e4m3((a[0] >> 8) & 0xFF)) << 16)
         elif op == "cvt.f32.f16":

@@ -83,7 +83,7 @@ def cache_writer(fp8: bool) -> bool:
 QUANT_PATHS = [(False, True, "plain"), (False, True, "x_pairs"), (True, True, "plain"), (True, True, "x_pairs"),
                (True, True, "word_sums"), (False, False, "plain"), (False, False, "magic"), (True, False, "plain"),
                (True, False, "magic"), (True, False, "split_k"), (True, True, "half2"),
-               (True, True, "half2_no_asm")]
+               (True, True, "half2_no_asm"), (True, False, "pairs"), (True, False, "pairs_split_k")]
 
 
 def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
@@ -92,8 +92,8 @@ def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
 
     types = {"x_ptr": "*i32" if variant.startswith(("x_pairs", "half2")) else "*bf16", "w_ptr": "*i32", "q_ptr": "*u8" if int4 else "*i8",
              "scale_ptr": "*bf16", "zero_ptr": "*bf16", "bias_ptr": "*bf16",
-             "out_ptr": "*fp32" if variant == "split_k" else "*bf16"}
-    common = dict(GROUP=128, INT4=int4, BLOCK_N=64 if not gemv else 8, HAS_BIAS=variant != "split_k", PDL=True)
+             "out_ptr": "*fp32" if variant.endswith("split_k") else "*bf16"}
+    common = dict(GROUP=128, INT4=int4, BLOCK_N=64 if not gemv else 8, HAS_BIAS=not variant.endswith("split_k"), PDL=True)
     if variant.startswith("half2"):  # the PTX fp16-pair decode, and its plain-Triton twin path
         kernel = compile_for_sm90(half2._int4_gemv_half2_kernel, types,
                                   dict(GROUP=128, BLOCK_N=16, BLOCK_K=1024, HAS_BIAS=True, PDL=True,
@@ -104,8 +104,9 @@ def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
                                                                       WORD_SUMS=variant == "word_sums"))
     else:
         kernel = compile_for_sm90(tqg._quant_gemm_kernel, types, dict(common, BLOCK_M=16, BLOCK_K=128, IEEE=False,
-                                                                      SPLIT_K=4 if variant == "split_k" else 1,
-                                                                      MAGIC=variant == "magic"))
+                                                                      SPLIT_K=4 if variant.endswith("split_k") else 1,
+                                                                      MAGIC=variant == "magic",
+                                                                      PAIRS=variant.startswith("pairs"), ASM=True))
     dequantize = compile_for_sm90(tqg._dequantize_kernel, types, dict(GROUP=128, INT4=int4, BLOCK_N=16,
                                                                       BLOCK_K=256, BF16=True))
     return kernel and dequantize

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,8 +12,9 @@ from thinkwise.kernels import triton_quant_gemm as tq
 from thinkwise.kernels.linear_methods.int4 import quantize_int4
 from thinkwise.kernels.linear_methods.int8 import quantize_int8
 from thinkwise.kernels.linear_methods.plans import planned_config
-from thinkwise.kernels.triton_quant_gemm import QuantGemmConfig, pack_int4, quant_gemm_reference, triton_quant_gemm, \
-    unpack_int4
+from thinkwise.kernels.triton_quant_gemm import QuantGemmConfig, dequantize_reference, pack_int4, \
+    quant_gemm_reference, triton_quant_gemm, unpack_int4
+from tests.ptx_evaluator import bf16, bf16_bits, run_ptx
 
 CUDA = torch.cuda.is_available()
 needs_triton = pytest.mark.skipif(not tq.HAVE_TRITON, reason="triton is not installed")
@@ -198,3 +200,82 @@ def test_dequantize_kernel_equals_the_twin_bit_for_bit(bits, group, dtype):
     got = tq.dequantize(q, scales, zeros, group or 384, dtype, use_triton=True)
     assert got.dtype == dtype and torch.equal(got, want)
     assert torch.equal(tq.dequantize(q, scales, zeros, group or 384, dtype, use_triton=False), want)
+
+
+# ----------------------------------------------------------------------------- bf16-pair int4 dot tiles
+
+
+def test_int4_word_to_bf16_ptx_every_code_in_every_nibble():
+    """The `pairs` tiles' PTX, run by the evaluator: eight codes of a word -> eight bf16
+    weights in k order, each (code - 8) * scale + zero rounded once."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        codes = [int(c) for c in rng.integers(0, 16, 8)]
+        codes[trial % 8] = trial % 16  # every code in every nibble
+        word = sum(c << (4 * j) for j, c in enumerate(codes))
+        scale, zero = (float(torch.tensor(v).bfloat16()) for v in rng.standard_normal(2) * 10.0 ** rng.integers(-4, 2))
+        got = run_ptx(tq.INT4_WORD_TO_BF16, [word, bf16_bits(scale), bf16_bits(zero)], 8)
+        for j, bits in enumerate(got):
+            assert bits == bf16_bits((codes[j] - 8) * scale + zero), (trial, j, bf16(bits))
+
+
+@needs_triton
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_pairs_dot_tiles_match_twin(group, split_k, monkeypatch):
+    """Weights decoded in bf16 pairs, then the dot: the twin with its weights rounded to bf16.
+    On the CPU the interpreter runs the same loads, decode arithmetic and k-order join with
+    fp32 x (its bf16 dot is broken), which the tiles take when PAIRS_DTYPES lets them."""
+    device = device_and_check()
+    if not CUDA:
+        monkeypatch.setattr(tq, "PAIRS_DTYPES", (torch.bfloat16, torch.float32))
+    dtype = torch.bfloat16 if CUDA else torch.float32
+    config = QuantGemmConfig(block_n=16, block_k=64, pairs=True, split_k=split_k)
+    assert config.name.endswith("_p2")
+    g = torch.Generator().manual_seed(group)
+    for m, n, k in [(17, 40, 4 * group), (3, 33, 2 * group)]:
+        codes, scales, zeros = quantize_int4(torch.randn(n, k, generator=g), group, torch.bfloat16)
+        q = pack_int4(codes)
+        x = torch.randn(m, k, generator=g).to(dtype)
+        bias = torch.randn(n, generator=g).to(dtype)
+        got = triton_quant_gemm(x.to(device), q.to(device), scales.to(device), zeros.to(device), bias.to(device),
+                                group, config).cpu()
+        weight = dequantize_reference(q, scales, zeros, group).to(torch.bfloat16).double()
+        want = torch.nn.functional.linear(x.double(), weight, bias.double())
+        assert rel_error(got, want) < (1e-2 if dtype == torch.bfloat16 else 1e-6), (m, n, k)
+
+
+@needs_triton
+def test_pairs_tiles_are_offered_only_for_int4_and_taken_only_for_bf16_x(monkeypatch):
+    from thinkwise.kernels.linear_methods.plans import quant_candidates
+
+    class Layer:
+        bias = None
+
+    q8 = torch.zeros(8, 64, dtype=torch.int8)
+    offered8 = quant_candidates(Layer(), 64, q8, torch.ones(8, 1), None, 64)
+    offered4 = quant_candidates(Layer(), 64, torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2),
+                                torch.zeros(8, 2), 32)
+    assert not any(c.pairs for c, _ in offered8.values())
+    assert any(c.pairs for c, _ in offered4.values())
+    assert tq.PAIRS_DTYPES == (torch.bfloat16,)  # fp32 x (LayerCast) keeps exact fp32 weights
+    seen = {}
+    real = tq._quant_gemm_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen["PAIRS"] = kwargs["PAIRS"]
+                if CUDA or os.environ.get("TRITON_INTERPRET") == "1":
+                    return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tq, "_quant_gemm_kernel", Spy())
+    if not tq.HAVE_TRITON:
+        return
+    codes, scales, zeros = quantize_int4(torch.randn(8, 64), 32, torch.float32)
+    config = QuantGemmConfig(block_n=16, block_k=64, pairs=True)
+    device = "cuda" if CUDA else "cpu"
+    triton_quant_gemm(torch.randn(16, 64, device=device), pack_int4(codes).to(device), scales.to(device),
+                      zeros.to(device), None, 32, config)
+    assert seen["PAIRS"] is False

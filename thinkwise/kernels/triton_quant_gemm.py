@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from thinkwise.kernels import pdl
+from thinkwise.kernels.device_info import use_asm
 from thinkwise.kernels.triton_int4_half2 import int4_gemv_half2
 
 try:
@@ -62,6 +63,41 @@ except ImportError:  # CPU-only installs: the PyTorch twin runs instead
     tl = None
 
 HAVE_TRITON = triton is not None
+
+# Eight int4 codes (one int32 word, k order: the low nibble of byte 0 first) -> eight bf16
+# weights (code - 8) * scale + zero ($0..$7, k order), for the `pairs` dot tiles. lop3 ORs two
+# nibbles (bits 0-3 and 16-19 after a shift) into the mantissas of two bf16 128s, giving
+# 128 + code exactly; one sub.bf16x2 leaves code - 8 and one fma.bf16x2 the weight, rounded
+# once. Two codes an instruction, against one for the fp32 decode. $9/$10: the word's group
+# scale and zero (bf16). sub.bf16x2 needs sm_90.
+INT4_WORD_TO_BF16 = """{
+.reg .b32 s2, z2, m, t, p0, p1, p2, p3;
+mov.b32 s2, {$9, $9};
+mov.b32 z2, {$10, $10};
+mov.b32 m, 0x43084308;
+lop3.b32 p0, $8, 0x000f000f, 0x43004300, 0xea;
+shr.u32 t, $8, 4;
+lop3.b32 p1, t, 0x000f000f, 0x43004300, 0xea;
+shr.u32 t, $8, 8;
+lop3.b32 p2, t, 0x000f000f, 0x43004300, 0xea;
+shr.u32 t, $8, 12;
+lop3.b32 p3, t, 0x000f000f, 0x43004300, 0xea;
+sub.rn.bf16x2 p0, p0, m;
+sub.rn.bf16x2 p1, p1, m;
+sub.rn.bf16x2 p2, p2, m;
+sub.rn.bf16x2 p3, p3, m;
+fma.rn.bf16x2 p0, p0, s2, z2;
+fma.rn.bf16x2 p1, p1, s2, z2;
+fma.rn.bf16x2 p2, p2, s2, z2;
+fma.rn.bf16x2 p3, p3, s2, z2;
+mov.b32 {$0, $4}, p0;
+mov.b32 {$1, $5}, p1;
+mov.b32 {$2, $6}, p2;
+mov.b32 {$3, $7}, p3;
+}"""
+# The x dtypes `pairs` dot tiles take: their weights are rounded to bf16, as a bf16 x's dot
+# rounds them anyway (an fp32 x, LayerCast, keeps exact fp32 weights on the other tiles).
+PAIRS_DTYPES = (torch.bfloat16,)
 DOT_MIN_ROWS = 16  # tl.dot needs every dimension >= 16
 GEMV_MAX_ROWS = 4
 MIN_INT4_BLOCK_K = 32
@@ -82,12 +118,13 @@ class QuantGemmConfig:
     magic_decode: bool = False  # dot tiles: codes to floats by the mantissa trick (as the GEMV), not a conversion
     split_k: int = 1  # dot tiles: K cut into this many slices, summed in a fixed order afterwards
     half2: bool = False  # int4 GEMV tiles, bf16 x: two codes per instruction in fp16 pairs (triton_int4_half2)
+    pairs: bool = False  # int4 dot tiles, bf16 x: codes dequantized two an instruction in bf16 pairs (PTX)
 
     @property
     def name(self) -> str:
         extra = (f"_sk{self.split_k}" if self.split_k > 1 else "") + ("_xp" if self.x_pairs else "") + \
             ("_mg" if self.magic_decode else "") + ("_ws" if self.word_sums else "") + \
-            ("_h2" if self.half2 else "")
+            ("_h2" if self.half2 else "") + ("_p2" if self.pairs else "")
         return f"{'dot' if self.use_dot else 'gemv'}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{extra}"
 
     def block_m(self, rows: int) -> int:
@@ -123,10 +160,39 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, max_rows=4096),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=4, num_stages=3, split_k=4),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, max_rows=4096),
+    QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, pairs=True),
+    QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, pairs=True),
+    QuantGemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, max_rows=4096, pairs=True),
+    QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, max_rows=4096, pairs=True),
 )
 
 
 if HAVE_TRITON:
+    _INT4_WORD_TO_BF16 = tl.constexpr(INT4_WORD_TO_BF16)
+
+    @triton.jit
+    def _int4_words_to_bf16(words, scale, zero, ASM: tl.constexpr):
+        """int32 words of eight int4 codes, with each word's group scale and zero (bf16, same
+        shape) -> the weights, bf16, with a new last axis of 8 in k order: by PTX on a GPU
+        (INT4_WORD_TO_BF16), by Triton arithmetic under the interpreter (which cannot run PTX;
+        its rounding done by hand, since the interpreter's cast to bf16 truncates)."""
+        if ASM:
+            w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
+                _INT4_WORD_TO_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [words, scale, zero],
+                dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        else:
+            scale32 = scale.to(tl.float32)
+            zero32 = zero.to(tl.float32)
+            w0 = _round_for_store((((words >> 0) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
+            w1 = _round_for_store((((words >> 4) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
+            w2 = _round_for_store((((words >> 8) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
+            w3 = _round_for_store((((words >> 12) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
+            w4 = _round_for_store((((words >> 16) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
+            w5 = _round_for_store((((words >> 20) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
+            w6 = _round_for_store((((words >> 24) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
+            w7 = _round_for_store((((words >> 28) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
+        # join adds a last axis; nested, element (i0, i1, i2) lands at 4 i0 + 2 i1 + i2
+        return tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
 
     @triton.jit
     def _decode_lane(words, j: tl.constexpr, INT4: tl.constexpr):
@@ -236,7 +302,7 @@ if HAVE_TRITON:
                            GROUP: tl.constexpr, INT4: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr,
-                           MAGIC: tl.constexpr):
+                           MAGIC: tl.constexpr, PAIRS: tl.constexpr = False, ASM: tl.constexpr = False):
         """BLOCK_M token rows (>= 16, padded) times BLOCK_N output rows on the tensor cores
         (FlashDecoding++'s flat GEMM, the weights as the wide side). The code bytes are
         loaded as they are stored and cast straight into the dot (int8), or split into the
@@ -257,6 +323,7 @@ if HAVE_TRITON:
         offs_b = tl.arange(0, BYTES)
         k_bytes = K // 2 if INT4 else K
         q_ptrs = q_ptr + rows[:, None] * stride_qn + offs_b[None, :]
+        q_words = q_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_qn // 4)  # PAIRS: int32 words
         x_ptrs = x_ptr + safe_m[None, :] * stride_xm
         if PDL:  # x is the previous kernel's output
             tl.extra.cuda.gdc_wait()
@@ -265,8 +332,29 @@ if HAVE_TRITON:
         k_start = pid_k * k_per_split
         for k in range(k_start, tl.minimum(K, k_start + k_per_split), BLOCK_K):
             b = k // 2 if INT4 else k
-            codes = tl.load(q_ptrs + b, mask=(b + offs_b < k_bytes)[None, :], other=0)
-            if INT4:
+            if PAIRS:  # the codes as int32 words (8 a word), decoded two an instruction
+                offs_word = tl.arange(0, BLOCK_K // 8)
+                codes = tl.load(q_words + k // 8 + offs_word[None, :], mask=(k // 8 + offs_word < K // 8)[None, :],
+                                other=0)
+            else:
+                codes = tl.load(q_ptrs + b, mask=(b + offs_b < k_bytes)[None, :], other=0)
+            if INT4 and PAIRS:
+                group = k // GROUP + tl.arange(0, BLOCK_K // GROUP)
+                where = rows[:, None] * stride_sn + group[None, :]
+                group_ok = (group < K // GROUP)[None, :]
+                shape: tl.constexpr = [BLOCK_N, BLOCK_K // GROUP, GROUP // 8]
+                scale = tl.load(scale_ptr + where, mask=group_ok, other=0.0).to(tl.bfloat16)
+                zero = tl.load(zero_ptr + where, mask=group_ok, other=0.0).to(tl.bfloat16)
+                scale = tl.broadcast_to(scale[:, :, None], shape)
+                zero = tl.broadcast_to(zero[:, :, None], shape)
+                w = tl.reshape(_int4_words_to_bf16(tl.reshape(codes, shape), scale, zero, ASM), [BLOCK_N, BLOCK_K])
+                kk = k + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptrs + kk[:, None], mask=(kk < K)[:, None], other=0.0)
+                if IEEE:
+                    acc = tl.dot(w.to(x.dtype), x, acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(w.to(x.dtype), x, acc)
+            elif INT4:
                 # One scale and zero per row and group, loaded once per tile and broadcast over
                 # the group's bytes; zero - 8 * scale folds the code offset in.
                 group = k // GROUP + tl.arange(0, BLOCK_K // GROUP)
@@ -423,6 +511,7 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
             k_per_split = -(-tiles // split) * block_k
             split = -(-k // k_per_split)
             grid = (-(-rows // block_m), -(-n // config.block_n), split)
+            common.update(PAIRS=config.pairs and int4 and x2.dtype in PAIRS_DTYPES, ASM=use_asm(x2.device))
             if split == 1:
                 _quant_gemm_kernel[grid](*tensors, k_per_split, 0, BLOCK_M=block_m, IEEE=x2.dtype == torch.float32,
                                          SPLIT_K=1, MAGIC=config.magic_decode, **common)

@@ -44,7 +44,7 @@ def quant_candidates(layer, rows: int, q, scales, zeros, group: int) -> dict[str
         return {}
     out = {}
     for config in tq.DEFAULT_CONFIGS:
-        if rows > config.max_rows or (config.half2 and zeros is None):  # half2: an int4-only GEMV
+        if rows > config.max_rows or ((config.half2 or config.pairs) and zeros is None):  # int4-only decodes
             continue
         out[f"triton:{config.name}"] = (
             config, lambda x, c=config: tq.triton_quant_gemm(x, q, scales, zeros, layer.bias, group, c))
