@@ -109,6 +109,10 @@ def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
                                                                       PAIRS=variant.startswith("pairs"), ASM=True))
     dequantize = compile_for_sm90(tqg._dequantize_kernel, types, dict(GROUP=128, INT4=int4, BLOCK_N=16,
                                                                       BLOCK_K=256, BF16=True))
+    if variant.endswith("split_k"):  # the slices' sum
+        kernel = kernel and compile_for_sm90(tqg._sum_splits_kernel, {"partial_ptr": "*fp32", "bias_ptr": "*bf16",
+                                                                      "out_ptr": "*bf16"},
+                                             dict(SPLIT=4, HAS_BIAS=True, BLOCK=1024, PDL=True))
     return kernel and dequantize
 
 

@@ -156,11 +156,13 @@ def test_int4_wider_groups_match_twin(group):
 
 
 @needs_triton
+@pytest.mark.parametrize("sum_block", [1024, 64])  # the slices' sum in one program, or several and a tail
 @pytest.mark.parametrize("bits", [8, 4])
-def test_split_k_matches_twin_and_adds_the_bias_once(bits):
+def test_split_k_matches_twin_and_adds_the_bias_once(bits, sum_block, monkeypatch):
     """K cut into slices (uneven: 8 tiles over 3 slices) summed afterwards: equal to the twin,
     with the bias added once (not once per slice) and the same bits on a second call."""
     device = device_and_check()
+    monkeypatch.setattr(tq, "SUM_BLOCK", sum_block)
     g = torch.Generator().manual_seed(2)
     w = torch.randn(40, 512, generator=g)
     x = torch.randn(5, 512, generator=g)

@@ -101,6 +101,7 @@ PAIRS_DTYPES = (torch.bfloat16,)
 DOT_MIN_ROWS = 16  # tl.dot needs every dimension >= 16
 GEMV_MAX_ROWS = 4
 MIN_INT4_BLOCK_K = 32
+SUM_BLOCK = 1024  # outputs per program of the split-K sum
 
 
 @dataclass(frozen=True)
@@ -393,6 +394,22 @@ if HAVE_TRITON:
 if HAVE_TRITON:
 
     @triton.jit
+    def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, total, n, stride_split,
+                           SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """out (contiguous [rows, n]) = the split-K slices of `partial` summed in order, + bias."""
+        if PDL:  # the partials are the previous kernel's output
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < total
+        acc = tl.load(partial_ptr + offs, mask=mask, other=0.0)
+        for s in tl.static_range(1, SPLIT):
+            acc += tl.load(partial_ptr + s * stride_split + offs, mask=mask, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs % n, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _round_for_store(w, BF16: tl.constexpr):
         """fp32 weights rounded (to nearest even) onto bf16's grid, still fp32, so the store's
         conversion is exact: the GPU rounds so itself, the Triton interpreter truncates."""
@@ -520,10 +537,11 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
                 _quant_gemm_kernel[grid](*tensors[:5], partial, *tensors[6:12], partial.stride(1), k_per_split,
                                          partial.stride(0), BLOCK_M=block_m, IEEE=x2.dtype == torch.float32,
                                          SPLIT_K=split, MAGIC=config.magic_decode, **common)
-                total = partial.sum(dim=0)  # a fixed-order reduction: deterministic
-                if bias is not None:
-                    total += bias
-                out.copy_(total)
+                # The slices summed in a fixed order (deterministic), the bias added and the
+                # result cast, in one launch.
+                _sum_splits_kernel[(-(-rows * n // SUM_BLOCK),)](
+                    partial, bias if bias is not None else out, out, rows * n, n, partial.stride(0), SPLIT=split,
+                    HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK, **pdl.kernel_args(x2.device, rows))
         elif config.half2 and int4 and x2.dtype == torch.bfloat16 and _int32_pairs_ok(x2):
             int4_gemv_half2(x2, words, scales, zeros, bias, out, group, config.block_n, block_k, config.num_warps,
                             config.num_stages)
