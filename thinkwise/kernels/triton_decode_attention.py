@@ -43,6 +43,18 @@ on a GPU, a warning says so and the conversion path runs: codes to the query's d
 value tile dequantized in fp32 (fp32 queries always take it). Splits, cascade and windows
 are unchanged. Loading fp8 needs sm_89+ (the engine refuses fp8 KV on older GPUs); the
 Triton interpreter handles it on CPU.
+
+How the fp8 tiles are fed. Triton's own pipelining of these gathered loads waits for every
+copy at the top of each iteration (sm_90 SASS: `DEPBAR.LE SB0, 0x0`), so a program's loads
+never overlap its math; bf16 hides that behind four programs an SM, but the fp8 tiles carry
+more math per byte. So for fp8 (`FP8_PREFETCH`) the loop is pipelined by hand in registers:
+while one tile is computed, the next tile's K/V and the block ids of the tile after are in
+flight. And the fp16 path loads V as int32 words of four codes, converted by PTX
+(`E4M3X4_TO_F16`, `cvt.rn.f16x2.e4m3x2`) and joined back into order: converting the codes
+themselves, Triton moves them into the P.V dot's (transposed) operand layout first, one
+shared-memory byte load per code; converted in the load's layout, V reaches the dot through
+`ldmatrix.trans` as bf16 does. Under the interpreter the same words are converted by Triton
+arithmetic.
 """
 
 from __future__ import annotations
