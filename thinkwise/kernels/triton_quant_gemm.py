@@ -339,34 +339,25 @@ if HAVE_TRITON:
                                 other=0)
             else:
                 codes = tl.load(q_ptrs + b, mask=(b + offs_b < k_bytes)[None, :], other=0)
-            if INT4 and PAIRS:
-                group = k // GROUP + tl.arange(0, BLOCK_K // GROUP)
-                where = rows[:, None] * stride_sn + group[None, :]
-                group_ok = (group < K // GROUP)[None, :]
-                shape: tl.constexpr = [BLOCK_N, BLOCK_K // GROUP, GROUP // 8]
-                scale = tl.load(scale_ptr + where, mask=group_ok, other=0.0).to(tl.bfloat16)
-                zero = tl.load(zero_ptr + where, mask=group_ok, other=0.0).to(tl.bfloat16)
-                scale = tl.broadcast_to(scale[:, :, None], shape)
-                zero = tl.broadcast_to(zero[:, :, None], shape)
-                w = tl.reshape(_int4_words_to_bf16(tl.reshape(codes, shape), scale, zero, ASM), [BLOCK_N, BLOCK_K])
-                kk = k + tl.arange(0, BLOCK_K)
-                x = tl.load(x_ptrs + kk[:, None], mask=(kk < K)[:, None], other=0.0)
-                if IEEE:
-                    acc = tl.dot(w.to(x.dtype), x, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(w.to(x.dtype), x, acc)
-            elif INT4:
+            if INT4:
                 # One scale and zero per row and group, loaded once per tile and broadcast over
-                # the group's bytes; zero - 8 * scale folds the code offset in.
+                # the group's codes.
                 group = k // GROUP + tl.arange(0, BLOCK_K // GROUP)
                 where = rows[:, None] * stride_sn + group[None, :]
                 group_ok = (group < K // GROUP)[None, :]
-                scale = tl.load(scale_ptr + where, mask=group_ok, other=0.0).to(tl.float32)[:, :, None]
-                zero = tl.load(zero_ptr + where, mask=group_ok, other=0.0).to(tl.float32)[:, :, None] - 8.0 * scale
-                grouped = tl.reshape(codes, [BLOCK_N, BLOCK_K // GROUP, GROUP // 2])
-                # The two nibble planes joined back into k order: one dot on a plain x tile.
-                w = tl.reshape(tl.join(_nibble(grouped, 0, MAGIC) * scale + zero,
-                                       _nibble(grouped, 4, MAGIC) * scale + zero), [BLOCK_N, BLOCK_K])
+                scale = tl.load(scale_ptr + where, mask=group_ok, other=0.0)[:, :, None]
+                zero = tl.load(zero_ptr + where, mask=group_ok, other=0.0)[:, :, None]
+                if PAIRS:
+                    shape: tl.constexpr = [BLOCK_N, BLOCK_K // GROUP, GROUP // 8]
+                    w = _int4_words_to_bf16(tl.reshape(codes, shape), tl.broadcast_to(scale.to(tl.bfloat16), shape),
+                                            tl.broadcast_to(zero.to(tl.bfloat16), shape), ASM)
+                else:
+                    scale = scale.to(tl.float32)
+                    zero = zero.to(tl.float32) - 8.0 * scale  # the code offset folded in
+                    grouped = tl.reshape(codes, [BLOCK_N, BLOCK_K // GROUP, GROUP // 2])
+                    # The two nibble planes joined back into k order: one dot on a plain x tile.
+                    w = tl.join(_nibble(grouped, 0, MAGIC) * scale + zero, _nibble(grouped, 4, MAGIC) * scale + zero)
+                w = tl.reshape(w, [BLOCK_N, BLOCK_K])
                 kk = k + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptrs + kk[:, None], mask=(kk < K)[:, None], other=0.0)
                 if IEEE:
