@@ -117,7 +117,7 @@ def main() -> None:
                     passes_q = max(1, min(math.ceil(GRAPH_BYTES / (copies * nbytes)), MAX_GRAPH_CALLS // copies))
                     timings = {}
                     for config in configs:
-                        if (config.word_sums or config.half2 or config.pairs) and method == "int8":
+                        if (config.word_sums or config.half2 or config.bf16_pairs) and method == "int8":
                             continue  # an int4-only variant
                         if rows > config.max_rows or (not config.use_dot and rows > tq.GEMV_MAX_ROWS):
                             continue

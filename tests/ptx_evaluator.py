@@ -7,6 +7,7 @@ and compare them with exact arithmetic. It knows only the instructions the block
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -46,8 +47,14 @@ def bf16(bits: int) -> float:
 
 
 def bf16_bits(value: float) -> int:
-    """bf16 bits of a float64, rounded to nearest even once (torch rounds so)."""
-    return int(torch.tensor([value], dtype=torch.float64).to(torch.bfloat16).view(torch.int16)[0]) & 0xFFFF
+    """bf16 bits of a float64, rounded to nearest even once (torch would round twice, through
+    float32). Finite values within bf16's range only; subnormals keep bf16's 2^-133 step."""
+    if value == 0:
+        return 0x8000 if math.copysign(1.0, value) < 0 else 0
+    _, exponent = math.frexp(value)  # |value| in [2^(exponent-1), 2^exponent)
+    step = 2.0 ** (max(exponent - 1, -126) - 7)  # bf16 keeps 8 significant bits
+    rounded = round(value / step) * step  # exact scaling; round() breaks ties to even
+    return int(torch.tensor([rounded], dtype=torch.float32).to(torch.bfloat16).view(torch.int16)[0]) & 0xFFFF
 
 
 def pairwise(a: int, b: int, c: int | None, op, bf: bool = False) -> int:
@@ -120,8 +127,6 @@ def run_ptx(asm: str, inputs: list[int], outputs: int) -> list[int]:
             result = pairwise(a[0], a[1], None, lambda x, y, _: x - y, bf=True)
         elif op == "fma.rn.bf16x2":
             result = pairwise(a[0], a[1], a[2], lambda x, y, z: x * y + z, bf=True)
-        elif op == "cvt.rn.bf16x2.f32":  # d = {a (upper half), b (lower half)}
-            result = (bf16_bits(float(f32(a[0]))) << 16) | bf16_bits(float(f32(a[1])))
         elif op == "cvt.rn.f16x2.e4m3x2":  # two e4m3 codes (low byte -> low half) -> fp16, exact
             result = f16_bits(e4m3(a[0] & 0xFF)) | (f16_bits(e4m3((a[0] >> 8) & 0xFF)) << 16)
         elif op == "cvt.f32.f16":

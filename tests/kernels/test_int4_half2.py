@@ -2,9 +2,9 @@
 CPU, and the kernel (interpreter path on CPU, PTX path on a GPU) against the twin.
 
 The PTX blocks cannot run under the Triton interpreter, and the lent GPU is not always there,
-so the two asm strings are executed here instruction by instruction (fp16 and fp32 rounding
-through NumPy) and compared with exact arithmetic: a wrong magic constant, lop3 table, pair
-order or shift fails these tests without a GPU.
+so the two asm strings are executed instruction by instruction by `tests/ptx_evaluator.py`
+(fp16 and fp32 rounding through NumPy) and compared with exact arithmetic: a wrong magic
+constant, lop3 table, pair order or shift fails these tests without a GPU.
 """
 
 from __future__ import annotations
@@ -19,14 +19,13 @@ from thinkwise.kernels import triton_int4_half2 as h2
 from thinkwise.kernels import triton_quant_gemm as tq
 from thinkwise.kernels.linear_methods.int4 import quantize_int4
 from thinkwise.kernels.triton_quant_gemm import QuantGemmConfig, pack_int4, quant_gemm_reference, triton_quant_gemm
-from tests.ptx_evaluator import f16, f16_bits, f32, run_ptx
+from tests.ptx_evaluator import bf16_bits, f16, f16_bits, f32, run_ptx
 
 CUDA = torch.cuda.is_available()
 
 
 def bf16_pair(low: float, high: float) -> int:
-    bits = torch.tensor([low, high], dtype=torch.bfloat16).view(torch.int16).to(torch.int32) & 0xFFFF
-    return int(bits[0]) | (int(bits[1]) << 16)
+    return bf16_bits(low) | (bf16_bits(high) << 16)
 
 
 @pytest.mark.parametrize("magnitude", [1.0, 1e-3, 3e3, 2e5])

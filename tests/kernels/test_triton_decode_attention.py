@@ -313,6 +313,35 @@ def test_fp8_fp16_path_for_16_bit_queries_in_interpreter(dtype, unified, pipelin
     expected = decode_attention(q, kf, vf, tables, lens, int(lens.max()), 0.25)
     got = tda.triton_decode_attention(q.to(dtype), kf, vf, tables, lens, int(lens.max()), 0.25, prefix=prefix)
     assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
+    assert tda._fp16_path_failure is None  # the fp16 path itself ran, not the conversion path after a failure
+
+
+def test_fp8_v_codes_are_read_as_words_only_when_aligned(monkeypatch):
+    """The fp16 path reads V codes as int32 words only from a 4-byte-aligned cache; codes at
+    an odd address take the byte loads, with the same results."""
+    interpreter_only()
+    q, k, v, tables, seq_lens = make_case(3, 4, 2, 16, 4, [1, 37, 70], torch.float32, "cpu")
+    kf, vf = fp8_caches(k, v)
+    expected = decode_attention(q, kf, vf, tables, seq_lens, 70, 0.25)
+    storage = torch.zeros(vf.codes.numel() + 1, dtype=torch.uint8)
+    storage[1:] = vf.codes.view(torch.uint8).flatten()
+    odd = FP8KVCache(storage[1:].view(vf.codes.shape).view(torch.float8_e4m3fn), vf.scales)
+    assert odd.codes.data_ptr() % 4
+    real, seen = tda._decode_split_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["V_WORDS"])
+                return real[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tda, "_decode_split_kernel", Spy())
+    for cache, words in ((vf, True), (odd, False)):
+        got = tda.triton_decode_attention(q.bfloat16(), kf, cache, tables, seq_lens, 70, 0.25)
+        assert seen[-1] is words
+        assert ((got.float() - expected).norm() / expected.norm()).item() < 1e-2
+    assert tda._fp16_path_failure is None
 
 
 def test_e4m3_decoder_of_the_evaluator_matches_torch():
@@ -323,7 +352,9 @@ def test_e4m3_decoder_of_the_evaluator_matches_torch():
 
 def test_e4m3_to_fp16_ptx_every_code_in_every_byte():
     """The GPU path's PTX (four codes of a word -> four fp16, in memory order), run by the
-    evaluator: every code in every byte position, beside random neighbours."""
+    evaluator: every code in every byte position, beside random neighbours. The evaluator's
+    model of cvt's lane order (low byte -> low half) is checked against silicon only by the
+    GPU tests."""
     rng = np.random.default_rng(0)
     for code in range(256):
         for position in range(4):

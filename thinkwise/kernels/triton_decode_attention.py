@@ -82,7 +82,8 @@ HAVE_TRITON = triton is not None
 UNIFIED_WINDOW = {torch.float32: (-60.0, 60.0), torch.bfloat16: (-60.0, 60.0), torch.float16: (-8.0, 10.0)}
 # fp8 caches: context positions per tile (a tile reads TILE x head_dim bytes of K and of V) and
 # warps per program of the split and prefix kernels. Not tuned: on an H100 the fp8 kernel with
-# these takes 948.5 us at batch 64 x 8k against bf16's 832.0 (benchmarks/gpu_attention.py --fp8).
+# these took 948.5 us at batch 64 x 8k against bf16's 832.0 (benchmarks/gpu_attention.py --fp8)
+# before the loop was pipelined by hand and V converted in the load layout (not yet timed).
 FP8_TILE = 32
 FP8_WARPS = 4
 # Whether the split and prefix kernels pipeline their tile loop by hand, in registers
@@ -529,8 +530,11 @@ def _decode(query, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale,
     launch = pdl.kernel_args(device, batch)
     prefetch = FP8_PREFETCH if fp8 else PREFETCH_16BIT
     # The split and prefix kernels; a hand-pipelined loop needs no stages of Triton's.
+    # V as int32 words needs 4-byte-aligned rows: a base and strides the word loads can divide.
+    v_words = f16 and v_cache.data_ptr() % 4 == 0 and all(stride % 4 == 0 for stride in k_cache.stride()[:3]) \
+        and head_dim % 4 == 0
     tile_launch = dict(launch, num_warps=FP8_WARPS if fp8 else 4, PREFETCH=prefetch,
-                       V_WORDS=f16, ASM=use_asm(device), **({"num_stages": 1} if prefetch else {}))
+                       V_WORDS=v_words, ASM=use_asm(device), **({"num_stages": 1} if prefetch else {}))
 
     num_prefix_splits = 0
     if prefix is not None:

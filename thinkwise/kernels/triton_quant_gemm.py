@@ -19,9 +19,13 @@ them into `tl.dot` (int4: the low- and high-nibble planes dequantized, then join
 k order for one dot on a plain x tile), so Triton's pipeliner stages the weight and x loads
 like a 16-bit GEMM's (asynchronous copies on sm_90; the older form, a dot per nibble plane
 against the even and the odd inputs, read x with strided 16-bit loads that nothing staged:
-~9.8 SASS instructions a weight against ~7.0, and 1.3-3.5x slower on an H100); a
-split-K variant gives long-K, small-N shapes enough programs and sums its slices in a fixed
-order (deterministic, unlike atomics). Under PDL (`pdl`) the GEMV loads its first weight
+~9.8 SASS instructions a weight against ~7.0, and 1.3-3.5x slower on an H100). Its
+`bf16_pairs` tiles (int4, bf16 x) load the codes as int32 words instead and dequantize two
+an instruction in bf16 pairs by PTX (`INT4_WORD_TO_BF16`: ~1.9 instructions a weight for the
+decode, ~6.0 a weight for the whole loop against ~7.0); they join the start-up table as `_p2`
+tilings, not yet timed on a GPU. A split-K variant gives long-K, small-N shapes enough
+programs; one more kernel sums its slices in a fixed order (deterministic, unlike atomics),
+adds the bias and casts. Under PDL (`pdl`) the GEMV loads its first weight
 tile before waiting for the previous kernel. The twin is `quant_gemm_reference`
 (dequantize, then `F.linear`); the dispatch table in `linear_dispatch` times these tilings
 against dequantize-then-cuBLAS per shape and M.
@@ -42,7 +46,7 @@ per instruction in fp16 pairs, ~3.2 SASS instructions a weight instead of ~8) wi
 shape: Llama-3-8B int4-g128 at one row 2.16-3.60x bf16 cuBLAS (1.42-2.42 TB/s; the best plain
 GEMV 2.0-2.8x slower in the same run), Qwen3-0.6B int4-g32 1.77-3.02x; the k-order dot tiles
 at 64 rows 0.69-1.42x bf16 (0.47-0.96 TB/s; the per-plane form 1.3-3.5x slower in the same
-run). Next: wgmma-sized tiles that decode two codes an instruction for batch 64.
+run).
 """
 
 from __future__ import annotations
@@ -67,14 +71,15 @@ HAVE_TRITON = triton is not None
 # Eight int4 codes (one int32 word, k order: the low nibble of byte 0 first) -> eight bf16
 # weights (code - 8) * scale + zero ($0..$7, k order), for the `pairs` dot tiles. lop3 ORs two
 # nibbles (bits 0-3 and 16-19 after a shift) into the mantissas of two bf16 128s, giving
-# 128 + code exactly; one sub.bf16x2 leaves code - 8 and one fma.bf16x2 the weight, rounded
-# once. Two codes an instruction, against one for the fp32 decode. $9/$10: the word's group
-# scale and zero (bf16). sub.bf16x2 needs sm_90.
+# 128 + code exactly; one fma.bf16x2 (x 1 - 136, exact; sub.bf16x2 would need sm_90) leaves
+# code - 8 and another the weight, rounded once. Two codes an instruction, against one for the
+# fp32 decode. $9/$10: the word's group scale and zero (bf16). sm_80+.
 INT4_WORD_TO_BF16 = """{
-.reg .b32 s2, z2, m, t, p0, p1, p2, p3;
+.reg .b32 s2, z2, one, m, t, p0, p1, p2, p3;
 mov.b32 s2, {$9, $9};
 mov.b32 z2, {$10, $10};
-mov.b32 m, 0x43084308;
+mov.b32 one, 0x3f803f80;
+mov.b32 m, 0xc308c308;
 lop3.b32 p0, $8, 0x000f000f, 0x43004300, 0xea;
 shr.u32 t, $8, 4;
 lop3.b32 p1, t, 0x000f000f, 0x43004300, 0xea;
@@ -82,10 +87,10 @@ shr.u32 t, $8, 8;
 lop3.b32 p2, t, 0x000f000f, 0x43004300, 0xea;
 shr.u32 t, $8, 12;
 lop3.b32 p3, t, 0x000f000f, 0x43004300, 0xea;
-sub.rn.bf16x2 p0, p0, m;
-sub.rn.bf16x2 p1, p1, m;
-sub.rn.bf16x2 p2, p2, m;
-sub.rn.bf16x2 p3, p3, m;
+fma.rn.bf16x2 p0, p0, one, m;
+fma.rn.bf16x2 p1, p1, one, m;
+fma.rn.bf16x2 p2, p2, one, m;
+fma.rn.bf16x2 p3, p3, one, m;
 fma.rn.bf16x2 p0, p0, s2, z2;
 fma.rn.bf16x2 p1, p1, s2, z2;
 fma.rn.bf16x2 p2, p2, s2, z2;
@@ -119,13 +124,13 @@ class QuantGemmConfig:
     magic_decode: bool = False  # dot tiles: codes to floats by the mantissa trick (as the GEMV), not a conversion
     split_k: int = 1  # dot tiles: K cut into this many slices, summed in a fixed order afterwards
     half2: bool = False  # int4 GEMV tiles, bf16 x: two codes per instruction in fp16 pairs (triton_int4_half2)
-    pairs: bool = False  # int4 dot tiles, bf16 x: codes dequantized two an instruction in bf16 pairs (PTX)
+    bf16_pairs: bool = False  # int4 dot tiles, bf16 x: codes dequantized two an instruction in bf16 pairs (PTX)
 
     @property
     def name(self) -> str:
         extra = (f"_sk{self.split_k}" if self.split_k > 1 else "") + ("_xp" if self.x_pairs else "") + \
             ("_mg" if self.magic_decode else "") + ("_ws" if self.word_sums else "") + \
-            ("_h2" if self.half2 else "") + ("_p2" if self.pairs else "")
+            ("_h2" if self.half2 else "") + ("_p2" if self.bf16_pairs else "")
         return f"{'dot' if self.use_dot else 'gemv'}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{extra}"
 
     def block_m(self, rows: int) -> int:
@@ -142,7 +147,9 @@ class QuantGemmConfig:
 # row: its decode is bound by instruction issue on the CUDA cores; the half2 GEMVs decode two
 # codes an instruction, ~3 instructions a weight against ~8), split-K tiles for long-K,
 # small-N shapes at batch sizes where 64-row tiles leave SMs idle, and wide tiles for
-# prefill-sized M (compared there against dequantize + cuBLAS).
+# prefill-sized M (compared there against dequantize + cuBLAS). The four `bf16_pairs` tilings
+# (int4 only) copy the int4 winners' shapes and have not been timed on a GPU yet: the table
+# keeps them only where they measure faster.
 DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=16, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4),
     QuantGemmConfig(block_n=8, block_k=1024, num_warps=8, num_stages=2, use_dot=False, max_rows=4),
@@ -161,10 +168,10 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, max_rows=4096),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=4, num_stages=3, split_k=4),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, max_rows=4096),
-    QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, pairs=True),
-    QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, pairs=True),
-    QuantGemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, max_rows=4096, pairs=True),
-    QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, max_rows=4096, pairs=True),
+    QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, bf16_pairs=True),
+    QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True),
+    QuantGemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, max_rows=4096, bf16_pairs=True),
+    QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, max_rows=4096, bf16_pairs=True),
 )
 
 
@@ -175,23 +182,25 @@ if HAVE_TRITON:
     def _int4_words_to_bf16(words, scale, zero, ASM: tl.constexpr):
         """int32 words of eight int4 codes, with each word's group scale and zero (bf16, same
         shape) -> the weights, bf16, with a new last axis of 8 in k order: by PTX on a GPU
-        (INT4_WORD_TO_BF16), by Triton arithmetic under the interpreter (which cannot run PTX;
-        its rounding done by hand, since the interpreter's cast to bf16 truncates)."""
+        (INT4_WORD_TO_BF16), by Triton arithmetic under the interpreter (which cannot run PTX)."""
         if ASM:
             w0, w1, w2, w3, w4, w5, w6, w7 = tl.inline_asm_elementwise(
                 _INT4_WORD_TO_BF16, "=h,=h,=h,=h,=h,=h,=h,=h,r,h,h", [words, scale, zero],
                 dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
         else:
+            # (code - 8) * scale + zero in fp32, then rounded to bf16 by hand (the interpreter's
+            # cast truncates); it can differ from the PTX's single bf16 rounding by an ulp when
+            # |zero| dwarfs |scale|, so only this path is compared with the twin on the CPU.
             scale32 = scale.to(tl.float32)
             zero32 = zero.to(tl.float32)
-            w0 = _round_for_store((((words >> 0) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
-            w1 = _round_for_store((((words >> 4) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
-            w2 = _round_for_store((((words >> 8) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
-            w3 = _round_for_store((((words >> 12) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
-            w4 = _round_for_store((((words >> 16) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
-            w5 = _round_for_store((((words >> 20) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
-            w6 = _round_for_store((((words >> 24) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
-            w7 = _round_for_store((((words >> 28) & 15) - 8).to(tl.float32) * scale32 + zero32, True).to(tl.bfloat16)
+            w0 = _round_for_store(_decode_lane(words, 0, True) * scale32 + zero32, True).to(tl.bfloat16)
+            w1 = _round_for_store(_decode_lane(words, 1, True) * scale32 + zero32, True).to(tl.bfloat16)
+            w2 = _round_for_store(_decode_lane(words, 2, True) * scale32 + zero32, True).to(tl.bfloat16)
+            w3 = _round_for_store(_decode_lane(words, 3, True) * scale32 + zero32, True).to(tl.bfloat16)
+            w4 = _round_for_store(_decode_lane(words, 4, True) * scale32 + zero32, True).to(tl.bfloat16)
+            w5 = _round_for_store(_decode_lane(words, 5, True) * scale32 + zero32, True).to(tl.bfloat16)
+            w6 = _round_for_store(_decode_lane(words, 6, True) * scale32 + zero32, True).to(tl.bfloat16)
+            w7 = _round_for_store(_decode_lane(words, 7, True) * scale32 + zero32, True).to(tl.bfloat16)
         # join adds a last axis; nested, element (i0, i1, i2) lands at 4 i0 + 2 i1 + i2
         return tl.join(tl.join(tl.join(w0, w4), tl.join(w2, w6)), tl.join(tl.join(w1, w5), tl.join(w3, w7)))
 
@@ -309,7 +318,8 @@ if HAVE_TRITON:
         loaded as they are stored and cast straight into the dot (int8), or split into the
         low- and high-nibble planes and dequantized (int4), then joined back into k order for
         one dot against a contiguous x tile, so Triton's pipeliner stages the weight and x
-        loads like a 16-bit GEMM's. With SPLIT_K > 1, program (m, n, s) covers
+        loads like a 16-bit GEMM's. With PAIRS (int4) the codes come as int32 words,
+        dequantized in bf16 pairs (`_int4_words_to_bf16`) and joined into k order the same way. With SPLIT_K > 1, program (m, n, s) covers
         k in [s * k_per_split, (s + 1) * k_per_split) and stores its float32 partial sums
         at out + s * stride_split (no bias); the caller adds the slices in a fixed order, so
         results do not depend on scheduling, as atomics would."""
@@ -385,7 +395,7 @@ if HAVE_TRITON:
 if HAVE_TRITON:
 
     @triton.jit
-    def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, total, n, stride_split,
+    def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, total, n, stride_split, stride_bias,
                            SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out (contiguous [rows, n]) = the split-K slices of `partial` summed in order, + bias."""
         if PDL:  # the partials are the previous kernel's output
@@ -397,7 +407,7 @@ if HAVE_TRITON:
         for s in tl.static_range(1, SPLIT):
             acc += tl.load(partial_ptr + s * stride_split + offs, mask=mask, other=0.0)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs % n, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.load(bias_ptr + (offs % n) * stride_bias, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -519,7 +529,7 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
             k_per_split = -(-tiles // split) * block_k
             split = -(-k // k_per_split)
             grid = (-(-rows // block_m), -(-n // config.block_n), split)
-            common.update(PAIRS=config.pairs and int4 and x2.dtype in PAIRS_DTYPES, ASM=use_asm(x2.device))
+            common.update(PAIRS=config.bf16_pairs and int4 and x2.dtype in PAIRS_DTYPES, ASM=use_asm(x2.device))
             if split == 1:
                 _quant_gemm_kernel[grid](*tensors, k_per_split, 0, BLOCK_M=block_m, IEEE=x2.dtype == torch.float32,
                                          SPLIT_K=1, MAGIC=config.magic_decode, **common)
@@ -531,7 +541,8 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
                 # The slices summed in a fixed order (deterministic), the bias added and the
                 # result cast, in one launch.
                 _sum_splits_kernel[(-(-rows * n // SUM_BLOCK),)](
-                    partial, bias if bias is not None else out, out, rows * n, n, partial.stride(0), SPLIT=split,
+                    partial, bias if bias is not None else out, out, rows * n, n, partial.stride(0),
+                    bias.stride(0) if bias is not None else 0, SPLIT=split,
                     HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK, **pdl.kernel_args(x2.device, rows))
         elif config.half2 and int4 and x2.dtype == torch.bfloat16 and _int32_pairs_ok(x2):
             int4_gemv_half2(x2, words, scales, zeros, bias, out, group, config.block_n, block_k, config.num_warps,

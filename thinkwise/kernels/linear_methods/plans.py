@@ -44,7 +44,9 @@ def quant_candidates(layer, rows: int, q, scales, zeros, group: int) -> dict[str
         return {}
     out = {}
     for config in tq.DEFAULT_CONFIGS:
-        if rows > config.max_rows or ((config.half2 or config.pairs) and zeros is None):  # int4-only decodes
+        if rows > config.max_rows or ((config.half2 or config.bf16_pairs) and zeros is None):  # int4-only decodes
+            continue
+        if config.bf16_pairs and scales.dtype not in tq.PAIRS_DTYPES:  # a model in another dtype: a duplicate
             continue
         out[f"triton:{config.name}"] = (
             config, lambda x, c=config: tq.triton_quant_gemm(x, q, scales, zeros, layer.bias, group, c))
