@@ -48,7 +48,9 @@ How the tiles are fed. Triton's own pipelining of these gathered loads waits for
 at the top of each iteration (sm_90 SASS: `DEPBAR.LE SB0, 0x0`), so a program's loads never
 overlap its math. For 16-bit caches (`PREFETCH_16BIT`) the loop is therefore pipelined by hand
 in registers: while one tile is computed, the next tile's K/V and the block ids of the tile
-after are in flight (H100, batch 64 x 8k: 816 us against 1010). fp8 tiles are better fed by
+after are in flight (H100, batch 64 x 8k, synchronized softmax: 816 us against 1010; the
+unified max, the engine's bf16 default, took 832.0 us Triton-pipelined in an earlier run and
+has not been timed pipelined by hand). fp8 tiles are better fed by
 Triton's shared-memory staging (651 against 1014 us by hand), once V is converted in the right
 layout: the fp16 path loads V as int32 words of four codes, converted by PTX (`E4M3X4_TO_F16`,
 `cvt.rn.f16x2.e4m3x2`) and joined back into order. Converting the codes themselves, Triton
@@ -56,8 +58,8 @@ moved them into the P.V dot's (transposed) operand layout first, one shared-memo
 per code; converted in the load's layout, V reaches the dot through `ldmatrix.trans` as bf16
 does. In one run (H100, batch 64 x 8k, Llama-3-8B heads, synchronized softmax) the fp8
 kernel takes 622.5 us (tile 32, 2 warps) against the 16-bit kernel's 1009.8 Triton-pipelined
-and 816.2 hand-pipelined: 1.62x and 1.31x (before the V words, in an earlier run, fp8 was
-0.88x). End to end (`benchmarks/gpu_kv_fp8.py`, batch 64 at 8k, H100) fp8 KV decodes 1.23x
+and 816.2 hand-pipelined: 1.62x and 1.31x (before the V words, in an earlier run, fp8 took
+948.5 us: 0.95x the synchronized bf16 kernel's 994.4 and 0.88x the unified one's 832.0). End to end (`benchmarks/gpu_kv_fp8.py`, batch 64 at 8k, H100) fp8 KV decodes 1.23x
 faster than bf16 KV (hand-pipelined) in the same run. Under the interpreter the same words are
 converted by Triton arithmetic.
 """

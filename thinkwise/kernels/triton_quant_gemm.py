@@ -69,7 +69,7 @@ except ImportError:  # CPU-only installs: the PyTorch twin runs instead
 HAVE_TRITON = triton is not None
 
 # Eight int4 codes (one int32 word, k order: the low nibble of byte 0 first) -> eight bf16
-# weights (code - 8) * scale + zero ($0..$7, k order), for the `pairs` dot tiles. lop3 ORs two
+# weights (code - 8) * scale + zero ($0..$7, k order), for the `bf16_pairs` dot tiles. lop3 ORs two
 # nibbles (bits 0-3 and 16-19 after a shift) into the mantissas of two bf16 128s, giving
 # 128 + code exactly; one fma.bf16x2 (x 1 - 136, exact; sub.bf16x2 would need sm_90) leaves
 # code - 8 and another the weight, rounded once. Two codes an instruction, against one for the
@@ -100,7 +100,7 @@ mov.b32 {$1, $5}, p1;
 mov.b32 {$2, $6}, p2;
 mov.b32 {$3, $7}, p3;
 }"""
-# The x dtypes `pairs` dot tiles take: their weights are rounded to bf16, as a bf16 x's dot
+# The x dtypes the `bf16_pairs` dot tiles take: their weights are rounded to bf16, as a bf16 x's dot
 # rounds them anyway (an fp32 x, LayerCast, keeps exact fp32 weights on the other tiles).
 PAIRS_DTYPES = (torch.bfloat16,)
 DOT_MIN_ROWS = 16  # tl.dot needs every dimension >= 16
