@@ -79,11 +79,15 @@ def cache_writer(fp8: bool) -> bool:
                             dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, QK_NORM=True, FP8=fp8, PDL=True))
 
 
-# int4?, GEMV (else dot tile)?, variant flag (GEMV: x read in pairs / word sums; dot: magic decode, split-K)
+# int4?, GEMV (else dot tile)?, variant flag (GEMV: x read in pairs / word sums; dot: magic decode, split-K;
+# either: _silu, the SiLU * up epilogue)
 QUANT_PATHS = [(False, True, "plain"), (False, True, "x_pairs"), (True, True, "plain"), (True, True, "x_pairs"),
                (True, True, "word_sums"), (False, False, "plain"), (False, False, "magic"), (True, False, "plain"),
                (True, False, "magic"), (True, False, "split_k"), (True, True, "half2"),
-               (True, True, "half2_no_asm"), (True, False, "pairs"), (True, False, "pairs_split_k")]
+               (True, True, "half2_no_asm"), (True, False, "pairs"), (True, False, "pairs_split_k"),
+               # the fused SiLU * up epilogue ([gate; up] layers)
+               (False, True, "plain_silu"), (True, True, "half2_silu"), (False, False, "plain_silu"),
+               (True, False, "pairs_silu")]
 
 
 def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
@@ -93,11 +97,13 @@ def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
     types = {"x_ptr": "*i32" if variant.startswith(("x_pairs", "half2")) else "*bf16", "w_ptr": "*i32", "q_ptr": "*u8" if int4 else "*i8",
              "scale_ptr": "*bf16", "zero_ptr": "*bf16", "bias_ptr": "*bf16",
              "out_ptr": "*fp32" if variant.endswith("split_k") else "*bf16"}
-    common = dict(GROUP=128, INT4=int4, BLOCK_N=64 if not gemv else 8, HAS_BIAS=not variant.endswith("split_k"), PDL=True)
+    silu = variant.endswith("_silu")
+    common = dict(GROUP=128, INT4=int4, BLOCK_N=64 if not gemv else 8, HAS_BIAS=not variant.endswith(("split_k", "_silu")),
+                  PDL=True, EPILOGUE=int(silu))
     if variant.startswith("half2"):  # the PTX fp16-pair decode, and its plain-Triton twin path
         kernel = compile_for_sm90(half2._int4_gemv_half2_kernel, types,
-                                  dict(GROUP=128, BLOCK_N=16, BLOCK_K=1024, HAS_BIAS=True, PDL=True,
-                                       ASM=variant == "half2"))
+                                  dict(GROUP=128, BLOCK_N=16, BLOCK_K=1024, HAS_BIAS=not silu, PDL=True,
+                                       ASM=variant != "half2_no_asm", EPILOGUE=int(silu)))
     elif gemv:
         kernel = compile_for_sm90(tqg._quant_gemv_kernel, types, dict(common, BLOCK_K=1024,
                                                                       X_PAIRS=variant == "x_pairs",

@@ -142,12 +142,16 @@ class DispatchLinear(nn.Module):
 
     def forward_gated(self, x: torch.Tensor, activation: str) -> torch.Tensor:
         """`activation(gate) * up` of this fused [gate; up] projection; the model names the
-        activation (`fused.GATED_ACTIVATIONS`). One launch where the table picks the Triton
-        GEMM and an epilogue exists for the activation (SiLU); otherwise GEMM, then the
-        element-wise kernel."""
-        if activation == "silu":
+        activation (`fused.GATED_ACTIVATIONS`). One launch where the table picks a Triton
+        GEMM (16-bit, or a quantized method's tiling) and an epilogue exists for the activation
+        (SiLU); otherwise GEMM, then the element-wise kernel."""
+        if activation == "silu" and epilogue_fusion_enabled():
+            if self.method is not None:
+                fused = self.method.apply_silu_mul(self, x)
+                if fused is not None:
+                    return fused
             config = self.triton_config(x) if self.method is None else None
-            if config is not None and epilogue_fusion_enabled() and self.bias is None:
+            if config is not None and self.bias is None:
                 from thinkwise.kernels import triton_gemm
 
                 if triton_gemm.can_fuse_silu_mul(self.out_features, config):

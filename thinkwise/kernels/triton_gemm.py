@@ -154,8 +154,8 @@ def workspace_size(rows: int, n: int, k: int, config: FlatGemmConfig, device: to
 if HAVE_TRITON:
 
     @triton.jit
-    def _epilogue(total, offs_m, pid_n, M, N, out_ptr, stride_om,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr):
+    def store_tile(total, offs_m, pid_n, M, N, out_ptr, stride_om,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr):
         """Store a finished [BLOCK_M, BLOCK_N] fp32 tile (bias already added), rounding where
         the unfused kernels round: the GEMM output to its dtype first, then as fused.py does."""
         dtype = out_ptr.dtype.element_ty
@@ -172,6 +172,26 @@ if HAVE_TRITON:
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], total.to(dtype),
                      mask=row_ok & (offs_n < N)[None, :])
+
+    @triton.jit
+    def tile_rows(pid_n, N, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr):
+        """The weight rows program `pid_n` reads, int64. Plain: BLOCK_N consecutive rows, wrapped
+        (out-of-range rows read a valid row; never stored). SiLU * up: BLOCK_N / 2 gate rows and
+        the matching up rows, N / 2 further down (the callers check that the halves split into whole tiles)."""
+        lane = tl.arange(0, BLOCK_N)
+        if EPILOGUE == 1:
+            HALF: tl.constexpr = BLOCK_N // 2
+            rows = pid_n * HALF + lane % HALF + (lane // HALF) * (N // 2)
+        else:
+            rows = (pid_n * BLOCK_N + lane) % N
+        return rows.to(tl.int64)
+
+    @triton.jit
+    def store_row(result, row, pid_n, M, N, out_ptr, stride_om, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr):
+        """`store_tile` for a GEMV's one token row (`result` [BLOCK_N] fp32, rows as
+        `tile_rows` read them, bias added)."""
+        store_tile(tl.reshape(result, [1, BLOCK_N]), row + tl.zeros([1], dtype=tl.int32), pid_n, M, N, out_ptr,
+                   stride_om, 1, BLOCK_N, EPILOGUE)
 
     # M and split_k vary per call; specializing on them (M == 1, M % 16 == 0, split_k == 1)
     # would compile several copies of each tiling for no gain: rows are never vectorised along.
@@ -190,13 +210,8 @@ if HAVE_TRITON:
         # Out-of-range rows and columns read a valid row instead (wrapped), so loads need
         # no row/column masks; their results are never stored.
         safe_m = offs_m % M
-        if EPILOGUE == 1:  # gate rows pid_n*HALF.. then the same up rows (N // 2 further down)
-            HALF: tl.constexpr = BLOCK_N // 2
-            lane = tl.arange(0, BLOCK_N)
-            safe_n = pid_n * HALF + lane % HALF + (lane // HALF) * (N // 2)
-        else:
-            safe_n = offs_n % N
-        w_rows = safe_n.to(tl.int64) * stride_wn  # vocab x hidden can pass 2**31 elements
+        safe_n = tile_rows(pid_n, N, BLOCK_N, EPILOGUE)  # SiLU * up: gate rows, then the same up rows
+        w_rows = safe_n * stride_wn  # int64: vocab x hidden can pass 2**31 elements
         k_start = pid_k * k_per_split
         k_end = tl.minimum(k_start + k_per_split, K)
         offs_k = tl.arange(0, BLOCK_K)
@@ -283,7 +298,7 @@ if HAVE_TRITON:
         if split_k == 1:
             if HAS_BIAS:
                 result += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
-            _epilogue(result, offs_m, pid_n, M, N, out_ptr, stride_om, BLOCK_M, BLOCK_N, EPILOGUE)
+            store_tile(result, offs_m, pid_n, M, N, out_ptr, stride_om, BLOCK_M, BLOCK_N, EPILOGUE)
         else:
             tile_offsets = offs_m[:, None] * N + offs_n[None, :]
             tl.store(partial_ptr + pid_k * M * N + tile_offsets, result, mask=out_mask)
@@ -300,7 +315,7 @@ if HAVE_TRITON:
                 if HAS_BIAS:
                     total += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
                 tl.atomic_xchg(counter, 0)  # re-arm for the next launch
-                _epilogue(total, offs_m, pid_n, M, N, out_ptr, stride_om, BLOCK_M, BLOCK_N, EPILOGUE)
+                store_tile(total, offs_m, pid_n, M, N, out_ptr, stride_om, BLOCK_M, BLOCK_N, EPILOGUE)
 
 
 def triton_flat_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

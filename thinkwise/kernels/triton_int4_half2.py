@@ -109,6 +109,8 @@ add.f32 $0, flo, fhi;
 
 
 if triton is not None:
+    from thinkwise.kernels.triton_gemm import store_row, tile_rows
+
     # Kernels may read module globals only as constexprs.
     _X_TO_HALF_PAIRS = tl.constexpr(X_TO_HALF_PAIRS)
     _WORD_DOT = tl.constexpr(WORD_DOT)
@@ -175,7 +177,8 @@ if triton is not None:
     def _int4_gemv_half2_kernel(x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
                                 M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
                                 GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                                HAS_BIAS: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr):
+                                HAS_BIAS: tl.constexpr, PDL: tl.constexpr, ASM: tl.constexpr,
+                                EPILOGUE: tl.constexpr = 0):
         """One token row (x_ptr: bf16 x viewed as int32 pairs) times BLOCK_N output rows
         (w_ptr: the codes as int32 words). A tile is [BLOCK_N, groups, words of a group], so
         a group's scale and zero are loaded once per thread and row, not once per word.
@@ -185,11 +188,11 @@ if triton is not None:
         (~3.2 instructions a weight on sm_90 all told). Hiding the contiguity instead (one
         layout, no conversion, but an address and a load per word and per row's scale and
         zero: ~4.9 instructions a weight) measured 1.1-2x slower on an H100 on every
-        Llama-3-8B and Qwen3-0.6B shape, so it was dropped."""
+        Llama-3-8B and Qwen3-0.6B shape, so it was dropped. EPILOGUE as
+        `triton_gemm.store_tile`'s (SiLU(gate) * up: gate rows, then the matching up rows)."""
         row = tl.program_id(0)
         pid_n = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = (offs_n % N).to(tl.int64)  # out-of-range rows read a valid row; never stored
+        rows = tile_rows(pid_n, N, BLOCK_N, EPILOGUE)
         WPG: tl.constexpr = GROUP // 8  # words per group
         GT: tl.constexpr = BLOCK_K // GROUP  # groups per tile
         g = tl.arange(0, GT)
@@ -226,14 +229,15 @@ if triton is not None:
         result = tl.sum(tl.sum(acc / _X_SCALE + acc_zero, axis=2), axis=1)
         if HAS_BIAS:
             result += tl.load(bias_ptr + rows).to(tl.float32)
-        tl.store(out_ptr + row * stride_om + offs_n, result.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+        store_row(result, row, pid_n, M, N, out_ptr, stride_om, BLOCK_N, EPILOGUE)
 
 
 def int4_gemv_half2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     bias: torch.Tensor | None, out: torch.Tensor, group: int, block_n: int, block_k: int,
-                    num_warps: int, num_stages: int) -> None:
+                    num_warps: int, num_stages: int, epilogue: int = 0) -> None:
     """out[rows, N] = x2 [rows, K] (bf16, rows <= a few) @ W.T (+ bias), W int4 as `words`
-    (the packed codes viewed as int32). block_k (a power of two) must cover whole groups."""
+    (the packed codes viewed as int32). block_k (a power of two) must cover whole groups.
+    epilogue: as `triton_quant_gemm`'s (SiLU * up: out is [rows, N / 2])."""
     rows, k = x2.shape
     n = words.shape[0]
     if x2.dtype != torch.bfloat16 or x2.stride(-1) != 1 or x2.stride(0) % 2 or x2.storage_offset() % 2:
@@ -245,5 +249,6 @@ def int4_gemv_half2(x2: torch.Tensor, words: torch.Tensor, scales: torch.Tensor,
     _int4_gemv_half2_kernel[(rows, -(-n // block_n))](
         pairs, words, scales, zeros, bias if bias is not None else out, out, rows, n, k, pairs.stride(0),
         words.stride(0), scales.stride(0), out.stride(0), GROUP=group, BLOCK_N=block_n, BLOCK_K=block_k,
-        HAS_BIAS=bias is not None, ASM=use_asm(x2.device), num_warps=num_warps, num_stages=num_stages,
+        HAS_BIAS=bias is not None, ASM=use_asm(x2.device), EPILOGUE=epilogue, num_warps=num_warps,
+        num_stages=num_stages,
         **pdl.kernel_args(x2.device, rows))

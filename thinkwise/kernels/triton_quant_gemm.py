@@ -26,7 +26,9 @@ decode, ~6.0 a weight for the whole loop against ~7.0); they join the start-up t
 tilings, not yet timed on a GPU. A split-K variant gives long-K, small-N shapes enough
 programs; one more kernel sums its slices in a fixed order (deterministic, unlike atomics),
 adds the bias and casts. Under PDL (`pdl`) the GEMV loads its first weight
-tile before waiting for the previous kernel. The twin is `quant_gemm_reference`
+tile before waiting for the previous kernel. For a [gate; up] projection every tiling but
+split-K can end in the 16-bit GEMM's SiLU * up epilogue (`triton_gemm.store_tile`; a tile
+reads matching gate and up rows), saving the element-wise launch after each MLP's GEMM. The twin is `quant_gemm_reference`
 (dequantize, then `F.linear`); the dispatch table in `linear_dispatch` times these tilings
 against dequantize-then-cuBLAS per shape and M.
 
@@ -57,6 +59,7 @@ import torch
 
 from thinkwise.kernels import pdl
 from thinkwise.kernels.device_info import use_asm
+from thinkwise.kernels.triton_gemm import EPILOGUE_NONE, EPILOGUE_SILU_MUL
 from thinkwise.kernels.triton_int4_half2 import int4_gemv_half2
 
 try:
@@ -67,6 +70,10 @@ except ImportError:  # CPU-only installs: the PyTorch twin runs instead
     tl = None
 
 HAVE_TRITON = triton is not None
+if HAVE_TRITON:
+    # The 16-bit flat GEMM's tile rows and store: its SiLU * up epilogue rounds where the unfused
+    # kernels round, so fused here it gives the bits of this GEMM followed by `fused.silu_mul`.
+    from thinkwise.kernels.triton_gemm import store_row, store_tile, tile_rows
 
 # Eight int4 codes (one int32 word, k order: the low nibble of byte 0 first) -> eight bf16
 # weights (code - 8) * scale + zero ($0..$7, k order), for the `bf16_pairs` dot tiles. lop3 ORs two
@@ -240,17 +247,17 @@ if HAVE_TRITON:
                            M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
                            GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            HAS_BIAS: tl.constexpr, PDL: tl.constexpr, X_PAIRS: tl.constexpr,
-                           WORD_SUMS: tl.constexpr):
+                           WORD_SUMS: tl.constexpr, EPILOGUE: tl.constexpr = 0):
         """One token row times BLOCK_N output rows; `w_ptr` holds the codes as int32 words.
         Code j of every word is handled as its own [BLOCK_N, words] plane (the sum over k
         does not care about the order), so a thread decodes the words it loaded itself, with
         no reshapes and no cross-thread traffic inside the loop; products accumulate
         element-wise and are reduced once at the end. The token rows of one weight block are
-        neighbouring programs, so rows after the first read it from L2."""
+        neighbouring programs, so rows after the first read it from L2. EPILOGUE as
+        `triton_gemm.store_tile`'s (SiLU(gate) * up: gate rows, then the matching up rows)."""
         row = tl.program_id(0)
         pid_n = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = (offs_n % N).to(tl.int64)  # out-of-range rows read a valid row; never stored
+        rows = tile_rows(pid_n, N, BLOCK_N, EPILOGUE)
         WORD_K: tl.constexpr = 8 if INT4 else 4
         WORDS: tl.constexpr = BLOCK_K // WORD_K
         offs_w = tl.arange(0, WORDS)
@@ -304,7 +311,7 @@ if HAVE_TRITON:
             result = result * tl.load(scale_ptr + rows * stride_sn).to(tl.float32)
         if HAS_BIAS:
             result += tl.load(bias_ptr + rows).to(tl.float32)
-        tl.store(out_ptr + row * stride_om + offs_n, result.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+        store_row(result, row, pid_n, M, N, out_ptr, stride_om, BLOCK_N, EPILOGUE)
 
     @triton.jit(do_not_specialize=["M"])
     def _quant_gemm_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
@@ -312,7 +319,8 @@ if HAVE_TRITON:
                            GROUP: tl.constexpr, INT4: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr,
-                           MAGIC: tl.constexpr, PAIRS: tl.constexpr = False, ASM: tl.constexpr = False):
+                           MAGIC: tl.constexpr, PAIRS: tl.constexpr = False, ASM: tl.constexpr = False,
+                           EPILOGUE: tl.constexpr = 0):
         """BLOCK_M token rows (>= 16, padded) times BLOCK_N output rows on the tensor cores
         (FlashDecoding++'s flat GEMM, the weights as the wide side). The code bytes are
         loaded as they are stored and cast straight into the dot (int8), or split into the
@@ -322,14 +330,15 @@ if HAVE_TRITON:
         dequantized in bf16 pairs (`_int4_words_to_bf16`) and joined into k order the same way. With SPLIT_K > 1, program (m, n, s) covers
         k in [s * k_per_split, (s + 1) * k_per_split) and stores its float32 partial sums
         at out + s * stride_split (no bias); the caller adds the slices in a fixed order, so
-        results do not depend on scheduling, as atomics would."""
+        results do not depend on scheduling, as atomics would. EPILOGUE (SPLIT_K 1 only) as
+        `triton_gemm.store_tile`'s."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         safe_m = offs_m % M
-        rows = (offs_n % N).to(tl.int64)
+        rows = tile_rows(pid_n, N, BLOCK_N, EPILOGUE)
         BYTES: tl.constexpr = BLOCK_K // 2 if INT4 else BLOCK_K
         offs_b = tl.arange(0, BYTES)
         k_bytes = K // 2 if INT4 else K
@@ -387,9 +396,12 @@ if HAVE_TRITON:
         result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
         if HAS_BIAS and SPLIT_K == 1:
             result += tl.load(bias_ptr + rows).to(tl.float32)[None, :]
-        out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        tl.store(out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :],
-                 result.to(out_ptr.dtype.element_ty), mask=out_mask)
+        if SPLIT_K == 1:
+            store_tile(result, offs_m, pid_n, M, N, out_ptr, stride_om, BLOCK_M, BLOCK_N, EPILOGUE)
+        else:
+            out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+            tl.store(out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :],
+                     result.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 if HAVE_TRITON:
@@ -489,10 +501,21 @@ def _int32_pairs_ok(x2: torch.Tensor) -> bool:
     return x2.stride(0) % 2 == 0 and x2.storage_offset() % 2 == 0
 
 
+def gated_fits(n: int, config: QuantGemmConfig, bias: torch.Tensor | None) -> bool:
+    """Whether `config` can run SiLU(gate) * up in its epilogue for a [gate; up] weight of n
+    rows: a tile holds block_n / 2 gate rows and the matching up rows, so each half must split
+    into whole tiles; split-K tiles sum their slices in another kernel, and a bias is not fused."""
+    return bias is None and config.split_k == 1 and config.block_n >= 2 and n % 2 == 0 \
+        and (n // 2) % (config.block_n // 2) == 0
+
+
 def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                      bias: torch.Tensor | None, group: int, config: QuantGemmConfig) -> torch.Tensor:
+                      bias: torch.Tensor | None, group: int, config: QuantGemmConfig,
+                      epilogue: int = EPILOGUE_NONE) -> torch.Tensor:
     """`x @ W.T + bias` for W stored as int8 (zeros None, scales [N, 1]) or int4 (q [N, K/2]
-    uint8, scales and zeros [N, K/group]); x [..., K] 16-bit or fp32."""
+    uint8, scales and zeros [N, K/group]); x [..., K] 16-bit or fp32. With
+    epilogue=EPILOGUE_SILU_MUL (W the fused [gate; up] projection, `gated_fits`), SiLU(gate) *
+    up [..., N / 2] in the same launch, bit for bit this GEMM then `fused.silu_mul`."""
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed; use quant_gemm_reference")
     int4 = zeros is not None
@@ -500,6 +523,9 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
     k = q.shape[1] * (2 if int4 else 1)
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
+    if epilogue == EPILOGUE_SILU_MUL and not gated_fits(n, config, bias):
+        raise ValueError(f"{config.name} cannot fuse SiLU * up for a [gate; up] weight of {n} rows "
+                         f"(each half must split into {config.block_n // 2}-row tiles, no split-K, no bias)")
     if int4 and (k % group or group & (group - 1) or group < 8 or config.block_k & (config.block_k - 1)):
         raise ValueError(f"int4 needs K ({k}) divisible by the group ({group}), and the group (>= 8) and "
                          f"block_k ({config.block_k}) powers of two")
@@ -514,10 +540,12 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     rows = x2.shape[0]
-    out = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    width = n // 2 if epilogue == EPILOGUE_SILU_MUL else n
+    out = torch.empty(rows, width, dtype=x.dtype, device=x.device)
     if rows:
         common = dict(GROUP=group, INT4=int4, BLOCK_N=config.block_n, BLOCK_K=block_k, HAS_BIAS=bias is not None,
-                      num_warps=config.num_warps, num_stages=config.num_stages, **pdl.kernel_args(x2.device, rows))
+                      EPILOGUE=epilogue, num_warps=config.num_warps, num_stages=config.num_stages,
+                      **pdl.kernel_args(x2.device, rows))
         # The dot kernel reads the code bytes as stored, the GEMV the same bytes as int32 words.
         codes = q if config.use_dot else words
         tensors = (x2, codes, scales, zeros if int4 else scales, bias if bias is not None else out, out,
@@ -530,7 +558,7 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
             split = -(-k // k_per_split)
             grid = (-(-rows // block_m), -(-n // config.block_n), split)
             common.update(PAIRS=config.bf16_pairs and int4 and x2.dtype in PAIRS_DTYPES, ASM=use_asm(x2.device))
-            if split == 1:
+            if split == 1:  # (an epilogue implies split 1: gated_fits)
                 _quant_gemm_kernel[grid](*tensors, k_per_split, 0, BLOCK_M=block_m, IEEE=x2.dtype == torch.float32,
                                          SPLIT_K=1, MAGIC=config.magic_decode, **common)
             else:
@@ -546,7 +574,7 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
                     HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK, **pdl.kernel_args(x2.device, rows))
         elif config.half2 and int4 and x2.dtype == torch.bfloat16 and _int32_pairs_ok(x2):
             int4_gemv_half2(x2, words, scales, zeros, bias, out, group, config.block_n, block_k, config.num_warps,
-                            config.num_stages)
+                            config.num_stages, epilogue)
         elif config.x_pairs and not (int4 and config.word_sums) and x2.dtype == torch.bfloat16 \
                 and _int32_pairs_ok(x2):
             pairs = x2.view(torch.int32)
@@ -555,7 +583,7 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
         else:
             _quant_gemv_kernel[(rows, -(-n // config.block_n))](*tensors, X_PAIRS=False,
                                                                  WORD_SUMS=config.word_sums, **common)
-    return out.reshape(*lead, n)
+    return out.reshape(*lead, width)
 
 
 def unpack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,12 @@ class LinearMethod:
         the dequantize-then-cuBLAS path the dispatch table times against its Triton kernels)."""
         return self.dequantize(layer).to(dtype)
 
+    def apply_silu_mul(self, layer: DispatchLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """SiLU(gate) * up of `apply(layer, x)` for a fused [gate; up] layer, in one kernel where
+        this device's kernel has that epilogue; None: the caller applies, then runs the
+        element-wise kernel. Must equal the unfused result bit for bit."""
+        return None
+
     def reference(self, layer: DispatchLinear, x: torch.Tensor) -> torch.Tensor:
         """The PyTorch twin of `apply`: dequantize, then an ordinary linear in x's dtype."""
         bias = layer.bias

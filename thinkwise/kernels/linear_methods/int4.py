@@ -22,7 +22,7 @@ import torch
 from thinkwise.kernels import cpu_quant_gemm
 from thinkwise.kernels.linear_methods.base import LinearMethod
 from thinkwise.kernels.linear_methods.cpu_blocks import BlockedOnCpu
-from thinkwise.kernels.linear_methods.plans import gpu_apply, quant_candidates
+from thinkwise.kernels.linear_methods.plans import gpu_apply, gpu_apply_silu_mul, quant_candidates
 
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP = 32
@@ -135,6 +135,11 @@ class Int4Method(BlockedOnCpu, LinearMethod):
             return sum(t.numel() * t.element_size() for t in (layer.qweight, layer.scales, layer.zeros))
         return layer.packed.numel() * layer.packed.element_size() + \
             layer.scales_zeros.numel() * layer.scales_zeros.element_size()
+
+    def apply_silu_mul(self, layer, x: torch.Tensor) -> torch.Tensor | None:
+        if self.blocked or x.device.type != "cuda":
+            return None
+        return gpu_apply_silu_mul(layer, x, layer.qweight, layer.scales, layer.zeros, self.group)
 
     def gpu_candidates(self, layer, rows: int):
         return quant_candidates(layer, rows, layer.qweight, layer.scales, layer.zeros, self.group)

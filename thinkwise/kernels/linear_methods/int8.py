@@ -19,7 +19,7 @@ import torch
 from thinkwise.kernels import cpu_quant_gemm
 from thinkwise.kernels.linear_methods.base import LinearMethod
 from thinkwise.kernels.linear_methods.cpu_blocks import BlockedOnCpu
-from thinkwise.kernels.linear_methods.plans import gpu_apply, quant_candidates
+from thinkwise.kernels.linear_methods.plans import gpu_apply, gpu_apply_silu_mul, quant_candidates
 
 ROWS_PER_CHUNK = 8192
 
@@ -82,6 +82,11 @@ class Int8Method(BlockedOnCpu, LinearMethod):
         if self.blocked:
             return self.blocked_storage_bytes(layer)
         return layer.qweight.numel() + layer.scales.numel() * layer.scales.element_size()
+
+    def apply_silu_mul(self, layer, x: torch.Tensor) -> torch.Tensor | None:
+        if self.blocked or x.device.type != "cuda":
+            return None
+        return gpu_apply_silu_mul(layer, x, layer.qweight, layer.scales, None, layer.in_features)
 
     def gpu_candidates(self, layer, rows: int):
         return quant_candidates(layer, rows, layer.qweight, layer.scales, None, layer.in_features)

@@ -36,6 +36,21 @@ def gpu_apply(method, layer, x: torch.Tensor, q, scales, zeros, group: int) -> t
     return triton_quant_gemm(x, q, scales, zeros, layer.bias, group, config)
 
 
+def gpu_apply_silu_mul(layer, x: torch.Tensor, q, scales, zeros, group: int) -> torch.Tensor | None:
+    """SiLU(gate) * up of a fused [gate; up] layer in one launch: the tiling the table picked
+    for x's row count, with the SiLU * up epilogue; None where the table picked
+    dequantize-then-cuBLAS or the tiling cannot fuse (the caller runs the GEMM, then the
+    element-wise kernel). Bit for bit the unfused result."""
+    config = planned_config(layer, x.reshape(-1, layer.in_features).shape[0])
+    if config is None:
+        return None
+    from thinkwise.kernels import triton_quant_gemm as tq
+
+    if not tq.gated_fits(layer.out_features, config, layer.bias):
+        return None
+    return tq.triton_quant_gemm(x, q, scales, zeros, None, group, config, tq.EPILOGUE_SILU_MUL)
+
+
 def quant_candidates(layer, rows: int, q, scales, zeros, group: int) -> dict[str, tuple[object, Callable]]:
     """name -> (tiling, call x -> y) for every Triton tiling offered for `rows` rows."""
     from thinkwise.kernels import triton_quant_gemm as tq
