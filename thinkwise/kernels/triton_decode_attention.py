@@ -100,6 +100,10 @@ FP8_WARPS = 2
 # Triton's way; an fp8 cache 1013.8 us by hand against 650.9 (both tile 32, 4 warps).
 FP8_PREFETCH = False
 PREFETCH_16BIT = True
+# Software-pipeline stages Triton gives the fp8 tile loop (None: Triton's default), and how
+# many times over the split-KV grid fills the GPU (`choose_splits`). Knobs for sweeps.
+FP8_STAGES: int | None = None
+SPLIT_WAVES = 4
 
 # Four e4m3 codes (one int32, lowest byte first) -> four fp16 ($0..$3), two codes an instruction.
 E4M3X4_TO_F16 = """{
@@ -447,10 +451,10 @@ def _next_power_of_two(x: int) -> int:
 
 
 def choose_splits(batch: int, num_kv_heads: int, num_tiles: int, device: torch.device) -> int:
-    """Enough splits that batch x kv_heads x splits fills the GPU about four times (several
+    """Enough splits that batch x kv_heads x splits fills the GPU about SPLIT_WAVES (4) times (several
     programs per SM keep loads in flight). Short contexts get one tile per split: a
     program's tiles are sequential, so fewer, longer splits would only add latency."""
-    wanted = max(1, (4 * sm_count(device)) // max(1, batch * num_kv_heads))
+    wanted = max(1, (SPLIT_WAVES * sm_count(device)) // max(1, batch * num_kv_heads))
     return max(1, min(wanted, num_tiles, 64))
 
 
@@ -542,8 +546,9 @@ def _decode(query, k_cache, v_cache, block_tables, seq_lens, max_seq_len, scale,
     # V as int32 words needs 4-byte-aligned rows: a base and strides the word loads can divide.
     v_words = f16 and v_cache.data_ptr() % 4 == 0 and all(stride % 4 == 0 for stride in k_cache.stride()[:3]) \
         and head_dim % 4 == 0
+    stages = 1 if prefetch else (FP8_STAGES if fp8 else None)
     tile_launch = dict(launch, num_warps=FP8_WARPS if fp8 else 4, PREFETCH=prefetch,
-                       V_WORDS=v_words, ASM=use_asm(device), **({"num_stages": 1} if prefetch else {}))
+                       V_WORDS=v_words, ASM=use_asm(device), **({"num_stages": stages} if stages else {}))
 
     num_prefix_splits = 0
     if prefix is not None:
