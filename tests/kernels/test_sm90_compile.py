@@ -87,7 +87,8 @@ QUANT_PATHS = [(False, True, "plain"), (False, True, "x_pairs"), (True, True, "p
                (True, True, "half2_no_asm"), (True, False, "pairs"), (True, False, "pairs_split_k"),
                # the fused SiLU * up epilogue ([gate; up] layers)
                (False, True, "plain_silu"), (True, True, "half2_silu"), (False, False, "plain_silu"),
-               (True, False, "pairs_silu")]
+               (True, False, "pairs_silu"),
+               (False, True, "plain_prefetch2"), (True, True, "x_pairs_prefetch2")]
 
 
 def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
@@ -106,8 +107,9 @@ def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
                                        ASM=variant != "half2_no_asm", EPILOGUE=int(silu)))
     elif gemv:
         kernel = compile_for_sm90(tqg._quant_gemv_kernel, types, dict(common, BLOCK_K=1024,
-                                                                      X_PAIRS=variant == "x_pairs",
-                                                                      WORD_SUMS=variant == "word_sums"))
+                                                                      X_PAIRS=variant.startswith("x_pairs"),
+                                                                      WORD_SUMS=variant == "word_sums",
+                                                                      PREFETCH=2 if variant.endswith("prefetch2") else 1))
     else:
         kernel = compile_for_sm90(tqg._quant_gemm_kernel, types, dict(common, BLOCK_M=16, BLOCK_K=128, IEEE=False,
                                                                       SPLIT_K=4 if variant.endswith("split_k") else 1,

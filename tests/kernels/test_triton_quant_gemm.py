@@ -31,6 +31,8 @@ SMALL_CONFIGS = [
     QuantGemmConfig(block_n=32, block_k=16),
     QuantGemmConfig(block_n=8, block_k=64, use_dot=False, max_rows=4, half2=True),  # int4, bf16 x: fp16 pairs
     QuantGemmConfig(block_n=16, block_k=32, use_dot=False, max_rows=4, half2=True),
+    QuantGemmConfig(block_n=16, block_k=32, use_dot=False, max_rows=4, prefetch=2),  # two weight tiles in flight
+    QuantGemmConfig(block_n=8, block_k=64, use_dot=False, max_rows=4, x_pairs=True, prefetch=2),
 ]
 # (M, N, K): N off the tile, K a multiple of the int4 group but not always of block_k.
 SHAPES = [(1, 40, 96), (3, 33, 128), (17, 24, 64)]

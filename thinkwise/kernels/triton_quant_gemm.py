@@ -132,12 +132,14 @@ class QuantGemmConfig:
     split_k: int = 1  # dot tiles: K cut into this many slices, summed in a fixed order afterwards
     half2: bool = False  # int4 GEMV tiles, bf16 x: two codes per instruction in fp16 pairs (triton_int4_half2)
     bf16_pairs: bool = False  # int4 dot tiles, bf16 x: codes dequantized two an instruction in bf16 pairs (PTX)
+    prefetch: int = 1  # plain and x-pair GEMV tiles: weight tiles loaded ahead (the first ones before PDL's wait)
 
     @property
     def name(self) -> str:
         extra = (f"_sk{self.split_k}" if self.split_k > 1 else "") + ("_xp" if self.x_pairs else "") + \
             ("_mg" if self.magic_decode else "") + ("_ws" if self.word_sums else "") + \
-            ("_h2" if self.half2 else "") + ("_p2" if self.bf16_pairs else "")
+            ("_h2" if self.half2 else "") + ("_p2" if self.bf16_pairs else "") + \
+            (f"_pf{self.prefetch}" if self.prefetch != 1 else "")
         return f"{'dot' if self.use_dot else 'gemv'}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{extra}"
 
     def block_m(self, rows: int) -> int:
@@ -156,7 +158,9 @@ class QuantGemmConfig:
 # small-N shapes at batch sizes where 64-row tiles leave SMs idle, and wide tiles for
 # prefill-sized M (compared there against dequantize + cuBLAS). The four `bf16_pairs` tilings
 # (int4 only) copy the int4 winners' shapes and have not been timed on a GPU yet: the table
-# keeps them only where they measure faster.
+# keeps them only where they measure faster. So do the three `prefetch=2` GEMVs (two weight tiles in
+# flight, as the 16-bit GEMV that reads Llama-3-8B's weights at ~98% of the bandwidth; the int8
+# GEMVs, one tile ahead, read the smaller Llama-3-8B shapes at ~2.3 TB/s on an H100).
 DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=16, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4),
     QuantGemmConfig(block_n=8, block_k=1024, num_warps=8, num_stages=2, use_dot=False, max_rows=4),
@@ -164,6 +168,10 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=4, block_k=1024, num_warps=8, num_stages=2, use_dot=False, max_rows=4, x_pairs=True),
     QuantGemmConfig(block_n=4, block_k=2048, num_warps=4, num_stages=2, use_dot=False, max_rows=4, x_pairs=True),
     QuantGemmConfig(block_n=8, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4, x_pairs=True),
+    QuantGemmConfig(block_n=16, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4, prefetch=2),
+    QuantGemmConfig(block_n=8, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4, x_pairs=True,
+                    prefetch=2),
+    QuantGemmConfig(block_n=8, block_k=1024, num_warps=8, num_stages=2, use_dot=False, max_rows=4, prefetch=2),
     QuantGemmConfig(block_n=16, block_k=1024, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
     QuantGemmConfig(block_n=32, block_k=1024, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
     QuantGemmConfig(block_n=16, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
@@ -247,7 +255,7 @@ if HAVE_TRITON:
                            M, N, K, stride_xm, stride_wn, stride_sn, stride_om,
                            GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            HAS_BIAS: tl.constexpr, PDL: tl.constexpr, X_PAIRS: tl.constexpr,
-                           WORD_SUMS: tl.constexpr, EPILOGUE: tl.constexpr = 0):
+                           WORD_SUMS: tl.constexpr, EPILOGUE: tl.constexpr = 0, PREFETCH: tl.constexpr = 1):
         """One token row times BLOCK_N output rows; `w_ptr` holds the codes as int32 words.
         Code j of every word is handled as its own [BLOCK_N, words] plane (the sum over k
         does not care about the order), so a thread decodes the words it loaded itself, with
@@ -264,15 +272,22 @@ if HAVE_TRITON:
         k_words = K // WORD_K
         w_ptrs = w_ptr + rows[:, None] * stride_wn + offs_w[None, :]
         words_next = tl.load(w_ptrs, mask=(offs_w < k_words)[None, :], other=0)
-        if PDL:  # the weights are nobody's output: the first tile is read before the wait
+        if PREFETCH > 1:  # a second tile in flight too (as the 16-bit GEMV's prefetch=2)
+            words_after = tl.load(w_ptrs + WORDS, mask=(WORDS + offs_w < k_words)[None, :], other=0)
+        if PDL:  # the weights are nobody's output: the first tile(s) are read before the wait
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         x_row = x_ptr + row * stride_xm
         acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             words = words_next
-            words_next = tl.load(w_ptrs + (k + BLOCK_K) // WORD_K,
-                                 mask=((k + BLOCK_K) // WORD_K + offs_w < k_words)[None, :], other=0)
+            if PREFETCH > 1:
+                words_next = words_after
+                words_after = tl.load(w_ptrs + (k + 2 * BLOCK_K) // WORD_K,
+                                      mask=((k + 2 * BLOCK_K) // WORD_K + offs_w < k_words)[None, :], other=0)
+            else:
+                words_next = tl.load(w_ptrs + (k + BLOCK_K) // WORD_K,
+                                     mask=((k + BLOCK_K) // WORD_K + offs_w < k_words)[None, :], other=0)
             k_of = k + offs_w * WORD_K  # first k of each word
             if INT4:  # each word's group's scale and zero (repeated addresses: served by L1)
                 where = rows[:, None] * stride_sn + (k_of // GROUP)[None, :]
@@ -579,10 +594,12 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
                 and _int32_pairs_ok(x2):
             pairs = x2.view(torch.int32)
             _quant_gemv_kernel[(rows, -(-n // config.block_n))](pairs, *tensors[1:9], pairs.stride(0), *tensors[10:],
-                                                                 X_PAIRS=True, WORD_SUMS=False, **common)
+                                                                 X_PAIRS=True, WORD_SUMS=False,
+                                                                 PREFETCH=config.prefetch, **common)
         else:
             _quant_gemv_kernel[(rows, -(-n // config.block_n))](*tensors, X_PAIRS=False,
-                                                                 WORD_SUMS=config.word_sums, **common)
+                                                                 WORD_SUMS=config.word_sums,
+                                                                 PREFETCH=config.prefetch, **common)
     return out.reshape(*lead, width)
 
 
