@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from thinkwise.kernels.linear_dispatch import DispatchLinear, LinearDispatcher
+from thinkwise.kernels.linear_dispatch import DispatchLinear, GpuLinearDispatcher, LinearDispatcher
 
 
 def model(*shapes):
@@ -95,3 +95,35 @@ def test_a_quantized_tiling_that_cannot_be_built_or_computes_wrong_is_skipped_an
     chosen = dispatcher.quant_table["int8:32x64"][:2]
     assert all(choice is not None and choice not in markers for choice in chosen), chosen
     assert layer.quant_plan[1] is not None
+
+
+def test_quantized_layers_share_one_split_k_workspace_sized_by_their_plans():
+    """`apply` gives every quantized layer whose installed plan splits K one workspace, big
+    enough for the largest such call (a plan row or a prefill rung), and none to the others."""
+    from thinkwise.kernels import triton_quant_gemm as tq
+    from thinkwise.kernels.linear_methods.int8 import Int8Method, quantize_int8
+
+    layers = []
+    for n in (48, 96):
+        layer = DispatchLinear(512, n, bias=False)
+        q, scales = quantize_int8(torch.randn(n, 512), torch.float32)
+        del layer.weight
+        layer.weight = None
+        layer.register_buffer("qweight", q)
+        layer.register_buffer("scales", scales)
+        layer.method = Int8Method(torch.float32)
+        layers.append(layer)
+    split = tq.QuantGemmConfig(block_n=16, block_k=64, split_k=3)
+    plain = tq.QuantGemmConfig(block_n=16, block_k=64)
+    layers[0].quant_plan, layers[0].quant_plan_above = (None, plain, split), [(None, None)]
+    layers[1].quant_plan, layers[1].quant_plan_above = (None, plain), [(256, split), (None, None)]
+    model = torch.nn.ModuleList(layers)
+    GpuLinearDispatcher().apply(model)
+    workspace = layers[0].split_k_workspace
+    assert workspace is not None and layers[1].split_k_workspace is workspace
+    needs = [tq.workspace_size(2, 48, 512, 512, False, split), tq.workspace_size(256, 96, 512, 512, False, split)]
+    assert needs[1][0] > needs[0][0] > 0
+    assert workspace.partials.numel() == needs[1][0] and workspace.counters.numel() == max(c for _, c in needs)
+    layers[1].quant_plan_above = [(None, None)]  # no split-K left in its plan
+    GpuLinearDispatcher().apply(model)
+    assert layers[1].split_k_workspace is None and layers[0].split_k_workspace.partials.numel() == needs[0][0]

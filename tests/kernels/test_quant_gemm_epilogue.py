@@ -78,7 +78,7 @@ def test_which_tilings_can_fuse_and_the_error_for_one_that_cannot():
     assert not tq.gated_fits(40, gemv, None)  # 20 gate rows do not split into 8-row half tiles
     assert not tq.gated_fits(63, gemv, None)
     assert not tq.gated_fits(64, gemv, torch.zeros(64))  # a bias is not fused
-    assert not tq.gated_fits(64, QuantGemmConfig(block_n=16, block_k=64, split_k=4), None)  # summed elsewhere
+    assert tq.gated_fits(64, QuantGemmConfig(block_n=16, block_k=64, split_k=4), None)  # after the in-kernel sum
     if tq.HAVE_TRITON:
         q, scales = quantize_int8(torch.randn(40, 64), torch.float32)
         with pytest.raises(ValueError, match="cannot fuse SiLU"):
@@ -87,8 +87,8 @@ def test_which_tilings_can_fuse_and_the_error_for_one_that_cannot():
 
 @needs_triton
 def test_the_plan_decides_whether_the_fused_kernel_runs(monkeypatch):
-    """`gpu_apply_silu_mul` fuses only where the table picked a tiling that can: dequantize-
-    then-cuBLAS rows, a split-K tiling and a biased layer come back None (the caller unfuses)."""
+    """`gpu_apply_silu_mul` fuses where the table picked a tiling (a GEMV, a split-K dot tile);
+    dequantize-then-cuBLAS rows and a biased layer come back None (the caller unfuses)."""
     device = device_and_check()
     g = torch.Generator().manual_seed(5)
     q, scales, _, _ = quantized(8, 64, 64, torch.float32, g)
@@ -99,16 +99,18 @@ def test_the_plan_decides_whether_the_fused_kernel_runs(monkeypatch):
                             quant_plan=(None, gemv, split), quant_plan_above=[(None, None)])
     launched = []
     real = tq.triton_quant_gemm
-    monkeypatch.setattr(tq, "triton_quant_gemm", lambda *a, **kw: launched.append(a[-1]) or real(*a, **kw))
+    monkeypatch.setattr(tq, "triton_quant_gemm", lambda *a, **kw: launched.append(a[7]) or real(*a, **kw))
     x = torch.randn(1, 64, generator=g).to(device)
     fused = gpu_apply_silu_mul(layer, x, q, scales, None, 64)
     assert fused is not None and fused.shape == (1, 32) and launched == [tq.EPILOGUE_SILU_MUL]
     assert torch.allclose(fused.cpu(), silu_mul_reference(real(x, q, scales, None, None, 64, gemv)).cpu(), atol=1e-6)
-    assert gpu_apply_silu_mul(layer, torch.randn(2, 64).to(device), q, scales, None, 64) is None  # split-K
+    x2 = torch.randn(2, 64, generator=g).to(device)
+    fused = gpu_apply_silu_mul(layer, x2, q, scales, None, 64)  # split-K: summed in the kernel, then fused
+    assert torch.allclose(fused.cpu(), silu_mul_reference(real(x2, q, scales, None, None, 64, split)).cpu(), atol=1e-5)
     assert gpu_apply_silu_mul(layer, torch.randn(3, 64).to(device), q, scales, None, 64) is None  # cuBLAS
     biased = SimpleNamespace(**{**vars(layer), "bias": torch.zeros(64, device=device)})
     assert gpu_apply_silu_mul(biased, x, q, scales, None, 64) is None
-    assert launched == [tq.EPILOGUE_SILU_MUL]
+    assert launched == [tq.EPILOGUE_SILU_MUL] * 2
 
 
 class FusingMethod(LinearMethod):

@@ -87,7 +87,7 @@ QUANT_PATHS = [(False, True, "plain"), (False, True, "x_pairs"), (True, True, "p
                (True, True, "half2_no_asm"), (True, False, "pairs"), (True, False, "pairs_split_k"),
                # the fused SiLU * up epilogue ([gate; up] layers)
                (False, True, "plain_silu"), (True, True, "half2_silu"), (False, False, "plain_silu"),
-               (True, False, "pairs_silu"),
+               (True, False, "pairs_silu"), (False, False, "split_k_silu"),
                (False, True, "plain_prefetch2"), (True, True, "x_pairs_prefetch2")]
 
 
@@ -96,10 +96,10 @@ def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
     from thinkwise.kernels import triton_quant_gemm as tqg
 
     types = {"x_ptr": "*i32" if variant.startswith(("x_pairs", "half2")) else "*bf16", "w_ptr": "*i32", "q_ptr": "*u8" if int4 else "*i8",
-             "scale_ptr": "*bf16", "zero_ptr": "*bf16", "bias_ptr": "*bf16",
-             "out_ptr": "*fp32" if variant.endswith("split_k") else "*bf16"}
+             "scale_ptr": "*bf16", "zero_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
+             "partial_ptr": "*fp32", "counter_ptr": "*i32"}
     silu = variant.endswith("_silu")
-    common = dict(GROUP=128, INT4=int4, BLOCK_N=64 if not gemv else 8, HAS_BIAS=not variant.endswith(("split_k", "_silu")),
+    common = dict(GROUP=128, INT4=int4, BLOCK_N=64 if not gemv else 8, HAS_BIAS=not variant.endswith("_silu"),
                   PDL=True, EPILOGUE=int(silu))
     if variant.startswith("half2"):  # the PTX fp16-pair decode, and its plain-Triton twin path
         kernel = compile_for_sm90(half2._int4_gemv_half2_kernel, types,
@@ -112,15 +112,11 @@ def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
                                                                       PREFETCH=2 if variant.endswith("prefetch2") else 1))
     else:
         kernel = compile_for_sm90(tqg._quant_gemm_kernel, types, dict(common, BLOCK_M=16, BLOCK_K=128, IEEE=False,
-                                                                      SPLIT_K=4 if variant.endswith("split_k") else 1,
+                                                                      SPLIT_K=4 if "split_k" in variant else 1,
                                                                       MAGIC=variant == "magic",
                                                                       PAIRS=variant.startswith("pairs"), ASM=True))
     dequantize = compile_for_sm90(tqg._dequantize_kernel, types, dict(GROUP=128, INT4=int4, BLOCK_N=16,
                                                                       BLOCK_K=256, BF16=True))
-    if variant.endswith("split_k"):  # the slices' sum
-        kernel = kernel and compile_for_sm90(tqg._sum_splits_kernel, {"partial_ptr": "*fp32", "bias_ptr": "*bf16",
-                                                                      "out_ptr": "*bf16"},
-                                             dict(SPLIT=4, HAS_BIAS=True, BLOCK=1024, PDL=True))
     return kernel and dequantize
 
 

@@ -158,16 +158,19 @@ def test_int4_wider_groups_match_twin(group):
 
 
 @needs_triton
-@pytest.mark.parametrize("sum_block", [1024, 64])  # the slices' sum in one program, or several and a tail
+@pytest.mark.parametrize("shared", [True, False])  # one workspace for every call, or a fresh one per call
 @pytest.mark.parametrize("bits", [8, 4])
-def test_split_k_matches_twin_and_adds_the_bias_once(bits, sum_block, monkeypatch):
-    """K cut into slices (uneven: 8 tiles over 3 slices) summed afterwards: equal to the twin,
-    with the bias added once (not once per slice) and the same bits on a second call."""
+def test_split_k_matches_twin_and_adds_the_bias_once(bits, shared):
+    """K cut into slices (uneven: 8 tiles over 3 slices), summed in the kernel by the last slice
+    to arrive: equal to the twin, with the bias added once (not once per slice), the same bits
+    on a second call, over several M and N tiles, and the counters left at zero for the next
+    call (a shared workspace serves every layer and every CUDA-graph replay)."""
+    from thinkwise.kernels.triton_gemm import SplitKWorkspace
+
     device = device_and_check()
-    monkeypatch.setattr(tq, "SUM_BLOCK", sum_block)
     g = torch.Generator().manual_seed(2)
     w = torch.randn(40, 512, generator=g)
-    x = torch.randn(5, 512, generator=g)
+    x = torch.randn(70, 512, generator=g)  # two 64-row tiles, the second one partial
     bias = torch.randn(40, generator=g)
     if bits == 8:
         q, scales = quantize_int8(w, torch.float32)
@@ -176,12 +179,29 @@ def test_split_k_matches_twin_and_adds_the_bias_once(bits, sum_block, monkeypatc
         codes, scales, zeros = quantize_int4(w, 32, torch.float32)
         q, group = pack_int4(codes), 32
     config = QuantGemmConfig(block_n=16, block_k=64, split_k=3)
+    partials, counters = tq.workspace_size(70, 40, 512, group, bits == 4, config)
+    assert (partials, counters) == (3 * 70 * 40, 2 * 3)  # 3 slices; 2 x 3 tiles
+    assert tq.workspace_size(70, 40, 512, group, bits == 4, QuantGemmConfig(block_n=16, block_k=64)) == (0, 0)
+    workspace = SplitKWorkspace(device, 3 * 70 * 48, counters) if shared else None
     args = [t.to(device) if t is not None else None for t in (q, scales, zeros, bias)]
-    got = triton_quant_gemm(x.to(device), *args, group, config)
+    got = triton_quant_gemm(x.to(device), *args, group, config, workspace=workspace)
     want = quant_gemm_reference(x.double(), q, scales.double(), None if zeros is None else zeros.double(),
                                 bias.double(), group)
     assert rel_error(got.cpu(), want) < 1e-6
-    assert torch.equal(got, triton_quant_gemm(x.to(device), *args, group, config))
+    assert torch.equal(got, triton_quant_gemm(x.to(device), *args, group, config, workspace=workspace))
+    if shared:
+        assert int(workspace.counters.abs().sum()) == 0
+    # The fused SiLU * up epilogue after the in-kernel sum ([gate; up] of 48 rows: whole 8-row
+    # halves of the 16-row tiles), through the same workspace (sized for it below).
+    w48 = torch.randn(48, 512, generator=g)
+    q48, s48 = quantize_int8(w48, torch.float32)
+    fused = triton_quant_gemm(x.to(device), q48.to(device), s48.to(device), None, None, 512, config,
+                              tq.EPILOGUE_SILU_MUL, workspace)
+    plain = quant_gemm_reference(x, q48, s48, None, None, 512)
+    gate, up = plain.chunk(2, dim=-1)
+    assert rel_error(fused.cpu(), torch.nn.functional.silu(gate) * up) < 1e-5
+    if shared:
+        assert int(workspace.counters.abs().sum()) == 0
 
 
 @needs_triton

@@ -489,7 +489,8 @@ class GpuLinearDispatcher:
         return tuple(plan)
 
     def apply(self, model: nn.Module) -> None:
-        """Install the table on every DispatchLinear, with one split-K workspace for all."""
+        """Install the table on every DispatchLinear, with one split-K workspace for all (16-bit
+        and quantized layers alike: their launches run one after another on one stream)."""
         from thinkwise.kernels import triton_gemm
 
         groups = self._groups(model)
@@ -504,11 +505,19 @@ class GpuLinearDispatcher:
                 if config is not None:
                     p, c = triton_gemm.workspace_size(rows, shape[0], shape[1], config, device)
                     partials, counters = max(partials, p), max(counters, c)
+        quantized = [layer for layers in quantized_groups(model).values() for layer in layers]
+        for layer in quantized:  # their plans are installed by _profile_quantized
+            p, c = layer.method.split_k_need(layer)
+            if c:
+                device = next(layer.buffers()).device
+                partials, counters = max(partials, p), max(counters, c)
         workspace = triton_gemm.SplitKWorkspace(device, partials, counters) if device is not None and counters else None
         for shape, layers in groups.items():
             for layer in layers:
                 layer.row_plan = plans[shape]
                 layer.split_k_workspace = workspace if plans[shape] is not None else None
+        for layer in quantized:
+            layer.split_k_workspace = workspace if layer.method.split_k_need(layer)[1] else None
 
     def describe(self) -> dict[str, Any]:
         """The table for the run's metadata: per shape "NxK", M ranges -> implementation."""

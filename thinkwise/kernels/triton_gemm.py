@@ -193,6 +193,39 @@ if HAVE_TRITON:
         store_tile(tl.reshape(result, [1, BLOCK_N]), row + tl.zeros([1], dtype=tl.int32), pid_n, M, N, out_ptr,
                    stride_om, 1, BLOCK_N, EPILOGUE)
 
+    @triton.jit
+    def finish_tile(result, offs_m, pid_m, pid_n, pid_k, M, N, split_k, rows, bias_ptr, out_ptr, stride_om,
+                    partial_ptr, counter_ptr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    EPILOGUE: tl.constexpr):
+        """A program's fp32 [BLOCK_M, BLOCK_N] result (weight rows `rows`, as `tile_rows` gives them)
+        to the output: stored at once (plus bias) without split-K; with it, stored as this slice's
+        partial, and the last of the tile's split_k programs to arrive (a `SplitKWorkspace`
+        counter) sums the slices in a fixed order (the same bits every run, unlike atomic adds),
+        adds the bias, re-arms the counter and stores: no second kernel."""
+        if split_k == 1:
+            if HAS_BIAS:
+                result += tl.load(bias_ptr + rows).to(tl.float32)[None, :]
+            store_tile(result, offs_m, pid_n, M, N, out_ptr, stride_om, BLOCK_M, BLOCK_N, EPILOGUE)
+        else:
+            offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the partials' columns
+            out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+            tile_offsets = offs_m[:, None] * N + offs_n[None, :]
+            tl.store(partial_ptr + pid_k * M * N + tile_offsets, result, mask=out_mask)
+            # Every thread's partial store must be done before the arrival is published;
+            # the counter's acq_rel makes the others' partials visible to the last arrival.
+            tl.debug_barrier()
+            counter = counter_ptr + pid_m * tl.num_programs(1) + pid_n
+            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
+            if arrived == split_k - 1:
+                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for s in range(0, split_k):  # fixed order: the same sum on every run
+                    total += tl.load(partial_ptr + s * M * N + tile_offsets, mask=out_mask, other=0.0,
+                                     cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + rows).to(tl.float32)[None, :]
+                tl.atomic_xchg(counter, 0)  # re-arm for the next launch
+                store_tile(total, offs_m, pid_n, M, N, out_ptr, stride_om, BLOCK_M, BLOCK_N, EPILOGUE)
+
     # M and split_k vary per call; specializing on them (M == 1, M % 16 == 0, split_k == 1)
     # would compile several copies of each tiling for no gain: rows are never vectorised along.
     @triton.jit(do_not_specialize=["M", "split_k"])
@@ -206,7 +239,6 @@ if HAVE_TRITON:
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # the tile's columns (of partials, too)
         # Out-of-range rows and columns read a valid row instead (wrapped), so loads need
         # no row/column masks; their results are never stored.
         safe_m = offs_m % M
@@ -294,28 +326,8 @@ if HAVE_TRITON:
             if BLOCK_M > 2:
                 result = tl.where(which == 2, tl.sum(acc2, axis=1)[None, :], result)
                 result = tl.where(which == 3, tl.sum(acc3, axis=1)[None, :], result)
-        out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-        if split_k == 1:
-            if HAS_BIAS:
-                result += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
-            store_tile(result, offs_m, pid_n, M, N, out_ptr, stride_om, BLOCK_M, BLOCK_N, EPILOGUE)
-        else:
-            tile_offsets = offs_m[:, None] * N + offs_n[None, :]
-            tl.store(partial_ptr + pid_k * M * N + tile_offsets, result, mask=out_mask)
-            # Every thread's partial store must be done before the arrival is published;
-            # the counter's acq_rel makes the others' partials visible to the last arrival.
-            tl.debug_barrier()
-            counter = counter_ptr + pid_m * tl.num_programs(1) + pid_n
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel")
-            if arrived == split_k - 1:
-                total = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-                for s in range(0, split_k):  # fixed order: the same sum on every run
-                    total += tl.load(partial_ptr + s * M * N + tile_offsets, mask=out_mask, other=0.0,
-                                     cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(bias_ptr + safe_n).to(tl.float32)[None, :]
-                tl.atomic_xchg(counter, 0)  # re-arm for the next launch
-                store_tile(total, offs_m, pid_n, M, N, out_ptr, stride_om, BLOCK_M, BLOCK_N, EPILOGUE)
+        finish_tile(result, offs_m, pid_m, pid_n, pid_k, M, N, split_k, safe_n, bias_ptr, out_ptr, stride_om,
+                    partial_ptr, counter_ptr, HAS_BIAS, BLOCK_M, BLOCK_N, EPILOGUE)
 
 
 def triton_flat_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -375,7 +387,7 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, o
     plan = plan_launch(rows, n, k, config, x2.device)
     # Unused when split_k == 1, but the split-K branch is still compiled, so the placeholders
     # must have the real pointer types (an int32 counter: atomics reject a bf16 one).
-    partials, counters = _placeholders(x2.device)
+    partials, counters = split_k_placeholders(x2.device)
     if plan.split_k > 1:
         need = (plan.split_k * rows * n, plan.m_tiles * plan.n_tiles)
         if workspace is None or not workspace.fits(*need):
@@ -395,7 +407,8 @@ def _launch(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, o
 _PLACEHOLDERS: dict = {}
 
 
-def _placeholders(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def split_k_placeholders(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Typed stand-ins (fp32 partials, int32 counters) for a call without split-K."""
     key = str(device)
     if key not in _PLACEHOLDERS:
         _PLACEHOLDERS[key] = (torch.zeros(1, dtype=torch.float32, device=device),

@@ -24,11 +24,13 @@ against the even and the odd inputs, read x with strided 16-bit loads that nothi
 an instruction in bf16 pairs by PTX (`INT4_WORD_TO_BF16`: ~1.9 instructions a weight for the
 decode, ~6.0 a weight for the whole loop against ~7.0); they join the start-up table as `_p2`
 tilings, not yet timed on a GPU. A split-K variant gives long-K, small-N shapes enough
-programs; one more kernel sums its slices in a fixed order (deterministic, unlike atomics),
-adds the bias and casts. Under PDL (`pdl`) the GEMV loads its first weight
-tile before waiting for the previous kernel. For a [gate; up] projection every tiling but
-split-K can end in the 16-bit GEMM's SiLU * up epilogue (`triton_gemm.store_tile`; a tile
-reads matching gate and up rows), saving the element-wise launch after each MLP's GEMM. The twin is `quant_gemm_reference`
+programs; the last program of a tile to arrive sums its slices in a fixed order
+(deterministic, unlike atomics), adds the bias and stores, as the 16-bit flat GEMM does
+(`triton_gemm.finish_tile`, through the one `SplitKWorkspace` the dispatcher gives all
+layers). Under PDL (`pdl`) the GEMV loads its first weight tile(s) before waiting for the
+previous kernel. For a [gate; up] projection every tiling can end in the 16-bit GEMM's
+SiLU * up epilogue (`triton_gemm.store_tile`; a tile reads matching gate and up rows),
+saving the element-wise launch after each MLP's GEMM. The twin is `quant_gemm_reference`
 (dequantize, then `F.linear`); the dispatch table in `linear_dispatch` times these tilings
 against dequantize-then-cuBLAS per shape and M.
 
@@ -59,7 +61,7 @@ import torch
 
 from thinkwise.kernels import pdl
 from thinkwise.kernels.device_info import use_asm
-from thinkwise.kernels.triton_gemm import EPILOGUE_NONE, EPILOGUE_SILU_MUL
+from thinkwise.kernels.triton_gemm import EPILOGUE_NONE, EPILOGUE_SILU_MUL, SplitKWorkspace, split_k_placeholders
 from thinkwise.kernels.triton_int4_half2 import int4_gemv_half2
 
 try:
@@ -73,7 +75,7 @@ HAVE_TRITON = triton is not None
 if HAVE_TRITON:
     # The 16-bit flat GEMM's tile rows and store: its SiLU * up epilogue rounds where the unfused
     # kernels round, so fused here it gives the bits of this GEMM followed by `fused.silu_mul`.
-    from thinkwise.kernels.triton_gemm import store_row, store_tile, tile_rows
+    from thinkwise.kernels.triton_gemm import finish_tile, store_row, tile_rows
 
 # Eight int4 codes (one int32 word, k order: the low nibble of byte 0 first) -> eight bf16
 # weights (code - 8) * scale + zero ($0..$7, k order), for the `bf16_pairs` dot tiles. lop3 ORs two
@@ -113,7 +115,6 @@ PAIRS_DTYPES = (torch.bfloat16,)
 DOT_MIN_ROWS = 16  # tl.dot needs every dimension >= 16
 GEMV_MAX_ROWS = 4
 MIN_INT4_BLOCK_K = 32
-SUM_BLOCK = 1024  # outputs per program of the split-K sum
 
 
 @dataclass(frozen=True)
@@ -329,8 +330,8 @@ if HAVE_TRITON:
         store_row(result, row, pid_n, M, N, out_ptr, stride_om, BLOCK_N, EPILOGUE)
 
     @triton.jit(do_not_specialize=["M"])
-    def _quant_gemm_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr,
-                           M, N, K, stride_xm, stride_qn, stride_sn, stride_om, k_per_split, stride_split,
+    def _quant_gemm_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+                           M, N, K, stride_xm, stride_qn, stride_sn, stride_om, k_per_split,
                            GROUP: tl.constexpr, INT4: tl.constexpr,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -342,16 +343,15 @@ if HAVE_TRITON:
         low- and high-nibble planes and dequantized (int4), then joined back into k order for
         one dot against a contiguous x tile, so Triton's pipeliner stages the weight and x
         loads like a 16-bit GEMM's. With PAIRS (int4) the codes come as int32 words,
-        dequantized in bf16 pairs (`_int4_words_to_bf16`) and joined into k order the same way. With SPLIT_K > 1, program (m, n, s) covers
-        k in [s * k_per_split, (s + 1) * k_per_split) and stores its float32 partial sums
-        at out + s * stride_split (no bias); the caller adds the slices in a fixed order, so
-        results do not depend on scheduling, as atomics would. EPILOGUE (SPLIT_K 1 only) as
+        dequantized in bf16 pairs (`_int4_words_to_bf16`) and joined into k order the same
+        way. With SPLIT_K > 1, program (m, n, s) covers k in [s * k_per_split, (s + 1) *
+        k_per_split) and `triton_gemm.finish_tile` sums the slices in the last program to arrive
+        (a `SplitKWorkspace`: partials and counters), in a fixed order. EPILOGUE as
         `triton_gemm.store_tile`'s."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         safe_m = offs_m % M
         rows = tile_rows(pid_n, N, BLOCK_N, EPILOGUE)
         BYTES: tl.constexpr = BLOCK_K // 2 if INT4 else BLOCK_K
@@ -409,33 +409,11 @@ if HAVE_TRITON:
         if not INT4:  # per-row scale: once, on the finished sums
             acc = acc * tl.load(scale_ptr + rows * stride_sn).to(tl.float32)[:, None]
         result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
-        if HAS_BIAS and SPLIT_K == 1:
-            result += tl.load(bias_ptr + rows).to(tl.float32)[None, :]
-        if SPLIT_K == 1:
-            store_tile(result, offs_m, pid_n, M, N, out_ptr, stride_om, BLOCK_M, BLOCK_N, EPILOGUE)
-        else:
-            out_mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
-            tl.store(out_ptr + pid_k * stride_split + offs_m[:, None] * stride_om + offs_n[None, :],
-                     result.to(out_ptr.dtype.element_ty), mask=out_mask)
+        finish_tile(result, offs_m, pid_m, pid_n, pid_k, M, N, SPLIT_K, rows, bias_ptr, out_ptr, stride_om,
+                    partial_ptr, counter_ptr, HAS_BIAS, BLOCK_M, BLOCK_N, EPILOGUE)
 
 
 if HAVE_TRITON:
-
-    @triton.jit
-    def _sum_splits_kernel(partial_ptr, bias_ptr, out_ptr, total, n, stride_split, stride_bias,
-                           SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        """out (contiguous [rows, n]) = the split-K slices of `partial` summed in order, + bias."""
-        if PDL:  # the partials are the previous kernel's output
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < total
-        acc = tl.load(partial_ptr + offs, mask=mask, other=0.0)
-        for s in tl.static_range(1, SPLIT):
-            acc += tl.load(partial_ptr + s * stride_split + offs, mask=mask, other=0.0)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + (offs % n) * stride_bias, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _round_for_store(w, BF16: tl.constexpr):
@@ -519,18 +497,46 @@ def _int32_pairs_ok(x2: torch.Tensor) -> bool:
 def gated_fits(n: int, config: QuantGemmConfig, bias: torch.Tensor | None) -> bool:
     """Whether `config` can run SiLU(gate) * up in its epilogue for a [gate; up] weight of n
     rows: a tile holds block_n / 2 gate rows and the matching up rows, so each half must split
-    into whole tiles; split-K tiles sum their slices in another kernel, and a bias is not fused."""
-    return bias is None and config.split_k == 1 and config.block_n >= 2 and n % 2 == 0 \
-        and (n // 2) % (config.block_n // 2) == 0
+    into whole tiles; a bias is not fused (no model has one on gate/up)."""
+    return bias is None and config.block_n >= 2 and n % 2 == 0 and (n // 2) % (config.block_n // 2) == 0
+
+
+def _block_k(k: int, group: int, int4: bool, config: QuantGemmConfig) -> int:
+    """The K tile a call runs with: int4 tiles span whole groups and at least 16 bytes a row;
+    a dot tile's K is at least 16 (int4: 32 weights, 16 a nibble plane)."""
+    block_k = max(config.block_k, group, MIN_INT4_BLOCK_K) if int4 else config.block_k
+    if config.use_dot:
+        block_k = max(block_k, 2 * DOT_MIN_ROWS if int4 else DOT_MIN_ROWS)
+    return block_k
+
+
+def _dot_split(rows: int, k: int, block_k: int, config: QuantGemmConfig) -> tuple[int, int, int]:
+    """(block_m, split, k_per_split) of a dot-tile call: no empty slices."""
+    tiles = -(-k // block_k)
+    split = max(1, min(config.split_k, tiles))
+    k_per_split = -(-tiles // split) * block_k
+    return config.block_m(rows), -(-k // k_per_split), k_per_split
+
+
+def workspace_size(rows: int, n: int, k: int, group: int, int4: bool, config: QuantGemmConfig) -> tuple[int, int]:
+    """(partial floats, counters) a call of `config` on `rows` rows needs; (0, 0) without split-K."""
+    if not config.use_dot:
+        return 0, 0
+    block_m, split, _ = _dot_split(rows, k, _block_k(k, group, int4, config), config)
+    if split == 1:
+        return 0, 0
+    return split * rows * n, -(-rows // block_m) * -(-n // config.block_n)
 
 
 def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                       bias: torch.Tensor | None, group: int, config: QuantGemmConfig,
-                      epilogue: int = EPILOGUE_NONE) -> torch.Tensor:
+                      epilogue: int = EPILOGUE_NONE, workspace: SplitKWorkspace | None = None) -> torch.Tensor:
     """`x @ W.T + bias` for W stored as int8 (zeros None, scales [N, 1]) or int4 (q [N, K/2]
     uint8, scales and zeros [N, K/group]); x [..., K] 16-bit or fp32. With
     epilogue=EPILOGUE_SILU_MUL (W the fused [gate; up] projection, `gated_fits`), SiLU(gate) *
-    up [..., N / 2] in the same launch, bit for bit this GEMM then `fused.silu_mul`."""
+    up [..., N / 2] in the same launch, bit for bit this GEMM then `fused.silu_mul`. Split-K
+    tiles sum their slices in the kernel, through `workspace` (a fresh one, zeroed, where it is
+    None or too small: one memset more per call)."""
     if not HAVE_TRITON:
         raise RuntimeError("triton is not installed; use quant_gemm_reference")
     int4 = zeros is not None
@@ -540,15 +546,11 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
         raise ValueError(f"x has {x.shape[-1]} features but the weight expects {k}")
     if epilogue == EPILOGUE_SILU_MUL and not gated_fits(n, config, bias):
         raise ValueError(f"{config.name} cannot fuse SiLU * up for a [gate; up] weight of {n} rows "
-                         f"(each half must split into {config.block_n // 2}-row tiles, no split-K, no bias)")
+                         f"(each half must split into {config.block_n // 2}-row tiles, no bias)")
     if int4 and (k % group or group & (group - 1) or group < 8 or config.block_k & (config.block_k - 1)):
         raise ValueError(f"int4 needs K ({k}) divisible by the group ({group}), and the group (>= 8) and "
                          f"block_k ({config.block_k}) powers of two")
-    # int4 tiles span whole groups and at least 16 bytes a row; a dot tile's planes need
-    # at least 16 words (tl.dot's smallest K).
-    block_k = max(config.block_k, group, MIN_INT4_BLOCK_K) if int4 else config.block_k
-    if config.use_dot:  # a dot's K (int4: per nibble plane) is at least 16
-        block_k = max(block_k, 2 * DOT_MIN_ROWS if int4 else DOT_MIN_ROWS)
+    block_k = _block_k(k, group, int4, config)
     words = code_words(q)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)
@@ -566,27 +568,19 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
         tensors = (x2, codes, scales, zeros if int4 else scales, bias if bias is not None else out, out,
                    rows, n, k, x2.stride(0), codes.stride(0), scales.stride(0), out.stride(0))
         if config.use_dot:
-            block_m = config.block_m(rows)
-            tiles = -(-k // block_k)
-            split = max(1, min(config.split_k, tiles))
-            k_per_split = -(-tiles // split) * block_k
-            split = -(-k // k_per_split)
+            block_m, split, k_per_split = _dot_split(rows, k, block_k, config)
             grid = (-(-rows // block_m), -(-n // config.block_n), split)
             common.update(PAIRS=config.bf16_pairs and int4 and x2.dtype in PAIRS_DTYPES, ASM=use_asm(x2.device))
-            if split == 1:  # (an epilogue implies split 1: gated_fits)
-                _quant_gemm_kernel[grid](*tensors, k_per_split, 0, BLOCK_M=block_m, IEEE=x2.dtype == torch.float32,
-                                         SPLIT_K=1, MAGIC=config.magic_decode, **common)
-            else:
-                partial = torch.empty(split, rows, n, dtype=torch.float32, device=x.device)
-                _quant_gemm_kernel[grid](*tensors[:5], partial, *tensors[6:12], partial.stride(1), k_per_split,
-                                         partial.stride(0), BLOCK_M=block_m, IEEE=x2.dtype == torch.float32,
-                                         SPLIT_K=split, MAGIC=config.magic_decode, **common)
-                # The slices summed in a fixed order (deterministic), the bias added and the
-                # result cast, in one launch.
-                _sum_splits_kernel[(-(-rows * n // SUM_BLOCK),)](
-                    partial, bias if bias is not None else out, out, rows * n, n, partial.stride(0),
-                    bias.stride(0) if bias is not None else 0, SPLIT=split,
-                    HAS_BIAS=bias is not None, BLOCK=SUM_BLOCK, **pdl.kernel_args(x2.device, rows))
+            # Without split-K the workspace arguments are never touched, but typed like the real ones.
+            partials, counters = split_k_placeholders(x2.device)
+            if split > 1:
+                need = (split * rows * n, grid[0] * grid[1])
+                if workspace is None or not workspace.fits(*need):
+                    workspace = SplitKWorkspace(x2.device, *need)
+                partials, counters = workspace.partials, workspace.counters
+            _quant_gemm_kernel[grid](*tensors[:6], partials, counters, *tensors[6:], k_per_split, BLOCK_M=block_m,
+                                     IEEE=x2.dtype == torch.float32, SPLIT_K=split, MAGIC=config.magic_decode,
+                                     **common)
         elif config.half2 and int4 and x2.dtype == torch.bfloat16 and _int32_pairs_ok(x2):
             int4_gemv_half2(x2, words, scales, zeros, bias, out, group, config.block_n, block_k, config.num_warps,
                             config.num_stages, epilogue)

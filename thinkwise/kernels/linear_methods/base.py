@@ -68,6 +68,11 @@ class LinearMethod:
         """Bytes a matmul reads for this layer's weight (codes, scales, zero points)."""
         raise NotImplementedError
 
+    def split_k_need(self, layer: DispatchLinear) -> tuple[int, int]:
+        """(partial floats, counters) of the largest split-K call the layer's installed plan makes
+        (the dispatcher gives all layers one `triton_gemm.SplitKWorkspace` that fits); (0, 0): none."""
+        return 0, 0
+
     def gpu_candidates(self, layer: DispatchLinear, rows: int) -> dict[str, tuple[object, Callable]]:
         """name -> (tiling, call x -> y): the Triton implementations the GPU dispatcher may
         time for `rows` rows; dequantize-then-cuBLAS (`reference`) is always the baseline."""

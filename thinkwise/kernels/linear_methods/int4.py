@@ -22,7 +22,7 @@ import torch
 from thinkwise.kernels import cpu_quant_gemm
 from thinkwise.kernels.linear_methods.base import LinearMethod
 from thinkwise.kernels.linear_methods.cpu_blocks import BlockedOnCpu
-from thinkwise.kernels.linear_methods.plans import gpu_apply, gpu_apply_silu_mul, quant_candidates
+from thinkwise.kernels.linear_methods.plans import gpu_apply, gpu_apply_silu_mul, quant_candidates, split_k_need
 
 GROUP_SIZES = (32, 64, 128)
 DEFAULT_GROUP = 32
@@ -140,6 +140,11 @@ class Int4Method(BlockedOnCpu, LinearMethod):
         if self.blocked or x.device.type != "cuda":
             return None
         return gpu_apply_silu_mul(layer, x, layer.qweight, layer.scales, layer.zeros, self.group)
+
+    def split_k_need(self, layer) -> tuple[int, int]:
+        if self.blocked or not hasattr(layer, "qweight"):
+            return 0, 0
+        return split_k_need(layer, layer.qweight, layer.zeros, self.group)
 
     def gpu_candidates(self, layer, rows: int):
         return quant_candidates(layer, rows, layer.qweight, layer.scales, layer.zeros, self.group)

@@ -33,7 +33,8 @@ def gpu_apply(method, layer, x: torch.Tensor, q, scales, zeros, group: int) -> t
         return method.reference(layer, x)
     from thinkwise.kernels.triton_quant_gemm import triton_quant_gemm
 
-    return triton_quant_gemm(x, q, scales, zeros, layer.bias, group, config)
+    return triton_quant_gemm(x, q, scales, zeros, layer.bias, group, config,
+                             workspace=getattr(layer, "split_k_workspace", None))
 
 
 def gpu_apply_silu_mul(layer, x: torch.Tensor, q, scales, zeros, group: int) -> torch.Tensor | None:
@@ -48,7 +49,40 @@ def gpu_apply_silu_mul(layer, x: torch.Tensor, q, scales, zeros, group: int) -> 
 
     if not tq.gated_fits(layer.out_features, config, layer.bias):
         return None
-    return tq.triton_quant_gemm(x, q, scales, zeros, None, group, config, tq.EPILOGUE_SILU_MUL)
+    return tq.triton_quant_gemm(x, q, scales, zeros, None, group, config, tq.EPILOGUE_SILU_MUL,
+                                getattr(layer, "split_k_workspace", None))
+
+
+def split_k_need(layer, q, zeros, group: int) -> tuple[int, int]:
+    """(partial floats, counters) the largest split-K call of the layer's installed plan needs
+    (the dispatcher sizes one shared `SplitKWorkspace` from it); (0, 0) without split-K."""
+    from thinkwise.kernels import triton_quant_gemm as tq
+
+    need = (0, 0)
+    plan = getattr(layer, "quant_plan", None) or ()
+    above = getattr(layer, "quant_plan_above", None)
+    rungs = [*enumerate(plan), *((top, config) for top, config in above if top is not None)] \
+        if isinstance(above, list) else list(enumerate(plan))
+    for rows, config in rungs:
+        if config is not None:
+            size = tq.workspace_size(rows, layer.out_features, layer.in_features, group, zeros is not None, config)
+            need = (max(need[0], size[0]), max(need[1], size[1]))
+    return need
+
+
+_CANDIDATE_WORKSPACES: dict[str, object] = {}
+
+
+def _candidate_workspace(device: torch.device, need: tuple[int, int]):
+    """One growing workspace per device for the tilings the start-up table times: its calls
+    run one after another on one stream, as the model's do, so they can share it."""
+    from thinkwise.kernels.triton_gemm import SplitKWorkspace
+
+    held = _CANDIDATE_WORKSPACES.get(str(device))
+    if held is None or not held.fits(*need):
+        size = (max(need[0], held.partials.numel() if held else 0), max(need[1], held.counters.numel() if held else 0))
+        held = _CANDIDATE_WORKSPACES[str(device)] = SplitKWorkspace(device, *size)
+    return held
 
 
 def quant_candidates(layer, rows: int, q, scales, zeros, group: int) -> dict[str, tuple[object, Callable]]:
@@ -63,6 +97,9 @@ def quant_candidates(layer, rows: int, q, scales, zeros, group: int) -> dict[str
             continue
         if config.bf16_pairs and scales.dtype not in tq.PAIRS_DTYPES:  # a model in another dtype: a duplicate
             continue
+        need = tq.workspace_size(rows, layer.out_features, layer.in_features, group, zeros is not None, config)
+        workspace = _candidate_workspace(q.device, need) if need[1] else None
         out[f"triton:{config.name}"] = (
-            config, lambda x, c=config: tq.triton_quant_gemm(x, q, scales, zeros, layer.bias, group, c))
+            config, lambda x, c=config, ws=workspace: tq.triton_quant_gemm(x, q, scales, zeros, layer.bias, group, c,
+                                                                            workspace=ws))
     return out
