@@ -353,6 +353,10 @@ class GpuLinearDispatcher:
                 self._profile_shape(shape, layers, props.L2_cache_size, dtype, device)
             for key, layers in quantized.items():
                 self._profile_quantized(key, layers, props.L2_cache_size, dtype, device)
+        if quantized:
+            from thinkwise.kernels.linear_methods.plans import release_candidate_workspaces
+
+            release_candidate_workspaces()
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()  # graph pools: leave the memory to the KV cache
         self.profile_seconds = time.perf_counter() - started

@@ -73,6 +73,11 @@ def split_k_need(layer, q, zeros, group: int) -> tuple[int, int]:
 _CANDIDATE_WORKSPACES: dict[str, object] = {}
 
 
+def release_candidate_workspaces() -> None:
+    """Drop the timing workspaces (the dispatcher calls it once its table is built)."""
+    _CANDIDATE_WORKSPACES.clear()
+
+
 def _candidate_workspace(device: torch.device, need: tuple[int, int]):
     """One growing workspace per device for the tilings the start-up table times: its calls
     run one after another on one stream, as the model's do, so they can share it."""
