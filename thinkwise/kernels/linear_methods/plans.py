@@ -102,7 +102,8 @@ def quant_candidates(layer, rows: int, q, scales, zeros, group: int) -> dict[str
             continue
         if config.bf16_pairs and scales.dtype not in tq.PAIRS_DTYPES:  # a model in another dtype: a duplicate
             continue
-        need = tq.workspace_size(rows, layer.out_features, layer.in_features, group, zeros is not None, config)
+        need = tq.workspace_size(rows, q.shape[0], q.shape[1] * (2 if zeros is not None else 1), group,
+                                 zeros is not None, config)
         workspace = _candidate_workspace(q.device, need) if need[1] else None
         out[f"triton:{config.name}"] = (
             config, lambda x, c=config, ws=workspace: tq.triton_quant_gemm(x, q, scales, zeros, layer.bias, group, c,
