@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.kernels.test_gemm_epilogues import close as close_16bit_epilogue
 from tests.kernels.test_triton_quant_gemm import CUDA, SMALL_CONFIGS, device_and_check, dtypes_for, needs_triton
 from thinkwise.kernels import linear_dispatch
 from thinkwise.kernels import triton_quant_gemm as tq
@@ -38,13 +39,9 @@ def quantized(bits: int, n: int, k: int, dtype: torch.dtype, generator, group: i
 
 
 def close(got: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> bool:
-    # fp32: the same sums, though the interpreter's dot (numpy) may order a tile's sums
-    # differently once its rows move (~1e-6 measured). 16-bit under the interpreter: its casts
-    # truncate where torch rounds, so allow a rounding step; on a GPU the test asks for equality.
-    if dtype == torch.float32:
-        return torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
-    step = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -10
-    return torch.allclose(got.float(), expected.float(), rtol=2 * step, atol=2 * step)
+    # As the 16-bit epilogue's test, but fp32 within 1e-5: the interpreter's dot (numpy) may
+    # order a tile's sums differently once its rows move (~1e-6 measured).
+    return close_16bit_epilogue(got, expected, dtype, fp32_tolerance=1e-5)
 
 
 @needs_triton
