@@ -510,8 +510,8 @@ class GpuLinearDispatcher:
                     p, c = triton_gemm.workspace_size(rows, shape[0], shape[1], config, device)
                     partials, counters = max(partials, p), max(counters, c)
         quantized = [layer for layers in quantized_groups(model).values() for layer in layers]
-        for layer in quantized:  # their plans are installed by _profile_quantized
-            p, c = layer.method.split_k_need(layer)
+        needs = [layer.method.split_k_need(layer) for layer in quantized]  # plans from _profile_quantized
+        for layer, (p, c) in zip(quantized, needs):
             if c:
                 device = next(layer.buffers()).device
                 partials, counters = max(partials, p), max(counters, c)
@@ -520,8 +520,8 @@ class GpuLinearDispatcher:
             for layer in layers:
                 layer.row_plan = plans[shape]
                 layer.split_k_workspace = workspace if plans[shape] is not None else None
-        for layer in quantized:
-            layer.split_k_workspace = workspace if layer.method.split_k_need(layer)[1] else None
+        for layer, (_, c) in zip(quantized, needs):
+            layer.split_k_workspace = workspace if c else None
 
     def describe(self) -> dict[str, Any]:
         """The table for the run's metadata: per shape "NxK", M ranges -> implementation."""
