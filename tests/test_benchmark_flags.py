@@ -29,3 +29,33 @@ def test_step_profile_refuses_an_unknown_quantization(value):
 def test_step_profile_takes_a_valid_quantization_to_the_gpu_check():
     done = step_profile("--quantization", "int4-g64")
     assert done.returncode == 1 and "measures a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+
+
+def attention_knobs(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/gpu_attention_knobs.py", *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("flags", [("--stages", "2,x"), ("--tiles", ""), ("--warps", "0"), ("--waves", "4;rm -rf /"),
+                                   ("--batch", "-1"), ("--context", "100"), ("--heads", "12", "--kv-heads", "8")])
+def test_attention_knobs_refuses_a_bad_value(flags):
+    done = attention_knobs(*flags)
+    assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_attention_knobs_grid_puts_the_defaults_first_and_keeps_triton_default_stages():
+    from benchmarks.gpu_attention_knobs import fp8_grid, stage_list
+
+    assert stage_list("default,2") == [None, 2]
+    defaults = {"FP8_TILE": 32, "FP8_WARPS": 2, "FP8_STAGES": None, "SPLIT_WAVES": 4, "PREFETCH_16BIT": True}
+    grid = fp8_grid([64, 32], [1, 2], [2, None], [8, 4], defaults)
+    assert len(grid) == 16 and len({tuple(k.values()) for k in grid}) == 16
+    assert grid[0] == {"FP8_TILE": 32, "FP8_WARPS": 2, "FP8_STAGES": None, "SPLIT_WAVES": 4}
+    assert grid[1] == {"FP8_TILE": 64, "FP8_WARPS": 1, "FP8_STAGES": 2, "SPLIT_WAVES": 8}  # otherwise in order
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script would run")
+def test_attention_knobs_ends_with_a_message_without_a_gpu(tmp_path):
+    done = attention_knobs("--out", str(tmp_path / "k.json"))
+    assert done.returncode == 1 and "measures a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "k.json").exists()

@@ -101,7 +101,8 @@ FP8_WARPS = 2
 FP8_PREFETCH = False
 PREFETCH_16BIT = True
 # Software-pipeline stages Triton gives the fp8 tile loop (None: Triton's default), and how
-# many times over the split-KV grid fills the GPU (`choose_splits`). Knobs for sweeps.
+# many times over the split-KV grid fills the GPU (`choose_splits`). Knobs for sweeps:
+# `benchmarks/gpu_attention_knobs.py` times every combination against these defaults.
 FP8_STAGES: int | None = None
 SPLIT_WAVES = 4
 
