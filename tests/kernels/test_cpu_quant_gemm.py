@@ -1,6 +1,8 @@
-"""The AVX-512 VNNI quantized GEMM (kernels/cpu_quant_gemm + csrc/cpu_quant_gemm.cpp) against
-its PyTorch twin on small and odd shapes, its packing, its fallback, and greedy decoding of a
-tiny model through the kernel equal to decoding through the twin."""
+"""The quantized CPU GEMM (kernels/cpu_quant_gemm + csrc/cpu_quant_gemm.cpp), each build this CPU
+runs (AVX-512 VNNI, AVX2), against its PyTorch twin on small and odd shapes and on the codes and
+activations at the ends of their ranges (where the AVX2 build's int16 sums could saturate), its
+packing, the choice of build and its fallback, and greedy decoding of a tiny model through the
+kernel equal to decoding through the twin."""
 
 from __future__ import annotations
 
@@ -17,45 +19,117 @@ from thinkwise.loading import load_model
 needs_kernel = pytest.mark.skipif(not qg.available(), reason=f"kernel unavailable: {qg.status()['reason']}")
 
 
+def built_variants() -> list:
+    """One param per build of the kernel this CPU runs: its operator (each registers its own namespace)."""
+    out = []
+    for isa, namespace, library in qg._library.variants:
+        if library.load()["available"]:
+            out.append(pytest.param(getattr(torch.ops, namespace).quant_linear.default, id=isa))
+    return out or [pytest.param(None, marks=pytest.mark.skip(reason=f"no build runs here: {qg.status()['reason']}"))]
+
+
+VARIANTS = built_variants()
+
+
 def packed(weight: torch.Tensor, bits: int):
     if bits == 4:
         return qg.pack_int4(weight)
     return (*(qg.pack_int5 if bits == 5 else qg.pack_int8)(weight), None)
 
 
-@needs_kernel
+@pytest.mark.parametrize("op", VARIANTS)
 @pytest.mark.parametrize("bits", [8, 5, 4])
 @pytest.mark.parametrize("n,k", [(1, 32), (5, 96), (17, 64), (37, 896), (130, 160)])  # N % 16 != 0: padded tiles
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17])  # tile remainders, a full tile, two + 1
-def test_kernel_equals_the_twin_in_float32(bits, n, k, rows):
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 9, 17])  # tile remainders (4 and 8 rows a pass), two + 1
+def test_kernel_equals_the_twin_in_float32(op, bits, n, k, rows):
     torch.manual_seed(n * 1000 + k + rows)
     weight = torch.randn(n, k) * 0.05
     codes, scales, offsets = packed(weight, bits)
     x = torch.randn(rows, k) * 3
     bias = torch.randn(n)
     for b in (None, bias):
-        got = qg.quant_linear(x, codes, scales, offsets, b, k, n, bits)
+        got = op(x, codes, scales, offsets, b, k, n, bits)
         twin = qg.reference_linear(x, codes, scales, offsets, b, k, n, bits)
         assert got.shape == (rows, n) and got.dtype == torch.float32
         # Same products, another summation order: float32 rounding only.
         torch.testing.assert_close(got, twin, rtol=1e-5, atol=1e-5 * twin.abs().max().item())
 
 
-@needs_kernel
+@pytest.mark.parametrize("op", VARIANTS)
 @pytest.mark.parametrize("bits", [8, 5, 4])
-def test_bfloat16_activations_and_output(bits):
+def test_bfloat16_activations_and_output(op, bits):
     torch.manual_seed(1)
     weight = torch.randn(72, 128)
     codes, scales, offsets = packed(weight, bits)
     x = torch.randn(6, 128).bfloat16()
     bias = torch.randn(72).bfloat16()
-    got = qg.quant_linear(x, codes, scales, offsets, bias, 128, 72, bits)
+    got = op(x, codes, scales, offsets, bias, 128, 72, bits)
     assert got.dtype == torch.bfloat16
     twin = qg.reference_linear(x, codes, scales, offsets, bias, 128, 72, bits)
     torch.testing.assert_close(got.float(), twin.float(), rtol=2 ** -7, atol=1e-2)  # one bf16 rounding apart
     exact = torch.nn.functional.linear(x.float(), weight, bias.float())
     bound = {8: 0.02, 5: 0.08, 4: 0.12}[bits]  # weight + activation rounding, measured ~0.8% / ~4% / ~8%
     assert ((got.float() - exact).norm() / exact.norm()).item() < bound
+
+
+@pytest.mark.parametrize("op", VARIANTS)
+@pytest.mark.parametrize("bits", [8, 5, 4])
+@pytest.mark.parametrize("code", ["lowest", "highest"])
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_codes_and_activations_at_the_ends_of_their_ranges(op, bits, code, sign):
+    """Every code at its smallest or largest value (8-bit code 0 too, GGUF Q8_0's -128) times
+    activations that all quantize to +-127: the largest dot products a block can have, where an
+    int16 sum of the AVX2 build would saturate or wrap if its bounds were wrong."""
+    top = {8: 255, 5: 31, 4: 15}[bits]
+    values = torch.full((20, 128), 0 if code == "lowest" else top, dtype=torch.uint8)
+    values[3, ::3] = top - values[3, ::3]  # one row mixed, both ends
+    scales = torch.full((20, 4), 0.5, dtype=torch.float16)
+    offsets = torch.full((20, 4), -2.0, dtype=torch.float16) if bits == 4 else None
+    stored = qg.layout(bits, values, scales, offsets)
+    codes, block_scales, block_offsets = (*stored, None) if bits != 4 else stored
+    for x in (torch.full((3, 128), sign), torch.full((3, 128), sign).bfloat16()):
+        got = op(x, codes, block_scales, block_offsets, None, 128, 20, bits)
+        twin = qg.reference_linear(x, codes, block_scales, block_offsets, None, 128, 20, bits)
+        assert twin.abs().max() > 0
+        torch.testing.assert_close(got.float(), twin.float(), rtol=1e-5 if x.dtype == torch.float32 else 2 ** -7,
+                                   atol=1e-3)
+
+
+def test_the_best_build_this_cpu_runs_is_chosen_and_can_be_forced(monkeypatch):
+    class Fake:
+        def __init__(self, reason=None):
+            self.reason = reason
+
+        def load(self):
+            return {"available": False, "reason": self.reason} if self.reason else {"available": True,
+                                                                                     "reason": "built"}
+
+    from thinkwise.kernels.cpu_build import LibraryVariants
+
+    def variants(first_reason=None):
+        return LibraryVariants([("avx512_vnni", "ns512", Fake(first_reason)), ("avx2", "ns2", Fake())], "TW_TEST_ENV")
+
+    monkeypatch.delenv("TW_TEST_ENV", raising=False)
+    assert variants().load() == {"available": True, "reason": "built", "isa": "avx512_vnni", "namespace": "ns512"}
+    assert variants("this CPU lacks avx512f").load()["isa"] == "avx2"  # the next best
+    monkeypatch.setenv("TW_TEST_ENV", "avx2")  # forced, though the better one runs
+    assert variants().load()["namespace"] == "ns2"
+    monkeypatch.setenv("TW_TEST_ENV", "0")
+    assert variants().load() == {"available": False, "reason": "disabled by TW_TEST_ENV=0"}
+    monkeypatch.setenv("TW_TEST_ENV", "avx1024")
+    refused = variants().load()
+    assert not refused["available"] and "'avx1024' is none of 0, 1, avx512_vnni, avx2" in refused["reason"]
+    monkeypatch.setenv("TW_TEST_ENV", "1")
+    none = LibraryVariants([("a", "x", Fake("no a")), ("b", "y", Fake("no b"))], "TW_TEST_ENV").load()
+    assert none == {"available": False, "reason": "a: no a; b: no b"}  # every reason, for the run metadata
+
+
+@needs_kernel
+def test_the_record_names_the_build_in_use():
+    from thinkwise.kernels.linear_methods import cpu_kernel_record
+
+    isa = {"avx512_vnni": "AVX-512 VNNI", "avx2": "AVX2"}[qg.status()["isa"]]
+    assert cpu_kernel_record() == {"kernel": f"thinkwise cpu_quant_gemm ({isa}, int8 activations per block of 32)"}
 
 
 def test_packing_round_trips_values_the_format_can_hold():

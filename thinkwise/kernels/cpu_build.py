@@ -2,11 +2,12 @@
 
 Each operator library is one source file under csrc/, compiled by `torch.utils.cpp_extension`
 (ninja and the system's C++ compiler) into ~/.cache/thinkwise/torch_extensions, in a directory
-keyed by the source's hash, the torch version and, since the sources may be compiled for the
+keyed by the source's hash, the compiler flags, the torch version and, since the sources may be compiled for the
 building machine's own instruction set (-march=native), the CPU's feature flags. `build`
 never raises: a missing compiler, a CPU without the needed features, a failed build or the
 library's disable variable set to 0 each give {"available": False, "reason": ...}, and the
-callers fall back to PyTorch (the twins) and say so in the run metadata.
+callers fall back to PyTorch (the twins) and say so in the run metadata. `LibraryVariants`
+picks, among builds of one source for several instruction sets, the best this CPU runs.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ def cpu_flags() -> set[str]:
     return set()
 
 
-def build_dir(library: str, source: Path) -> Path:
+def build_dir(library: str, source: Path, cflags: list[str] = ()) -> Path:
     from thinkwise.loading.cache import cache_root
 
-    key = source.read_bytes() + torch.__version__.encode() + " ".join(sorted(cpu_flags())).encode()
+    key = (source.read_bytes() + torch.__version__.encode() + " ".join(sorted(cpu_flags())).encode()
+           + " ".join(cflags).encode())
     return cache_root() / "torch_extensions" / f"{library}-{hashlib.sha256(key).hexdigest()[:16]}"
 
 
@@ -57,7 +59,7 @@ def build(library: str, source: Path, cflags: list[str], required_flags: tuple[s
     try:
         from torch.utils.cpp_extension import load
 
-        directory = build_dir(library, source)
+        directory = build_dir(library, source, cflags)
         directory.mkdir(parents=True, exist_ok=True)
         load(name=f"thinkwise_{library}", sources=[str(source)], extra_cflags=cflags, extra_ldflags=["-pthread"],
              build_directory=str(directory), is_python_module=False, verbose=False)
@@ -80,6 +82,48 @@ class CppLibrary:
 
     def load(self) -> dict:
         return build(self.library, self.source, self.cflags, self.required_flags, self.disable_env)
+
+    def status(self) -> dict:
+        with self._lock:
+            if self._status is None:
+                self._status = self.load()
+            return self._status
+
+    def available(self) -> bool:
+        return self.status()["available"]
+
+
+class LibraryVariants:
+    """Builds of one source for several instruction sets, best first (say AVX-512 VNNI, then
+    AVX2): `status()` is the first that builds and loads here, with its name under "isa" and
+    the operator namespace it registers under "namespace"; otherwise every variant's reason.
+    The disable variable set to 0 turns all off; set to a variant's name, it forces that one
+    (A/B runs of the slower build on a CPU that has both)."""
+
+    def __init__(self, variants: list[tuple[str, str, CppLibrary]], disable_env: str):
+        self.variants, self.disable_env = variants, disable_env
+        self._lock = threading.Lock()
+        self._status: dict | None = None
+
+    def load(self) -> dict:
+        wanted = os.environ.get(self.disable_env, "1")
+        if wanted == "0":
+            return {"available": False, "reason": f"disabled by {self.disable_env}=0"}
+        names = [isa for isa, _, _ in self.variants]
+        if wanted in names:
+            chosen = [variant for variant in self.variants if variant[0] == wanted]
+        elif wanted == "1":
+            chosen = self.variants
+        else:
+            return {"available": False,
+                    "reason": f"{self.disable_env}={wanted!r} is none of 0, 1, {', '.join(names)}"}
+        reasons = []
+        for isa, namespace, library in chosen:
+            status = library.load()
+            if status["available"]:
+                return {**status, "isa": isa, "namespace": namespace}
+            reasons.append(f"{isa}: {status['reason']}")
+        return {"available": False, "reason": "; ".join(reasons)}
 
     def status(self) -> dict:
         with self._lock:

@@ -1,4 +1,4 @@
-"""Quantized linear layers on x86 CPUs: our AVX-512 VNNI kernel, its packing and its PyTorch twin.
+"""Quantized linear layers on x86 CPUs: our AVX-512 VNNI / AVX2 kernel, its packing and its PyTorch twin.
 
 Weights are stored in blocks of 32 along the input dimension, llama.cpp-style: 8-bit codes
 with one fp16 scale per block (W = s * q, q in -127..127; GGUF Q8_0 is exactly this), 5-bit
@@ -9,10 +9,13 @@ is quantized per block of 32 to int8 (scale amax / 127), so the dot products are
 VNNI work; 16 weight rows are interleaved (`layout`) so each VNNI instruction feeds 16
 outputs at once and no horizontal sums are needed, and the weights are read once per step
 for up to 8 token rows: the kernel (csrc/cpu_quant_gemm.cpp) is memory-bound at 1 row and
-stays close to it at 8, where PyTorch's int8 x bf16 kernel is compute-bound. It is compiled
-on first use with the system's C++ compiler (kernels/cpu_build.py); `status()` says whether it is usable and,
-if not, why (no compiler, no AVX-512 VNNI, a failed build), and the linear methods then
-fall back to PyTorch's own int8/int4 CPU kernels and say so in the run metadata.
+stays close to it at 8, where PyTorch's int8 x bf16 kernel is compute-bound. CPUs without
+AVX-512 VNNI (most laptops, AMD before Zen 4) run the AVX2 build of the same source: the same
+layout and results, vpmaddubsw / vpmaddwd in place of vpdpbusd, 4 token rows a pass. The
+best build the CPU runs is compiled on first use with the system's C++ compiler
+(kernels/cpu_build.py); `status()` says which ("isa") or, if none, why (no compiler, neither
+instruction set, a failed build), and the linear methods then fall back to PyTorch's own
+int8/int4 CPU kernels and say so in the run metadata.
 `reference_linear` is the twin every call of `quant_linear` is tested against: dequantize
 W, quantize-dequantize x the same way, one float32 `F.linear`.
 """
@@ -24,14 +27,19 @@ import torch
 from thinkwise.kernels import cpu_build
 
 BLOCK = 32  # weights per scale
-REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
-DISABLE_ENV = "THINKWISE_CPU_QUANT_KERNEL"  # "0": use PyTorch's kernels (A/B runs, debugging)
+DISABLE_ENV = "THINKWISE_CPU_QUANT_KERNEL"  # "0": PyTorch's kernels; "avx2": that build even where AVX-512 runs
 
-_library = cpu_build.CppLibrary(
-    "cpu_quant_gemm", cpu_build.CSRC / "cpu_quant_gemm.cpp",
-    ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-pthread"],
-    REQUIRED_CPU_FLAGS, DISABLE_ENV)
-status = _library.status  # {"available": bool, "reason": why not (or the build directory)}; builds on first call
+# Both builds register the same operator under their own namespace, so one process may load both (tests).
+_library = cpu_build.LibraryVariants([
+    ("avx512_vnni", "thinkwise_cpu", cpu_build.CppLibrary(
+        "cpu_quant_gemm", cpu_build.CSRC / "cpu_quant_gemm.cpp",
+        ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-pthread"],
+        ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma"))),
+    ("avx2", "thinkwise_cpu_avx2", cpu_build.CppLibrary(
+        "cpu_quant_gemm_avx2", cpu_build.CSRC / "cpu_quant_gemm.cpp",
+        ["-O3", "-mavx2", "-mfma", "-mf16c", "-DTHINKWISE_AVX2", "-pthread"], ("avx2", "f16c", "fma"))),
+], DISABLE_ENV)
+status = _library.status  # {"available", "reason" (the build directory, or why not), "isa", "namespace"}
 available = _library.available
 _load = _library.load
 _op = None  # torch.ops.thinkwise_cpu.quant_linear once loaded
@@ -202,5 +210,5 @@ def quant_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, off
     if _op is None:
         if not available():
             raise RuntimeError(f"the CPU quantized-GEMM kernel is not available: {status()['reason']}")
-        _op = torch.ops.thinkwise_cpu.quant_linear.default
+        _op = getattr(torch.ops, status()["namespace"]).quant_linear.default
     return _op(x, codes, scales, offsets, bias, in_features, out_features, bits)

@@ -1,4 +1,6 @@
-// Quantized-weight linear layers for x86 CPUs with AVX-512 VNNI (thinkwise.kernels.cpu_quant_gemm).
+// Quantized-weight linear layers for x86 CPUs (thinkwise.kernels.cpu_quant_gemm): built once with
+// AVX-512 VNNI (operators thinkwise_cpu::*) and, for CPUs without it, once with AVX2 + FMA + F16C
+// (-DTHINKWISE_AVX2, operators thinkwise_cpu_avx2::*): same layout, same results.
 //
 // y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) where W is stored in blocks of 32 weights along k:
 // unsigned codes c, one fp16 scale s per block and, for 4-bit codes, one fp16 offset o per
@@ -41,6 +43,7 @@
 #include <mutex>
 #include <pthread.h>
 #include <thread>
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -49,10 +52,8 @@ namespace {
 
 constexpr int64_t kBlock = 32;
 constexpr int kLanes = 16;  // weight rows per tile: one float lane each
-constexpr int kTokensPerTile = 8;  // activation rows multiplied per pass over a tile's weights
 
 constexpr int64_t block_bytes(int64_t bits) { return bits == 8 ? 512 : bits == 5 ? 320 : 256; }
-constexpr float offset_factor(int bits) { return bits == 4 ? 1.f : bits == 5 ? -16.f : -128.f; }
 
 struct QuantizedActivations {
   int64_t rows, k, blocks;
@@ -60,6 +61,12 @@ struct QuantizedActivations {
   std::vector<float> scales;      // [rows, blocks]
   std::vector<float> block_sums;  // [rows, blocks]: offset_factor * s_x * sum of the block's codes
 };
+
+#ifndef THINKWISE_AVX2
+// ---------------------------------------------------------------------------------- AVX-512 VNNI
+
+constexpr int kTokensPerTile = 8;  // activation rows multiplied per pass over a tile's weights
+constexpr float offset_factor(int bits) { return bits == 4 ? 1.f : bits == 5 ? -16.f : -128.f; }
 
 inline __m512 load16_as_float(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16_as_float(const c10::BFloat16* p) {
@@ -161,7 +168,7 @@ inline void tile(const uint8_t* codes, const c10::Half* scales, const c10::Half*
 }
 
 template <int Bits, typename TOut>
-void tile_all_rows(const uint8_t* codes, const c10::Half* scales, const c10::Half* offsets,
+inline void tile_all_rows(const uint8_t* codes, const c10::Half* scales, const c10::Half* offsets,
                    const QuantizedActivations& a, __m512 bias, TOut* out, int64_t n_total, __mmask16 valid) {
   int64_t m0 = 0;
   for (; m0 + kTokensPerTile <= a.rows; m0 += kTokensPerTile)
@@ -174,6 +181,207 @@ void tile_all_rows(const uint8_t* codes, const c10::Half* scales, const c10::Hal
     default: break;
   }
 }
+
+// One tile of 16 weight rows (`live` of them real) times every activation row.
+template <int Bits, typename TOut>
+inline void compute_tile(const uint8_t* codes, const c10::Half* scales, const c10::Half* offsets,
+                         const QuantizedActivations& a, const float* bias, TOut* out, int64_t n_total, int live) {
+  const __mmask16 valid = static_cast<__mmask16>((1u << live) - 1);
+  const __m512 b = bias ? _mm512_maskz_loadu_ps(valid, bias) : _mm512_setzero_ps();
+  tile_all_rows<Bits>(codes, scales, offsets, a, b, out, n_total, valid);
+}
+
+#else
+// ------------------------------------------------------------------------- AVX2 + FMA + F16C
+// The same tiles as two 256-bit halves (lanes 0..7 and 8..15). Without vpdpbusd, a step's
+// products come from vpmaddubsw (unsigned x signed bytes -> saturating int16 sums of pairs) and
+// vpmaddwd by ones (-> one int32 per lane). No sum can saturate: 4- and 5-bit codes are small
+// enough to add the int16 pair sums of 8 steps (4-bit: 8 x 2 x 15 x 127 = 30480) or 4 steps (5-bit:
+// 4 x 2 x 31 x 127 = 31496) before widening; 8-bit codes are made signed (q = c - 128) and
+// multiplied as |q| x (x with q's sign) (2 x 127 x 127 = 32258), so their dot product is
+// sum q x and needs no offset term (offset factor 0).
+
+constexpr int kTokensPerTile = 4;  // 16 ymm registers: two float accumulators per activation row
+constexpr float offset_factor(int bits) { return bits == 4 ? 1.f : bits == 5 ? -16.f : 0.f; }
+
+inline __m256 load8_as_float(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_as_float(const c10::BFloat16* p) {
+  __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+
+inline float max_of(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+inline int32_t sum_of(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+template <typename T>
+QuantizedActivations quantize_activations(const T* x, int64_t rows, int64_t k, float factor) {
+  QuantizedActivations a;
+  a.rows = rows;
+  a.k = k;
+  a.blocks = k / kBlock;
+  a.codes.resize(rows * k);
+  a.scales.resize(rows * a.blocks);
+  a.block_sums.resize(rows * a.blocks);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  // packs_epi32 then packs_epi16 interleave the four vectors' 4-value groups within 128-bit
+  // halves; this dword permutation puts the 32 bytes back in input order.
+  const __m256i in_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t b = 0; b < a.blocks; ++b) {
+      const T* src = x + m * k + b * kBlock;
+      __m256 v[4];
+      for (int i = 0; i < 4; ++i) v[i] = load8_as_float(src + 8 * i);
+      const __m256 peak = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], magnitude), _mm256_and_ps(v[1], magnitude)),
+                                        _mm256_max_ps(_mm256_and_ps(v[2], magnitude), _mm256_and_ps(v[3], magnitude)));
+      float scale = max_of(peak) / 127.f;
+      __m256 inv = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+      __m256i q[4];  // round half to even (the MXCSR default), as torch.round in the twin
+      for (int i = 0; i < 4; ++i) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+      const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(a.codes.data() + m * k + b * kBlock),
+                          _mm256_permutevar8x32_epi32(bytes, in_order));
+      int32_t code_sum = sum_of(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+      a.scales[m * a.blocks + b] = scale;
+      a.block_sums[m * a.blocks + b] = factor * scale * static_cast<float>(code_sum);
+    }
+  }
+  return a;
+}
+
+// Byte j of the result is 0x10 where bit j of `bits` is set (a 5-bit code's fifth bit): each
+// byte takes its source byte j / 8 by a shuffle (within 128-bit halves, which both hold all
+// four bytes), then keeps bit j % 8.
+inline __m256i fifth_bits(uint32_t bits) {
+  const __m256i source = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
+  const __m256i picked = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(bits)), source), bit);
+  return _mm256_and_si256(_mm256_cmpeq_epi8(picked, bit), _mm256_set1_epi8(0x10));
+}
+
+// The int32 dot products of one block (32 inputs) of a tile's 16 rows with one row of int8
+// activations `xq`: lanes 0..7 in dot[0], 8..15 in dot[1].
+template <int Bits>
+inline void block_dot(const uint8_t* block, const int8_t* xq, __m256i dot[2]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  int32_t four[8];  // the activations of each step, 4 bytes, broadcast to every lane below
+  std::memcpy(four, xq, sizeof(four));
+  for (int h = 0; h < 2; ++h) {
+    if constexpr (Bits == 8) {
+      const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+      __m256i sum = _mm256_setzero_si256();
+      for (int s = 0; s < 8; ++s) {
+        const __m256i q = _mm256_xor_si256(
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * s + 32 * h)), flip);
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(_mm256_set1_epi32(four[s]), q));
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
+      }
+      dot[h] = sum;
+    } else {
+      const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+      __m256i w[8];
+      for (int t = 0; t < 4; ++t) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * t + 32 * h));
+        w[t] = _mm256_and_si256(v, low_nibbles);
+        w[t + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
+      }
+      if constexpr (Bits == 5) {
+        for (int s = 0; s < 8; ++s) {
+          uint64_t high;
+          std::memcpy(&high, block + 256 + 8 * s, sizeof(high));
+          w[s] = _mm256_or_si256(w[s], fifth_bits(static_cast<uint32_t>(high >> (32 * h))));
+        }
+      }
+      constexpr int kStepsPerWiden = Bits == 4 ? 8 : 4;  // see the bounds above
+      __m256i sum = _mm256_setzero_si256();
+      for (int s0 = 0; s0 < 8; s0 += kStepsPerWiden) {
+        __m256i pairs = _mm256_setzero_si256();
+        for (int s = s0; s < s0 + kStepsPerWiden; ++s)
+          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[s], _mm256_set1_epi32(four[s])));
+        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
+      }
+      dot[h] = sum;
+    }
+  }
+}
+
+template <typename TOut>
+inline void store_lanes(TOut* dst, const __m256 acc[2], int live) {
+  if constexpr (std::is_same_v<TOut, float>) {
+    if (live == kLanes) {
+      _mm256_storeu_ps(dst, acc[0]);
+      _mm256_storeu_ps(dst + 8, acc[1]);
+      return;
+    }
+  }
+  alignas(32) float lanes[kLanes];
+  _mm256_store_ps(lanes, acc[0]);
+  _mm256_store_ps(lanes + 8, acc[1]);
+  for (int l = 0; l < live; ++l) dst[l] = static_cast<TOut>(lanes[l]);  // bf16: round to nearest even
+}
+
+// One tile of 16 weight rows times `MR` activation rows from m0, over all of K.
+template <int Bits, int MR, typename TOut>
+inline void tile(const uint8_t* codes, const c10::Half* scales, const c10::Half* offsets,
+                 const QuantizedActivations& a, int64_t m0, const __m256 bias[2], TOut* out, int64_t n_total,
+                 int live) {
+  __m256 acc[MR][2];
+  for (int i = 0; i < MR; ++i) acc[i][0] = bias[0], acc[i][1] = bias[1];
+  for (int64_t b = 0; b < a.blocks; ++b) {
+    const uint8_t* block = codes + b * block_bytes(Bits);
+    const __m128i* s16 = reinterpret_cast<const __m128i*>(scales + b * kLanes);
+    const __m256 ws[2] = {_mm256_cvtph_ps(_mm_loadu_si128(s16)), _mm256_cvtph_ps(_mm_loadu_si128(s16 + 1))};
+    __m256 wo[2];
+    if constexpr (Bits == 4) {
+      const __m128i* o16 = reinterpret_cast<const __m128i*>(offsets + b * kLanes);
+      wo[0] = _mm256_cvtph_ps(_mm_loadu_si128(o16));
+      wo[1] = _mm256_cvtph_ps(_mm_loadu_si128(o16 + 1));
+    }
+    for (int i = 0; i < MR; ++i) {
+      const int64_t m = m0 + i;
+      __m256i dot[2];
+      block_dot<Bits>(block, a.codes.data() + m * a.k + b * kBlock, dot);
+      const __m256 sx = _mm256_set1_ps(a.scales[m * a.blocks + b]);
+      const __m256 sums = _mm256_set1_ps(a.block_sums[m * a.blocks + b]);
+      for (int h = 0; h < 2; ++h) {
+        if constexpr (Bits == 4) {
+          acc[i][h] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot[h]), sx), ws[h], acc[i][h]);
+          acc[i][h] = _mm256_fmadd_ps(wo[h], sums, acc[i][h]);
+        } else {  // s * (s_x * dot + factor * s_x * sum), the factor 0 for 8-bit codes
+          acc[i][h] = _mm256_fmadd_ps(ws[h], _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h]), sx, sums), acc[i][h]);
+        }
+      }
+    }
+  }
+  for (int i = 0; i < MR; ++i) store_lanes(out + (m0 + i) * n_total, acc[i], live);
+}
+
+template <int Bits, typename TOut>
+inline void compute_tile(const uint8_t* codes, const c10::Half* scales, const c10::Half* offsets,
+                         const QuantizedActivations& a, const float* bias, TOut* out, int64_t n_total, int live) {
+  alignas(32) float lanes[kLanes] = {};
+  if (bias) std::memcpy(lanes, bias, live * sizeof(float));
+  const __m256 b[2] = {_mm256_load_ps(lanes), _mm256_load_ps(lanes + 8)};
+  int64_t m0 = 0;
+  for (; m0 + kTokensPerTile <= a.rows; m0 += kTokensPerTile)
+    tile<Bits, kTokensPerTile>(codes, scales, offsets, a, m0, b, out, n_total, live);
+  switch (a.rows - m0) {
+    case 3: tile<Bits, 3>(codes, scales, offsets, a, m0, b, out, n_total, live); break;
+    case 2: tile<Bits, 2>(codes, scales, offsets, a, m0, b, out, n_total, live); break;
+    case 1: tile<Bits, 1>(codes, scales, offsets, a, m0, b, out, n_total, live); break;
+    default: break;
+  }
+}
+#endif
 
 // Tiles of one call are shared between the calling thread and helper threads of our own,
 // claimed from one atomic word. The caller never waits for a helper to start: it claims
@@ -288,11 +496,10 @@ void run(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
   TilePool::instance().run(tiles, at::get_num_threads(), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const int64_t n0 = t * kLanes;
-      const int64_t live = std::min<int64_t>(kLanes, n - n0);
-      const __mmask16 valid = static_cast<__mmask16>((1u << live) - 1);
-      const __m512 b = bias ? _mm512_maskz_loadu_ps(valid, bias + n0) : _mm512_setzero_ps();
-      tile_all_rows<Bits>(w + t * blocks * block_bytes(Bits), s + t * blocks * kLanes,
-                          offsets ? offsets + t * blocks * kLanes : nullptr, a, b, out + n0, n, valid);
+      const int live = static_cast<int>(std::min<int64_t>(kLanes, n - n0));
+      compute_tile<Bits>(w + t * blocks * block_bytes(Bits), s + t * blocks * kLanes,
+                         offsets ? offsets + t * blocks * kLanes : nullptr, a, bias ? bias + n0 : nullptr, out + n0,
+                         n, live);
     }
   });
 }
@@ -355,7 +562,14 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& codes, const a
 
 }  // namespace
 
-TORCH_LIBRARY(thinkwise_cpu, m) {
+#ifdef THINKWISE_AVX2
+#define TW_OPERATORS thinkwise_cpu_avx2
+#else
+#define TW_OPERATORS thinkwise_cpu
+#endif
+#define TW_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)  // expands TW_OPERATORS before TORCH_LIBRARY pastes it
+
+TW_LIBRARY(TW_OPERATORS, m) {
   m.def("quant_linear(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, Tensor? bias, int in_features, "
         "int out_features, int bits) -> Tensor");
   m.impl("quant_linear", c10::DispatchKey::CPU, TORCH_FN(quant_linear));

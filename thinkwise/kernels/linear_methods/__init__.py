@@ -161,7 +161,8 @@ def cpu_kernel_record() -> dict[str, str]:
 
     status = cpu_quant_gemm.status()
     if status["available"]:
-        return {"kernel": "thinkwise cpu_quant_gemm (AVX-512 VNNI, int8 activations per block of 32)"}
+        isa = {"avx512_vnni": "AVX-512 VNNI", "avx2": "AVX2"}.get(status.get("isa"), status.get("isa"))
+        return {"kernel": f"thinkwise cpu_quant_gemm ({isa}, int8 activations per block of 32)"}
     return {"kernel": "pytorch", "why": status["reason"]}
 
 

@@ -6,7 +6,7 @@ w ~= (code - 8) * s + z, the convention of gpt-fast and of PyTorch's int4 kernel
 default group is 32: it is what llama.cpp's 4-bit blocks use, and on a 0.5B model (small
 rows, outlier-heavy) 128-wide groups lose visibly more perplexity for 0.75 bit less per
 weight (benchmarks/quant_quality.py measures both). K must be a multiple of the group.
-On a CPU with AVX-512 VNNI (and a C++ compiler for the first use) the codes are kept in
+On an x86 CPU with AVX-512 VNNI or AVX2 (and a C++ compiler for the first use) the codes are kept in
 `cpu_quant_gemm`'s layout (fp16 scale and offset per block of 32; a 64- or 128-wide group's
 pair repeated per block) and multiplied by our kernel; elsewhere the CPU runs PyTorch's
 `_weight_int4pack_mm_for_cpu` on weights repacked by

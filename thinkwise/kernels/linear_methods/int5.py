@@ -4,8 +4,8 @@ Most projections of the default model's Q4_K_M file are Q5_0 (d * (q - 16), q in
 fp16 d per block of 32): 5.5 bits per weight. Requantizing them to int8 reads 55% more
 bytes per token than llama.cpp does for the same file, so under quantization="gguf" such a
 layer keeps the file's own codes in `cpu_quant_gemm`'s 5-bit layout, losslessly, and our
-VNNI kernel multiplies it. The method exists only there: without the kernel (no AVX-512
-VNNI or no compiler) or off the CPU, `unsupported` says so and the layer falls back to int8.
+CPU kernel multiplies it. The method exists only there: without the kernel (neither AVX-512
+VNNI nor AVX2, or no compiler) or off the CPU, `unsupported` says so and the layer falls back to int8.
 `pack_int5` (round to nearest, symmetric) serves weights that do not come from a Q5_0 tensor.
 """
 

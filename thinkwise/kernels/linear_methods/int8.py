@@ -3,10 +3,10 @@
 w ~= q * s with s = max|w_row| / 127 and q = round(w / s) in [-127, 127]: half the bytes of
 bf16 and, measured on the default 0.5B model, perplexity within a fraction of a percent
 (benchmarks/quant_quality.py). The scale is computed from the *stored* (rounded to the
-compute dtype) scale so codes and scale agree exactly. On a CPU with AVX-512 VNNI (and a
-C++ compiler for the first use) the weight is instead stored in blocks of 32 with an fp16
+compute dtype) scale so codes and scale agree exactly. On an x86 CPU with AVX-512 VNNI or
+AVX2 (and a C++ compiler for the first use) the weight is instead stored in blocks of 32 with an fp16
 scale each (llama.cpp's Q8_0, finer than per channel) and multiplied by our kernel
-(`cpu_quant_gemm`: int8 activations, VNNI dot products), memory-bound at 1 to 8 rows;
+(`cpu_quant_gemm`: int8 activations, integer dot products), memory-bound at 1 to 8 rows;
 elsewhere the CPU runs PyTorch's `_weight_int8pack_mm` (the int8 x bf16 kernel gpt-fast's
 int8 path uses on CPU). CUDA runs the Triton kernel of `triton_quant_gemm` where the
 dispatch table picks it, else dequantize-then-cuBLAS.
