@@ -69,19 +69,16 @@ def build(library: str, source: Path, cflags: list[str], required_flags: tuple[s
     return {"available": True, "reason": f"built in {directory}"}
 
 
-class CppLibrary:
-    """One operator library: `status()` builds it on first call (once, thread-safe) and
-    remembers the answer; `load()` builds without remembering (tests)."""
+class _BuiltOnce:
+    """`status()` runs `load()` on first call (once, thread-safe) and remembers the answer;
+    `load()` itself builds without remembering (tests)."""
 
-    def __init__(self, library: str, source: Path, cflags: list[str], required_flags: tuple[str, ...] = (),
-                 disable_env: str | None = None):
-        self.library, self.source, self.cflags = library, source, cflags
-        self.required_flags, self.disable_env = required_flags, disable_env
+    def __init__(self):
         self._lock = threading.Lock()
         self._status: dict | None = None
 
     def load(self) -> dict:
-        return build(self.library, self.source, self.cflags, self.required_flags, self.disable_env)
+        raise NotImplementedError
 
     def status(self) -> dict:
         with self._lock:
@@ -93,7 +90,20 @@ class CppLibrary:
         return self.status()["available"]
 
 
-class LibraryVariants:
+class CppLibrary(_BuiltOnce):
+    """One operator library, built from one source with one set of flags."""
+
+    def __init__(self, library: str, source: Path, cflags: list[str], required_flags: tuple[str, ...] = (),
+                 disable_env: str | None = None):
+        super().__init__()
+        self.library, self.source, self.cflags = library, source, cflags
+        self.required_flags, self.disable_env = required_flags, disable_env
+
+    def load(self) -> dict:
+        return build(self.library, self.source, self.cflags, self.required_flags, self.disable_env)
+
+
+class LibraryVariants(_BuiltOnce):
     """Builds of one source for several instruction sets, best first (say AVX-512 VNNI, then
     AVX2): `status()` is the first that builds and loads here, with its name under "isa" and
     the operator namespace it registers under "namespace"; otherwise every variant's reason.
@@ -101,9 +111,8 @@ class LibraryVariants:
     (A/B runs of the slower build on a CPU that has both)."""
 
     def __init__(self, variants: list[tuple[str, str, CppLibrary]], disable_env: str):
+        super().__init__()
         self.variants, self.disable_env = variants, disable_env
-        self._lock = threading.Lock()
-        self._status: dict | None = None
 
     def load(self) -> dict:
         wanted = os.environ.get(self.disable_env, "1")
@@ -124,12 +133,3 @@ class LibraryVariants:
                 return {**status, "isa": isa, "namespace": namespace}
             reasons.append(f"{isa}: {status['reason']}")
         return {"available": False, "reason": "; ".join(reasons)}
-
-    def status(self) -> dict:
-        with self._lock:
-            if self._status is None:
-                self._status = self.load()
-            return self._status
-
-    def available(self) -> bool:
-        return self.status()["available"]

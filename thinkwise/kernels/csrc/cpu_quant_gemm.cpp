@@ -56,6 +56,8 @@ constexpr int kLanes = 16;  // weight rows per tile: one float lane each
 constexpr int64_t block_bytes(int64_t bits) { return bits == 8 ? 512 : bits == 5 ? 320 : 256; }
 
 struct QuantizedActivations {
+  QuantizedActivations(int64_t rows_, int64_t k_)
+      : rows(rows_), k(k_), blocks(k_ / kBlock), codes(rows_ * k_), scales(rows_ * blocks), block_sums(rows_ * blocks) {}
   int64_t rows, k, blocks;
   std::vector<int8_t> codes;      // [rows, K]
   std::vector<float> scales;      // [rows, blocks]
@@ -76,13 +78,7 @@ inline __m512 load16_as_float(const c10::BFloat16* p) {
 
 template <typename T>
 QuantizedActivations quantize_activations(const T* x, int64_t rows, int64_t k, float factor) {
-  QuantizedActivations a;
-  a.rows = rows;
-  a.k = k;
-  a.blocks = k / kBlock;
-  a.codes.resize(rows * k);
-  a.scales.resize(rows * a.blocks);
-  a.block_sums.resize(rows * a.blocks);
+  QuantizedActivations a(rows, k);
   for (int64_t m = 0; m < rows; ++m) {
     for (int64_t b = 0; b < a.blocks; ++b) {
       const T* src = x + m * k + b * kBlock;
@@ -224,13 +220,7 @@ inline int32_t sum_of(__m256i v) {
 
 template <typename T>
 QuantizedActivations quantize_activations(const T* x, int64_t rows, int64_t k, float factor) {
-  QuantizedActivations a;
-  a.rows = rows;
-  a.k = k;
-  a.blocks = k / kBlock;
-  a.codes.resize(rows * k);
-  a.scales.resize(rows * a.blocks);
-  a.block_sums.resize(rows * a.blocks);
+  QuantizedActivations a(rows, k);
   const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   // packs_epi32 then packs_epi16 interleave the four vectors' 4-value groups within 128-bit
   // halves; this dword permutation puts the 32 bytes back in input order.
