@@ -247,61 +247,66 @@ QuantizedActivations quantize_activations(const T* x, int64_t rows, int64_t k, f
   return a;
 }
 
-// Byte j of the result is 0x10 where bit j of `bits` is set (a 5-bit code's fifth bit): each
-// byte takes its source byte j / 8 by a shuffle (within 128-bit halves, which both hold all
-// four bytes), then keeps bit j % 8.
-inline __m256i fifth_bits(uint32_t bits) {
-  const __m256i source = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                          2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+// The fifth bits of one step's lanes 8h..8h+7 (bits 32h..32h+31 of the step's 64-bit mask at
+// `mask`) as bytes, 0x10 where set: the mask is broadcast straight from memory (vpbroadcastq, no
+// ALU work), each byte j takes mask byte 4h + j / 8 by a shuffle (within 128-bit halves, which
+// both hold all eight bytes), then keeps bit j % 8.
+template <int H>
+inline __m256i fifth_bits(const uint8_t* mask) {
+  int64_t bits;
+  std::memcpy(&bits, mask, sizeof(bits));
+  const __m256i source = H == 0 ? _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+                                                   2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3)
+                                : _mm256_setr_epi8(4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5,
+                                                   6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7);
   const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
-  const __m256i picked = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int32_t>(bits)), source), bit);
+  const __m256i picked = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi64x(bits), source), bit);
   return _mm256_and_si256(_mm256_cmpeq_epi8(picked, bit), _mm256_set1_epi8(0x10));
+}
+
+// One half (lanes 8H..8H+7) of `block_dot`.
+template <int Bits, int H>
+inline __m256i half_dot(const uint8_t* block, const int32_t four[8]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i sum = _mm256_setzero_si256();
+  if constexpr (Bits == 8) {
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    for (int s = 0; s < 8; ++s) {
+      const __m256i q = _mm256_xor_si256(
+          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * s + 32 * H)), flip);
+      const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(_mm256_set1_epi32(four[s]), q));
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
+    }
+  } else {
+    const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+    __m256i w[8];
+    for (int t = 0; t < 4; ++t) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * t + 32 * H));
+      w[t] = _mm256_and_si256(v, low_nibbles);
+      w[t + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
+    }
+    if constexpr (Bits == 5) {
+      for (int s = 0; s < 8; ++s) w[s] = _mm256_or_si256(w[s], fifth_bits<H>(block + 256 + 8 * s));
+    }
+    constexpr int kStepsPerWiden = Bits == 4 ? 8 : 4;  // see the bounds above
+    for (int s0 = 0; s0 < 8; s0 += kStepsPerWiden) {
+      __m256i pairs = _mm256_setzero_si256();
+      for (int s = s0; s < s0 + kStepsPerWiden; ++s)
+        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[s], _mm256_set1_epi32(four[s])));
+      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
+    }
+  }
+  return sum;
 }
 
 // The int32 dot products of one block (32 inputs) of a tile's 16 rows with one row of int8
 // activations `xq`: lanes 0..7 in dot[0], 8..15 in dot[1].
 template <int Bits>
 inline void block_dot(const uint8_t* block, const int8_t* xq, __m256i dot[2]) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  int32_t four[8];  // the activations of each step, 4 bytes, broadcast to every lane below
+  int32_t four[8];  // the activations of each step, 4 bytes, broadcast to every lane
   std::memcpy(four, xq, sizeof(four));
-  for (int h = 0; h < 2; ++h) {
-    if constexpr (Bits == 8) {
-      const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-      __m256i sum = _mm256_setzero_si256();
-      for (int s = 0; s < 8; ++s) {
-        const __m256i q = _mm256_xor_si256(
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * s + 32 * h)), flip);
-        const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(_mm256_set1_epi32(four[s]), q));
-        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
-      }
-      dot[h] = sum;
-    } else {
-      const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
-      __m256i w[8];
-      for (int t = 0; t < 4; ++t) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * t + 32 * h));
-        w[t] = _mm256_and_si256(v, low_nibbles);
-        w[t + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
-      }
-      if constexpr (Bits == 5) {
-        for (int s = 0; s < 8; ++s) {
-          uint64_t high;
-          std::memcpy(&high, block + 256 + 8 * s, sizeof(high));
-          w[s] = _mm256_or_si256(w[s], fifth_bits(static_cast<uint32_t>(high >> (32 * h))));
-        }
-      }
-      constexpr int kStepsPerWiden = Bits == 4 ? 8 : 4;  // see the bounds above
-      __m256i sum = _mm256_setzero_si256();
-      for (int s0 = 0; s0 < 8; s0 += kStepsPerWiden) {
-        __m256i pairs = _mm256_setzero_si256();
-        for (int s = s0; s < s0 + kStepsPerWiden; ++s)
-          pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[s], _mm256_set1_epi32(four[s])));
-        sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
-      }
-      dot[h] = sum;
-    }
-  }
+  dot[0] = half_dot<Bits, 0>(block, four);
+  dot[1] = half_dot<Bits, 1>(block, four);
 }
 
 template <typename TOut>
