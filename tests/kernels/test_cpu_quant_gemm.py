@@ -95,7 +95,7 @@ def test_codes_and_activations_at_the_ends_of_their_ranges(op, bits, code, sign)
                                    atol=1e-3)
 
 
-def test_the_best_build_this_cpu_runs_is_chosen_and_can_be_forced(monkeypatch):
+def test_the_best_build_this_cpu_runs_is_chosen_and_can_be_forced(monkeypatch, caplog):
     class Fake:
         def __init__(self, reason=None):
             self.reason = reason
@@ -119,6 +119,7 @@ def test_the_best_build_this_cpu_runs_is_chosen_and_can_be_forced(monkeypatch):
     monkeypatch.setenv("TW_TEST_ENV", "avx1024")
     refused = variants().load()
     assert not refused["available"] and "'avx1024' is none of 0, 1, avx512_vnni, avx2" in refused["reason"]
+    assert "TW_TEST_ENV='avx1024' is none of" in caplog.text  # said at once, not only in the metadata
     monkeypatch.setenv("TW_TEST_ENV", "1")
     none = LibraryVariants([("a", "x", Fake("no a")), ("b", "y", Fake("no b"))], "TW_TEST_ENV").load()
     assert none == {"available": False, "reason": "a: no a; b: no b"}  # every reason, for the run metadata

@@ -123,9 +123,10 @@ class LibraryVariants(_BuiltOnce):
             chosen = [variant for variant in self.variants if variant[0] == wanted]
         elif wanted == "1":
             chosen = self.variants
-        else:
-            return {"available": False,
-                    "reason": f"{self.disable_env}={wanted!r} is none of 0, 1, {', '.join(names)}"}
+        else:  # a typo must not pass unseen: the run goes on with PyTorch's kernels, and says so
+            reason = f"{self.disable_env}={wanted!r} is none of 0, 1, {', '.join(names)}"
+            logger.warning("%s; using PyTorch's kernels", reason)
+            return {"available": False, "reason": reason}
         reasons = []
         for isa, namespace, library in chosen:
             status = library.load()
