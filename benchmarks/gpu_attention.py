@@ -37,6 +37,24 @@ from thinkwise.kernels.triton_decode_attention import triton_decode_attention
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
 
 
+def paged_cache(batch: int, context: int, kv_heads: int = KV_HEADS):
+    """(k_cache, v_cache, block_tables, seq_lens): a random bf16 paged KV cache, [blocks, BLOCK,
+    kv_heads, HEAD_DIM] each, every sequence `context` tokens long in shuffled blocks (as a
+    running engine's are), on the GPU."""
+    num_blocks = batch * (context // BLOCK)
+    k_cache = torch.randn(num_blocks, BLOCK, kv_heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    tables = torch.randperm(num_blocks, device="cuda").view(batch, context // BLOCK)
+    return k_cache, v_cache, tables, torch.full((batch,), context, device="cuda")
+
+
+def fp8_copy(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[FP8KVCache, FP8KVCache]:
+    """The same cache as the engine stores it under kv_cache_dtype="fp8": e4m3 codes with
+    head-major per-slot scales."""
+    return tuple(FP8KVCache(codes, scales.transpose(1, 2).contiguous().transpose(1, 2))
+                 for codes, scales in (quantize_fp8(k_cache), quantize_fp8(v_cache)))
+
+
 def timed(fn, repeats: int = 20) -> float:
     """GPU seconds per call: the calls are captured in a CUDA graph and replayed, as the
     engine runs them, so Python launch overhead does not hide the kernels' own time."""
@@ -82,10 +100,7 @@ def main() -> None:
             if num_blocks * BLOCK * KV_HEADS * HEAD_DIM * 2 * 2 > 24e9:
                 continue  # keep the cache under 24 GB
             torch.manual_seed(0)
-            k_cache = torch.randn(num_blocks, BLOCK, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-            v_cache = torch.randn_like(k_cache)
-            tables = torch.randperm(num_blocks, device="cuda").view(batch, blocks_per_seq)
-            lens = torch.full((batch,), context, device="cuda")
+            k_cache, v_cache, tables, lens = paged_cache(batch, context)
             query = torch.randn(batch, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
 
             def ours(unified=None):
@@ -121,8 +136,7 @@ def main() -> None:
                    "kv_read_GBps": round(kv_bytes / best / 1e9, 1),
                    "kv_read_vs_copy_bandwidth": round(kv_bytes / best / bandwidth, 3)}
             if args.fp8:
-                fp8_k, fp8_v = (FP8KVCache(codes, scales.transpose(1, 2).contiguous().transpose(1, 2))
-                                for codes, scales in (quantize_fp8(k_cache), quantize_fp8(v_cache)))
+                fp8_k, fp8_v = fp8_copy(k_cache, v_cache)
                 fp8_out = triton_decode_attention(query, fp8_k, fp8_v, tables, lens, context, scale).float()
                 row["fp8_error_vs_sdpa"] = round(((fp8_out - reference).norm() / reference.norm()).item(), 4)
                 t_fp8 = timed(lambda: triton_decode_attention(query, fp8_k, fp8_v, tables, lens, context, scale))

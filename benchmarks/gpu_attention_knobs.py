@@ -114,18 +114,12 @@ def sweep_heads(tda, args: argparse.Namespace, heads: int, grid: list[dict], def
     """The bf16 rows and the fp8 grid for one query-head count; the module's knobs are left set."""
     import torch
 
-    from benchmarks.gpu_attention import timed
-    from thinkwise.kernels.paged_attention import FP8KVCache, quantize_fp8
+    from benchmarks.gpu_attention import fp8_copy, paged_cache, timed
 
     torch.manual_seed(0)
-    num_blocks = args.batch * args.context // BLOCK
-    k_cache = torch.randn(num_blocks, BLOCK, args.kv_heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    v_cache = torch.randn_like(k_cache)
-    tables = torch.randperm(num_blocks, device="cuda").view(args.batch, -1)
-    lens = torch.full((args.batch,), args.context, device="cuda")
+    k_cache, v_cache, tables, lens = paged_cache(args.batch, args.context, args.kv_heads)
     query = torch.randn(args.batch, heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
-    fp8_k, fp8_v = (FP8KVCache(codes, scales.transpose(1, 2).contiguous().transpose(1, 2))
-                    for codes, scales in (quantize_fp8(k_cache), quantize_fp8(v_cache)))
+    fp8_k, fp8_v = fp8_copy(k_cache, v_cache)
     scale = HEAD_DIM**-0.5
 
     def attend(keys, values, unified=None):
