@@ -169,7 +169,7 @@ def test_packing_round_trips_values_the_format_can_hold():
 def test_the_interleaved_layout_byte_by_byte():
     """Where csrc/cpu_quant_gemm.cpp reads each code: 8-bit step s, lane l, byte q at
     64 s + 4 l + q; 4-bit nibbles of steps t and t + 4 share byte 64 t + 4 l + q; the fifth
-    bits are 8 masks after the 256 nibble bytes, bit 4 l + q of mask s."""
+    bits are 64 bit planes after the 256 nibble bytes, bit s of plane byte 4 l + q."""
     values = torch.zeros(16, 32, dtype=torch.uint8)
     values[3, 4 * 2 + 1] = 200  # lane 3, step 2, q 1
     codes8, _ = qg.layout(8, values, torch.ones(16, 1, dtype=torch.float16))
@@ -178,8 +178,8 @@ def test_the_interleaved_layout_byte_by_byte():
     values[5, 4 * 6 + 2] = 0x1B  # lane 5, step 6 (high nibble of t = 2), q 2, fifth bit set
     codes5, _ = qg.layout(5, values, torch.ones(16, 1, dtype=torch.float16))
     assert codes5[0, 64 * 2 + 4 * 5 + 2] == 0xB0 and codes5[0, :256].sum() == 0xB0
-    masks = codes5[0, 256:].view(torch.int64)
-    assert masks[6] == 1 << (4 * 5 + 2) and masks.sum() == masks[6]
+    planes = codes5[0, 256:]
+    assert planes[4 * 5 + 2] == 1 << 6 and planes.sum() == planes[4 * 5 + 2]
     scales = torch.arange(32, dtype=torch.float16).reshape(16, 2)
     _, per_block = qg.layout(8, torch.zeros(16, 64, dtype=torch.uint8), scales)
     assert per_block[0, 16 + 7] == scales[7, 1]  # block 1, lane 7

@@ -11,7 +11,8 @@ outputs at once and no horizontal sums are needed, and the weights are read once
 for up to 8 token rows: the kernel (csrc/cpu_quant_gemm.cpp) is memory-bound at 1 row and
 stays close to it at 8, where PyTorch's int8 x bf16 kernel is compute-bound. CPUs without
 AVX-512 VNNI (most laptops, AMD before Zen 4) run the AVX2 build of the same source: the same
-layout and results, vpmaddubsw / vpmaddwd in place of vpdpbusd, 4 token rows a pass. The
+layout and results, vpmaddubsw / vpmaddwd in place of vpdpbusd, 4- and 5-bit codes decoded
+once per pass of 8 token rows. The
 best build the CPU runs is compiled on first use with the system's C++ compiler
 (kernels/cpu_build.py); `status()` says which ("isa") or, if none, why (no compiler, neither
 instruction set, a failed build), and the linear methods then fall back to PyTorch's own
@@ -128,9 +129,10 @@ def layout(bits: int, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.
     nibbles = (low[:, :, :, :4] | (low[:, :, :, 4:] << 4)).permute(0, 2, 3, 1, 4)  # [tile, block, t, lane, q]
     if bits == 4:
         return nibbles.reshape(tiles, -1).contiguous(), per_block(scales), per_block(offsets)
-    fifth = ((steps >> 4) & 1).permute(0, 2, 3, 1, 4).reshape(tiles, blocks, 8, 8, 8)  # bit 4 lane + q
-    masks = (fifth * torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
-    packed = torch.cat([nibbles.reshape(tiles, blocks, 256), masks.reshape(tiles, blocks, 64)], dim=-1)
+    # the fifth bits as 64 bit planes: byte 4 lane + q, bit step
+    fifth = ((steps >> 4) & 1).permute(0, 2, 1, 4, 3).reshape(tiles, blocks, 64, 8)
+    planes = (fifth * torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+    packed = torch.cat([nibbles.reshape(tiles, blocks, 256), planes], dim=-1)
     return packed.reshape(tiles, -1).contiguous(), per_block(scales)
 
 
@@ -150,9 +152,9 @@ def unlayout(bits: int, codes: torch.Tensor, scales: torch.Tensor, offsets: torc
         nibbles = data[..., :256].reshape(tiles, blocks, 4, LANES, 4)
         steps = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=2)  # [tile, block, step, lane, q]
         if bits == 5:
-            masks = data[..., 256:].reshape(tiles, blocks, 8, 8, 1)
-            fifth = ((masks >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(tiles, blocks, 8, LANES, 4)
-            steps = steps | (fifth << 4)
+            planes = data[..., 256:].reshape(tiles, blocks, LANES, 4, 1)
+            fifth = (planes >> torch.arange(8, dtype=torch.uint8)) & 1  # [tile, block, lane, q, step]
+            steps = steps | (fifth.permute(0, 1, 4, 2, 3) << 4)
     values = steps.permute(0, 3, 1, 2, 4).reshape(tiles * LANES, blocks * BLOCK)[:out_features]
     return values, per_row(scales), None if offsets is None else per_row(offsets)
 

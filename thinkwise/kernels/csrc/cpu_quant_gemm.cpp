@@ -21,7 +21,8 @@
 // "lane" l = row 16t + l, "q" = byte within the step):
 //   8-bit: 512 bytes [s 0..7][l][q];
 //   4-bit: 256 bytes [t 0..3][l][q], low nibble step t, high nibble step t + 4;
-//   5-bit: those 256 bytes of low nibbles, then 8 x 64-bit masks [s]: bit 4 l + q is the fifth bit.
+//   5-bit: those 256 bytes of low nibbles, then 64 bytes of bit planes [l][q]: bit s is the fifth
+//          bit of step s (one shift and one mask put step s's fifth bits in place in every byte).
 // Scales (and 4-bit offsets) are [tiles, blocks, 16] fp16; rows are padded to 16 with zero scales.
 // Threads: tiles of 16 rows are claimed by the caller and helper threads of our own
 // (TilePool), at::get_num_threads() in all; the caller never waits for a helper to start.
@@ -44,11 +45,16 @@
 #include <pthread.h>
 #include <thread>
 #include <type_traits>
+#include <utility>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 namespace {
+
+// For the helpers of a block's inner loop: GCC otherwise leaves some out of line once a tile is
+// instantiated for every row count, and their register arrays then go through memory.
+#define TW_ALWAYS_INLINE inline __attribute__((always_inline))
 
 constexpr int64_t kBlock = 32;
 constexpr int kLanes = 16;  // weight rows per tile: one float lane each
@@ -64,10 +70,31 @@ struct QuantizedActivations {
   std::vector<float> block_sums;  // [rows, blocks]: offset_factor * s_x * sum of the block's codes
 };
 
+// Activation rows multiplied per pass over a tile's weights: each block's codes are read (and,
+// below 8 bits, decoded) once a pass, so more rows a pass is less decode work a row.
+constexpr int kTokensPerTile = 8;
+
+// Calls pass(m0, std::integral_constant<int, MR>{}) over `rows` activation rows: passes of
+// kTokensPerTile rows, then one pass of the remaining rows.
+template <typename Pass>
+inline void row_passes(int64_t rows, const Pass& pass) {
+  int64_t m0 = 0;
+  for (; m0 + kTokensPerTile <= rows; m0 += kTokensPerTile) pass(m0, std::integral_constant<int, kTokensPerTile>{});
+  switch (rows - m0) {
+    case 7: pass(m0, std::integral_constant<int, 7>{}); break;
+    case 6: pass(m0, std::integral_constant<int, 6>{}); break;
+    case 5: pass(m0, std::integral_constant<int, 5>{}); break;
+    case 4: pass(m0, std::integral_constant<int, 4>{}); break;
+    case 3: pass(m0, std::integral_constant<int, 3>{}); break;
+    case 2: pass(m0, std::integral_constant<int, 2>{}); break;
+    case 1: pass(m0, std::integral_constant<int, 1>{}); break;
+    default: break;
+  }
+}
+
 #ifndef THINKWISE_AVX2
 // ---------------------------------------------------------------------------------- AVX-512 VNNI
 
-constexpr int kTokensPerTile = 8;  // activation rows multiplied per pass over a tile's weights
 constexpr float offset_factor(int bits) { return bits == 4 ? 1.f : bits == 5 ? -16.f : -128.f; }
 
 inline __m512 load16_as_float(const float* p) { return _mm512_loadu_ps(p); }
@@ -109,13 +136,28 @@ inline void store16(c10::BFloat16* dst, __m512 v, __mmask16 mask) {
   _mm256_mask_storeu_epi16(dst, mask, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
 
+// Step S's fifth bits into the low-nibble codes w[S]: bit S of each plane byte moved to bit 4
+// by a 16-bit shift (the bits it carries over from the neighbouring byte land below bit 4 or
+// above it, never on it), then w | (moved & 0x10) in one vpternlogd (0xF8 = A | (B & C)).
+template <int S>
+TW_ALWAYS_INLINE __m512i move_bit_to_4(__m512i planes) {
+  if constexpr (S < 4) return _mm512_slli_epi16(planes, 4 - S);
+  else if constexpr (S > 4) return _mm512_srli_epi16(planes, S - 4);
+  else return planes;
+}
+
+template <size_t... S>
+TW_ALWAYS_INLINE void add_fifth_bits(__m512i w[8], __m512i planes, std::index_sequence<S...>) {
+  const __m512i fifth_bit = _mm512_set1_epi8(0x10);
+  ((w[S] = _mm512_ternarylogic_epi32(w[S], move_bit_to_4<S>(planes), fifth_bit, 0xF8)), ...);
+}
+
 // One tile of 16 weight rows times `MR` activation rows from m0, over all of K.
 template <int Bits, int MR, typename TOut>
 inline void tile(const uint8_t* codes, const c10::Half* scales, const c10::Half* offsets,
                  const QuantizedActivations& a, int64_t m0, __m512 bias, TOut* out, int64_t n_total,
                  __mmask16 valid) {
   const __m512i low_nibbles = _mm512_set1_epi8(0x0F);
-  const __m512i fifth_bit = _mm512_set1_epi8(0x10);
   __m512 acc[MR];
   for (int i = 0; i < MR; ++i) acc[i] = bias;
   for (int64_t b = 0; b < a.blocks; ++b) {
@@ -129,13 +171,7 @@ inline void tile(const uint8_t* codes, const c10::Half* scales, const c10::Half*
         w[t] = _mm512_and_si512(v, low_nibbles);
         w[t + 4] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low_nibbles);
       }
-      if constexpr (Bits == 5) {
-        for (int s = 0; s < 8; ++s) {
-          uint64_t high;
-          std::memcpy(&high, block + 256 + 8 * s, sizeof(high));
-          w[s] = _mm512_or_si512(w[s], _mm512_maskz_mov_epi8(_cvtu64_mask64(high), fifth_bit));
-        }
-      }
+      if constexpr (Bits == 5) add_fifth_bits(w, _mm512_loadu_si512(block + 256), std::make_index_sequence<8>{});
     }
     const __m512 ws = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + b * kLanes)));
     __m512 wo;
@@ -163,28 +199,15 @@ inline void tile(const uint8_t* codes, const c10::Half* scales, const c10::Half*
   for (int i = 0; i < MR; ++i) store16(out + (m0 + i) * n_total, acc[i], valid);
 }
 
-template <int Bits, typename TOut>
-inline void tile_all_rows(const uint8_t* codes, const c10::Half* scales, const c10::Half* offsets,
-                   const QuantizedActivations& a, __m512 bias, TOut* out, int64_t n_total, __mmask16 valid) {
-  int64_t m0 = 0;
-  for (; m0 + kTokensPerTile <= a.rows; m0 += kTokensPerTile)
-    tile<Bits, kTokensPerTile>(codes, scales, offsets, a, m0, bias, out, n_total, valid);
-  switch (a.rows - m0) {
-#define TW_REMAINDER(R) \
-  case R: tile<Bits, R>(codes, scales, offsets, a, m0, bias, out, n_total, valid); break;
-    TW_REMAINDER(7) TW_REMAINDER(6) TW_REMAINDER(5) TW_REMAINDER(4) TW_REMAINDER(3) TW_REMAINDER(2) TW_REMAINDER(1)
-#undef TW_REMAINDER
-    default: break;
-  }
-}
-
 // One tile of 16 weight rows (`live` of them real) times every activation row.
 template <int Bits, typename TOut>
 inline void compute_tile(const uint8_t* codes, const c10::Half* scales, const c10::Half* offsets,
                          const QuantizedActivations& a, const float* bias, TOut* out, int64_t n_total, int live) {
   const __mmask16 valid = static_cast<__mmask16>((1u << live) - 1);
   const __m512 b = bias ? _mm512_maskz_loadu_ps(valid, bias) : _mm512_setzero_ps();
-  tile_all_rows<Bits>(codes, scales, offsets, a, b, out, n_total, valid);
+  row_passes(a.rows, [&](int64_t m0, auto rows) {
+    tile<Bits, decltype(rows)::value>(codes, scales, offsets, a, m0, b, out, n_total, valid);
+  });
 }
 
 #else
@@ -197,7 +220,6 @@ inline void compute_tile(const uint8_t* codes, const c10::Half* scales, const c1
 // multiplied as |q| x (x with q's sign) (2 x 127 x 127 = 32258), so their dot product is
 // sum q x and needs no offset term (offset factor 0).
 
-constexpr int kTokensPerTile = 4;  // 16 ymm registers: two float accumulators per activation row
 constexpr float offset_factor(int bits) { return bits == 4 ? 1.f : bits == 5 ? -16.f : 0.f; }
 
 inline __m256 load8_as_float(const float* p) { return _mm256_loadu_ps(p); }
@@ -247,66 +269,93 @@ QuantizedActivations quantize_activations(const T* x, int64_t rows, int64_t k, f
   return a;
 }
 
-// The fifth bits of one step's lanes 8h..8h+7 (bits 32h..32h+31 of the step's 64-bit mask at
-// `mask`) as bytes, 0x10 where set: the mask is broadcast straight from memory (vpbroadcastq, no
-// ALU work), each byte j takes mask byte 4h + j / 8 by a shuffle (within 128-bit halves, which
-// both hold all eight bytes), then keeps bit j % 8.
-template <int H>
-inline __m256i fifth_bits(const uint8_t* mask) {
-  int64_t bits;
-  std::memcpy(&bits, mask, sizeof(bits));
-  const __m256i source = H == 0 ? _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                                   2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3)
-                                : _mm256_setr_epi8(4, 4, 4, 4, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5,
-                                                   6, 6, 6, 6, 6, 6, 6, 6, 7, 7, 7, 7, 7, 7, 7, 7);
-  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
-  const __m256i picked = _mm256_and_si256(_mm256_shuffle_epi8(_mm256_set1_epi64x(bits), source), bit);
-  return _mm256_and_si256(_mm256_cmpeq_epi8(picked, bit), _mm256_set1_epi8(0x10));
+// Step S's fifth bits of lanes 8H..8H+7 into the low-nibble codes w[S]: bit S of each plane byte
+// moved to bit 4 by a 16-bit shift (the bits it carries over from the neighbouring byte land
+// below bit 4 or above it, never on it), masked and or-ed in: 3 instructions a step.
+template <int S>
+TW_ALWAYS_INLINE __m256i move_bit_to_4(__m256i planes) {
+  if constexpr (S < 4) return _mm256_slli_epi16(planes, 4 - S);
+  else if constexpr (S > 4) return _mm256_srli_epi16(planes, S - 4);
+  else return planes;
 }
 
-// One half (lanes 8H..8H+7) of `block_dot`.
-template <int Bits, int H>
-inline __m256i half_dot(const uint8_t* block, const int32_t four[8]) {
+template <size_t... S>
+TW_ALWAYS_INLINE void add_fifth_bits(__m256i w[8], __m256i planes, std::index_sequence<S...>) {
+  const __m256i fifth_bit = _mm256_set1_epi8(0x10);
+  ((w[S] = _mm256_or_si256(w[S], _mm256_and_si256(move_bit_to_4<S>(planes), fifth_bit))), ...);
+}
+
+// The int32 dot products of lanes 8H..8H+7 of one 8-bit block with one row of int8
+// activations `xq`. The codes are read again for every row: from L1, as memory operands.
+template <int H>
+TW_ALWAYS_INLINE __m256i byte_dot(const uint8_t* block, const int8_t* xq) {
   const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
   __m256i sum = _mm256_setzero_si256();
-  if constexpr (Bits == 8) {
-    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
-    for (int s = 0; s < 8; ++s) {
-      const __m256i q = _mm256_xor_si256(
-          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * s + 32 * H)), flip);
-      const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(_mm256_set1_epi32(four[s]), q));
-      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
-    }
-  } else {
-    const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
-    __m256i w[8];
-    for (int t = 0; t < 4; ++t) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * t + 32 * H));
-      w[t] = _mm256_and_si256(v, low_nibbles);
-      w[t + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
-    }
-    if constexpr (Bits == 5) {
-      for (int s = 0; s < 8; ++s) w[s] = _mm256_or_si256(w[s], fifth_bits<H>(block + 256 + 8 * s));
-    }
-    constexpr int kStepsPerWiden = Bits == 4 ? 8 : 4;  // see the bounds above
-    for (int s0 = 0; s0 < 8; s0 += kStepsPerWiden) {
-      __m256i pairs = _mm256_setzero_si256();
-      for (int s = s0; s < s0 + kStepsPerWiden; ++s)
-        pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[s], _mm256_set1_epi32(four[s])));
-      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
-    }
+  for (int s = 0; s < 8; ++s) {
+    int32_t four;  // the step's 4 activations, broadcast to every lane
+    std::memcpy(&four, xq + 4 * s, sizeof(four));
+    const __m256i q = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * s + 32 * H)), flip);
+    const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(q), _mm256_sign_epi8(_mm256_set1_epi32(four), q));
+    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
   }
   return sum;
 }
 
-// The int32 dot products of one block (32 inputs) of a tile's 16 rows with one row of int8
-// activations `xq`: lanes 0..7 in dot[0], 8..15 in dot[1].
+// The 4- or 5-bit codes of lanes 8H..8H+7 of one block, one register a step. Decoded once
+// and used for every activation row of the pass (the decode costs more than a row's dot).
+template <int Bits, int H>
+TW_ALWAYS_INLINE void decode_half(const uint8_t* block, __m256i w[8]) {
+  const __m256i low_nibbles = _mm256_set1_epi8(0x0F);
+  for (int t = 0; t < 4; ++t) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 64 * t + 32 * H));
+    w[t] = _mm256_and_si256(v, low_nibbles);
+    w[t + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low_nibbles);
+  }
+  if constexpr (Bits == 5)
+    add_fifth_bits(w, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 256 + 32 * H)),
+                   std::make_index_sequence<8>{});
+}
+
+// The int32 dot products of decoded 4- or 5-bit codes `w` with one row of int8 activations.
 template <int Bits>
-inline void block_dot(const uint8_t* block, const int8_t* xq, __m256i dot[2]) {
-  int32_t four[8];  // the activations of each step, 4 bytes, broadcast to every lane
-  std::memcpy(four, xq, sizeof(four));
-  dot[0] = half_dot<Bits, 0>(block, four);
-  dot[1] = half_dot<Bits, 1>(block, four);
+TW_ALWAYS_INLINE __m256i nibble_dot(const __m256i w[8], const int8_t* xq) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i sum = _mm256_setzero_si256();
+  constexpr int kStepsPerWiden = Bits == 4 ? 8 : 4;  // see the bounds above
+  for (int s0 = 0; s0 < 8; s0 += kStepsPerWiden) {
+    __m256i pairs = _mm256_setzero_si256();
+    for (int s = s0; s < s0 + kStepsPerWiden; ++s) {
+      int32_t four;
+      std::memcpy(&four, xq + 4 * s, sizeof(four));
+      pairs = _mm256_add_epi16(pairs, _mm256_maddubs_epi16(w[s], _mm256_set1_epi32(four)));
+    }
+    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, ones));
+  }
+  return sum;
+}
+
+// Half H (lanes 8H..8H+7) of one block times `MR` activation rows from m0, into acc[i][H].
+template <int Bits, int MR, int H>
+TW_ALWAYS_INLINE void accumulate_half(const uint8_t* block, const QuantizedActivations& a, int64_t m0, int64_t b,
+                            __m256 ws, __m256 wo, __m256 acc[][2]) {
+  __m256i w[8];
+  if constexpr (Bits != 8) decode_half<Bits, H>(block, w);
+  for (int i = 0; i < MR; ++i) {
+    const int64_t m = m0 + i;
+    const int8_t* xq = a.codes.data() + m * a.k + b * kBlock;
+    __m256i dot;
+    if constexpr (Bits == 8) dot = byte_dot<H>(block, xq);
+    else dot = nibble_dot<Bits>(w, xq);
+    const __m256 sx = _mm256_set1_ps(a.scales[m * a.blocks + b]);
+    const __m256 sums = _mm256_set1_ps(a.block_sums[m * a.blocks + b]);
+    if constexpr (Bits == 4) {
+      acc[i][H] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot), sx), ws, acc[i][H]);
+      acc[i][H] = _mm256_fmadd_ps(wo, sums, acc[i][H]);
+    } else {  // s * (s_x * dot + factor * s_x * sum), the factor 0 for 8-bit codes
+      acc[i][H] = _mm256_fmadd_ps(ws, _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), sx, sums), acc[i][H]);
+    }
+  }
 }
 
 template <typename TOut>
@@ -335,27 +384,14 @@ inline void tile(const uint8_t* codes, const c10::Half* scales, const c10::Half*
     const uint8_t* block = codes + b * block_bytes(Bits);
     const __m128i* s16 = reinterpret_cast<const __m128i*>(scales + b * kLanes);
     const __m256 ws[2] = {_mm256_cvtph_ps(_mm_loadu_si128(s16)), _mm256_cvtph_ps(_mm_loadu_si128(s16 + 1))};
-    __m256 wo[2];
+    __m256 wo[2] = {};
     if constexpr (Bits == 4) {
       const __m128i* o16 = reinterpret_cast<const __m128i*>(offsets + b * kLanes);
       wo[0] = _mm256_cvtph_ps(_mm_loadu_si128(o16));
       wo[1] = _mm256_cvtph_ps(_mm_loadu_si128(o16 + 1));
     }
-    for (int i = 0; i < MR; ++i) {
-      const int64_t m = m0 + i;
-      __m256i dot[2];
-      block_dot<Bits>(block, a.codes.data() + m * a.k + b * kBlock, dot);
-      const __m256 sx = _mm256_set1_ps(a.scales[m * a.blocks + b]);
-      const __m256 sums = _mm256_set1_ps(a.block_sums[m * a.blocks + b]);
-      for (int h = 0; h < 2; ++h) {
-        if constexpr (Bits == 4) {
-          acc[i][h] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(dot[h]), sx), ws[h], acc[i][h]);
-          acc[i][h] = _mm256_fmadd_ps(wo[h], sums, acc[i][h]);
-        } else {  // s * (s_x * dot + factor * s_x * sum), the factor 0 for 8-bit codes
-          acc[i][h] = _mm256_fmadd_ps(ws[h], _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[h]), sx, sums), acc[i][h]);
-        }
-      }
-    }
+    accumulate_half<Bits, MR, 0>(block, a, m0, b, ws[0], wo[0], acc);
+    accumulate_half<Bits, MR, 1>(block, a, m0, b, ws[1], wo[1], acc);
   }
   for (int i = 0; i < MR; ++i) store_lanes(out + (m0 + i) * n_total, acc[i], live);
 }
@@ -366,15 +402,9 @@ inline void compute_tile(const uint8_t* codes, const c10::Half* scales, const c1
   alignas(32) float lanes[kLanes] = {};
   if (bias) std::memcpy(lanes, bias, live * sizeof(float));
   const __m256 b[2] = {_mm256_load_ps(lanes), _mm256_load_ps(lanes + 8)};
-  int64_t m0 = 0;
-  for (; m0 + kTokensPerTile <= a.rows; m0 += kTokensPerTile)
-    tile<Bits, kTokensPerTile>(codes, scales, offsets, a, m0, b, out, n_total, live);
-  switch (a.rows - m0) {
-    case 3: tile<Bits, 3>(codes, scales, offsets, a, m0, b, out, n_total, live); break;
-    case 2: tile<Bits, 2>(codes, scales, offsets, a, m0, b, out, n_total, live); break;
-    case 1: tile<Bits, 1>(codes, scales, offsets, a, m0, b, out, n_total, live); break;
-    default: break;
-  }
+  row_passes(a.rows, [&](int64_t m0, auto rows) {
+    tile<Bits, decltype(rows)::value>(codes, scales, offsets, a, m0, b, out, n_total, live);
+  });
 }
 #endif
 
