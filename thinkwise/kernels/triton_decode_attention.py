@@ -91,8 +91,10 @@ UNIFIED_WINDOW = {torch.float32: (-60.0, 60.0), torch.bfloat16: (-60.0, 60.0), t
 # warps per program of the split and prefix kernels. Measured on an H100, batch 64 x 8k, Llama-3-8B
 # heads, synchronized softmax (.gpu sweep, benchmarks/results/gpu_attention_fp8_sweep_h100.json):
 # tile 32 with 2 warps 622.5 us, 4 warps 650.9, 8 warps 1036.9; tile 64 / 4 warps 800.7; tile 16
-# 1022.2.
-FP8_TILE = 32
+# 1022.2. The knob sweep then tried tile 64 with 2 warps: 424.4 us against tile 32's 622.1 (and
+# 1.66x bf16 KV end to end, benchmarks/results/gpu_attention_knobs-h100-20261207.json,
+# gpu_kv_fp8-h100-tile64-20261207.json).
+FP8_TILE = 64
 FP8_WARPS = 2
 # Whether the split and prefix kernels pipeline their tile loop by hand, in registers
 # (`_attend_tiles`), for fp8 and for 16-bit caches; otherwise Triton pipelines it through
@@ -103,7 +105,8 @@ PREFETCH_16BIT = True
 # Software-pipeline stages Triton gives the fp8 tile loop (None: Triton's default), and how
 # many times over the split-KV grid fills the GPU (`choose_splits`). Knobs for sweeps:
 # `benchmarks/gpu_attention_knobs.py` times every combination against these defaults.
-FP8_STAGES: int | None = None
+# Same sweep: stages 2 424.4 us, Triton's default 430.4; splits 4 or 8 waves within 0.2%.
+FP8_STAGES: int | None = 2
 SPLIT_WAVES = 4
 
 # Four e4m3 codes (one int32, lowest byte first) -> four fp16 ($0..$3), two codes an instruction.
