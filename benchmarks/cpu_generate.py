@@ -7,13 +7,18 @@ the same way: batch-1 greedy decode, then n samples of one prompt decoded togeth
 Columns: thinkwise at each `--quantization` (none = the 16-bit weights; int8, int4, gguf:
 see thinkwise/kernels/linear_methods), llama.cpp through the `xllamacpp` wheel (its embedded
 server, n_parallel = n; `pip install thinkwise[bench]`), and optionally transformers. Each
-column runs in its own child process, one after another, so its load time and resident
-memory (RSS before and after loading, and at the end) are its own. Prints tokens/s, the
-ratios to llama.cpp, and writes a JSON file (benchmarks/results/cpu_generate-<UTC time>.json
-unless --out) with the command, machine and versions.
+column runs in its own child process, loaded one after another, so its load time and
+resident memory (RSS before and after loading, and at the end) are its own. The timed runs
+are interleaved: every column stays loaded and round r times each column once (in an order
+rotated by r), so a shared machine's drift (15-20% over minutes on a 2-core VM, where the
+columns once ran one after another and a ratio carried the drift between them) falls on every
+column alike; `--sequential` measures one column at a time instead (one engine in memory at
+a time). Prints tokens/s, the ratios to llama.cpp, and writes a JSON file
+(benchmarks/results/cpu_generate-<UTC time>.json unless --out) with the command, machine,
+versions and every timed run.
 
     python benchmarks/cpu_generate.py [--quantization none,int8,int4,gguf] [--baselines llama.cpp]
-        [--new-tokens 48] [--samples 8] [--threads 2] [--out FILE]
+        [--new-tokens 48] [--samples 8] [--threads 2] [--repeats 3] [--sequential] [--out FILE]
 """
 
 from __future__ import annotations
@@ -44,17 +49,13 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def best_time(fn, repeats: int) -> float:
-    fn()  # warm-up (also fills the prompt cache the same way for every timed run)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
-def run_thinkwise(args, quantization: str) -> dict:
+def load_thinkwise(args, quantization: str) -> tuple[dict, dict]:
     import thinkwise  # noqa: F401  (thread settings before torch)
     import torch
 
@@ -81,30 +82,28 @@ def run_thinkwise(args, quantization: str) -> dict:
 
     greedy = llm.generate({"prompt_token_ids": prompt_ids},
                           SamplingParams(temperature=0, max_tokens=n_new, ignore_eos=True))[0].outputs[0].token_ids
-    b1 = best_time(batch1, args.repeats)
-    nk = best_time(n_samples, args.repeats)
     meta = llm.engine.run_metadata
     model = llm.engine.runner.model
     weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
     weight_bytes += sum(getattr(m, "blas_weight", None).nbytes for m in model.modules()
                         if getattr(m, "blas_weight", None) is not None and m.blas_weight.base is None)
     kv_bytes = llm.engine.runner.kv_cache.numel() * llm.engine.runner.kv_cache.element_size()
-    return {"prompt_ids": prompt_ids, "greedy_ids": list(greedy), "load_s": round(load_s, 2),
+    info = {"prompt_ids": prompt_ids, "greedy_ids": list(greedy), "load_s": round(load_s, 2),
             "weights_mib": round(weight_bytes / 2**20), "kv_cache_mib": round(kv_bytes / 2**20),
-            "rss_mib": {"before_load": round(rss_before), "after_load": round(rss_loaded), "end": round(rss_mib())},
-            "batch1_tok_s": round(n_new / b1, 2), f"n{k}_tok_s": round(k * n_new / nk, 2),
+            "rss_mib": {"before_load": round(rss_before), "after_load": round(rss_loaded)},
             "linear_methods": {key: meta["linear_methods"].get(key)
                                for key in ("method", "counts", "notes", "cpu_kernel")},
             "gemm_dispatch": meta.get("gemm_dispatch")}
+    return info, {"batch1": batch1, "n_samples": n_samples}
 
 
-def run_llamacpp(args, prompt_ids: list[int]) -> dict:
+def load_llamacpp(args, prompt_ids: list[int]) -> tuple[dict, dict]:
     import threading
 
     try:
         import xllamacpp
     except ImportError:
-        return {"skipped": "xllamacpp is not installed: pip install 'thinkwise[bench]'"}
+        raise Skipped("xllamacpp is not installed: pip install 'thinkwise[bench]'") from None
     from thinkwise.loading import resolve_default_model
 
     params = xllamacpp.CommonParams()
@@ -142,15 +141,13 @@ def run_llamacpp(args, prompt_ids: list[int]) -> dict:
             thread.join()
 
     greedy = complete(0.0, 0)
-    b1 = best_time(batch1, args.repeats)
-    nk = best_time(n_samples, args.repeats)
-    return {"load_s": round(load_s, 2), "greedy_ids": greedy,
-            "rss_mib": {"before_load": round(rss_before), "after_load": round(rss_loaded), "end": round(rss_mib())},
-            "batch1_tok_s": round(n_new / b1, 2), f"n{k}_tok_s": round(k * n_new / nk, 2),
+    info = {"load_s": round(load_s, 2), "greedy_ids": greedy,
+            "rss_mib": {"before_load": round(rss_before), "after_load": round(rss_loaded)},
             "build": dict(xllamacpp.BUILD_INFO)}
+    return info, {"batch1": batch1, "n_samples": n_samples}
 
 
-def run_transformers(args, prompt_ids: list[int]) -> dict:
+def load_transformers(args, prompt_ids: list[int]) -> tuple[dict, dict]:
     import thinkwise  # noqa: F401
     import torch
     from transformers import AutoModelForCausalLM
@@ -178,11 +175,9 @@ def run_transformers(args, prompt_ids: list[int]) -> dict:
             hf.generate(ids, attention_mask=mask, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=True,
                         temperature=0.7, top_p=0.95, num_return_sequences=k)
 
-    b1 = best_time(batch1, args.repeats)
-    nk = best_time(n_samples, args.repeats)
-    return {"load_s": round(load_s, 2),
-            "rss_mib": {"before_load": round(rss_before), "after_load": round(rss_loaded), "end": round(rss_mib())},
-            "batch1_tok_s": round(n_new / b1, 2), f"n{k}_tok_s": round(k * n_new / nk, 2)}
+    info = {"load_s": round(load_s, 2),
+            "rss_mib": {"before_load": round(rss_before), "after_load": round(rss_loaded)}}
+    return info, {"batch1": batch1, "n_samples": n_samples}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,38 +190,125 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--baselines", default="llama.cpp",
                         help=f"comma-separated: {', '.join(BASELINES)} (or none)")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every engine")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per measurement after a warm-up; the best is kept")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed rounds after a warm-up; each column's best run is kept")
+    parser.add_argument("--sequential", action="store_true",
+                        help="measure one column at a time (one engine in memory), not interleaved rounds")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one column, in a child process
-    parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--prompt-ids", default=None, help=argparse.SUPPRESS)
     add_output_arguments(parser, "cpu_generate")
     return parser
 
 
+class Skipped(Exception):
+    """A column that cannot run here (its engine is not installed): reported, not a failure."""
+
+
+MEASUREMENTS = ("batch1", "n_samples")
+
+
 def worker(args) -> None:
+    """One column in a child process: load, warm up, then time one run per line read from
+    stdin ("batch1" / "n_samples"), answering each on the protocol pipe; "finish" ends it."""
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # an engine's own prints go to stderr, never into the protocol
+
+    def send(message: dict) -> None:
+        protocol.write(json.dumps(message) + "\n")
+
     prompt_ids = json.loads(args.prompt_ids) if args.prompt_ids else None
-    if args.worker == "llama.cpp":
-        result = run_llamacpp(args, prompt_ids)
-    elif args.worker == "transformers":
-        result = run_transformers(args, prompt_ids)
-    else:
-        result = run_thinkwise(args, args.worker.removeprefix("thinkwise:"))
-    Path(args.worker_out).write_text(json.dumps(result))
+    try:
+        if args.worker == "llama.cpp":
+            info, runs = load_llamacpp(args, prompt_ids)
+        elif args.worker == "transformers":
+            info, runs = load_transformers(args, prompt_ids)
+        else:
+            info, runs = load_thinkwise(args, args.worker.removeprefix("thinkwise:"))
+    except Skipped as reason:
+        send({"skipped": str(reason)})
+        return
+    for fn in runs.values():  # warm-up (also fills the prompt cache the same way for every timed run)
+        fn()
+    send({"loaded": info})
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "finish":
+            send({"rss_end_mib": round(rss_mib())})
+            return
+        send({"seconds": timed(runs[command])})
 
 
-def run_column(args, column: str, prompt_ids: list[int] | None) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "column.json"
-        command = [sys.executable, str(Path(__file__).resolve()), "--worker", column, "--worker-out", str(out),
+class Column:
+    """The parent's handle on one worker process (see `worker`)."""
+
+    def __init__(self, args, name: str, prompt_ids: list[int] | None):
+        self.name, self.seconds = name, {m: [] for m in MEASUREMENTS}
+        self.stderr = tempfile.TemporaryFile(mode="w+")
+        command = [sys.executable, str(Path(__file__).resolve()), "--worker", name,
                    "--new-tokens", str(args.new_tokens), "--samples", str(args.samples), "--dtype", args.dtype,
-                   "--threads", str(args.threads), "--repeats", str(args.repeats)]
+                   "--threads", str(args.threads)]
         if prompt_ids is not None:
             command += ["--prompt-ids", json.dumps(prompt_ids)]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        if done.returncode != 0 or not out.exists():
-            return {"failed": done.stderr[-2000:]}
-        return json.loads(out.read_text())
+        self.process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=self.stderr, text=True, bufsize=1)
+        first = self.receive()
+        self.result = first.get("loaded") or first  # {"skipped": ...} or {"failed": ...}
+
+    @property
+    def live(self) -> bool:
+        return "failed" not in self.result and "skipped" not in self.result
+
+    def receive(self) -> dict:
+        line = self.process.stdout.readline()
+        if line:
+            return json.loads(line)
+        self.process.wait()
+        self.stderr.seek(0)
+        return {"failed": self.stderr.read()[-2000:] or f"exit status {self.process.returncode}"}
+
+    def send(self, command: str) -> None:
+        try:
+            self.process.stdin.write(command + "\n")
+        except OSError:  # the worker died: `receive` reports its stderr
+            pass
+
+    def time(self, measurement: str) -> None:
+        self.send(measurement)
+        answer = self.receive()
+        if "seconds" not in answer:
+            self.result = answer
+            return
+        self.seconds[measurement].append(answer["seconds"])
+
+    def finish(self, args) -> dict:
+        if self.live:
+            self.send("finish")
+            answer = self.receive()
+            self.result["rss_mib"]["end"] = answer.get("rss_end_mib")
+            k, n_new = args.samples, args.new_tokens
+            tokens = {"batch1": n_new, "n_samples": k * n_new}
+            keys = {"batch1": "batch1_tok_s", "n_samples": f"n{k}_tok_s"}
+            for m in MEASUREMENTS:
+                self.result[keys[m]] = round(tokens[m] / min(self.seconds[m]), 2)
+                self.result[f"{keys[m]}_runs"] = [round(tokens[m] / t, 2) for t in self.seconds[m]]
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        self.process.wait()
+        self.stderr.close()
+        return self.result
+
+
+def rounds(columns: list[Column], repeats: int) -> None:
+    """Times every live column `repeats` times per measurement, round by round, the order
+    rotated each round so no column always runs first or right after another."""
+    for measurement in MEASUREMENTS:
+        for r in range(repeats):
+            live = [c for c in columns if c.live]
+            for column in live[r % max(1, len(live)):] + live[:r % max(1, len(live))]:
+                column.time(measurement)
 
 
 def main() -> None:
@@ -234,40 +316,52 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if args.repeats < 1:
+        sys.exit("error: --repeats must be at least 1")
     out = output_path(args, "cpu_generate")
     k = args.samples
-    columns = [f"thinkwise:{q.strip()}" for q in args.quantization.split(",") if q.strip()]
+    names = [f"thinkwise:{q.strip()}" for q in args.quantization.split(",") if q.strip()]
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip() and b.strip() != "none"]
     for name in baselines:
         if name not in BASELINES:
             sys.exit(f"error: --baselines {name!r} is not one of {', '.join(BASELINES)}")
     results: dict[str, dict] = {}
     prompt_ids = None
-    for column in columns + baselines:
-        result = run_column(args, column, prompt_ids)
-        results[column] = result
-        prompt_ids = prompt_ids or result.get("prompt_ids")
+    loaded: list[Column] = []
+    for name in names + baselines:
+        column = Column(args, name, prompt_ids)
+        prompt_ids = prompt_ids or column.result.get("prompt_ids")
+        if args.sequential:
+            rounds([column], args.repeats)
+            results[name] = column.finish(args)
+        else:
+            loaded.append(column)
+    rounds(loaded, args.repeats)
+    for column in loaded:
+        results[column.name] = column.finish(args)
+    for name, result in results.items():
         if "failed" in result or "skipped" in result:
-            print(f"{column:>20}: {result.get('skipped') or 'failed: ' + result['failed'][-400:]}")
+            print(f"{name:>20}: {result.get('skipped') or 'failed: ' + result['failed'][-400:]}")
             continue
         rss = result["rss_mib"]
         weights = f"   weights {result['weights_mib']} MiB + KV {result['kv_cache_mib']} MiB" if "weights_mib" in result else ""
-        print(f"{column:>20}: batch-1 {result['batch1_tok_s']:7.2f} tok/s   n={k} {result[f'n{k}_tok_s']:7.2f} tok/s   "
+        print(f"{name:>20}: batch-1 {result['batch1_tok_s']:7.2f} tok/s   n={k} {result[f'n{k}_tok_s']:7.2f} tok/s   "
               f"load {result['load_s']:6.2f} s   RSS {rss['before_load']} -> {rss['after_load']} MiB{weights}")
     ratios = {}
     reference = results.get("llama.cpp", {})
     if "batch1_tok_s" in reference:
-        for column in columns:
-            if "batch1_tok_s" in results[column]:
-                ratios[column] = {"batch1_vs_llama.cpp": round(results[column]["batch1_tok_s"] / reference["batch1_tok_s"], 3),
-                                  f"n{k}_vs_llama.cpp": round(results[column][f"n{k}_tok_s"] / reference[f"n{k}_tok_s"], 3)}
-                print(f"{column:>20}: {ratios[column]['batch1_vs_llama.cpp']:.2f}x llama.cpp at batch 1, "
-                      f"{ratios[column][f'n{k}_vs_llama.cpp']:.2f}x at n={k}")
+        for name in names:
+            if "batch1_tok_s" in results[name]:
+                ratios[name] = {"batch1_vs_llama.cpp": round(results[name]["batch1_tok_s"] / reference["batch1_tok_s"], 3),
+                                f"n{k}_vs_llama.cpp": round(results[name][f"n{k}_tok_s"] / reference[f"n{k}_tok_s"], 3)}
+                print(f"{name:>20}: {ratios[name]['batch1_vs_llama.cpp']:.2f}x llama.cpp at batch 1, "
+                      f"{ratios[name][f'n{k}_vs_llama.cpp']:.2f}x at n={k}")
     for result in results.values():
         result.pop("prompt_ids", None)
     write_result(out, {"model": "default (Qwen2.5-Coder-0.5B-Instruct GGUF, Q4_K_M)", "dtype": args.dtype,
                        "new_tokens": args.new_tokens, "prompt_tokens": len(prompt_ids or []), "samples": k,
-                       "threads": args.threads, "results": results, "ratios": ratios})
+                       "threads": args.threads, "timing": "sequential" if args.sequential else "interleaved rounds",
+                       "results": results, "ratios": ratios})
 
 
 if __name__ == "__main__":
