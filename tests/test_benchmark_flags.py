@@ -59,3 +59,22 @@ def test_attention_knobs_ends_with_a_message_without_a_gpu(tmp_path):
     done = attention_knobs("--out", str(tmp_path / "k.json"))
     assert done.returncode == 1 and "measures a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "k.json").exists()
+
+
+def test_attention_knobs_summary_takes_bf16s_default_as_the_unified_max():
+    from benchmarks.gpu_attention_knobs import summarize
+
+    defaults = {"FP8_TILE": 64, "FP8_WARPS": 2, "FP8_STAGES": 2, "SPLIT_WAVES": 4, "PREFETCH_16BIT": True}
+    shape = {"heads": 32,
+             "bf16": [{"PREFETCH_16BIT": True, "unified_max": False, "us": 794.0},
+                      {"PREFETCH_16BIT": True, "unified_max": True, "us": 768.8},
+                      {"PREFETCH_16BIT": False, "unified_max": True, "us": 830.4}],
+             "fp8": [{"FP8_TILE": 64, "FP8_WARPS": 2, "FP8_STAGES": 2, "SPLIT_WAVES": 4, "error_vs_bf16": 0.04, "us": 424.4},
+                     {"FP8_TILE": 32, "FP8_WARPS": 1, "FP8_STAGES": 4, "SPLIT_WAVES": 8, "error_vs_bf16": 0.04, "us": 400.0},
+                     {"FP8_TILE": 16, "FP8_WARPS": 1, "FP8_STAGES": 4, "SPLIT_WAVES": 8, "error_vs_bf16": 0.5, "us": 1.0}]}
+    summarize(shape, defaults)
+    summary = shape["summary"]
+    assert summary["bf16_default_us"] == 768.8 and summary["bf16_synchronized_us"] == 794.0
+    assert summary["default_fp8"]["us"] == 424.4 and summary["best_fp8"]["us"] == 400.0  # a wrong result never wins
+    assert summary["default_fp8_vs_default_bf16"] == round(768.8 / 424.4, 3)
+    assert summary["default_fp8_vs_synchronized_bf16"] == round(794.0 / 424.4, 3)
