@@ -107,6 +107,27 @@ def test_decode_attention_matches_the_twin(dtype, heads, kv_heads, window):
     torch.testing.assert_close(got.float(), expected.float(), atol=step, rtol=step)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [20, 24, 40, 96, 128])
+@pytest.mark.parametrize("window", [None, 37])
+def test_decode_attention_over_many_chunks_and_head_dims(dtype, head_dim, window):
+    """Contexts of several 32-position chunks (short last chunks, block edges inside a chunk)
+    and head sizes for each path of the dot products and the weighted sum: 8-row dots or
+    not (a multiple of 8 or not), 64- and 32-column slabs and a remainder."""
+    g = torch.Generator().manual_seed(head_dim)
+    batch, heads, kv_heads, block_size, num_blocks = 4, 6, 2, 5, 60
+    k_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    lengths = torch.tensor([1, 33, 97, 150])  # one position; a chunk and one; 3 chunks + 1; 4 chunks + 22
+    tables = torch.stack([torch.randperm(num_blocks, generator=g)[:30] for _ in range(batch)])
+    query = (3 * torch.randn(batch, heads, head_dim, generator=g)).to(dtype)
+    args = (query, k_cache, v_cache, tables, lengths, int(lengths.max()), head_dim**-0.5)
+    expected = paged_attention.decode_attention(*args, window=window)
+    got = cpu_decode_ops.decode_attention(*args, window=window)
+    step = {torch.float32: 1e-5, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(got.float(), expected.float(), atol=step, rtol=step)
+
+
 def test_decode_attention_ignores_cascade_groups_with_the_same_result():
     k_cache, v_cache, tables, lengths = paged_context(torch.float32, 4, 2, 32)
     tables[1, :2] = tables[0, :2]  # rows 0 and 1 share their first 8 tokens
