@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from thinkwise.engine.sampler import Sampler, SamplingRow
+from thinkwise.engine.sampler import Sampler, SamplingRow, greedy_tokens
 
 
 def row(**kw) -> SamplingRow:
@@ -24,6 +24,21 @@ def draws(n: int, **kw) -> list[int]:
 
 def test_greedy_is_argmax():
     assert draws(5, temperature=0.0) == [0] * 5
+
+
+def test_greedy_tokens_is_torch_argmax_on_every_edge():
+    """The CPU fast path (NumPy's argmax) against torch.argmax: ties take the first index, a
+    NaN counts as the largest value, an all -inf row gives 0; non-contiguous and non-fp32
+    logits take torch's path."""
+    inf, nan = float("inf"), float("nan")
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0], [-inf, -inf, -inf, -inf], [0.0, nan, 5.0, nan],
+                           [2.0, 2.0, 2.0, 2.0], [-1.0, -2.0, -0.5, inf]])
+    assert greedy_tokens(logits).tolist() == logits.argmax(dim=-1).tolist() == [1, 0, 1, 0, 3]
+    big = torch.randn(6, 151_936, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(greedy_tokens(big), big.argmax(dim=-1))
+    assert torch.equal(greedy_tokens(big.t().contiguous().t()), big.argmax(dim=-1))  # strided
+    assert greedy_tokens(big.bfloat16()).dtype == torch.long
+    assert greedy_tokens(big[:0]).shape == (0,)
 
 
 def test_top_k_top_p_min_p_restrict_support():

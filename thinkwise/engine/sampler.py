@@ -38,6 +38,16 @@ def uniform_from_seed(seed: int, position: int) -> float:
 _TOP_P_CANDIDATES = 1024
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the vocabulary, per row. On the CPU NumPy's: PyTorch's argmax reduction is
+    scalar there (~160 us for one fp32 row of a 152k vocabulary on an AVX2 EPYC, against ~13
+    us: ~0.6% of the default model's batch-1 decode step). Same answer: the first
+    maximum, NaN counting as the largest value, as in `torch.argmax`."""
+    if logits.is_cpu and logits.dtype == torch.float32 and logits.dim() == 2 and logits.is_contiguous():
+        return torch.from_numpy(logits.numpy().argmax(axis=-1))
+    return logits.argmax(dim=-1)
+
+
 @dataclass
 class SamplingRow:
     temperature: float
@@ -146,13 +156,13 @@ class Sampler:
               exact: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         greedy = [r.temperature == 0 for r in rows]
         if all(greedy):
-            return logits.argmax(dim=-1), None  # the common benchmark/greedy case: one kernel
+            return greedy_tokens(logits), None  # the common benchmark/greedy case: one kernel
         if not any(greedy):  # every row samples (the usual batch): no gather and no scatter
             return self._inverse_cdf(logits, rows, exact)
         device = logits.device
         tokens = torch.empty(len(rows), dtype=torch.long, device=device)
         idx = stage_to_device([i for i, g in enumerate(greedy) if g], torch.long, device)
-        tokens[idx] = logits[idx].argmax(dim=-1)
+        tokens[idx] = greedy_tokens(logits[idx])
         idx_list = [i for i, g in enumerate(greedy) if not g]
         idx = stage_to_device(idx_list, torch.long, device)
         drawn, sub_redo = self._inverse_cdf(logits[idx], [rows[i] for i in idx_list], exact)

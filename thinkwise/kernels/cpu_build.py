@@ -81,6 +81,9 @@ class _BuiltOnce:
         raise NotImplementedError
 
     def status(self) -> dict:
+        status = self._status
+        if status is not None:  # the hot path (~240 calls a decode step): no lock once settled
+            return status
         with self._lock:
             if self._status is None:
                 self._status = self.load()

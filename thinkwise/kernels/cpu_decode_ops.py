@@ -35,7 +35,9 @@ def applies(*tensors: torch.Tensor) -> bool:
     """True when the operators can take these tensors: CPU, one dtype they support, built.
     (Called per layer per step: a plain loop, no generator.)"""
     first = tensors[0]
-    if first.device.type != "cpu" or first.dtype not in DTYPES:
+    # `is_cpu`, not `device.type`: the latter builds a device object and its name (~0.4 us
+    # against ~0.1), and this runs ~120 times a decode step.
+    if not first.is_cpu or first.dtype not in DTYPES:
         return False
     for t in tensors:
         if t.dtype != first.dtype:
