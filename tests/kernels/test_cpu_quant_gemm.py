@@ -305,3 +305,30 @@ def test_threads_and_a_forked_child_give_the_same_result():
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
         torch.set_num_threads(previous)
+
+
+@needs_kernel
+def test_prefetching_the_next_layer_changes_no_result_even_after_the_layers_are_freed():
+    """With 2 threads the helpers prefetch the layer that followed the current one last time
+    (learned from the call order, keyed by the codes' address). Layers called in a cycle, then
+    freed and replaced by others that may reuse their memory and run in another order, give
+    exactly the single-threaded bits (a stale entry may only prefetch the wrong range)."""
+    previous = torch.get_num_threads()
+    try:
+        for generation in range(3):
+            torch.manual_seed(generation)
+            layers = [(bits, *packed(torch.randn(n, 256) * 0.05, bits), n)
+                      for bits, n in ((8, 512), (5, 1152), (4, 896), (8, 2048))]
+            x = torch.randn(2, 256)
+            torch.set_num_threads(1)
+            alone = [qg.quant_linear(x, c, s, o, None, 256, n, bits) for bits, c, s, o, n in layers]
+            torch.set_num_threads(2)
+            order = list(range(len(layers))) * 3
+            if generation == 1:
+                order.reverse()
+            for i in order:
+                bits, c, s, o, n = layers[i]
+                assert torch.equal(qg.quant_linear(x, c, s, o, None, 256, n, bits), alone[i])
+            del layers, alone
+    finally:
+        torch.set_num_threads(previous)

@@ -47,7 +47,9 @@
 #include <type_traits>
 #include <utility>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -439,6 +441,7 @@ class TilePool {
       return;
     }
     ensure_helpers(threads - 1);
+    prefetch_end_.store(0, std::memory_order_relaxed);  // this call's weights are read now; stop pulling
     work_ = &work;
     done_.store(0, std::memory_order_relaxed);
     const uint64_t generation = (++generation_) & 0xFFFF;
@@ -449,6 +452,19 @@ class TilePool {
     }
     work_on(generation);
     while (done_.load(std::memory_order_acquire) < tiles) _mm_pause();
+  }
+
+  // Hands the helpers, idle until the next call, up to two byte ranges to pull toward the
+  // cache (`prefetch_some`). Races with a helper still on the previous ranges are harmless:
+  // prefetch instructions never fault and change no data, at worst a line is fetched for nothing.
+  void prefetch(const char* first, size_t first_bytes, const char* second, size_t second_bytes) {
+    if (helpers_ == 0) return;
+    prefetch_end_.store(0, std::memory_order_relaxed);
+    prefetch_base_[0].store(first, std::memory_order_relaxed);
+    prefetch_base_[1].store(second, std::memory_order_relaxed);
+    prefetch_split_.store(first_bytes, std::memory_order_relaxed);
+    prefetch_cursor_.store(0, std::memory_order_relaxed);
+    prefetch_end_.store(first_bytes + second_bytes, std::memory_order_release);
   }
 
  private:
@@ -486,7 +502,7 @@ class TilePool {
       // Spin ~100 us for the next call (the gaps between a layer's matmuls are shorter), then sleep.
       const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
       for (int i = 0; !open(v, seen); ++i) {
-        _mm_pause();
+        if (!prefetch_some()) _mm_pause();
         v = claim_.load(std::memory_order_acquire);
         if ((i & 255) == 255 && std::chrono::steady_clock::now() > until) {
           std::unique_lock<std::mutex> lock(sleep_mutex_);
@@ -500,6 +516,24 @@ class TilePool {
     }
   }
 
+  // One 4 KB piece of the prefetch ranges (64 lines), or false when none is left.
+  bool prefetch_some() {
+    constexpr size_t kPiece = 4096;
+    const size_t end = prefetch_end_.load(std::memory_order_acquire);
+    if (prefetch_cursor_.load(std::memory_order_relaxed) >= end) return false;
+    const size_t start = prefetch_cursor_.fetch_add(kPiece, std::memory_order_relaxed);
+    if (start >= end) return false;
+    const size_t split = prefetch_split_.load(std::memory_order_relaxed);
+    for (size_t at = start; at < std::min(start + kPiece, end); at += 64) {
+      const char* line = at < split ? prefetch_base_[0].load(std::memory_order_relaxed) + at
+                                    : prefetch_base_[1].load(std::memory_order_relaxed) + (at - split);
+      _mm_prefetch(line, _MM_HINT_T0);
+    }
+    return true;
+  }
+
+  std::atomic<const char*> prefetch_base_[2] = {nullptr, nullptr};
+  std::atomic<size_t> prefetch_split_{0}, prefetch_cursor_{0}, prefetch_end_{0};
   std::mutex call_mutex_, sleep_mutex_;
   std::condition_variable wake_;
   std::atomic<uint64_t> claim_{0};
@@ -509,6 +543,53 @@ class TilePool {
   size_t helpers_ = 0;
   const Work* work_ = nullptr;
   static inline TilePool* current_ = nullptr;
+};
+
+// The weights of the call that followed each layer's last time. A decode step calls the same
+// layers in the same order every step, and between two calls (attention, norms, the Python
+// around them: tens of microseconds at batch 1) the helper threads only spin; with this they
+// pull the next layer's codes and scales toward the cache instead, so the next call starts on
+// weights already in flight rather than at DRAM latency. Keyed by the codes' address (stable
+// while a model lives; a stale entry after a model is freed only prefetches a wrong range,
+// which cannot fault). THINKWISE_CPU_WEIGHT_PREFETCH=0 turns it off.
+class NextWeights {
+ public:
+  struct Range {
+    const char* codes = nullptr;
+    size_t code_bytes = 0;
+    const char* scales = nullptr;
+    size_t scale_bytes = 0;
+  };
+
+  static bool enabled() {
+    static const bool on = [] {
+      const char* value = std::getenv("THINKWISE_CPU_WEIGHT_PREFETCH");
+      return value == nullptr || std::strcmp(value, "0") != 0;
+    }();
+    return on;
+  }
+
+  // Records that `current` followed the previous call; returns what followed `current` last time.
+  Range step(const Range& current) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (last_ != nullptr && last_ != current.codes) {
+      if (next_.size() >= 4096) next_.clear();  // many models come and go (tests): stay small
+      next_[last_] = current;
+    }
+    last_ = current.codes;
+    const auto found = next_.find(current.codes);
+    return found == next_.end() ? Range{} : found->second;
+  }
+
+  static NextWeights& instance() {
+    static NextWeights* weights = new NextWeights();  // never destroyed: helper threads outlive exit
+    return *weights;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<const char*, Range> next_;
+  const char* last_ = nullptr;
 };
 
 template <int Bits, typename TIn, typename TOut>
@@ -582,6 +663,12 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& codes, const a
   if (bits == 4) dispatch<4>(x, codes, scales, off, bias_ptr, out, in_features, out_features);
   else if (bits == 5) dispatch<5>(x, codes, scales, off, bias_ptr, out, in_features, out_features);
   else dispatch<8>(x, codes, scales, off, bias_ptr, out, in_features, out_features);
+  if (NextWeights::enabled() && at::get_num_threads() > 1) {
+    const NextWeights::Range next = NextWeights::instance().step(
+        {static_cast<const char*>(codes.data_ptr()), static_cast<size_t>(codes.nbytes()),
+         static_cast<const char*>(scales.data_ptr()), static_cast<size_t>(scales.nbytes())});
+    if (next.codes != nullptr) TilePool::instance().prefetch(next.codes, next.code_bytes, next.scales, next.scale_bytes);
+  }
   return out;
 }
 
