@@ -128,6 +128,28 @@ def test_decode_attention_over_many_chunks_and_head_dims(dtype, head_dim, window
     torch.testing.assert_close(got.float(), expected.float(), atol=step, rtol=step)
 
 
+def test_decode_attention_split_over_threads_gives_the_same_bits():
+    """A long context (past the size where the (sequence, KV head) jobs go to several threads:
+    the library is built with OpenMP for that) gives exactly the one-thread result, and the twin's."""
+    g = torch.Generator().manual_seed(7)
+    heads, kv_heads, head_dim, block_size = 14, 2, 64, 16
+    k_cache = torch.randn(64, block_size, kv_heads, head_dim, generator=g).bfloat16()
+    v_cache = torch.randn(64, block_size, kv_heads, head_dim, generator=g).bfloat16()
+    lengths = torch.tensor([1000])
+    tables = torch.randperm(64, generator=g)[None, :63]
+    query = torch.randn(1, heads, head_dim, generator=g).bfloat16()
+    args = (query, k_cache, v_cache, tables, lengths, 1000, head_dim**-0.5)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = cpu_decode_ops.decode_attention(*args)
+        torch.set_num_threads(2)
+        assert torch.equal(cpu_decode_ops.decode_attention(*args), alone)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(alone.float(), paged_attention.decode_attention(*args).float(), atol=8e-3, rtol=8e-3)
+
+
 def test_decode_attention_ignores_cascade_groups_with_the_same_result():
     k_cache, v_cache, tables, lengths = paged_context(torch.float32, 4, 2, 32)
     tables[1, :2] = tables[0, :2]  # rows 0 and 1 share their first 8 tokens

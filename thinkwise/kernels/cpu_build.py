@@ -61,7 +61,8 @@ def build(library: str, source: Path, cflags: list[str], required_flags: tuple[s
 
         directory = build_dir(library, source, cflags)
         directory.mkdir(parents=True, exist_ok=True)
-        load(name=f"thinkwise_{library}", sources=[str(source)], extra_cflags=cflags, extra_ldflags=["-pthread"],
+        load(name=f"thinkwise_{library}", sources=[str(source)], extra_cflags=cflags,
+             extra_ldflags=["-pthread"] + [flag for flag in cflags if flag == "-fopenmp"],
              build_directory=str(directory), is_python_module=False, verbose=False)
     except Exception as exc:  # a broken toolchain must not stop the engine: fall back, say why
         logger.warning("the CPU operators in %s could not be built (%s); using PyTorch's", source.name, exc)

@@ -21,12 +21,15 @@ from thinkwise.kernels import cpu_build
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
+# -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself
+# is compiled with OpenMP (-fopenmp-simd alone, as before, left attention over a long context on
+# one thread whatever torch's thread count); libgomp is the one torch already loaded (same soname).
 # -ffp-contract=off: no fused multiply-adds the twins do not do. -fno-trapping-math changes no
 # result, only lets the compiler evaluate a division or comparison it cannot prove trap-free in
 # every lane: without it SiLU's and softmax's loops (exp, divide, clamp) stayed scalar, e.g.
 # silu_mul over Qwen2.5-0.5B's 4864 columns 47 us instead of 16 on an AVX2 EPYC.
 _library = cpu_build.CppLibrary("cpu_decode_ops", cpu_build.CSRC / "cpu_decode_ops.cpp",
-                                ["-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=off", "-fno-trapping-math"])
+                                ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"])
 status = _library.status  # {"available": bool, "reason": ...}; builds on first call
 available = _library.available
 

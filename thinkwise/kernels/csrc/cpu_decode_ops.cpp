@@ -434,7 +434,7 @@ void decode_attention_impl(const at::Tensor& query, const at::Tensor& k_cache, c
   for (int64_t b = 0; b < batch; ++b) work += lens[b];
   work *= heads * dim;
   const int64_t jobs = batch * kv_heads;
-  at::parallel_for(0, jobs, work < (1 << 21) ? jobs : 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, jobs, work < (1 << 19) ? jobs : 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, acc, row;
     for (int64_t job = begin; job < end; ++job) {
       const int64_t b = job / kv_heads, h = job % kv_heads;
