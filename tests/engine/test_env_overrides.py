@@ -50,6 +50,9 @@ def test_defaults_and_overrides(monkeypatch):
     ("THINKWISE_PDL_MAX_ROWS", "many", "THINKWISE_PDL_MAX_ROWS='many': use a whole number of rows >= 0"),
     ("THINKWISE_PDL_MAX_ROWS", "-1", "THINKWISE_PDL_MAX_ROWS='-1': use a whole number of rows >= 0"),
     ("THINKWISE_ATTENTION", "flash", "THINKWISE_ATTENTION='flash': use auto or torch"),
+    ("THINKWISE_CPU_WEIGHT_PREFETCH", "lots", "THINKWISE_CPU_WEIGHT_PREFETCH='lots': use a number of MiB from 0"),
+    ("THINKWISE_CPU_WEIGHT_PREFETCH", "-2", "THINKWISE_CPU_WEIGHT_PREFETCH='-2': use a number of MiB from 0"),
+    ("THINKWISE_CPU_WEIGHT_PREFETCH", "nan", "THINKWISE_CPU_WEIGHT_PREFETCH='nan': use a number of MiB from 0"),
 ])
 def test_bad_values_are_refused_with_the_fix(monkeypatch, name, value, message):
     monkeypatch.setenv(name, value)
@@ -75,6 +78,9 @@ def test_the_cli_names_the_variable_not_a_flag(tiny_llama, name, value):
 def test_bad_arguments_are_refused():
     with pytest.raises(InvalidParameterError, match="attention_backend 'triton-please' is not one of auto, torch"):
         EngineConfig(attention_backend="triton-please")
+    for bad in (-1, "4", True, float("nan"), 1e9):
+        with pytest.raises(InvalidParameterError, match="cpu_weight_prefetch_mib must be a number of MiB in"):
+            EngineConfig(cpu_weight_prefetch_mib=bad)
     with pytest.raises(InvalidParameterError, match="pdl_max_rows"):
         EngineConfig(pdl_max_rows=-3)
 
@@ -88,12 +94,15 @@ def test_an_engine_hands_its_knobs_to_the_kernels(tiny_llama, monkeypatch):
     directory, _ = tiny_llama
     common = dict(device="cpu", dtype="float32", block_size=4, num_kv_blocks=16, cpu_gemm_dispatch=False)
     LLM(str(directory), attention_backend="torch", fused_kernels=False, gemm_epilogue_fusion=False, pdl=False,
-        pdl_max_rows=3, **common)
-    from thinkwise.kernels import fused
+        pdl_max_rows=3, cpu_weight_prefetch_mib=0, **common)
+    from thinkwise.kernels import cpu_quant_gemm, fused
 
     assert paged_attention.ATTENTION_BACKEND == "torch" and not fused.FUSED
     assert not linear_dispatch.epilogue_fusion_enabled() and not pdl.enabled() and pdl.max_rows() == 3
+    assert cpu_quant_gemm.weight_prefetch_mib() == 0
     monkeypatch.setenv("THINKWISE_PDL", "1")
     monkeypatch.setenv("THINKWISE_ATTENTION", "auto")
+    monkeypatch.setenv("THINKWISE_CPU_WEIGHT_PREFETCH", "2.5")
     llm = LLM(str(directory), pdl=False, attention_backend="torch", **common)
     assert llm.engine.config.pdl and pdl.enabled() and paged_attention.ATTENTION_BACKEND == "auto"
+    assert cpu_quant_gemm.weight_prefetch_mib() == 2.5

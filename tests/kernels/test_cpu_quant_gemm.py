@@ -130,7 +130,20 @@ def test_the_record_names_the_build_in_use():
     from thinkwise.kernels.linear_methods import cpu_kernel_record
 
     isa = {"avx512_vnni": "AVX-512 VNNI", "avx2": "AVX2"}[qg.status()["isa"]]
-    assert cpu_kernel_record() == {"kernel": f"thinkwise cpu_quant_gemm ({isa}, int8 activations per block of 32)"}
+    previous = qg.weight_prefetch_mib()
+    try:
+        qg.set_weight_prefetch(4)
+        assert cpu_kernel_record() == {"kernel": f"thinkwise cpu_quant_gemm ({isa}, int8 activations per block of 32)",
+                                       "weight_prefetch": "4 MiB ahead between calls"}
+        qg.set_weight_prefetch(0)
+        assert cpu_kernel_record()["weight_prefetch"] == "off (cpu_weight_prefetch_mib=0)"
+        for bad in (-1, float("nan")):
+            with pytest.raises(ValueError, match="takes 0 .off. to 65536 MiB"):
+                qg.set_weight_prefetch(bad)
+        with pytest.raises(RuntimeError, match="bytes must be >= 0"):  # the operator checks too
+            getattr(torch.ops, qg.status()["namespace"]).set_weight_prefetch(-5)
+    finally:
+        qg.set_weight_prefetch(previous)
 
 
 def test_packing_round_trips_values_the_format_can_hold():
@@ -309,13 +322,15 @@ def test_threads_and_a_forked_child_give_the_same_result():
 
 @needs_kernel
 def test_prefetching_the_next_layer_changes_no_result_even_after_the_layers_are_freed():
-    """With 2 threads the helpers prefetch the layer that followed the current one last time
-    (learned from the call order, keyed by the codes' address). Layers called in a cycle, then
-    freed and replaced by others that may reuse their memory and run in another order, give
-    exactly the single-threaded bits (a stale entry may only prefetch the wrong range)."""
-    previous = torch.get_num_threads()
+    """With 2 threads the helpers prefetch the layers that followed the current one last time
+    (learned from the call order, keyed by the codes' address), up to a budget. Layers called
+    in a cycle, then freed and replaced by others that may reuse their memory and run in
+    another order, give exactly the single-threaded bits (a stale entry may only prefetch the
+    wrong range), with the whole cycle in the budget, a budget ending inside a layer, or none."""
+    previous, previous_mib = torch.get_num_threads(), qg.weight_prefetch_mib()
     try:
-        for generation in range(3):
+        for generation, mib in enumerate((4, 0.01, 0)):  # a budget ending inside a layer; off
+            qg.set_weight_prefetch(mib)
             torch.manual_seed(generation)
             layers = [(bits, *packed(torch.randn(n, 256) * 0.05, bits), n)
                       for bits, n in ((8, 512), (5, 1152), (4, 896), (8, 2048))]
@@ -332,3 +347,4 @@ def test_prefetching_the_next_layer_changes_no_result_even_after_the_layers_are_
             del layers, alone
     finally:
         torch.set_num_threads(previous)
+        qg.set_weight_prefetch(previous_mib)

@@ -58,12 +58,16 @@ class EngineConfig:
     # on the device, before reading them back, so the host's per-step work overlaps the GPU's.
     # None: on for CUDA with CUDA graphs (on CPU nothing overlaps; tests turn it on to check it).
     async_scheduling: bool | None = None
-    # Kernel knobs (CUDA), each overridable by an environment variable (engine/env_overrides.py).
+    # Kernel knobs (CUDA, and the CPU prefetch below), each overridable by an environment variable
+    # (engine/env_overrides.py).
     attention_backend: str = "auto"  # "auto": Triton decode attention on CUDA; "torch": the reference everywhere
     fused_kernels: bool = True  # fused Triton element-wise kernels (RMSNorm, q/k norm + rotary + KV write, SiLU*up)
     gemm_epilogue_fusion: bool = True  # SiLU(gate) * up in the Triton gate/up GEMM's epilogue
     pdl: bool = True  # programmatic dependent launch of decode kernels (Hopper and newer)
     pdl_max_rows: int = 64  # steps with more token rows launch without PDL
+    # CPU: MiB of the next layers' weights the quantized kernel's idle threads prefetch between
+    # calls (kernels/cpu_quant_gemm.py; 0: off).
+    cpu_weight_prefetch_mib: float = 4.0
     # Reasoning models (thinkwise/reasoning/parser.py): how outputs split thinking from the
     # answer ("auto": from the chat template and tokenizer), the thinking budget each
     # `reasoning_effort` means (None: unlimited), and an optional message forced before the
@@ -88,6 +92,10 @@ class EngineConfig:
                                         f"{', '.join(ATTENTION_BACKENDS)}", param="attention_backend")
         if self.pdl_max_rows < 0:
             raise InvalidParameterError("pdl_max_rows must be >= 0", param="pdl_max_rows")
+        if (isinstance(self.cpu_weight_prefetch_mib, bool) or not isinstance(self.cpu_weight_prefetch_mib, (int, float))
+                or not 0 <= self.cpu_weight_prefetch_mib <= 65536):
+            raise InvalidParameterError(f"cpu_weight_prefetch_mib must be a number of MiB in [0, 65536] (0: off), not "
+                                        f"{self.cpu_weight_prefetch_mib!r}", param="cpu_weight_prefetch_mib")
         if self.reasoning_parser not in PARSER_NAMES:
             raise InvalidParameterError(f"unknown reasoning parser {self.reasoning_parser!r}; use one of "
                                         f"{', '.join(PARSER_NAMES)}", param="reasoning_parser")

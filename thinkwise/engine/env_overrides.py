@@ -11,6 +11,8 @@ THINKWISE_FUSED          -> fused_kernels         1: fused Triton element-wise k
 THINKWISE_GEMM_EPILOGUE  -> gemm_epilogue_fusion  1: SiLU(gate)*up in the Triton GEMM's epilogue; 0: apart
 THINKWISE_PDL            -> pdl                   1: programmatic dependent launch (Hopper+); 0: plain
 THINKWISE_PDL_MAX_ROWS   -> pdl_max_rows          the most token rows a step may have for PDL (64)
+THINKWISE_CPU_WEIGHT_PREFETCH -> cpu_weight_prefetch_mib  MiB of weights prefetched between CPU
+                                                 quantized matmuls (4; 0: off)
 """
 
 from __future__ import annotations
@@ -39,6 +41,16 @@ def _rows(name: str, text: str) -> int:
     return rows
 
 
+def _mib(name: str, text: str) -> float:
+    try:
+        mib = float(text)
+    except ValueError:
+        mib = -1.0
+    if not 0 <= mib <= 65536:
+        raise InvalidParameterError(f"{name}={text!r}: use a number of MiB from 0 (off) to 65536, e.g. 4", param=name)
+    return mib
+
+
 def _attention(name: str, text: str) -> str:
     if text not in ATTENTION_BACKENDS:
         raise InvalidParameterError(f"{name}={text!r}: use {' or '.join(ATTENTION_BACKENDS)}", param=name)
@@ -52,6 +64,7 @@ ENV_OVERRIDES: dict[str, tuple[str, Callable[[str, str], Any]]] = {
     "THINKWISE_GEMM_EPILOGUE": ("gemm_epilogue_fusion", _flag),
     "THINKWISE_PDL": ("pdl", _flag),
     "THINKWISE_PDL_MAX_ROWS": ("pdl_max_rows", _rows),
+    "THINKWISE_CPU_WEIGHT_PREFETCH": ("cpu_weight_prefetch_mib", _mib),
 }
 
 

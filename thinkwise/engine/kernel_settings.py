@@ -8,7 +8,7 @@ or captures graphs; the last engine built in a process decides them.
 from __future__ import annotations
 
 from thinkwise.engine.config import EngineConfig
-from thinkwise.kernels import linear_dispatch, paged_attention, pdl
+from thinkwise.kernels import cpu_quant_gemm, linear_dispatch, paged_attention, pdl
 
 
 def apply_kernel_settings(config: EngineConfig) -> None:
@@ -19,3 +19,4 @@ def apply_kernel_settings(config: EngineConfig) -> None:
     fused.set_fused_kernels(config.fused_kernels)
     linear_dispatch.set_epilogue_fusion(config.gemm_epilogue_fusion)
     pdl.configure(enabled=config.pdl, max_rows=config.pdl_max_rows)
+    cpu_quant_gemm.set_weight_prefetch(config.cpu_weight_prefetch_mib)

@@ -21,8 +21,9 @@ Between two calls the helper threads, otherwise spinning, prefetch the weights o
 that followed the current one last time (a decode step calls its layers in one order), up to 4
 MiB ahead, so calls start on weights already in cache or on their way from DRAM: the gaps
 between a batch-1 step's matmuls (attention, norms, Python; ~4 ms a token on the default model)
-otherwise leave the memory bus idle. THINKWISE_CPU_WEIGHT_PREFETCH sets the MiB ahead ("0":
-off); results are the same bits either way.
+otherwise leave the memory bus idle. `EngineConfig.cpu_weight_prefetch_mib` (or
+THINKWISE_CPU_WEIGHT_PREFETCH) sets the MiB ahead, 0 off; the run metadata's "cpu_kernel" says
+which; results are the same bits either way.
 `reference_linear` is the twin every call of `quant_linear` is tested against: dequantize
 W, quantize-dequantize x the same way, one float32 `F.linear`.
 """
@@ -35,6 +36,7 @@ from thinkwise.kernels import cpu_build
 
 BLOCK = 32  # weights per scale
 DISABLE_ENV = "THINKWISE_CPU_QUANT_KERNEL"  # "0": PyTorch's kernels; "avx2": that build even where AVX-512 runs
+DEFAULT_PREFETCH_MIB = 4.0  # EngineConfig.cpu_weight_prefetch_mib's default
 
 # Both builds register the same operator under their own namespace, so one process may load both (tests).
 _library = cpu_build.LibraryVariants([
@@ -50,6 +52,7 @@ status = _library.status  # {"available", "reason" (the build directory, or why 
 available = _library.available
 _load = _library.load
 _op = None  # torch.ops.thinkwise_cpu.quant_linear once loaded
+_prefetch_mib = DEFAULT_PREFETCH_MIB
 
 
 BITS = (4, 5, 8)
@@ -210,6 +213,21 @@ def reference_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
     return out.to(x.dtype)
 
 
+def set_weight_prefetch(mib: float) -> None:
+    """How many MiB of the next layers' weights the kernel's idle helper threads prefetch
+    between calls (0: off); the engine sets it from `EngineConfig.cpu_weight_prefetch_mib`."""
+    global _prefetch_mib
+    if not 0 <= mib <= 65536:
+        raise ValueError(f"the CPU weight prefetch takes 0 (off) to 65536 MiB, not {mib!r}")
+    _prefetch_mib = float(mib)
+    if _op is not None:
+        getattr(torch.ops, status()["namespace"]).set_weight_prefetch(int(_prefetch_mib * 1024 * 1024))
+
+
+def weight_prefetch_mib() -> float:
+    return _prefetch_mib
+
+
 def quant_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, offsets: torch.Tensor | None,
                  bias: torch.Tensor | None, in_features: int, out_features: int, bits: int) -> torch.Tensor:
     """x [M, K] (bf16 or fp32, contiguous) times the stored weight, + bias: [M, N] in x's dtype.
@@ -218,5 +236,7 @@ def quant_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, off
     if _op is None:
         if not available():
             raise RuntimeError(f"the CPU quantized-GEMM kernel is not available: {status()['reason']}")
-        _op = getattr(torch.ops, status()["namespace"]).quant_linear.default
+        operators = getattr(torch.ops, status()["namespace"])
+        operators.set_weight_prefetch(int(_prefetch_mib * 1024 * 1024))
+        _op = operators.quant_linear.default
     return _op(x, codes, scales, offsets, bias, in_features, out_features, bits)

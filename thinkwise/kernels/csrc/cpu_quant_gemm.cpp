@@ -577,15 +577,11 @@ class NextWeights {
     size_t scale_bytes = 0;
   };
 
-  // Bytes to prefetch ahead along the learned order: THINKWISE_CPU_WEIGHT_PREFETCH in MiB
-  // ("0": off), 4 MiB by default (a few layers of a small model: a gap's worth at ~20 GB/s,
-  // well inside the last-level cache).
-  static size_t budget() {
-    static const size_t bytes = [] {
-      const char* value = std::getenv("THINKWISE_CPU_WEIGHT_PREFETCH");
-      const double mib = value == nullptr ? 4.0 : std::atof(value);
-      return mib > 0 ? static_cast<size_t>(mib * 1024 * 1024) : size_t{0};
-    }();
+  // Bytes to prefetch ahead along the learned order: 4 MiB unless set (`set_weight_prefetch`,
+  // from THINKWISE_CPU_WEIGHT_PREFETCH by the Python side; 0 turns it off). A few layers of a
+  // small model: a gap's worth at ~20 GB/s, well inside the last-level cache.
+  static std::atomic<int64_t>& budget() {
+    static std::atomic<int64_t> bytes{4 << 20};
     return bytes;
   }
 
@@ -698,15 +694,21 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& codes, const a
   if (bits == 4) dispatch<4>(x, codes, scales, off, bias_ptr, out, in_features, out_features);
   else if (bits == 5) dispatch<5>(x, codes, scales, off, bias_ptr, out, in_features, out_features);
   else dispatch<8>(x, codes, scales, off, bias_ptr, out, in_features, out_features);
-  if (NextWeights::budget() > 0 && at::get_num_threads() > 1) {
+  const int64_t budget = NextWeights::budget().load(std::memory_order_relaxed);
+  if (budget > 0 && at::get_num_threads() > 1) {
     std::pair<const char*, size_t> ahead[TilePool::kMaxSegments];
     const int count = NextWeights::instance().step(
         {static_cast<const char*>(codes.data_ptr()), static_cast<size_t>(codes.nbytes()),
          static_cast<const char*>(scales.data_ptr()), static_cast<size_t>(scales.nbytes())},
-        NextWeights::budget(), ahead, TilePool::kMaxSegments);
+        static_cast<size_t>(budget), ahead, TilePool::kMaxSegments);
     TilePool::instance().prefetch(ahead, count);
   }
   return out;
+}
+
+void set_weight_prefetch(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "set_weight_prefetch: bytes must be >= 0 (0 turns prefetching off), not ", bytes);
+  NextWeights::budget().store(bytes, std::memory_order_relaxed);
 }
 
 }  // namespace
@@ -722,4 +724,5 @@ TW_LIBRARY(TW_OPERATORS, m) {
   m.def("quant_linear(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, Tensor? bias, int in_features, "
         "int out_features, int bits) -> Tensor");
   m.impl("quant_linear", c10::DispatchKey::CPU, TORCH_FN(quant_linear));
+  m.def("set_weight_prefetch(int bytes) -> ()", TORCH_FN(set_weight_prefetch));
 }

@@ -162,7 +162,10 @@ def cpu_kernel_record() -> dict[str, str]:
     status = cpu_quant_gemm.status()
     if status["available"]:
         isa = {"avx512_vnni": "AVX-512 VNNI", "avx2": "AVX2"}.get(status.get("isa"), status.get("isa"))
-        return {"kernel": f"thinkwise cpu_quant_gemm ({isa}, int8 activations per block of 32)"}
+        mib = cpu_quant_gemm.weight_prefetch_mib()
+        return {"kernel": f"thinkwise cpu_quant_gemm ({isa}, int8 activations per block of 32)",
+                "weight_prefetch": f"{mib:g} MiB ahead between calls" if mib > 0 else
+                "off (cpu_weight_prefetch_mib=0)"}
     return {"kernel": "pytorch", "why": status["reason"]}
 
 
