@@ -340,32 +340,29 @@ inline void score_rows(const float* q, const float* k, int64_t n, int64_t dim, f
   }
 }
 
+#if TW_ATTEND_AVX2
+// acc[c, c + 8 R) += sum_j w[j] * v_j[c, c + 8 R): R registers held across the n rows.
+template <int R>
+TW_INLINE void accumulate_slab(const float* w, const float* v, int64_t n, int64_t dim, int64_t c, float* acc) {
+  __m256 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm256_loadu_ps(acc + c + 8 * r);
+  for (int64_t j = 0; j < n; ++j) {
+    const __m256 wj = _mm256_broadcast_ss(w + j);
+    const float* vj = v + j * dim + c;
+    for (int r = 0; r < R; ++r) a[r] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(vj + 8 * r), a[r]);
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(acc + c + 8 * r, a[r]);
+}
+#endif
+
 // acc[0, dim) += sum_j w[j] * v_j over the n rows of a chunk. With AVX2, 64 columns at a time
 // stay in eight registers across the rows: eight independent FMA chains hide the FMA's latency
 // (four left it latency-bound at ~0.8 FMAs a cycle), then 32 at a time.
 inline void accumulate_rows(const float* w, const float* v, int64_t n, int64_t dim, float* acc) {
   int64_t c = 0;
 #if TW_ATTEND_AVX2
-  for (; c + 64 <= dim; c += 64) {
-    __m256 a[8];
-    for (int r = 0; r < 8; ++r) a[r] = _mm256_loadu_ps(acc + c + 8 * r);
-    for (int64_t j = 0; j < n; ++j) {
-      const __m256 wj = _mm256_broadcast_ss(w + j);
-      const float* vj = v + j * dim + c;
-      for (int r = 0; r < 8; ++r) a[r] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(vj + 8 * r), a[r]);
-    }
-    for (int r = 0; r < 8; ++r) _mm256_storeu_ps(acc + c + 8 * r, a[r]);
-  }
-  for (; c + 32 <= dim; c += 32) {
-    __m256 a[4];
-    for (int r = 0; r < 4; ++r) a[r] = _mm256_loadu_ps(acc + c + 8 * r);
-    for (int64_t j = 0; j < n; ++j) {
-      const __m256 wj = _mm256_broadcast_ss(w + j);
-      const float* vj = v + j * dim + c;
-      for (int r = 0; r < 4; ++r) a[r] = _mm256_fmadd_ps(wj, _mm256_loadu_ps(vj + 8 * r), a[r]);
-    }
-    for (int r = 0; r < 4; ++r) _mm256_storeu_ps(acc + c + 8 * r, a[r]);
-  }
+  for (; c + 64 <= dim; c += 64) accumulate_slab<8>(w, v, n, dim, c, acc);
+  for (; c + 32 <= dim; c += 32) accumulate_slab<4>(w, v, n, dim, c, acc);
 #endif
   for (int64_t j = 0; j < n; ++j) {
     const float wj = w[j];
