@@ -5,12 +5,14 @@ each M it times y = x @ W.T for the 16-bit weight through cuBLAS (F.linear) and 
 int8 / int4 (group 32 and 128) weights through each tiling of
 `thinkwise.kernels.triton_quant_gemm`, the way the engine runs them: calls over enough
 distinct weight copies (>= 3 L2 sizes) that reads come from HBM, captured in a CUDA graph
-and replayed, timed with CUDA events (median of replays). Every tiling is first checked
-against the PyTorch twin. Prints, per shape and M, the best tiling of each method, its
-achieved bandwidth (bytes the call must move / time, next to the device's copy bandwidth)
-and its speed-up over bf16 (the ideal is the byte ratio: ~2x int8, ~3.2x int4-g32, ~3.8x
-int4-g128). `--sweep wide` also times a wider grid of tilings than the engine offers.
-Writes a new JSON file under $OUT or benchmarks/results (or --out).
+and replayed, timed with CUDA events (median of replays); split-K tilings share one
+workspace, as the engine's layers do (results before 20261207b: each call zeroed a fresh
+one, a memset more). Every tiling is first checked against the PyTorch twin. Prints, per
+shape and M, the best tiling of each method, its achieved bandwidth (bytes the call must
+move / time, next to the device's copy bandwidth) and its speed-up over bf16 (the ideal
+is the byte ratio: ~2x int8, ~3.2x int4-g32, ~3.8x int4-g128). `--sweep wide` also times
+a wider grid of tilings than the engine offers. Writes a new JSON file under $OUT or
+benchmarks/results (or --out).
 
     python benchmarks/gpu_quant_gemm.py [--shapes llama3-8b,qwen3-0.6b] [--rows 1,64] [--sweep default|wide]
 """
@@ -34,6 +36,7 @@ from thinkwise.kernels import triton_quant_gemm as tq
 from thinkwise.kernels.linear_dispatch import GRAPH_BYTES, L2_SWEEP, MAX_GRAPH_CALLS, cuda_graph_time_us
 from thinkwise.kernels.linear_methods.int4 import quantize_int4
 from thinkwise.kernels.linear_methods.int8 import quantize_int8
+from thinkwise.kernels.triton_gemm import SplitKWorkspace
 from thinkwise.kernels.triton_quant_gemm import QuantGemmConfig
 
 SHAPES = {  # model -> {projection: (N, K)}
@@ -61,6 +64,12 @@ def wide_configs() -> list[QuantGemmConfig]:
                 for magic in (False, True):
                     configs.append(QuantGemmConfig(block_n, block_k, warps, stages, max_rows=4096, split_k=split,
                                                    magic_decode=magic))
+    # x @ W^T with the dequantized weights as the shared-memory B operand (int4, bf16 pairs)
+    for block_n, block_k, warps, stages in ((64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3),
+                                            (128, 128, 4, 4), (128, 256, 8, 3)):
+        for split in (1, 2, 4, 8):
+            configs.append(QuantGemmConfig(block_n, block_k, warps, stages, max_rows=4096, split_k=split,
+                                           bf16_pairs=True, weight_b=True))
     return configs
 
 
@@ -88,7 +97,9 @@ def main() -> None:
     device = torch.device("cuda")
     l2 = torch.cuda.get_device_properties(device).L2_cache_size
     bandwidth = copy_bandwidth()
-    configs = list(tq.DEFAULT_CONFIGS) + (wide_configs() if args.sweep == "wide" else [])
+    # The engine's tilings, the candidates waiting for their first GPU timing, and (wide) a grid.
+    configs = list(dict.fromkeys([*tq.DEFAULT_CONFIGS, *tq.WEIGHT_B_CANDIDATES,
+                                  *(wide_configs() if args.sweep == "wide" else [])]))
     rows_list = [int(r) for r in args.rows.split(",")]
     results = []
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")
@@ -115,6 +126,9 @@ def main() -> None:
                     want = tq.quant_gemm_reference(x.float(), q, scales.float(), None if zeros is None else zeros.float(),
                                                    None, group)
                     passes_q = max(1, min(math.ceil(GRAPH_BYTES / (copies * nbytes)), MAX_GRAPH_CALLS // copies))
+                    # split-K tilings share one workspace, as the engine's layers do (without one each
+                    # call would allocate and zero its own: a memset more per call)
+                    workspace = None
                     timings = {}
                     for config in configs:
                         if (config.word_sums or config.half2 or config.bf16_pairs) and method == "int8":
@@ -123,13 +137,19 @@ def main() -> None:
                             continue
                         if config.use_dot and rows <= tq.GEMV_MAX_ROWS and config not in tq.DEFAULT_CONFIGS:
                             continue  # the wide grid's dot tiles are for many rows
-                        got = tq.triton_quant_gemm(x, q, scales, zeros, None, group, config).float()
+                        need = tq.workspace_size(rows, n, k, group, zeros is not None, config)
+                        if need[1] and (workspace is None or not workspace.fits(*need)):
+                            workspace = SplitKWorkspace(device, max(need[0], workspace.partials.numel() if workspace
+                                                                    else 0), max(need[1], 4096))
+                        got = tq.triton_quant_gemm(x, q, scales, zeros, None, group, config, workspace=workspace)
+                        got = got.float()
                         error = ((got - want).norm() / want.norm()).item()
                         if not error < 2e-2:
                             print(f"    {method} {config.name}: WRONG (relative error {error:.3g})")
                             continue
                         timings[config.name] = cuda_graph_time_us(
-                            [lambda s=s, c=config: tq.triton_quant_gemm(x, *s, None, group, c)
+                            [lambda s=s, c=config, ws=workspace: tq.triton_quant_gemm(x, *s, None, group, c,
+                                                                                      workspace=ws)
                              for _ in range(passes_q) for s in sets])
                     if not timings:
                         continue

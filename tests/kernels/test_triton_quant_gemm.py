@@ -33,6 +33,8 @@ SMALL_CONFIGS = [
     QuantGemmConfig(block_n=16, block_k=32, use_dot=False, max_rows=4, half2=True),
     QuantGemmConfig(block_n=16, block_k=32, use_dot=False, max_rows=4, prefetch=2),  # two weight tiles in flight
     QuantGemmConfig(block_n=8, block_k=64, use_dot=False, max_rows=4, x_pairs=True, prefetch=2),
+    QuantGemmConfig(block_n=16, block_k=64, weight_b=True),  # x @ W^T: the weights as the dot's B operand
+    QuantGemmConfig(block_n=32, block_k=32, magic_decode=True, split_k=2, weight_b=True),
 ]
 # (M, N, K): N off the tile, K a multiple of the int4 group but not always of block_k.
 SHAPES = [(1, 40, 96), (3, 33, 128), (17, 24, 64)]
@@ -244,9 +246,10 @@ def test_int4_word_to_bf16_ptx_every_code_in_every_nibble():
 
 
 @needs_triton
+@pytest.mark.parametrize("weight_b", [False, True])
 @pytest.mark.parametrize("split_k", [1, 3])
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_pairs_dot_tiles_match_twin(group, split_k, monkeypatch):
+def test_pairs_dot_tiles_match_twin(group, split_k, weight_b, monkeypatch):
     """Weights decoded in bf16 pairs, then the dot: the twin with its weights rounded to bf16.
     On the CPU the interpreter runs the same loads, decode arithmetic and k-order join with
     fp32 x (its bf16 dot is broken), which the tiles take when PAIRS_DTYPES lets them."""
@@ -254,8 +257,8 @@ def test_pairs_dot_tiles_match_twin(group, split_k, monkeypatch):
     if not CUDA:
         monkeypatch.setattr(tq, "PAIRS_DTYPES", (torch.bfloat16, torch.float32))
     dtype = torch.bfloat16 if CUDA else torch.float32
-    config = QuantGemmConfig(block_n=16, block_k=64, bf16_pairs=True, split_k=split_k)
-    assert config.name.endswith("_p2")
+    config = QuantGemmConfig(block_n=16, block_k=64, bf16_pairs=True, split_k=split_k, weight_b=weight_b)
+    assert config.name.endswith("_p2_wb" if weight_b else "_p2")
     g = torch.Generator().manual_seed(group)
     for m, n, k in [(17, 40, 4 * group), (3, 33, 2 * group)]:
         codes, scales, zeros = quantize_int4(torch.randn(n, k, generator=g), group, torch.bfloat16)
@@ -303,3 +306,83 @@ def test_pairs_tiles_are_offered_only_for_int4_and_taken_only_for_bf16_x(monkeyp
     offered16 = quant_candidates(Layer(), 64, torch.zeros(8, 32, dtype=torch.uint8), torch.ones(8, 2).half(),
                                  torch.zeros(8, 2).half(), 32)
     assert offered16 and not any(c.bf16_pairs for c, _ in offered16.values())
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_b_tiles_fuse_silu_mul_and_split_k(bits):
+    """The `weight_b` tiles (x the dot's A operand, the dequantized weight tile its B operand,
+    the int4 group scales read a tile ahead): a [gate; up] weight with the fused SiLU * up
+    epilogue, over uneven split-K slices (8 tiles over 3) and two M tiles, equal to the twin
+    followed by SiLU * up, and the counters of a shared workspace left at zero."""
+    from thinkwise.kernels.triton_gemm import SplitKWorkspace
+
+    device = device_and_check()
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(48, 256, generator=g)
+    x = torch.randn(70, 256, generator=g)
+    if bits == 8:
+        q, scales = quantize_int8(w, torch.float32)
+        zeros, group = None, 256
+    else:
+        codes, scales, zeros = quantize_int4(w, 32, torch.float32)
+        q, group = pack_int4(codes), 32
+    config = QuantGemmConfig(block_n=16, block_k=32, split_k=3, weight_b=True)
+    assert config.name == "dot_n16_k32_w4_s3_sk3_wb"
+    partials, counters = tq.workspace_size(70, 48, 256, group, bits == 4, config)
+    workspace = SplitKWorkspace(device, partials, counters)
+    args = [t.to(device) if t is not None else None for t in (q, scales, zeros)]
+    fused = triton_quant_gemm(x.to(device), *args, None, group, config, tq.EPILOGUE_SILU_MUL, workspace)
+    plain = quant_gemm_reference(x.double(), q, scales.double(), None if zeros is None else zeros.double(), None,
+                                 group)
+    gate, up = plain.chunk(2, dim=-1)
+    assert fused.shape == (70, 24)
+    assert rel_error(fused.cpu(), torch.nn.functional.silu(gate) * up) < 1e-5
+    assert int(workspace.counters.abs().sum()) == 0
+
+
+# (int4, BLOCK_M, PAIRS, SPLIT_K, EPILOGUE): 64-row tiles (wgmma) and a 16-row one (mma.sync)
+WEIGHT_B_SM90_VARIANTS = [(True, 64, True, 4, 0), (True, 64, True, 1, 1), (True, 16, False, 1, 0),
+                          (False, 64, False, 2, 1)]
+
+
+def compile_weight_b_variants_for_sm90() -> list[str]:
+    """In a child without TRITON_INTERPRET: each variant compiled to an sm_90 cubin, "ok" or its error."""
+    from tests.kernels.test_sm90_compile import compile_for_sm90
+
+    results = []
+    for int4, block_m, pairs, split_k, epilogue in WEIGHT_B_SM90_VARIANTS:
+        types = {"x_ptr": "*bf16", "q_ptr": "*u8" if int4 else "*i8", "scale_ptr": "*bf16", "zero_ptr": "*bf16",
+                 "bias_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32", "counter_ptr": "*i32"}
+        try:
+            ok = compile_for_sm90(tq._quant_gemm_wb_kernel, types, dict(
+                GROUP=128, INT4=int4, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, HAS_BIAS=not epilogue, IEEE=False,
+                PDL=True, SPLIT_K=split_k, MAGIC=not pairs, PAIRS=pairs, ASM=True, EPILOGUE=epilogue))
+            results.append("ok" if ok else "no cubin")
+        except FileNotFoundError as missing:  # a Triton build without its bundled ptxas
+            return [f"skip: {missing}"]
+        except Exception as error:  # noqa: BLE001 - reported to the test
+            results.append(f"{type(error).__name__}: {str(error)[:1000]}")
+    return results
+
+
+@needs_triton
+@pytest.mark.skipif(CUDA, reason="on a GPU the kernels are compiled for real")
+def test_weight_b_kernel_compiles_for_sm90():
+    """The interpreter checks no lowering: the `weight_b` kernel (wgmma with the weights as
+    the shared-memory B operand; mma.sync at 16 rows) compiled for an H100 down to a cubin."""
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys; sys.path.insert(0, '.'); from tests.kernels.test_triton_quant_gemm import "
+            "compile_weight_b_variants_for_sm90 as c; print(json.dumps(c()))")
+    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    if results and results[0].startswith("skip"):
+        pytest.skip(results[0])
+    assert results == ["ok"] * len(WEIGHT_B_SM90_VARIANTS), results

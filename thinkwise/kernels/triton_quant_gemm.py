@@ -27,8 +27,19 @@ tilings, not yet timed on a GPU. A split-K variant gives long-K, small-N shapes 
 programs; the last program of a tile to arrive sums its slices in a fixed order
 (deterministic, unlike atomics), adds the bias and stores, as the 16-bit flat GEMM does
 (`triton_gemm.finish_tile`, through the one `SplitKWorkspace` the dispatcher gives all
-layers). Under PDL (`pdl`) the GEMV loads its first weight tile(s) before waiting for the
-previous kernel. For a [gate; up] projection every tiling can end in the 16-bit GEMM's
+layers). The 64-row int4 tiles, read in their sm_90 SASS (Triton 3.6, compiled without a GPU):
+in `_quant_gemm_kernel` the dequantized weights are wgmma's register A operand, in whose layout a
+thread holds k pairs 8 apart, so the codes leave shared memory a byte a load (32 LDS.U8 a thread
+for a 64 x 128 tile); ptxas serializes the tile's eight 64x64x16 HGMMAs (a wait after each: the
+next one's A registers are the same); and the 2-byte group scale and zero loads, which the
+pipeliner cannot stage (cp.async moves 4 to 16 bytes), are issued and waited on inside each
+step. The `weight_b` tiles (`_quant_gemm_wb_kernel`) compute x @ W^T instead: x, staged by the
+pipeliner, is the A operand; the weights are decoded in their load's layout and stored once into
+shared memory as the B operand (8 STS.128 a thread for 64 x 128); the HGMMAs issue back to back
+with one wait; the scales and zeros are loaded a step ahead. A 64 x 128 weight tile's loop: 469
+instructions and eight serialized HGMMAs (magic decode) against 305 (`weight_b`, bf16 pairs;
+128 x 128: 461, 3.6 a weight). Under PDL (`pdl`) the GEMV loads its first weight tile(s)
+before waiting for the previous kernel. For a [gate; up] projection every tiling can end in the 16-bit GEMM's
 SiLU * up epilogue (`triton_gemm.store_tile`; a tile reads matching gate and up rows),
 saving the element-wise launch after each MLP's GEMM. The twin is `quant_gemm_reference`
 (dequantize, then `F.linear`); the dispatch table in `linear_dispatch` times these tilings
@@ -134,13 +145,14 @@ class QuantGemmConfig:
     half2: bool = False  # int4 GEMV tiles, bf16 x: two codes per instruction in fp16 pairs (triton_int4_half2)
     bf16_pairs: bool = False  # int4 dot tiles, bf16 x: codes dequantized two an instruction in bf16 pairs (PTX)
     prefetch: int = 1  # plain and x-pair GEMV tiles: weight tiles loaded ahead (the first ones before PDL's wait)
+    weight_b: bool = False  # dot tiles: x @ W^T with the dequantized weights as the B operand (_quant_gemm_wb_kernel)
 
     @property
     def name(self) -> str:
         extra = (f"_sk{self.split_k}" if self.split_k > 1 else "") + ("_xp" if self.x_pairs else "") + \
             ("_mg" if self.magic_decode else "") + ("_ws" if self.word_sums else "") + \
             ("_h2" if self.half2 else "") + ("_p2" if self.bf16_pairs else "") + \
-            (f"_pf{self.prefetch}" if self.prefetch != 1 else "")
+            (f"_pf{self.prefetch}" if self.prefetch != 1 else "") + ("_wb" if self.weight_b else "")
         return f"{'dot' if self.use_dot else 'gemv'}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{extra}"
 
     def block_m(self, rows: int) -> int:
@@ -188,6 +200,17 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True),
     QuantGemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, max_rows=4096, bf16_pairs=True),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, max_rows=4096, bf16_pairs=True),
+)
+
+# The `weight_b` tiles (int4 with bf16 scales: `_quant_gemm_wb_kernel`) aim at 64 rows, where every
+# tile above trailed bf16 cuBLAS on Llama-3-8B's qkv, o and down. Chosen from their sm_90 SASS
+# (compiled without a GPU) and checked under the interpreter, but not yet timed on a GPU: the
+# wide sweep of `benchmarks/gpu_quant_gemm.py` times them; they join DEFAULT_CONFIGS once they win.
+WEIGHT_B_CANDIDATES: tuple[QuantGemmConfig, ...] = (
+    QuantGemmConfig(block_n=128, block_k=128, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
+    QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
+    QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
+    QuantGemmConfig(block_n=128, block_k=128, num_warps=4, num_stages=3, bf16_pairs=True, weight_b=True),
 )
 
 
@@ -329,6 +352,40 @@ if HAVE_TRITON:
             result += tl.load(bias_ptr + rows).to(tl.float32)
         store_row(result, row, pid_n, M, N, out_ptr, stride_om, BLOCK_N, EPILOGUE)
 
+    @triton.jit
+    def _load_codes(q_ptr, rows, stride_qn, k, K, BLOCK_K: tl.constexpr, INT4: tl.constexpr, PAIRS: tl.constexpr):
+        """The code tile of weights [k, k + BLOCK_K) for `rows`, as stored (bytes: [rows, BLOCK_K or
+        BLOCK_K / 2]) or, with PAIRS (int4), as int32 words of 8 codes ([rows, BLOCK_K / 8])."""
+        if PAIRS:
+            offs_word = tl.arange(0, BLOCK_K // 8)
+            q_words = q_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_qn // 4)
+            codes = tl.load(q_words + k // 8 + offs_word[None, :], mask=(k // 8 + offs_word < K // 8)[None, :],
+                            other=0)
+        else:
+            BYTES: tl.constexpr = BLOCK_K // 2 if INT4 else BLOCK_K
+            offs_b = tl.arange(0, BYTES)
+            b = k // 2 if INT4 else k
+            codes = tl.load(q_ptr + rows[:, None] * stride_qn + b + offs_b[None, :],
+                            mask=(b + offs_b < (K // 2 if INT4 else K))[None, :], other=0)
+        return codes
+
+    @triton.jit
+    def _int4_tile(codes, scale, zero, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                   PAIRS: tl.constexpr, MAGIC: tl.constexpr, ASM: tl.constexpr):
+        """An int4 code tile (`_load_codes`) dequantized to [BLOCK_N, BLOCK_K] in k order, with
+        `scale` and `zero` [BLOCK_N, BLOCK_K / GROUP, 1]: in bf16 pairs by PTX (PAIRS), or the two
+        nibble planes in fp32, joined back into k order (one dot on a plain x tile)."""
+        if PAIRS:
+            shape: tl.constexpr = [BLOCK_N, BLOCK_K // GROUP, GROUP // 8]
+            w = _int4_words_to_bf16(tl.reshape(codes, shape), tl.broadcast_to(scale.to(tl.bfloat16), shape),
+                                    tl.broadcast_to(zero.to(tl.bfloat16), shape), ASM)
+        else:
+            scale = scale.to(tl.float32)
+            zero = zero.to(tl.float32) - 8.0 * scale  # the code offset folded in
+            grouped = tl.reshape(codes, [BLOCK_N, BLOCK_K // GROUP, GROUP // 2])
+            w = tl.join(_nibble(grouped, 0, MAGIC) * scale + zero, _nibble(grouped, 4, MAGIC) * scale + zero)
+        return tl.reshape(w, [BLOCK_N, BLOCK_K])
+
     @triton.jit(do_not_specialize=["M"])
     def _quant_gemm_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
                            M, N, K, stride_xm, stride_qn, stride_sn, stride_om, k_per_split,
@@ -354,11 +411,6 @@ if HAVE_TRITON:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         safe_m = offs_m % M
         rows = tile_rows(pid_n, N, BLOCK_N, EPILOGUE)
-        BYTES: tl.constexpr = BLOCK_K // 2 if INT4 else BLOCK_K
-        offs_b = tl.arange(0, BYTES)
-        k_bytes = K // 2 if INT4 else K
-        q_ptrs = q_ptr + rows[:, None] * stride_qn + offs_b[None, :]
-        q_words = q_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_qn // 4)  # PAIRS: int32 words
         x_ptrs = x_ptr + safe_m[None, :] * stride_xm
         if PDL:  # x is the previous kernel's output
             tl.extra.cuda.gdc_wait()
@@ -366,13 +418,7 @@ if HAVE_TRITON:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         k_start = pid_k * k_per_split
         for k in range(k_start, tl.minimum(K, k_start + k_per_split), BLOCK_K):
-            b = k // 2 if INT4 else k
-            if PAIRS:  # the codes as int32 words (8 a word), decoded two an instruction
-                offs_word = tl.arange(0, BLOCK_K // 8)
-                codes = tl.load(q_words + k // 8 + offs_word[None, :], mask=(k // 8 + offs_word < K // 8)[None, :],
-                                other=0)
-            else:
-                codes = tl.load(q_ptrs + b, mask=(b + offs_b < k_bytes)[None, :], other=0)
+            codes = _load_codes(q_ptr, rows, stride_qn, k, K, BLOCK_K, INT4, PAIRS)
             if INT4:
                 # One scale and zero per row and group, loaded once per tile and broadcast over
                 # the group's codes.
@@ -381,17 +427,7 @@ if HAVE_TRITON:
                 group_ok = (group < K // GROUP)[None, :]
                 scale = tl.load(scale_ptr + where, mask=group_ok, other=0.0)[:, :, None]
                 zero = tl.load(zero_ptr + where, mask=group_ok, other=0.0)[:, :, None]
-                if PAIRS:
-                    shape: tl.constexpr = [BLOCK_N, BLOCK_K // GROUP, GROUP // 8]
-                    w = _int4_words_to_bf16(tl.reshape(codes, shape), tl.broadcast_to(scale.to(tl.bfloat16), shape),
-                                            tl.broadcast_to(zero.to(tl.bfloat16), shape), ASM)
-                else:
-                    scale = scale.to(tl.float32)
-                    zero = zero.to(tl.float32) - 8.0 * scale  # the code offset folded in
-                    grouped = tl.reshape(codes, [BLOCK_N, BLOCK_K // GROUP, GROUP // 2])
-                    # The two nibble planes joined back into k order: one dot on a plain x tile.
-                    w = tl.join(_nibble(grouped, 0, MAGIC) * scale + zero, _nibble(grouped, 4, MAGIC) * scale + zero)
-                w = tl.reshape(w, [BLOCK_N, BLOCK_K])
+                w = _int4_tile(codes, scale, zero, BLOCK_N, BLOCK_K, GROUP, PAIRS, MAGIC, ASM)
                 kk = k + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptrs + kk[:, None], mask=(kk < K)[:, None], other=0.0)
                 if IEEE:
@@ -400,7 +436,7 @@ if HAVE_TRITON:
                     acc = tl.dot(w.to(x.dtype), x, acc)
             else:
 
-                kk = k + offs_b
+                kk = k + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptrs + kk[:, None], mask=(kk < K)[:, None], other=0.0)
                 if IEEE:
                     acc = tl.dot(_signed_byte(codes, MAGIC).to(x.dtype), x, acc, input_precision="ieee")
@@ -410,6 +446,65 @@ if HAVE_TRITON:
             acc = acc * tl.load(scale_ptr + rows * stride_sn).to(tl.float32)[:, None]
         result = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
         finish_tile(result, offs_m, pid_m, pid_n, pid_k, M, N, SPLIT_K, rows, bias_ptr, out_ptr, stride_om,
+                    partial_ptr, counter_ptr, HAS_BIAS, BLOCK_M, BLOCK_N, EPILOGUE)
+
+    @triton.jit(do_not_specialize=["M"])
+    def _quant_gemm_wb_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
+                              M, N, K, stride_xm, stride_qn, stride_sn, stride_om, k_per_split,
+                              GROUP: tl.constexpr, INT4: tl.constexpr,
+                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr,
+                              MAGIC: tl.constexpr, PAIRS: tl.constexpr = False, ASM: tl.constexpr = False,
+                              EPILOGUE: tl.constexpr = 0):
+        """`_quant_gemm_kernel` with the operands swapped (`weight_b` tilings): acc [BLOCK_M, BLOCK_N]
+        = x [BLOCK_M, BLOCK_K] @ W_tile^T, so x (staged by the pipeliner) is the dot's A operand and
+        the dequantized weight tile its B operand, which on sm_90 goes through shared memory. Its
+        other form keeps the weights as a register A operand in wgmma's layout, where each thread
+        holds k pairs 8 apart: the codes come out of shared memory a byte a load, and ptxas
+        serializes the wgmmas (each waits for the last, whose A registers the next reuses).
+        Here the codes are decoded in the load's own layout (8-byte shared-memory loads) and
+        stored once for wgmma (16-byte stores). The group scales and zeros (2-byte loads, which
+        the pipeliner does not stage) are loaded a tile ahead, to hide their latency behind a tile."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        safe_m = offs_m % M
+        rows = tile_rows(pid_n, N, BLOCK_N, EPILOGUE)
+        x_ptrs = x_ptr + safe_m[:, None] * stride_xm
+        k_start = pid_k * k_per_split
+        GROUPS: tl.constexpr = BLOCK_K // GROUP if INT4 else 1
+        offs_g = tl.arange(0, GROUPS)
+        s_ptrs = scale_ptr + rows[:, None] * stride_sn + offs_g[None, :]
+        z_ptrs = zero_ptr + rows[:, None] * stride_sn + offs_g[None, :]
+        if INT4:  # the first tile's scales and zeros: weights, so read before PDL's wait
+            g_first = k_start // GROUP
+            scale_next = tl.load(s_ptrs + g_first, mask=(g_first + offs_g < K // GROUP)[None, :], other=0.0)
+            zero_next = tl.load(z_ptrs + g_first, mask=(g_first + offs_g < K // GROUP)[None, :], other=0.0)
+        if PDL:  # x is the previous kernel's output
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(k_start, tl.minimum(K, k_start + k_per_split), BLOCK_K):
+            codes = _load_codes(q_ptr, rows, stride_qn, k, K, BLOCK_K, INT4, PAIRS)
+            if INT4:
+                scale = scale_next[:, :, None]
+                zero = zero_next[:, :, None]
+                g_next = (k + BLOCK_K) // GROUP  # the next tile's (past the end: masked, or unused)
+                scale_next = tl.load(s_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
+                zero_next = tl.load(z_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
+                w = _int4_tile(codes, scale, zero, BLOCK_N, BLOCK_K, GROUP, PAIRS, MAGIC, ASM)
+            else:
+                w = _signed_byte(codes, MAGIC)
+            kk = k + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptrs + kk[None, :], mask=(kk < K)[None, :], other=0.0)
+            if IEEE:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        if not INT4:  # per-row scale: once, on the finished sums
+            acc = acc * tl.load(scale_ptr + rows * stride_sn).to(tl.float32)[None, :]
+        finish_tile(acc, offs_m, pid_m, pid_n, pid_k, M, N, SPLIT_K, rows, bias_ptr, out_ptr, stride_om,
                     partial_ptr, counter_ptr, HAS_BIAS, BLOCK_M, BLOCK_N, EPILOGUE)
 
 
@@ -584,9 +679,9 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
                 if workspace is None or not workspace.fits(*need):
                     workspace = SplitKWorkspace(x2.device, *need)
                 partials, counters = workspace.partials, workspace.counters
-            _quant_gemm_kernel[grid](*tensors[:6], partials, counters, *tensors[6:], k_per_split, BLOCK_M=block_m,
-                                     IEEE=x2.dtype == torch.float32, SPLIT_K=split, MAGIC=config.magic_decode,
-                                     **common)
+            kernel = _quant_gemm_wb_kernel if config.weight_b else _quant_gemm_kernel
+            kernel[grid](*tensors[:6], partials, counters, *tensors[6:], k_per_split, BLOCK_M=block_m,
+                         IEEE=x2.dtype == torch.float32, SPLIT_K=split, MAGIC=config.magic_decode, **common)
         elif config.half2 and int4 and x2.dtype == torch.bfloat16 and _int32_pairs_ok(x2):
             int4_gemv_half2(x2, words, scales, zeros, bias, out, group, config.block_n, block_k, config.num_warps,
                             config.num_stages, epilogue)
