@@ -460,7 +460,7 @@ class TilePool {
   // order (`prefetch_some`). Races with a helper still on the previous ranges are harmless:
   // prefetch instructions never fault and change no data, at worst a line is fetched for nothing.
   void prefetch(const std::pair<const char*, size_t>* segments, int count) {
-    if (helpers_ == 0 || count <= 0) return;
+    if (helpers_.load(std::memory_order_relaxed) == 0 || count <= 0) return;
     prefetch_end_.store(0, std::memory_order_relaxed);
     size_t total = 0;
     count = std::min(count, kMaxSegments);
@@ -496,7 +496,7 @@ class TilePool {
   }
 
   void ensure_helpers(int wanted) {
-    while (static_cast<int>(helpers_) < wanted) {
+    while (static_cast<int>(helpers_.load(std::memory_order_relaxed)) < wanted) {
       std::thread(&TilePool::helper, this).detach();
       ++helpers_;
     }
@@ -554,7 +554,7 @@ class TilePool {
   std::atomic<int64_t> done_{0};
   std::atomic<int> sleeping_{0};
   uint64_t generation_ = 0;
-  size_t helpers_ = 0;
+  std::atomic<size_t> helpers_{0};  // atomic: `prefetch` reads it outside the call mutex
   const Work* work_ = nullptr;
   static inline TilePool* current_ = nullptr;
 };
