@@ -13,6 +13,7 @@ import torch
 
 from thinkwise.engine.env_overrides import env_overrides
 from thinkwise.errors import InvalidParameterError
+from thinkwise.kernels.cpu_quant_gemm import DEFAULT_PREFETCH_MIB, MAX_PREFETCH_MIB
 from thinkwise.kernels.paged_attention import ATTENTION_BACKENDS, FP8_KV_DTYPE
 from thinkwise.reasoning.parser import PARSER_NAMES
 
@@ -67,7 +68,7 @@ class EngineConfig:
     pdl_max_rows: int = 64  # steps with more token rows launch without PDL
     # CPU: MiB of the next layers' weights the quantized kernel's idle threads prefetch between
     # calls (kernels/cpu_quant_gemm.py; 0: off).
-    cpu_weight_prefetch_mib: float = 4.0
+    cpu_weight_prefetch_mib: float = DEFAULT_PREFETCH_MIB
     # Reasoning models (thinkwise/reasoning/parser.py): how outputs split thinking from the
     # answer ("auto": from the chat template and tokenizer), the thinking budget each
     # `reasoning_effort` means (None: unlimited), and an optional message forced before the
@@ -93,8 +94,8 @@ class EngineConfig:
         if self.pdl_max_rows < 0:
             raise InvalidParameterError("pdl_max_rows must be >= 0", param="pdl_max_rows")
         if (isinstance(self.cpu_weight_prefetch_mib, bool) or not isinstance(self.cpu_weight_prefetch_mib, (int, float))
-                or not 0 <= self.cpu_weight_prefetch_mib <= 65536):
-            raise InvalidParameterError(f"cpu_weight_prefetch_mib must be a number of MiB in [0, 65536] (0: off), not "
+                or not 0 <= self.cpu_weight_prefetch_mib <= MAX_PREFETCH_MIB):
+            raise InvalidParameterError(f"cpu_weight_prefetch_mib must be a number of MiB in [0, {MAX_PREFETCH_MIB}] (0: off), not "
                                         f"{self.cpu_weight_prefetch_mib!r}", param="cpu_weight_prefetch_mib")
         if self.reasoning_parser not in PARSER_NAMES:
             raise InvalidParameterError(f"unknown reasoning parser {self.reasoning_parser!r}; use one of "

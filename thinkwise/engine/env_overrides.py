@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from thinkwise.errors import InvalidParameterError
+from thinkwise.kernels.cpu_quant_gemm import MAX_PREFETCH_MIB
 from thinkwise.kernels.paged_attention import ATTENTION_BACKENDS
 
 
@@ -46,8 +47,9 @@ def _mib(name: str, text: str) -> float:
         mib = float(text)
     except ValueError:
         mib = -1.0
-    if not 0 <= mib <= 65536:
-        raise InvalidParameterError(f"{name}={text!r}: use a number of MiB from 0 (off) to 65536, e.g. 4", param=name)
+    if not 0 <= mib <= MAX_PREFETCH_MIB:
+        raise InvalidParameterError(f"{name}={text!r}: use a number of MiB from 0 (off) to {MAX_PREFETCH_MIB}, e.g. 4",
+                                    param=name)
     return mib
 
 

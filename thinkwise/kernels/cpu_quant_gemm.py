@@ -37,6 +37,7 @@ from thinkwise.kernels import cpu_build
 BLOCK = 32  # weights per scale
 DISABLE_ENV = "THINKWISE_CPU_QUANT_KERNEL"  # "0": PyTorch's kernels; "avx2": that build even where AVX-512 runs
 DEFAULT_PREFETCH_MIB = 4.0  # EngineConfig.cpu_weight_prefetch_mib's default
+MAX_PREFETCH_MIB = 65536  # the range EngineConfig, its variable and `set_weight_prefetch` accept: [0, this]
 
 # Both builds register the same operator under their own namespace, so one process may load both (tests).
 _library = cpu_build.LibraryVariants([
@@ -217,8 +218,8 @@ def set_weight_prefetch(mib: float) -> None:
     """How many MiB of the next layers' weights the kernel's idle helper threads prefetch
     between calls (0: off); the engine sets it from `EngineConfig.cpu_weight_prefetch_mib`."""
     global _prefetch_mib
-    if not 0 <= mib <= 65536:
-        raise ValueError(f"the CPU weight prefetch takes 0 (off) to 65536 MiB, not {mib!r}")
+    if not 0 <= mib <= MAX_PREFETCH_MIB:
+        raise ValueError(f"the CPU weight prefetch takes 0 (off) to {MAX_PREFETCH_MIB} MiB, not {mib!r}")
     _prefetch_mib = float(mib)
     if _op is not None:
         getattr(torch.ops, status()["namespace"]).set_weight_prefetch(int(_prefetch_mib * 1024 * 1024))
