@@ -225,6 +225,12 @@ def test_dequantize_kernel_equals_the_twin_bit_for_bit(bits, group, dtype):
     want = tq.dequantize_reference(q, scales, zeros, group or 384).to(dtype)
     got = tq.dequantize(q, scales, zeros, group or 384, dtype, use_triton=True)
     assert got.dtype == dtype and torch.equal(got, want)
+    # Other tiles, and int4's scales loaded once per group (broadcast) or once per code byte.
+    for tile in ((8, 128, 4), (32, 512, 8)):
+        for group_loads in ((False, True) if bits == 4 and tile[1] % group == 0 else (False,)):
+            got = tq.dequantize(q, scales, zeros, group or 384, dtype, use_triton=True, tile=tile,
+                                group_loads=group_loads)
+            assert torch.equal(got, want), (tile, group_loads)
     assert torch.equal(tq.dequantize(q, scales, zeros, group or 384, dtype, use_triton=False), want)
 
 

@@ -200,19 +200,28 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True),
     QuantGemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, max_rows=4096, bf16_pairs=True),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, max_rows=4096, bf16_pairs=True),
-)
-
-# The `weight_b` tiles (int4 with bf16 scales: `_quant_gemm_wb_kernel`) aim at 64 rows, where every
-# tile above trailed bf16 cuBLAS on Llama-3-8B's qkv, o and down. Chosen from their sm_90 SASS
-# (compiled without a GPU) and checked under the interpreter, but not yet timed on a GPU: the
-# wide sweep of `benchmarks/gpu_quant_gemm.py` times them; they join DEFAULT_CONFIGS once they win.
-WEIGHT_B_CANDIDATES: tuple[QuantGemmConfig, ...] = (
-    QuantGemmConfig(block_n=128, block_k=128, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
+    # The `weight_b` tiles (int4 with bf16 scales, `_quant_gemm_wb_kernel`): x @ W^T with the
+    # dequantized weight tile stored once to shared memory as wgmma's B operand. At 64 rows on an
+    # H100 (Llama-3-8B, `.gpu`-style sweep of 58 tilings, bf16 cuBLAS in the same run) each is the
+    # best of one shape: qkv 20.68 us (cuBLAS 20.36; the best tile above 22.08), o 15.42 (14.60;
+    # 17.49), down 41.73 (45.86; 46.45), gate/up 65.83 (84.61; 64.47).
     QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
-    QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
+    QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=2, bf16_pairs=True, weight_b=True),
+    QuantGemmConfig(block_n=128, block_k=256, num_warps=8, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=4, num_stages=3, bf16_pairs=True, weight_b=True),
 )
 
+# `dequantize`'s tile (rows, weights along K, warps). Prefill's dequantize-then-cuBLAS writes a
+# 16-bit copy of each layer per chunk, so this pass is what an int4 layer adds to prefill.
+DEQUANTIZE_TILE: tuple[int, int, int] = (16, 256, 4)
+DEQUANTIZE_GROUP_LOADS = False  # int4: scales loaded per group and broadcast (`_dequantize_kernel`)
+
+# More `weight_b` tilings for the wide sweep of `benchmarks/gpu_quant_gemm.py`: second-best on
+# every shape of that sweep, so not timed at start-up.
+WEIGHT_B_CANDIDATES: tuple[QuantGemmConfig, ...] = (
+    QuantGemmConfig(block_n=128, block_k=128, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
+    QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
+)
 
 if HAVE_TRITON:
     _INT4_WORD_TO_BF16 = tl.constexpr(INT4_WORD_TO_BF16)
@@ -522,21 +531,37 @@ if HAVE_TRITON:
     @triton.jit
     def _dequantize_kernel(q_ptr, scale_ptr, zero_ptr, out_ptr, N, K, stride_q, stride_s, stride_out,
                            GROUP: tl.constexpr, INT4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BF16: tl.constexpr):
+                           BF16: tl.constexpr, HAND_ROUND: tl.constexpr, GROUP_LOADS: tl.constexpr):
         """W [N, K] in out_ptr's dtype from its stored form, in fp32 as `dequantize_reference`
         computes it (launched without FMA contraction, so int4's c * s + z rounds twice as
-        there) and rounded once: a 16-bit copy for dequantize-then-cuBLAS, one pass over the codes."""
+        there) and rounded once: a 16-bit copy for dequantize-then-cuBLAS, one pass over the codes.
+        HAND_ROUND: round to bf16 by integer arithmetic first (the interpreter truncates; a GPU's
+        store conversion rounds to nearest even by itself). GROUP_LOADS (int4, BLOCK_K a multiple
+        of GROUP): one scale and zero load per group of a row, broadcast, not one per code byte."""
         n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         rows_ok = n < N
         if INT4:  # one byte = inputs 2j (low nibble) and 2j + 1 (high), of one group
             j = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
             mask = rows_ok[:, None] & (j[None, :] < K // 2)
             packed = tl.load(q_ptr + n[:, None] * stride_q + j[None, :], mask=mask, other=0).to(tl.int32)
-            at = n[:, None] * stride_s + ((2 * j) // GROUP)[None, :]
-            scale = tl.load(scale_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            zero = tl.load(zero_ptr + at, mask=mask, other=0.0).to(tl.float32)
-            low = ((packed & 15) - 8).to(tl.float32) * scale + zero
-            high = ((packed >> 4) - 8).to(tl.float32) * scale + zero
+            if GROUP_LOADS:
+                groups = tl.program_id(1) * (BLOCK_K // GROUP) + tl.arange(0, BLOCK_K // GROUP)
+                group_mask = rows_ok[:, None] & (groups[None, :] < K // GROUP)
+                at = n[:, None] * stride_s + groups[None, :]
+                scale = tl.load(scale_ptr + at, mask=group_mask, other=0.0).to(tl.float32)
+                zero = tl.load(zero_ptr + at, mask=group_mask, other=0.0).to(tl.float32)
+                shape3: tl.constexpr = (BLOCK_N, BLOCK_K // GROUP, GROUP // 2)
+                codes = tl.reshape(packed, shape3)
+                low = tl.reshape(((codes & 15) - 8).to(tl.float32) * scale[:, :, None] + zero[:, :, None],
+                                 (BLOCK_N, BLOCK_K // 2))
+                high = tl.reshape(((codes >> 4) - 8).to(tl.float32) * scale[:, :, None] + zero[:, :, None],
+                                  (BLOCK_N, BLOCK_K // 2))
+            else:
+                at = n[:, None] * stride_s + ((2 * j) // GROUP)[None, :]
+                scale = tl.load(scale_ptr + at, mask=mask, other=0.0).to(tl.float32)
+                zero = tl.load(zero_ptr + at, mask=mask, other=0.0).to(tl.float32)
+                low = ((packed & 15) - 8).to(tl.float32) * scale + zero
+                high = ((packed >> 4) - 8).to(tl.float32) * scale + zero
             # Inputs 2j and 2j + 1 side by side: one contiguous store of the whole tile. Two
             # stores at a stride of 2 elements (the first version) took 212 us for Llama-3-8B's
             # qkv weight on an H100 (this: 40 us; gate/up 955 -> 187 us), ten times the cuBLAS
@@ -544,7 +569,7 @@ if HAVE_TRITON:
             w = tl.interleave(low, high)
             k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
             tl.store(out_ptr + n[:, None] * stride_out + k[None, :],
-                     _round_for_store(w, BF16).to(out_ptr.dtype.element_ty),
+                     _round_for_store(w, BF16 and HAND_ROUND).to(out_ptr.dtype.element_ty),
                      mask=rows_ok[:, None] & (k[None, :] < K))
         else:
             k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -552,16 +577,19 @@ if HAVE_TRITON:
             codes = tl.load(q_ptr + n[:, None] * stride_q + k[None, :], mask=mask, other=0).to(tl.float32)
             scale = tl.load(scale_ptr + n * stride_s, mask=rows_ok, other=0.0).to(tl.float32)
             tl.store(out_ptr + n[:, None] * stride_out + k[None, :],
-                     _round_for_store(codes * scale[:, None], BF16).to(out_ptr.dtype.element_ty), mask=mask)
+                     _round_for_store(codes * scale[:, None], BF16 and HAND_ROUND).to(out_ptr.dtype.element_ty),
+                     mask=mask)
 
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int, dtype: torch.dtype,
-               use_triton: bool | None = None) -> torch.Tensor:
+               use_triton: bool | None = None, tile: tuple[int, int, int] | None = None,
+               group_loads: bool | None = None) -> torch.Tensor:
     """`dequantize_reference(...).to(dtype)`, bit for bit; by one Triton pass on CUDA (or
     with use_triton=True, under the interpreter). The twin builds two float32 copies of W
     on the way (8 bytes an element); on an H100 that made dequantize-then-cuBLAS for
     Llama-3-8B's gate/up projection cost ~0.9 ms of dequantizing, which priced it out of
-    prefill, where cuBLAS's tensor cores beat the in-kernel dequantizing GEMM."""
+    prefill, where cuBLAS's tensor cores beat the in-kernel dequantizing GEMM. `tile` (rows, K,
+    warps) overrides DEQUANTIZE_TILE and `group_loads` the per-group scale loads (benchmarks)."""
     if use_triton is None:
         use_triton = HAVE_TRITON and q.is_cuda
     if not use_triton:
@@ -572,12 +600,13 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
         raise ValueError(f"int4 needs an even group ({group}) dividing K ({k})")
     out = torch.empty(n, k, dtype=dtype, device=q.device)
     if n and k:
-        block_n, block_k = 16, 256
+        block_n, block_k, num_warps = tile or DEQUANTIZE_TILE
+        group_loads = (DEQUANTIZE_GROUP_LOADS if group_loads is None else group_loads) and int4 and block_k % group == 0
         scales2 = scales.reshape(n, -1)
         _dequantize_kernel[(-(-n // block_n), -(-k // block_k))](
             q, scales2, zeros.reshape(n, -1) if int4 else scales2, out, n, k, q.stride(0), scales2.stride(0),
             out.stride(0), GROUP=group, INT4=int4, BLOCK_N=block_n, BLOCK_K=block_k, BF16=dtype == torch.bfloat16,
-            num_warps=4,
+            HAND_ROUND=not use_asm(q.device), GROUP_LOADS=group_loads, num_warps=num_warps,
             enable_fp_fusion=False)
     return out
 
