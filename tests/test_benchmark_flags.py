@@ -78,3 +78,46 @@ def test_attention_knobs_summary_takes_bf16s_default_as_the_unified_max():
     assert summary["default_fp8"]["us"] == 424.4 and summary["best_fp8"]["us"] == 400.0  # a wrong result never wins
     assert summary["default_fp8_vs_default_bf16"] == round(768.8 / 424.4, 3)
     assert summary["default_fp8_vs_synchronized_bf16"] == round(794.0 / 424.4, 3)
+
+
+def dequantize_bench(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/gpu_dequantize.py", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("flags", [("--tiles", "3x256x4"), ("--tiles", "16x256"), ("--tiles", ""),
+                                   ("--tiles", "16x256x64"), ("--tiles", "256x1024x4"), ("--method", "int3"),
+                                   ("--tiles", "16x256x4;rm -rf /")])
+def test_dequantize_bench_refuses_a_bad_value(flags):
+    done = dequantize_bench(*flags)
+    assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script would run")
+def test_dequantize_bench_ends_with_a_message_without_a_gpu(tmp_path):
+    done = dequantize_bench("--tiles", "16x256x4,32x512x8", "--out", str(tmp_path / "d.json"))
+    assert done.returncode == 1 and "measures a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("group", [0, 32])
+def test_dequantize_bench_times_only_variants_equal_to_the_twin(group, monkeypatch):
+    """Under the interpreter: every variant is checked bit for bit before it is timed; one that
+    writes other values is reported and can never be the best."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from benchmarks.gpu_dequantize import measure_shape, variant_name
+    from thinkwise.kernels import triton_quant_gemm as tq
+
+    real = tq.dequantize
+
+    def broken_for_wide_tiles(*args, tile=None, **kwargs):
+        out = real(*args, tile=tile, **kwargs)
+        return out + 1 if tile == (8, 128, 4) else out
+
+    monkeypatch.setattr(tq, "dequantize", broken_for_wide_tiles)
+    variants = [((16, 64, 4), False, True), ((8, 128, 4), False, True), ((16, 64, 4), bool(group), False)]
+    totals = {v: 0.0 for v in variants}
+    line = measure_shape("tiny", 24, 128, variants, group, totals, "cpu", lambda call: 7.0)
+    assert line["us"][variant_name(*variants[0])] == 7.0 and totals[variants[0]] == 7.0
+    assert line["us"][variant_name(*variants[1])] == "mismatch with the twin" and totals[variants[1]] == float("inf")
+    assert line["us"][variant_name(*variants[2])] == 7.0  # the interpreter rounds by hand whatever is asked

@@ -116,9 +116,9 @@ def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
                                                                       MAGIC=variant == "magic",
                                                                       PAIRS=variant.startswith("pairs"), ASM=True))
     dequantize = all(compile_for_sm90(tqg._dequantize_kernel, types, dict(GROUP=128, INT4=int4, BLOCK_N=16,
-                                                                          BLOCK_K=256, BF16=True, HAND_ROUND=False,
+                                                                          BLOCK_K=256, BF16=True, HAND_ROUND=hand,
                                                                           GROUP_LOADS=group_loads))
-                     for group_loads in ((False, True) if int4 else (False,)))
+                     for group_loads in ((False, True) if int4 else (False,)) for hand in (True, False))
     return kernel and dequantize
 
 

@@ -231,6 +231,9 @@ def test_dequantize_kernel_equals_the_twin_bit_for_bit(bits, group, dtype):
             got = tq.dequantize(q, scales, zeros, group or 384, dtype, use_triton=True, tile=tile,
                                 group_loads=group_loads)
             assert torch.equal(got, want), (tile, group_loads)
+    for bad in ((3, 256, 4), (16, 1, 4), (16, 256, 64), (0, 256, 4)):
+        with pytest.raises(ValueError, match="powers of two"):
+            tq.dequantize(q, scales, zeros, group or 384, dtype, use_triton=True, tile=bad)
     assert torch.equal(tq.dequantize(q, scales, zeros, group or 384, dtype, use_triton=False), want)
 
 

@@ -212,9 +212,14 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
 )
 
 # `dequantize`'s tile (rows, weights along K, warps). Prefill's dequantize-then-cuBLAS writes a
-# 16-bit copy of each layer per chunk, so this pass is what an int4 layer adds to prefill.
+# 16-bit copy of each layer per chunk, so this pass is what an int4 layer adds to prefill
+# (Llama-3-8B: ~0.35 ms a layer and chunk on an H100, ~4% of a batch-64 run of 128-token
+# prompts). These three are the old kernel's choices, not yet swept on a GPU.
 DEQUANTIZE_TILE: tuple[int, int, int] = (16, 256, 4)
 DEQUANTIZE_GROUP_LOADS = False  # int4: scales loaded per group and broadcast (`_dequantize_kernel`)
+# Round to bf16 by integer arithmetic before the store also on a GPU, whose own conversion
+# (round to nearest even) should make it redundant; kept until a GPU run shows both equal.
+DEQUANTIZE_HAND_ROUND = True
 
 # More `weight_b` tilings for the wide sweep of `benchmarks/gpu_quant_gemm.py`: second-best on
 # every shape of that sweep, so not timed at start-up.
@@ -583,13 +588,15 @@ if HAVE_TRITON:
 
 def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int, dtype: torch.dtype,
                use_triton: bool | None = None, tile: tuple[int, int, int] | None = None,
-               group_loads: bool | None = None) -> torch.Tensor:
+               group_loads: bool | None = None, hand_round: bool | None = None) -> torch.Tensor:
     """`dequantize_reference(...).to(dtype)`, bit for bit; by one Triton pass on CUDA (or
     with use_triton=True, under the interpreter). The twin builds two float32 copies of W
     on the way (8 bytes an element); on an H100 that made dequantize-then-cuBLAS for
     Llama-3-8B's gate/up projection cost ~0.9 ms of dequantizing, which priced it out of
     prefill, where cuBLAS's tensor cores beat the in-kernel dequantizing GEMM. `tile` (rows, K,
-    warps) overrides DEQUANTIZE_TILE and `group_loads` the per-group scale loads (benchmarks)."""
+    warps), `group_loads` and `hand_round` override DEQUANTIZE_TILE, DEQUANTIZE_GROUP_LOADS and
+    DEQUANTIZE_HAND_ROUND (`benchmarks/gpu_dequantize.py` times them; the interpreter always
+    rounds by hand, since it truncates)."""
     if use_triton is None:
         use_triton = HAVE_TRITON and q.is_cuda
     if not use_triton:
@@ -601,12 +608,16 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
     out = torch.empty(n, k, dtype=dtype, device=q.device)
     if n and k:
         block_n, block_k, num_warps = tile or DEQUANTIZE_TILE
+        if any(v < 1 or v & (v - 1) for v in (block_n, block_k, num_warps)) or block_k < 2 or num_warps > 32:
+            raise ValueError(f"dequantize tile {(block_n, block_k, num_warps)}: rows, K and warps must be powers of "
+                             "two (K at least 2, warps at most 32)")
         group_loads = (DEQUANTIZE_GROUP_LOADS if group_loads is None else group_loads) and int4 and block_k % group == 0
         scales2 = scales.reshape(n, -1)
         _dequantize_kernel[(-(-n // block_n), -(-k // block_k))](
             q, scales2, zeros.reshape(n, -1) if int4 else scales2, out, n, k, q.stride(0), scales2.stride(0),
             out.stride(0), GROUP=group, INT4=int4, BLOCK_N=block_n, BLOCK_K=block_k, BF16=dtype == torch.bfloat16,
-            HAND_ROUND=not use_asm(q.device), GROUP_LOADS=group_loads, num_warps=num_warps,
+            HAND_ROUND=(DEQUANTIZE_HAND_ROUND if hand_round is None else hand_round) or not use_asm(q.device),
+            GROUP_LOADS=group_loads, num_warps=num_warps,
             enable_fp_fusion=False)
     return out
 
