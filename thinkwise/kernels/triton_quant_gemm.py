@@ -202,9 +202,10 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, max_rows=4096, bf16_pairs=True),
     # The `weight_b` tiles (int4 with bf16 scales, `_quant_gemm_wb_kernel`): x @ W^T with the
     # dequantized weight tile stored once to shared memory as wgmma's B operand. At 64 rows on an
-    # H100 (Llama-3-8B, `.gpu`-style sweep of 58 tilings, bf16 cuBLAS in the same run) each is the
-    # best of one shape: qkv 20.68 us (cuBLAS 20.36; the best tile above 22.08), o 15.42 (14.60;
-    # 17.49), down 41.73 (45.86; 46.45), gate/up 65.83 (84.61; 64.47).
+    # H100 (Llama-3-8B, 58 tilings, bf16 cuBLAS in the same run: benchmarks/results/
+    # gpu_quant_gemm_int4_b64_weight_b_h100-20261207.json) each is the best of one shape:
+    # qkv 20.68 us (cuBLAS 20.36; the best tile above 22.08), o 15.42 (14.60; 17.49),
+    # down 41.73 (45.86; 46.45), gate/up 65.83 (84.61; 64.47).
     QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
     QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=2, bf16_pairs=True, weight_b=True),
     QuantGemmConfig(block_n=128, block_k=256, num_warps=8, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
@@ -227,6 +228,7 @@ WEIGHT_B_CANDIDATES: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=128, block_k=128, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
 )
+
 
 if HAVE_TRITON:
     _INT4_WORD_TO_BF16 = tl.constexpr(INT4_WORD_TO_BF16)
@@ -611,7 +613,9 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
         if any(v < 1 or v & (v - 1) for v in (block_n, block_k, num_warps)) or block_k < 2 or num_warps > 32:
             raise ValueError(f"dequantize tile {(block_n, block_k, num_warps)}: rows, K and warps must be powers of "
                              "two (K at least 2, warps at most 32)")
-        group_loads = (DEQUANTIZE_GROUP_LOADS if group_loads is None else group_loads) and int4 and block_k % group == 0
+        # Per-group loads reshape a tile into whole groups: block_k a multiple of a power-of-two group.
+        group_loads = (DEQUANTIZE_GROUP_LOADS if group_loads is None else group_loads) and int4 \
+            and block_k % group == 0 and group & (group - 1) == 0
         scales2 = scales.reshape(n, -1)
         _dequantize_kernel[(-(-n // block_n), -(-k // block_k))](
             q, scales2, zeros.reshape(n, -1) if int4 else scales2, out, n, k, q.stride(0), scales2.stride(0),
