@@ -44,21 +44,11 @@ def parse_tiles(text: str) -> list[tuple[int, int, int]]:
     return tiles
 
 
-def timed_us(fn, reps: int = 30) -> float:
-    import torch
+def timed_us(call, reps: int = 30) -> float:
+    """GPU microseconds per call, replayed from a CUDA graph as the engine's table times its tilings."""
+    from thinkwise.kernels.linear_dispatch import cuda_graph_time_us
 
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(3):
-        start.record()
-        for _ in range(reps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) / reps * 1e3)
-    return best
+    return cuda_graph_time_us([call] * reps)
 
 
 def variant_name(tile: tuple[int, int, int], loads: bool, hand: bool) -> str:

@@ -95,8 +95,9 @@ class EngineConfig:
             raise InvalidParameterError("pdl_max_rows must be >= 0", param="pdl_max_rows")
         if (isinstance(self.cpu_weight_prefetch_mib, bool) or not isinstance(self.cpu_weight_prefetch_mib, (int, float))
                 or not 0 <= self.cpu_weight_prefetch_mib <= MAX_PREFETCH_MIB):
-            raise InvalidParameterError(f"cpu_weight_prefetch_mib must be a number of MiB in [0, {MAX_PREFETCH_MIB}] (0: off), not "
-                                        f"{self.cpu_weight_prefetch_mib!r}", param="cpu_weight_prefetch_mib")
+            raise InvalidParameterError(f"cpu_weight_prefetch_mib must be a number of MiB in [0, {MAX_PREFETCH_MIB}] "
+                                        f"(0: off), not {self.cpu_weight_prefetch_mib!r}",
+                                        param="cpu_weight_prefetch_mib")
         if self.reasoning_parser not in PARSER_NAMES:
             raise InvalidParameterError(f"unknown reasoning parser {self.reasoning_parser!r}; use one of "
                                         f"{', '.join(PARSER_NAMES)}", param="reasoning_parser")
