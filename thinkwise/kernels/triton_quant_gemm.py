@@ -213,14 +213,17 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
 )
 
 # `dequantize`'s tile (rows, weights along K, warps). Prefill's dequantize-then-cuBLAS writes a
-# 16-bit copy of each layer per chunk, so this pass is what an int4 layer adds to prefill
-# (Llama-3-8B: ~0.35 ms a layer and chunk on an H100, ~4% of a batch-64 run of 128-token
-# prompts). These three are the old kernel's choices, not yet swept on a GPU.
-DEQUANTIZE_TILE: tuple[int, int, int] = (16, 256, 4)
-DEQUANTIZE_GROUP_LOADS = False  # int4: scales loaded per group and broadcast (`_dequantize_kernel`)
-# Round to bf16 by integer arithmetic before the store also on a GPU, whose own conversion
-# (round to nearest even) should make it redundant; kept until a GPU run shows both equal.
-DEQUANTIZE_HAND_ROUND = True
+# 16-bit copy of each layer per chunk, so this pass is what a quantized layer adds to prefill.
+# Chosen by `benchmarks/gpu_dequantize.py` on an H200 (Llama-3-8B's four projections, every
+# variant first checked bit for bit against the twin): int4-g128 one layer 317.5 -> 152.9 us
+# (2.08x), int4-g32 570.8 -> 162.2 us (3.5x), int8 172.4 -> 173.6 us (the same: its tiles all
+# read at the copy bandwidth); benchmarks/results/gpu_dequantize_*_h200-20261207.json.
+DEQUANTIZE_TILE: tuple[int, int, int] = (8, 512, 4)
+DEQUANTIZE_GROUP_LOADS = True  # int4: scales loaded once per group and broadcast, not once per code byte
+# Round to bf16 by integer arithmetic before the store only under the interpreter (whose cast
+# truncates): a GPU's own conversion rounds to nearest even, bit for bit the same on the H200
+# for every tile above, and the hand rounding cost int4-g128 ~12% of the pass.
+DEQUANTIZE_HAND_ROUND = False
 
 # More `weight_b` tilings for the wide sweep of `benchmarks/gpu_quant_gemm.py`: second-best on
 # every shape of that sweep, so not timed at start-up.
