@@ -17,7 +17,9 @@ Prints ratios and writes JSON to $OUT (or --out).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -107,6 +109,10 @@ def main() -> None:
                         help="also time thinkwise with async scheduling off (same engine, same graphs)")
     parser.add_argument("--repeats", type=int, default=1,
                         help="time thinkwise this many times per point and report the median (all runs are kept)")
+    parser.add_argument("--prefill-split", action="store_true",
+                        help="also time the same requests with one new token (prefill and a first token) and "
+                             "report prefill seconds and decode ms a step, so a quantized column shows where it "
+                             "gains or loses")
     add_output_arguments(parser, "gpu_throughput")
     args = parser.parse_args()
     require_cuda("gpu_throughput.py")
@@ -159,6 +165,22 @@ def print_quantization_ratios(rows: list[dict]) -> None:
             row["vs_bf16"] = round(row["thinkwise_tok_s"] / base[key], 3)
             print(f"{row['shape']} batch {row['batch']}: {row['quantization']} {row['thinkwise_tok_s']} tok/s = "
                   f"{row['vs_bf16']:.2f}x bf16 ({base[key]} tok/s)")
+            split = {(r["shape"], r["batch"]): r for r in rows if r["quantization"] == "none" and "prefill_s" in r}
+            if "prefill_s" in row and key in split:
+                bf16 = split[key]
+                print(f"    prefill {row['prefill_s']} s vs {bf16['prefill_s']} s, decode "
+                      f"{row['decode_ms_per_step']} vs {bf16['decode_ms_per_step']} ms a step")
+
+
+def prefill_split(timed, params, batch: int, new_tokens: int, rate: float, repeats: int) -> dict:
+    """Prefill seconds (the median of `repeats` runs of the same requests with one new token:
+    prefill and the first token) and decode ms a step (the rest of the full run, `rate` tok/s,
+    over its other new_tokens - 1 steps)."""
+    one = dataclasses.replace(params, max_tokens=1)
+    prefill = statistics.median(batch / timed(one, 1)[0] for _ in range(repeats))
+    full = batch * new_tokens / rate
+    return {"prefill_s": round(prefill, 4), "full_s": round(full, 4),
+            "decode_ms_per_step": round((full - prefill) * 1e3 / max(1, new_tokens - 1), 3)}
 
 
 EXTRAS = {"none": {}, "confidence": {"confidence_top_k": 20},
@@ -196,13 +218,13 @@ def run_shape(args, llm, hf, config, shape_name: str, quantization: str, batches
         # captured before timing (capture is a one-time cost per bucket).
         llm.generate(prompts, params)
 
-        def timed() -> tuple[float, list]:
+        def timed(params=params, new_tokens=args.new_tokens) -> tuple[float, list]:
             torch.cuda.synchronize()
             start = time.perf_counter()
             outputs = llm.generate(prompts, params)
             torch.cuda.synchronize()
-            assert all(len(o.outputs[0].token_ids) == args.new_tokens for o in outputs)
-            return batch * args.new_tokens / (time.perf_counter() - start), outputs
+            assert all(len(o.outputs[0].token_ids) == new_tokens for o in outputs)
+            return batch * new_tokens / (time.perf_counter() - start), outputs
 
         runs = [timed() for _ in range(max(1, args.repeats))]
         rates = sorted(rate for rate, _ in runs)
@@ -218,6 +240,8 @@ def run_shape(args, llm, hf, config, shape_name: str, quantization: str, batches
                "sampling": "greedy" if args.top_p is None else f"temperature 0.7, top_p {args.top_p}"}
         if len(rates) > 1:
             row["runs_tok_s"] = [round(rate, 1) for rate in rates]
+        if args.prefill_split:
+            row.update(prefill_split(timed, params, batch, args.new_tokens, ours, max(1, args.repeats)))
         if batch == batches[0] and extras == "none":  # which GEMM each weight shape runs, from the start-up profile
             gemms = llm.engine.run_metadata.get("gemm_dispatch", {})
             row["gemm_dispatch"] = {"implementations": gemms.get("implementations"),

@@ -121,3 +121,29 @@ def test_dequantize_bench_times_only_variants_equal_to_the_twin(group, monkeypat
     assert line["us"][variant_name(*variants[0])] == 7.0 and totals[variants[0]] == 7.0
     assert line["us"][variant_name(*variants[1])] == "mismatch with the twin" and totals[variants[1]] == float("inf")
     assert line["us"][variant_name(*variants[2])] == 7.0  # the interpreter rounds by hand whatever is asked
+
+
+def test_throughput_prefill_split_times_one_token_runs_of_the_same_requests(capsys):
+    """--prefill-split: prefill is the median of one-token runs (max_tokens=1, every other
+    parameter kept), decode a step is the rest of the full run over its other steps; the
+    quantized column's line names both against the 16-bit column's."""
+    from benchmarks.gpu_throughput import prefill_split, print_quantization_ratios
+    from thinkwise import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True, seed=3)
+    seen, prefill_seconds = [], iter([0.3, 0.2, 0.25])
+
+    def timed(run_params, new_tokens):
+        seen.append((run_params, new_tokens))
+        return 64 * new_tokens / next(prefill_seconds), []
+
+    split = prefill_split(timed, params, 64, 128, rate=64 * 128 / 1.5, repeats=3)
+    assert [n for _, n in seen] == [1, 1, 1]
+    assert all(p.max_tokens == 1 and p.seed == 3 and p.ignore_eos for p, _ in seen) and params.max_tokens == 128
+    assert split == {"prefill_s": 0.25, "full_s": 1.5, "decode_ms_per_step": round(1250 / 127, 3)}
+    rows = [dict(shape="s", batch=64, extras="none", quantization="none", thinkwise_tok_s=100.0, **split),
+            dict(shape="s", batch=64, extras="none", quantization="int4", thinkwise_tok_s=90.0, prefill_s=0.3,
+                 full_s=1.6, decode_ms_per_step=10.5)]
+    print_quantization_ratios(rows)
+    out = capsys.readouterr().out
+    assert rows[1]["vs_bf16"] == 0.9 and "prefill 0.3 s vs 0.25 s" in out and "decode 10.5 vs 9.843 ms a step" in out
