@@ -11,7 +11,7 @@ tokens/s of each method over the 16-bit column's at the same batch size are prin
 Prints ratios and writes JSON to $OUT (or --out).
 
     python benchmarks/gpu_throughput.py [--shapes qwen3-0.6b,llama3-8b] [--batches 1,64] [--new-tokens 256]
-        [--quantization none,int8,int4] [--extras none,confidence,penalties]
+        [--quantization none,int8,int4] [--extras none,confidence,penalties] [--prefill-split]
 """
 
 from __future__ import annotations
@@ -159,13 +159,13 @@ def print_quantization_ratios(rows: list[dict]) -> None:
     """Each quantized column's tokens/s over the 16-bit column's, same shape and batch; stored in its row."""
     rows = [r for r in rows if r["extras"] == "none"]
     base = {(r["shape"], r["batch"]): r["thinkwise_tok_s"] for r in rows if r["quantization"] == "none"}
+    split = {(r["shape"], r["batch"]): r for r in rows if r["quantization"] == "none" and "prefill_s" in r}
     for row in rows:
         key = (row["shape"], row["batch"])
         if row["quantization"] != "none" and key in base:
             row["vs_bf16"] = round(row["thinkwise_tok_s"] / base[key], 3)
             print(f"{row['shape']} batch {row['batch']}: {row['quantization']} {row['thinkwise_tok_s']} tok/s = "
                   f"{row['vs_bf16']:.2f}x bf16 ({base[key]} tok/s)")
-            split = {(r["shape"], r["batch"]): r for r in rows if r["quantization"] == "none" and "prefill_s" in r}
             if "prefill_s" in row and key in split:
                 bf16 = split[key]
                 print(f"    prefill {row['prefill_s']} s vs {bf16['prefill_s']} s, decode "

@@ -216,13 +216,13 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
 # 16-bit copy of each layer per chunk, so this pass is what a quantized layer adds to prefill.
 # Chosen by `benchmarks/gpu_dequantize.py` on an H200 (Llama-3-8B's four projections, every
 # variant first checked bit for bit against the twin): int4-g128 one layer 317.5 -> 152.9 us
-# (2.08x), int4-g32 570.8 -> 162.2 us (3.5x), int8 172.4 -> 173.6 us (the same: its tiles all
-# read at the copy bandwidth); benchmarks/results/gpu_dequantize_*_h200-20261207.json.
+# (2.08x), int4-g32 570.8 -> 162.2 us (3.5x), int8 172.4 -> 173.6 us (the same: every int8 tile
+# within 1%, at ~90% of the copy bandwidth); benchmarks/results/gpu_dequantize_*_h200-20261207.json.
 DEQUANTIZE_TILE: tuple[int, int, int] = (8, 512, 4)
 DEQUANTIZE_GROUP_LOADS = True  # int4: scales loaded once per group and broadcast, not once per code byte
 # Round to bf16 by integer arithmetic before the store only under the interpreter (whose cast
 # truncates): a GPU's own conversion rounds to nearest even, bit for bit the same on the H200
-# for every tile above, and the hand rounding cost int4-g128 ~12% of the pass.
+# for every tile above, and the hand rounding cost int4-g128 ~14% of the pass.
 DEQUANTIZE_HAND_ROUND = False
 
 # More `weight_b` tilings for the wide sweep of `benchmarks/gpu_quant_gemm.py`: second-best on
