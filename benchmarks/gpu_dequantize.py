@@ -30,16 +30,22 @@ TILES = "16x256x4,8x512x4,32x256x8,16x512x8,32x512x8,64x256x8,16x1024x8,64x128x4
 
 
 def parse_tiles(text: str) -> list[tuple[int, int, int]]:
-    """'16x256x4,32x512x8' -> [(16, 256, 4), (32, 512, 8)]: powers of two, K at least 2, warps up to 32."""
+    """'16x256x4,32x512x8' -> [(16, 256, 4), (32, 512, 8)]: tiles `dequantize` takes
+    (`check_dequantize_tile`), at most 65536 weights each."""
+    from thinkwise.kernels.triton_quant_gemm import check_dequantize_tile
+
     tiles = []
     for item in text.split(","):
         parts = item.strip().split("x")
         if len(parts) != 3 or not all(p.isdigit() for p in parts):
             raise argparse.ArgumentTypeError(f"tile {item!r}: write ROWSxKxWARPS, e.g. 16x256x4")
         rows, k, warps = (int(p) for p in parts)
-        if any(v < 1 or v & (v - 1) for v in (rows, k, warps)) or k < 2 or warps > 32 or rows * k > 1 << 16:
-            raise argparse.ArgumentTypeError(f"tile {item!r}: rows, K and warps must be powers of two, K >= 2, "
-                                             "warps <= 32, rows x K <= 65536")
+        try:
+            check_dequantize_tile((rows, k, warps))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        if rows * k > 1 << 16:
+            raise argparse.ArgumentTypeError(f"tile {item!r}: rows x K must be at most 65536")
         tiles.append((rows, k, warps))
     return tiles
 

@@ -591,6 +591,15 @@ if HAVE_TRITON:
                      mask=mask)
 
 
+def check_dequantize_tile(tile: tuple[int, int, int]) -> tuple[int, int, int]:
+    """`tile` (rows, K, warps) if `_dequantize_kernel` can take it, else ValueError naming the rule."""
+    block_n, block_k, num_warps = tile
+    if any(v < 1 or v & (v - 1) for v in (block_n, block_k, num_warps)) or block_k < 2 or num_warps > 32:
+        raise ValueError(f"dequantize tile {(block_n, block_k, num_warps)}: rows, K and warps must be powers of "
+                         "two (K at least 2, warps at most 32)")
+    return tile
+
+
 def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int, dtype: torch.dtype,
                use_triton: bool | None = None, tile: tuple[int, int, int] | None = None,
                group_loads: bool | None = None, hand_round: bool | None = None) -> torch.Tensor:
@@ -612,10 +621,7 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
         raise ValueError(f"int4 needs an even group ({group}) dividing K ({k})")
     out = torch.empty(n, k, dtype=dtype, device=q.device)
     if n and k:
-        block_n, block_k, num_warps = tile or DEQUANTIZE_TILE
-        if any(v < 1 or v & (v - 1) for v in (block_n, block_k, num_warps)) or block_k < 2 or num_warps > 32:
-            raise ValueError(f"dequantize tile {(block_n, block_k, num_warps)}: rows, K and warps must be powers of "
-                             "two (K at least 2, warps at most 32)")
+        block_n, block_k, num_warps = check_dequantize_tile(tile or DEQUANTIZE_TILE)
         # Per-group loads reshape a tile into whole groups: block_k a multiple of a power-of-two group.
         group_loads = (DEQUANTIZE_GROUP_LOADS if group_loads is None else group_loads) and int4 \
             and block_k % group == 0 and group & (group - 1) == 0
