@@ -8,7 +8,7 @@ back to back. Steps are timed after the graphs of every context width they use w
 captured. A/B runs switch the kernel knobs by their environment overrides (THINKWISE_PDL,
 THINKWISE_GEMM_EPILOGUE; see thinkwise/engine/env_overrides.py).
 
-    python benchmarks/gpu_host_vs_gpu.py qwen3-0.6b
+    python benchmarks/gpu_host_vs_gpu.py qwen3-0.6b [--quantization int8] [--cprofile]
 """
 import argparse, json, sys, time
 from pathlib import Path
@@ -21,12 +21,22 @@ from benchmarks.common import require_cuda
 from benchmarks.gpu_throughput import SHAPES, random_llm
 from thinkwise import SamplingParams
 from thinkwise.engine import step_pipeline
+from thinkwise.errors import InvalidParameterError
+from thinkwise.kernels.linear_methods import parse_quantization
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("shape", nargs="?", default="qwen3-0.6b", choices=sorted(SHAPES))
-shape_name = parser.parse_args().shape
+parser.add_argument("--quantization", default="none", help="weights quantized on load: none, int8, int4, ...")
+parser.add_argument("--cprofile", action="store_true", help="also print the top host functions of the timed steps")
+args = parser.parse_args()
+shape_name = args.shape
+try:  # before the GPU check and the model building: a typo fails at once
+    parse_quantization(args.quantization)
+except InvalidParameterError as error:
+    parser.error(str(error))
 require_cuda("gpu_host_vs_gpu.py")
-llm, config = random_llm(shape_name, num_kv_blocks=64, max_num_seqs=1)
+llm, config = random_llm(shape_name, num_kv_blocks=64, max_num_seqs=1,
+                         quantization=None if args.quantization == "none" else args.quantization)
 engine = llm.engine
 waits = []
 real_read = step_pipeline.InflightStep.read
@@ -61,6 +71,15 @@ for _ in range(n):
     engine.step()
 torch.cuda.synchronize()
 wall = (time.perf_counter() - t0) / n
+if args.cprofile:  # separately: the profiler's own cost must not enter the wall time above
+    import cProfile, pstats
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(n):
+        engine.step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
 wait = sum(waits) / n
 gd = engine.runner.graph_decoder
 entry = list(gd.graphs.values())[-1]
@@ -73,7 +92,7 @@ for _ in range(200):
 end.record()
 torch.cuda.synchronize()
 replay = start.elapsed_time(end) * 1e3 / 200
-print(json.dumps({"shape": shape_name, "epilogue": int(engine.config.gemm_epilogue_fusion),
+print(json.dumps({"shape": shape_name, "quantization": args.quantization, "epilogue": int(engine.config.gemm_epilogue_fusion),
                   "pdl": int(engine.config.pdl), "wall_us": round(wall * 1e6, 1),
                   "blocked_us": round(wait * 1e6, 1), "host_us": round((wall - wait) * 1e6, 1),
                   "graph_replay_us": round(replay, 1),

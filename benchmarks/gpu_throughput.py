@@ -71,9 +71,10 @@ def hf_config(shape: dict):
     return LlamaConfig(**common)
 
 
-def random_llm(shape_name: str, num_kv_blocks: int, max_num_seqs: int):
-    """(LLM, its ModelConfig) on random bf16 weights of a real shape (for the probes; main()
-    keeps its transformers model for the comparison, so it builds its own)."""
+def random_llm(shape_name: str, num_kv_blocks: int, max_num_seqs: int, quantization: str | None = None):
+    """(LLM, its ModelConfig) on random bf16 weights of a real shape, quantized on load where
+    `quantization` names a method (for the probes; main() keeps its transformers model for the
+    comparison, so it builds its own)."""
     from transformers import AutoModelForCausalLM
 
     from thinkwise import LLM
@@ -86,7 +87,8 @@ def random_llm(shape_name: str, num_kv_blocks: int, max_num_seqs: int):
     config = ModelConfig(rms_norm_eps=1e-6, max_position_embeddings=4096, **shape)
     loaded = LoadedModel(config, dict(hf.state_dict()), None, None, "random", shape_name)
     return LLM.from_loaded(loaded, device="cuda", dtype="bfloat16", num_kv_blocks=num_kv_blocks,
-                           max_num_seqs=max_num_seqs, enable_prefix_caching=False), config
+                           max_num_seqs=max_num_seqs, enable_prefix_caching=False,
+                           quantization=quantization), config
 
 
 def main() -> None:

@@ -12,22 +12,28 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def step_profile(*flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "benchmarks/gpu_step_profile.py", *flags], cwd=ROOT, capture_output=True,
+def step_profile(*flags: str, script: str = "gpu_step_profile.py") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"benchmarks/{script}", *flags], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
 
 
+QUANTIZED_PROBES = ["gpu_step_profile.py", "gpu_host_vs_gpu.py"]
+
+
+@pytest.mark.parametrize("script", QUANTIZED_PROBES)
 @pytest.mark.parametrize("value", ["int3", "int4-g7", "'; rm -rf /", "int8 int4", "gguf" * 500])
-def test_step_profile_refuses_an_unknown_quantization(value):
-    done = step_profile("--quantization", value)
+def test_step_profile_refuses_an_unknown_quantization(value, script):
+    done = step_profile("--quantization", value, script=script)
     assert done.returncode == 2  # argparse's usage error, not a traceback
     assert "not supported" in done.stderr and "Traceback" not in done.stderr
     assert "int8" in done.stderr  # the error lists the choices
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script would run")
-def test_step_profile_takes_a_valid_quantization_to_the_gpu_check():
-    done = step_profile("--quantization", "int4-g64")
+@pytest.mark.parametrize("script", QUANTIZED_PROBES)
+def test_step_profile_takes_a_valid_quantization_to_the_gpu_check(script):
+    done = step_profile("--quantization", "int4-g64", *(["--cprofile"] if script == "gpu_host_vs_gpu.py" else []),
+                        script=script)
     assert done.returncode == 1 and "measures a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
 
 

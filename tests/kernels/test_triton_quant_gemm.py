@@ -255,19 +255,22 @@ def test_int4_word_to_bf16_ptx_every_code_in_every_nibble():
 
 
 @needs_triton
-@pytest.mark.parametrize("weight_b", [False, True])
+@pytest.mark.parametrize("weight_b", [False, True, "decode_ahead"])
 @pytest.mark.parametrize("split_k", [1, 3])
 @pytest.mark.parametrize("group", [32, 64, 128])
 def test_pairs_dot_tiles_match_twin(group, split_k, weight_b, monkeypatch):
     """Weights decoded in bf16 pairs, then the dot: the twin with its weights rounded to bf16.
     On the CPU the interpreter runs the same loads, decode arithmetic and k-order join with
-    fp32 x (its bf16 dot is broken), which the tiles take when PAIRS_DTYPES lets them."""
+    fp32 x (its bf16 dot is broken), which the tiles take when PAIRS_DTYPES lets them.
+    `decode_ahead` (weight_b): each slice's first tile decoded before its loop, the next one after
+    each dot, its codes and scales read past the slice's end (never used) or masked past K."""
     device = device_and_check()
     if not CUDA:
         monkeypatch.setattr(tq, "PAIRS_DTYPES", (torch.bfloat16, torch.float32))
     dtype = torch.bfloat16 if CUDA else torch.float32
-    config = QuantGemmConfig(block_n=16, block_k=64, bf16_pairs=True, split_k=split_k, weight_b=weight_b)
-    assert config.name.endswith("_p2_wb" if weight_b else "_p2")
+    config = QuantGemmConfig(block_n=16, block_k=64, bf16_pairs=True, split_k=split_k, weight_b=bool(weight_b),
+                             decode_ahead=weight_b == "decode_ahead")
+    assert config.name.endswith({False: "_p2", True: "_p2_wb", "decode_ahead": "_p2_wb_da"}[weight_b])
     g = torch.Generator().manual_seed(group)
     for m, n, k in [(17, 40, 4 * group), (3, 33, 2 * group)]:
         codes, scales, zeros = quantize_int4(torch.randn(n, k, generator=g), group, torch.bfloat16)
@@ -318,7 +321,7 @@ def test_pairs_tiles_are_offered_only_for_int4_and_taken_only_for_bf16_x(monkeyp
 
 
 @needs_triton
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, "4-decode-ahead"])
 def test_weight_b_tiles_fuse_silu_mul_and_split_k(bits):
     """The `weight_b` tiles (x the dot's A operand, the dequantized weight tile its B operand,
     the int4 group scales read a tile ahead): a [gate; up] weight with the fused SiLU * up
@@ -336,9 +339,10 @@ def test_weight_b_tiles_fuse_silu_mul_and_split_k(bits):
     else:
         codes, scales, zeros = quantize_int4(w, 32, torch.float32)
         q, group = pack_int4(codes), 32
-    config = QuantGemmConfig(block_n=16, block_k=32, split_k=3, weight_b=True)
-    assert config.name == "dot_n16_k32_w4_s3_sk3_wb"
-    partials, counters = tq.workspace_size(70, 48, 256, group, bits == 4, config)
+    ahead = bits == "4-decode-ahead"
+    config = QuantGemmConfig(block_n=16, block_k=32, split_k=3, weight_b=True, decode_ahead=ahead)
+    assert config.name == "dot_n16_k32_w4_s3_sk3_wb" + ("_da" if ahead else "")
+    partials, counters = tq.workspace_size(70, 48, 256, group, bits != 8, config)
     workspace = SplitKWorkspace(device, partials, counters)
     args = [t.to(device) if t is not None else None for t in (q, scales, zeros)]
     fused = triton_quant_gemm(x.to(device), *args, None, group, config, tq.EPILOGUE_SILU_MUL, workspace)
@@ -350,9 +354,9 @@ def test_weight_b_tiles_fuse_silu_mul_and_split_k(bits):
     assert int(workspace.counters.abs().sum()) == 0
 
 
-# (int4, BLOCK_M, PAIRS, SPLIT_K, EPILOGUE): 64-row tiles (wgmma) and a 16-row one (mma.sync)
-WEIGHT_B_SM90_VARIANTS = [(True, 64, True, 4, 0), (True, 64, True, 1, 1), (True, 16, False, 1, 0),
-                          (False, 64, False, 2, 1)]
+# (int4, BLOCK_M, PAIRS, SPLIT_K, EPILOGUE, DECODE_AHEAD): 64-row tiles (wgmma) and a 16-row one (mma.sync)
+WEIGHT_B_SM90_VARIANTS = [(True, 64, True, 4, 0, False), (True, 64, True, 1, 1, False), (True, 16, False, 1, 0, False),
+                          (False, 64, False, 2, 1, False), (True, 64, True, 4, 1, True)]
 
 
 def compile_weight_b_variants_for_sm90() -> list[str]:
@@ -360,13 +364,14 @@ def compile_weight_b_variants_for_sm90() -> list[str]:
     from tests.kernels.test_sm90_compile import compile_for_sm90
 
     results = []
-    for int4, block_m, pairs, split_k, epilogue in WEIGHT_B_SM90_VARIANTS:
+    for int4, block_m, pairs, split_k, epilogue, ahead in WEIGHT_B_SM90_VARIANTS:
         types = {"x_ptr": "*bf16", "q_ptr": "*u8" if int4 else "*i8", "scale_ptr": "*bf16", "zero_ptr": "*bf16",
                  "bias_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32", "counter_ptr": "*i32"}
         try:
             ok = compile_for_sm90(tq._quant_gemm_wb_kernel, types, dict(
                 GROUP=128, INT4=int4, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, HAS_BIAS=not epilogue, IEEE=False,
-                PDL=True, SPLIT_K=split_k, MAGIC=not pairs, PAIRS=pairs, ASM=True, EPILOGUE=epilogue))
+                PDL=True, SPLIT_K=split_k, MAGIC=not pairs, PAIRS=pairs, ASM=True, EPILOGUE=epilogue,
+                DECODE_AHEAD=ahead))
             results.append("ok" if ok else "no cubin")
         except FileNotFoundError as missing:  # a Triton build without its bundled ptxas
             return [f"skip: {missing}"]

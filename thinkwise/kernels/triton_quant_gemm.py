@@ -66,6 +66,7 @@ run).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -146,13 +147,15 @@ class QuantGemmConfig:
     bf16_pairs: bool = False  # int4 dot tiles, bf16 x: codes dequantized two an instruction in bf16 pairs (PTX)
     prefetch: int = 1  # plain and x-pair GEMV tiles: weight tiles loaded ahead (the first ones before PDL's wait)
     weight_b: bool = False  # dot tiles: x @ W^T with the dequantized weights as the B operand (_quant_gemm_wb_kernel)
+    decode_ahead: bool = False  # weight_b int4 tiles: decode the next weight tile after issuing this one's dot
 
     @property
     def name(self) -> str:
         extra = (f"_sk{self.split_k}" if self.split_k > 1 else "") + ("_xp" if self.x_pairs else "") + \
             ("_mg" if self.magic_decode else "") + ("_ws" if self.word_sums else "") + \
             ("_h2" if self.half2 else "") + ("_p2" if self.bf16_pairs else "") + \
-            (f"_pf{self.prefetch}" if self.prefetch != 1 else "") + ("_wb" if self.weight_b else "")
+            (f"_pf{self.prefetch}" if self.prefetch != 1 else "") + ("_wb" if self.weight_b else "") + \
+            ("_da" if self.decode_ahead else "")
         return f"{'dot' if self.use_dot else 'gemv'}_n{self.block_n}_k{self.block_k}_w{self.num_warps}_s{self.num_stages}{extra}"
 
     def block_m(self, rows: int) -> int:
@@ -230,6 +233,8 @@ DEQUANTIZE_HAND_ROUND = False
 WEIGHT_B_CANDIDATES: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=128, block_k=128, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
+    # The start-up `weight_b` tilings with the next tile decoded behind this one's dot: not yet timed.
+    *(dataclasses.replace(c, decode_ahead=True) for c in DEFAULT_CONFIGS if c.weight_b),
 )
 
 
@@ -467,6 +472,15 @@ if HAVE_TRITON:
         finish_tile(result, offs_m, pid_m, pid_n, pid_k, M, N, SPLIT_K, rows, bias_ptr, out_ptr, stride_om,
                     partial_ptr, counter_ptr, HAS_BIAS, BLOCK_M, BLOCK_N, EPILOGUE)
 
+    @triton.jit
+    def _wb_dot(x, w, acc, IEEE: tl.constexpr):
+        """acc + x @ w^T, the dequantized weights rounded to x's dtype (fp32 x: IEEE products)."""
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        return acc
+
     @triton.jit(do_not_specialize=["M"])
     def _quant_gemm_wb_kernel(x_ptr, q_ptr, scale_ptr, zero_ptr, bias_ptr, out_ptr, partial_ptr, counter_ptr,
                               M, N, K, stride_xm, stride_qn, stride_sn, stride_om, k_per_split,
@@ -474,7 +488,7 @@ if HAVE_TRITON:
                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                               HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr, SPLIT_K: tl.constexpr,
                               MAGIC: tl.constexpr, PAIRS: tl.constexpr = False, ASM: tl.constexpr = False,
-                              EPILOGUE: tl.constexpr = 0):
+                              EPILOGUE: tl.constexpr = 0, DECODE_AHEAD: tl.constexpr = False):
         """`_quant_gemm_kernel` with the operands swapped (`weight_b` tilings): acc [BLOCK_M, BLOCK_N]
         = x [BLOCK_M, BLOCK_K] @ W_tile^T, so x (staged by the pipeliner) is the dot's A operand and
         the dequantized weight tile its B operand, which on sm_90 goes through shared memory. Its
@@ -483,7 +497,9 @@ if HAVE_TRITON:
         serializes the wgmmas (each waits for the last, whose A registers the next reuses).
         Here the codes are decoded in the load's own layout (8-byte shared-memory loads) and
         stored once for wgmma (16-byte stores). The group scales and zeros (2-byte loads, which
-        the pipeliner does not stage) are loaded a tile ahead, to hide their latency behind a tile."""
+        the pipeliner does not stage) are loaded a tile ahead, to hide their latency behind a tile.
+        DECODE_AHEAD (int4): the loop issues tile i's dot, then decodes tile i + 1 (not yet timed on
+        a GPU; `decode_ahead` tilings)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -504,23 +520,42 @@ if HAVE_TRITON:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(k_start, tl.minimum(K, k_start + k_per_split), BLOCK_K):
-            codes = _load_codes(q_ptr, rows, stride_qn, k, K, BLOCK_K, INT4, PAIRS)
-            if INT4:
+        k_end = tl.minimum(K, k_start + k_per_split)
+        if DECODE_AHEAD and INT4:
+            # The tile after this one is decoded after this one's dot is issued, so the decode (CUDA
+            # cores) has the asynchronous wgmma to overlap; the first tile before the loop.
+            w = _int4_tile(_load_codes(q_ptr, rows, stride_qn, k_start, K, BLOCK_K, INT4, PAIRS),
+                           scale_next[:, :, None], zero_next[:, :, None], BLOCK_N, BLOCK_K, GROUP, PAIRS, MAGIC, ASM)
+            g_next = k_start // GROUP + GROUPS
+            scale_next = tl.load(s_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
+            zero_next = tl.load(z_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
+            for k in range(k_start, k_end, BLOCK_K):
+                kk = k + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptrs + kk[None, :], mask=(kk < K)[None, :], other=0.0)
+                # the next tile's codes (past K: masked; past this slice: read, never used)
+                codes = _load_codes(q_ptr, rows, stride_qn, k + BLOCK_K, K, BLOCK_K, INT4, PAIRS)
+                acc = _wb_dot(x, w, acc, IEEE)
                 scale = scale_next[:, :, None]
                 zero = zero_next[:, :, None]
-                g_next = (k + BLOCK_K) // GROUP  # the next tile's (past the end: masked, or unused)
+                g_next = (k + 2 * BLOCK_K) // GROUP
                 scale_next = tl.load(s_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
                 zero_next = tl.load(z_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
                 w = _int4_tile(codes, scale, zero, BLOCK_N, BLOCK_K, GROUP, PAIRS, MAGIC, ASM)
-            else:
-                w = _signed_byte(codes, MAGIC)
-            kk = k + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptrs + kk[None, :], mask=(kk < K)[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+        else:
+            for k in range(k_start, k_end, BLOCK_K):
+                codes = _load_codes(q_ptr, rows, stride_qn, k, K, BLOCK_K, INT4, PAIRS)
+                if INT4:
+                    scale = scale_next[:, :, None]
+                    zero = zero_next[:, :, None]
+                    g_next = (k + BLOCK_K) // GROUP  # the next tile's (past the end: masked, or unused)
+                    scale_next = tl.load(s_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
+                    zero_next = tl.load(z_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
+                    w = _int4_tile(codes, scale, zero, BLOCK_N, BLOCK_K, GROUP, PAIRS, MAGIC, ASM)
+                else:
+                    w = _signed_byte(codes, MAGIC)
+                kk = k + tl.arange(0, BLOCK_K)
+                x = tl.load(x_ptrs + kk[None, :], mask=(kk < K)[None, :], other=0.0)
+                acc = _wb_dot(x, w, acc, IEEE)
         if not INT4:  # per-row scale: once, on the finished sums
             acc = acc * tl.load(scale_ptr + rows * stride_sn).to(tl.float32)[None, :]
         finish_tile(acc, offs_m, pid_m, pid_n, pid_k, M, N, SPLIT_K, rows, bias_ptr, out_ptr, stride_om,
@@ -732,6 +767,8 @@ def triton_quant_gemm(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, ze
                 if workspace is None or not workspace.fits(*need):
                     workspace = SplitKWorkspace(x2.device, *need)
                 partials, counters = workspace.partials, workspace.counters
+            if config.weight_b:
+                common.update(DECODE_AHEAD=config.decode_ahead)
             kernel = _quant_gemm_wb_kernel if config.weight_b else _quant_gemm_kernel
             kernel[grid](*tensors[:6], partials, counters, *tensors[6:], k_per_split, BLOCK_M=block_m,
                          IEEE=x2.dtype == torch.float32, SPLIT_K=split, MAGIC=config.magic_decode, **common)
