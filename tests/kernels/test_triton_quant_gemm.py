@@ -354,9 +354,38 @@ def test_weight_b_tiles_fuse_silu_mul_and_split_k(bits):
     assert int(workspace.counters.abs().sum()) == 0
 
 
-# (int4, BLOCK_M, PAIRS, SPLIT_K, EPILOGUE, DECODE_AHEAD): 64-row tiles (wgmma) and a 16-row one (mma.sync)
+@needs_triton
+@pytest.mark.parametrize("ahead", [False, True])
+@pytest.mark.parametrize("pairs", [False, True])
+def test_weight_b_tiles_inside_a_group_match_twin(pairs, ahead, monkeypatch):
+    """`weight_b` int4 tiles narrower than the group (K tile 32, groups of 64 and 128): each tile
+    takes its one group's scale and zero, over split-K slices that start inside a group (8 tiles
+    over 3 slices: the second starts at k = 96), with and without decoding a tile ahead."""
+    device = device_and_check()
+    if pairs and not CUDA:
+        monkeypatch.setattr(tq, "PAIRS_DTYPES", (torch.bfloat16, torch.float32))
+    dtype = torch.bfloat16 if CUDA and pairs else torch.float32
+    g = torch.Generator().manual_seed(11)
+    for group in (64, 128):
+        config = QuantGemmConfig(block_n=16, block_k=32, split_k=3, weight_b=True, bf16_pairs=pairs,
+                                 decode_ahead=ahead)
+        assert tq._block_k(256, group, True, config) == 32  # not raised to the group
+        codes, scales, zeros = quantize_int4(torch.randn(40, 256, generator=g), group, torch.bfloat16)
+        q = pack_int4(codes)
+        x = torch.randn(19, 256, generator=g).to(dtype)
+        got = triton_quant_gemm(x.to(device), q.to(device), scales.to(device), zeros.to(device), None, group,
+                                config).cpu()
+        weight = dequantize_reference(q, scales, zeros, group)
+        want = torch.nn.functional.linear(x.double(), (weight.to(torch.bfloat16) if pairs else weight).double())
+        assert rel_error(got, want) < (1e-2 if dtype == torch.bfloat16 else 1e-6), group
+    # Other tiles still span whole groups.
+    assert tq._block_k(256, 128, True, QuantGemmConfig(block_n=16, block_k=32)) == 128
+
+
+# (int4, BLOCK_M, PAIRS, SPLIT_K, EPILOGUE, DECODE_AHEAD or "k64": a K tile of 64 inside a group of
+# 128): 64-row tiles (wgmma) and a 16-row one (mma.sync)
 WEIGHT_B_SM90_VARIANTS = [(True, 64, True, 4, 0, False), (True, 64, True, 1, 1, False), (True, 16, False, 1, 0, False),
-                          (False, 64, False, 2, 1, False), (True, 64, True, 4, 1, True)]
+                          (False, 64, False, 2, 1, False), (True, 64, True, 4, 1, True), (True, 64, True, 1, 1, "k64")]
 
 
 def compile_weight_b_variants_for_sm90() -> list[str]:
@@ -369,9 +398,9 @@ def compile_weight_b_variants_for_sm90() -> list[str]:
                  "bias_ptr": "*bf16", "out_ptr": "*bf16", "partial_ptr": "*fp32", "counter_ptr": "*i32"}
         try:
             ok = compile_for_sm90(tq._quant_gemm_wb_kernel, types, dict(
-                GROUP=128, INT4=int4, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=128, HAS_BIAS=not epilogue, IEEE=False,
-                PDL=True, SPLIT_K=split_k, MAGIC=not pairs, PAIRS=pairs, ASM=True, EPILOGUE=epilogue,
-                DECODE_AHEAD=ahead))
+                GROUP=128, INT4=int4, BLOCK_M=block_m, BLOCK_N=128, BLOCK_K=64 if ahead == "k64" else 128,
+                HAS_BIAS=not epilogue, IEEE=False, PDL=True, SPLIT_K=split_k, MAGIC=not pairs, PAIRS=pairs, ASM=True,
+                EPILOGUE=epilogue, DECODE_AHEAD=ahead is True))
             results.append("ok" if ok else "no cubin")
         except FileNotFoundError as missing:  # a Triton build without its bundled ptxas
             return [f"skip: {missing}"]

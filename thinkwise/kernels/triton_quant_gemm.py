@@ -235,6 +235,15 @@ WEIGHT_B_CANDIDATES: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
     # The start-up `weight_b` tilings with the next tile decoded behind this one's dot: not yet timed.
     *(dataclasses.replace(c, decode_ahead=True) for c in DEFAULT_CONFIGS if c.weight_b),
+    # K tiles of 64 inside a group of 128: a third of the shared memory and registers of the 128-wide
+    # tiles, so 3-6 programs (12-24 warps) share an SM instead of 2 (8 warps; sm_90 cubins compiled
+    # without a GPU); the 64-row int4 tiles are bound by latency, not issue. Not yet timed.
+    QuantGemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, bf16_pairs=True, weight_b=True),
+    QuantGemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=4, bf16_pairs=True, weight_b=True),
+    QuantGemmConfig(block_n=128, block_k=64, num_warps=8, num_stages=3, bf16_pairs=True, weight_b=True),
+    QuantGemmConfig(block_n=256, block_k=64, num_warps=8, num_stages=3, bf16_pairs=True, weight_b=True),
+    QuantGemmConfig(block_n=64, block_k=64, num_warps=4, num_stages=3, split_k=2, bf16_pairs=True, weight_b=True),
+    QuantGemmConfig(block_n=64, block_k=64, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
 )
 
 
@@ -508,7 +517,10 @@ if HAVE_TRITON:
         rows = tile_rows(pid_n, N, BLOCK_N, EPILOGUE)
         x_ptrs = x_ptr + safe_m[:, None] * stride_xm
         k_start = pid_k * k_per_split
-        GROUPS: tl.constexpr = BLOCK_K // GROUP if INT4 else 1
+        # A tile spans whole groups, or (BLOCK_K < GROUP: a smaller tile, so more programs fit an SM)
+        # lies inside one: then its one scale is group k // GROUP's, and it decodes as a group of its own.
+        TILE_GROUP: tl.constexpr = GROUP if GROUP < BLOCK_K else BLOCK_K
+        GROUPS: tl.constexpr = BLOCK_K // TILE_GROUP if INT4 else 1
         offs_g = tl.arange(0, GROUPS)
         s_ptrs = scale_ptr + rows[:, None] * stride_sn + offs_g[None, :]
         z_ptrs = zero_ptr + rows[:, None] * stride_sn + offs_g[None, :]
@@ -525,8 +537,9 @@ if HAVE_TRITON:
             # The tile after this one is decoded after this one's dot is issued, so the decode (CUDA
             # cores) has the asynchronous wgmma to overlap; the first tile before the loop.
             w = _int4_tile(_load_codes(q_ptr, rows, stride_qn, k_start, K, BLOCK_K, INT4, PAIRS),
-                           scale_next[:, :, None], zero_next[:, :, None], BLOCK_N, BLOCK_K, GROUP, PAIRS, MAGIC, ASM)
-            g_next = k_start // GROUP + GROUPS
+                           scale_next[:, :, None], zero_next[:, :, None], BLOCK_N, BLOCK_K, TILE_GROUP, PAIRS, MAGIC,
+                           ASM)
+            g_next = (k_start + BLOCK_K) // GROUP
             scale_next = tl.load(s_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
             zero_next = tl.load(z_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
             for k in range(k_start, k_end, BLOCK_K):
@@ -540,7 +553,7 @@ if HAVE_TRITON:
                 g_next = (k + 2 * BLOCK_K) // GROUP
                 scale_next = tl.load(s_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
                 zero_next = tl.load(z_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
-                w = _int4_tile(codes, scale, zero, BLOCK_N, BLOCK_K, GROUP, PAIRS, MAGIC, ASM)
+                w = _int4_tile(codes, scale, zero, BLOCK_N, BLOCK_K, TILE_GROUP, PAIRS, MAGIC, ASM)
         else:
             for k in range(k_start, k_end, BLOCK_K):
                 codes = _load_codes(q_ptr, rows, stride_qn, k, K, BLOCK_K, INT4, PAIRS)
@@ -550,7 +563,7 @@ if HAVE_TRITON:
                     g_next = (k + BLOCK_K) // GROUP  # the next tile's (past the end: masked, or unused)
                     scale_next = tl.load(s_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
                     zero_next = tl.load(z_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
-                    w = _int4_tile(codes, scale, zero, BLOCK_N, BLOCK_K, GROUP, PAIRS, MAGIC, ASM)
+                    w = _int4_tile(codes, scale, zero, BLOCK_N, BLOCK_K, TILE_GROUP, PAIRS, MAGIC, ASM)
                 else:
                     w = _signed_byte(codes, MAGIC)
                 kk = k + tl.arange(0, BLOCK_K)
@@ -691,9 +704,13 @@ def gated_fits(n: int, config: QuantGemmConfig, bias: torch.Tensor | None) -> bo
 
 
 def _block_k(k: int, group: int, int4: bool, config: QuantGemmConfig) -> int:
-    """The K tile a call runs with: int4 tiles span whole groups and at least 16 bytes a row;
-    a dot tile's K is at least 16 (int4: 32 weights, 16 a nibble plane)."""
-    block_k = max(config.block_k, group, MIN_INT4_BLOCK_K) if int4 else config.block_k
+    """The K tile a call runs with: int4 tiles span whole groups (`weight_b` tiles may instead lie
+    inside one: both are powers of two) and at least 16 bytes a row; a dot tile's K is at least 16
+    (int4: 32 weights, 16 a nibble plane)."""
+    if int4:
+        block_k = max(config.block_k, MIN_INT4_BLOCK_K, 1 if config.weight_b and config.use_dot else group)
+    else:
+        block_k = config.block_k
     if config.use_dot:
         block_k = max(block_k, 2 * DOT_MIN_ROWS if int4 else DOT_MIN_ROWS)
     return block_k
