@@ -15,6 +15,7 @@ a wider grid of tilings than the engine offers. Writes a new JSON file under $OU
 benchmarks/results (or --out).
 
     python benchmarks/gpu_quant_gemm.py [--shapes llama3-8b,qwen3-0.6b] [--rows 1,64] [--sweep default|wide]
+        [--projections qkv,o,gate_up,down,lm_head]
 """
 
 from __future__ import annotations
@@ -90,8 +91,14 @@ def main() -> None:
     parser.add_argument("--rows", default="1,64")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--sweep", choices=("default", "wide"), default="default")
+    parser.add_argument("--projections", default=None,
+                        help="comma-separated projections to time (qkv, o, gate_up, down, lm_head); default all")
     add_output_arguments(parser, "gpu_quant_gemm")
     args = parser.parse_args()
+    projections = None if args.projections is None else [p.strip() for p in args.projections.split(",")]
+    unknown = sorted(set(projections or []) - {p for shapes in SHAPES.values() for p in shapes})
+    if unknown:
+        parser.error(f"--projections: unknown {', '.join(unknown)}; use qkv, o, gate_up, down, lm_head")
     require_cuda("gpu_quant_gemm.py")
     out = output_path(args, "gpu_quant_gemm")
     device = torch.device("cuda")
@@ -105,6 +112,8 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")
     for model in args.shapes.split(","):
         for proj, (n, k) in SHAPES[model].items():
+            if projections is not None and proj not in projections:
+                continue
             torch.manual_seed(0)
             base = torch.randn(n, k, device=device, dtype=torch.bfloat16) * 0.02
             copies16 = max(1, math.ceil(L2_SWEEP * l2 / (n * k * 2)))

@@ -11,7 +11,7 @@ tokens/s of each method over the 16-bit column's at the same batch size are prin
 Prints ratios and writes JSON to $OUT (or --out).
 
     python benchmarks/gpu_throughput.py [--shapes qwen3-0.6b,llama3-8b] [--batches 1,64] [--new-tokens 256]
-        [--quantization none,int8,int4] [--extras none,confidence,penalties] [--prefill-split]
+        [--quantization none,int8,int4] [--extras none,confidence,penalties] [--prefill-split] [--candidate-tilings]
 """
 
 from __future__ import annotations
@@ -115,9 +115,17 @@ def main() -> None:
                         help="also time the same requests with one new token (prefill and a first token) and "
                              "report prefill seconds and decode ms a step, so a quantized column shows where it "
                              "gains or loses")
+    parser.add_argument("--candidate-tilings", action="store_true",
+                        help="also offer the quantized GEMM tilings not yet timed on a GPU "
+                             "(triton_quant_gemm.WEIGHT_B_CANDIDATES) to the engine's start-up table, whose picks "
+                             "each row's gemm_dispatch records")
     add_output_arguments(parser, "gpu_throughput")
     args = parser.parse_args()
     require_cuda("gpu_throughput.py")
+    if args.candidate_tilings:  # an A/B switch of this benchmark: the engine itself offers DEFAULT_CONFIGS only
+        from thinkwise.kernels import triton_quant_gemm as tq
+
+        tq.DEFAULT_CONFIGS = tuple(dict.fromkeys([*tq.DEFAULT_CONFIGS, *tq.WEIGHT_B_CANDIDATES]))
     out = output_path(args, "gpu_throughput")
 
     from transformers import AutoModelForCausalLM
@@ -127,7 +135,7 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     report = {"device": torch.cuda.get_device_name(), "copy_bandwidth_GBps": round(bandwidth / 1e9, 1),
               "torch": torch.__version__, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-              "results": []}
+              "candidate_tilings": args.candidate_tilings, "results": []}
     print(f"{report['device']}: copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     batches = [int(b) for b in args.batches.split(",")]
     for shape_name in args.shapes.split(","):

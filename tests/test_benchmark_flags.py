@@ -155,7 +155,8 @@ def test_throughput_prefill_split_times_one_token_runs_of_the_same_requests(caps
     assert rows[1]["vs_bf16"] == 0.9 and "prefill 0.3 s vs 0.25 s" in out and "decode 10.5 vs 9.843 ms a step" in out
 
 
-@pytest.mark.parametrize("flags", [("--prefill-split=yes",), ("--prefill-split=1;rm -rf /",), ("--repeats", "x")])
+@pytest.mark.parametrize("flags", [("--prefill-split=yes",), ("--prefill-split=1;rm -rf /",), ("--repeats", "x"),
+                                   ("--candidate-tilings=all",)])
 def test_throughput_refuses_a_value_for_the_prefill_split_switch(flags):
     done = subprocess.run([sys.executable, "benchmarks/gpu_throughput.py", *flags], cwd=ROOT, capture_output=True,
                           text=True, timeout=120)
@@ -164,6 +165,21 @@ def test_throughput_refuses_a_value_for_the_prefill_split_switch(flags):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script would run")
 def test_throughput_takes_the_prefill_split_switch_to_the_gpu_check(tmp_path):
-    done = subprocess.run([sys.executable, "benchmarks/gpu_throughput.py", "--prefill-split", "--out",
-                           str(tmp_path / "t.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "benchmarks/gpu_throughput.py", "--prefill-split", "--candidate-tilings",
+                           "--out", str(tmp_path / "t.json")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "measures a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("value", ["qkv,attn", "'; rm -rf /", "", "lm_head " * 50])
+def test_quant_gemm_refuses_an_unknown_projection(value):
+    done = subprocess.run([sys.executable, "benchmarks/gpu_quant_gemm.py", "--projections", value], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--projections: unknown" in done.stderr and "Traceback" not in done.stderr
+    assert "gate_up" in done.stderr  # the error lists the choices
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script would run")
+def test_quant_gemm_takes_known_projections_to_the_gpu_check():
+    done = subprocess.run([sys.executable, "benchmarks/gpu_quant_gemm.py", "--projections", "qkv, gate_up"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "measures a CUDA GPU" in done.stderr and "Traceback" not in done.stderr
