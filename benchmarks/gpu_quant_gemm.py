@@ -14,7 +14,7 @@ is the byte ratio: ~2x int8, ~3.2x int4-g32, ~3.8x int4-g128). `--sweep wide` al
 a wider grid of tilings than the engine offers. Writes a new JSON file under $OUT or
 benchmarks/results (or --out).
 
-    python benchmarks/gpu_quant_gemm.py [--shapes llama3-8b,qwen3-0.6b] [--rows 1,64] [--sweep default|wide]
+    python benchmarks/gpu_quant_gemm.py [--shapes llama3-8b,qwen3-0.6b] [--rows 1,64] [--sweep default|wide|weight_b]
         [--projections qkv,o,gate_up,down,lm_head]
 """
 
@@ -69,8 +69,14 @@ def wide_configs() -> list[QuantGemmConfig]:
     for block_n, block_k, warps, stages in ((64, 128, 4, 3), (128, 128, 4, 3), (128, 128, 8, 3), (256, 128, 8, 3),
                                             (128, 128, 4, 4), (128, 256, 8, 3)):
         for split in (1, 2, 4, 8):
-            configs.append(QuantGemmConfig(block_n, block_k, warps, stages, max_rows=4096, split_k=split,
-                                           bf16_pairs=True, weight_b=True))
+            for ahead in (False, True):  # the next weight tile decoded after this one's dot is issued
+                configs.append(QuantGemmConfig(block_n, block_k, warps, stages, max_rows=4096, split_k=split,
+                                               bf16_pairs=True, weight_b=True, decode_ahead=ahead))
+    # K tiles of 64 inside groups of 128 (a third of the 128-wide tiles' shared memory and registers:
+    # 3-6 programs an SM); on an H100 at 64 rows each was slower than the 128-wide tiles.
+    for block_n, warps, split in ((128, 4, 1), (128, 8, 1), (64, 4, 2), (64, 4, 4)):
+        configs.append(QuantGemmConfig(block_n, 64, warps, 3, max_rows=4096, split_k=split, bf16_pairs=True,
+                                       weight_b=True))
     return configs
 
 
@@ -90,7 +96,8 @@ def main() -> None:
     parser.add_argument("--shapes", default="llama3-8b,qwen3-0.6b")
     parser.add_argument("--rows", default="1,64")
     parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--sweep", choices=("default", "wide"), default="default")
+    parser.add_argument("--sweep", choices=("default", "wide", "weight_b"), default="default",
+                        help="the engine's tilings, plus a wide grid (wide) or only its weight_b part (weight_b)")
     parser.add_argument("--projections", default=None,
                         help="comma-separated projections to time (qkv, o, gate_up, down, lm_head); default all")
     add_output_arguments(parser, "gpu_quant_gemm")
@@ -106,7 +113,8 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     # The engine's tilings, the candidates waiting for their first GPU timing, and (wide) a grid.
     configs = list(dict.fromkeys([*tq.DEFAULT_CONFIGS, *tq.WEIGHT_B_CANDIDATES,
-                                  *(wide_configs() if args.sweep == "wide" else [])]))
+                                  *(wide_configs() if args.sweep == "wide" else []),
+                                  *(c for c in wide_configs() if args.sweep == "weight_b" and c.weight_b)]))
     rows_list = [int(r) for r in args.rows.split(",")]
     results = []
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")

@@ -36,10 +36,14 @@ pipeliner cannot stage (cp.async moves 4 to 16 bytes), are issued and waited on 
 step. The `weight_b` tiles (`_quant_gemm_wb_kernel`) compute x @ W^T instead: x, staged by the
 pipeliner, is the A operand; the weights are decoded in their load's layout and stored once into
 shared memory as the B operand (8 STS.128 a thread for 64 x 128); the HGMMAs issue back to back
-with one wait; the scales and zeros are loaded a step ahead. A 64 x 128 weight tile's loop: 469
-instructions and eight serialized HGMMAs (magic decode) against 305 (`weight_b`, bf16 pairs;
-128 x 128: 461, 3.6 a weight). Under PDL (`pdl`) the GEMV loads its first weight tile(s)
-before waiting for the previous kernel. For a [gate; up] projection every tiling can end in the 16-bit GEMM's
+with one wait; the scales and zeros are loaded a step ahead (`decode_ahead` tilings: the codes
+too, into registers, and the next tile is decoded after this one's dot is issued). A 64 x 128
+weight tile's loop: 469 instructions and eight serialized HGMMAs (magic decode) against 305
+(`weight_b`, bf16 pairs; 128 x 128: 461, 3.6 a weight; `decode_ahead` 444). More programs an SM
+did not help: K tiles of 64 inside a group of 128 (12-24 warps an SM instead of 8) were slower on
+every Llama-3-8B shape at 64 rows (gate/up 74.1 against 64.8 us, H100), so the tiles are bound
+by each program's serial chain (load, decode, store, fence, wgmma, wait), not by occupancy.
+Under PDL (`pdl`) the GEMV loads its first weight tile(s) before waiting for the previous kernel. For a [gate; up] projection every tiling can end in the 16-bit GEMM's
 SiLU * up epilogue (`triton_gemm.store_tile`; a tile reads matching gate and up rows),
 saving the element-wise launch after each MLP's GEMM. The twin is `quant_gemm_reference`
 (dequantize, then `F.linear`); the dispatch table in `linear_dispatch` times these tilings
@@ -213,6 +217,16 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=2, bf16_pairs=True, weight_b=True),
     QuantGemmConfig(block_n=128, block_k=256, num_warps=8, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=4, num_stages=3, bf16_pairs=True, weight_b=True),
+    # The same four decoding the next weight tile after issuing this one's dot (`decode_ahead`: the
+    # codes come a tile ahead into registers by plain loads). Llama-3-8B int4-g128 at 64 rows on an
+    # H100 (gpu_quant_gemm_int4_b64_decode_ahead_h100-20261207.json): gate/up 64.77 us against
+    # 66.33, down 38.94 against 41.46 (n128 k256 w8 sk4); qkv and o stay on the tilings above.
+    *(dataclasses.replace(c, decode_ahead=True) for c in (
+        QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
+        QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=2, bf16_pairs=True, weight_b=True),
+        QuantGemmConfig(block_n=128, block_k=256, num_warps=8, num_stages=3, split_k=4, bf16_pairs=True,
+                        weight_b=True),
+        QuantGemmConfig(block_n=128, block_k=128, num_warps=4, num_stages=3, bf16_pairs=True, weight_b=True))),
 )
 
 # `dequantize`'s tile (rows, weights along K, warps). Prefill's dequantize-then-cuBLAS writes a
@@ -233,17 +247,6 @@ DEQUANTIZE_HAND_ROUND = False
 WEIGHT_B_CANDIDATES: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=128, block_k=128, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
     QuantGemmConfig(block_n=128, block_k=128, num_warps=8, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
-    # The start-up `weight_b` tilings with the next tile decoded behind this one's dot: not yet timed.
-    *(dataclasses.replace(c, decode_ahead=True) for c in DEFAULT_CONFIGS if c.weight_b),
-    # K tiles of 64 inside a group of 128: a third of the shared memory and registers of the 128-wide
-    # tiles, so 3-6 programs (12-24 warps) share an SM instead of 2 (8 warps; sm_90 cubins compiled
-    # without a GPU); the 64-row int4 tiles are bound by latency, not issue. Not yet timed.
-    QuantGemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=3, bf16_pairs=True, weight_b=True),
-    QuantGemmConfig(block_n=128, block_k=64, num_warps=4, num_stages=4, bf16_pairs=True, weight_b=True),
-    QuantGemmConfig(block_n=128, block_k=64, num_warps=8, num_stages=3, bf16_pairs=True, weight_b=True),
-    QuantGemmConfig(block_n=256, block_k=64, num_warps=8, num_stages=3, bf16_pairs=True, weight_b=True),
-    QuantGemmConfig(block_n=64, block_k=64, num_warps=4, num_stages=3, split_k=2, bf16_pairs=True, weight_b=True),
-    QuantGemmConfig(block_n=64, block_k=64, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
 )
 
 
@@ -507,8 +510,10 @@ if HAVE_TRITON:
         Here the codes are decoded in the load's own layout (8-byte shared-memory loads) and
         stored once for wgmma (16-byte stores). The group scales and zeros (2-byte loads, which
         the pipeliner does not stage) are loaded a tile ahead, to hide their latency behind a tile.
-        DECODE_AHEAD (int4): the loop issues tile i's dot, then decodes tile i + 1 (not yet timed on
-        a GPU; `decode_ahead` tilings)."""
+        DECODE_AHEAD (int4, `decode_ahead` tilings): the loop issues tile i's dot, then decodes tile
+        i + 1, whose codes come into registers by plain loads a tile ahead (Triton 3.6 still waits
+        for each wgmma before the decode: the gain is the codes' shared-memory round trip and barrier,
+        ~4% on Llama-3-8B's gate/up and 6% on down at 64 rows, H100)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
