@@ -43,8 +43,8 @@ weight tile's loop: 469 instructions and eight serialized HGMMAs (magic decode) 
 did not help: K tiles of 64 inside a group of 128 (12-24 warps an SM instead of 8) were slower on
 every Llama-3-8B shape at 64 rows (gate/up 74.1 against 64.8 us, H100), so the tiles are bound
 by each program's serial chain (load, decode, store, fence, wgmma, wait), not by occupancy.
-Under PDL (`pdl`) the GEMV loads its first weight tile(s) before waiting for the previous kernel. For a [gate; up] projection every tiling can end in the 16-bit GEMM's
-SiLU * up epilogue (`triton_gemm.store_tile`; a tile reads matching gate and up rows),
+Under PDL (`pdl`) the GEMV loads its first weight tile(s) before waiting for the previous kernel.
+For a [gate; up] projection every tiling can end in the 16-bit GEMM's SiLU * up epilogue (`triton_gemm.store_tile`; a tile reads matching gate and up rows),
 saving the element-wise launch after each MLP's GEMM. The twin is `quant_gemm_reference`
 (dequantize, then `F.linear`); the dispatch table in `linear_dispatch` times these tilings
 against dequantize-then-cuBLAS per shape and M.
@@ -539,8 +539,9 @@ if HAVE_TRITON:
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         k_end = tl.minimum(K, k_start + k_per_split)
         if DECODE_AHEAD and INT4:
-            # The tile after this one is decoded after this one's dot is issued, so the decode (CUDA
-            # cores) has the asynchronous wgmma to overlap; the first tile before the loop.
+            # The tile after this one is decoded after this one's dot is issued, its codes loaded into
+            # registers a tile ahead (plain loads, no shared-memory round trip); the first tile before
+            # the loop. Triton 3.6 waits for the wgmma before the decode all the same (sm_90 SASS).
             w = _int4_tile(_load_codes(q_ptr, rows, stride_qn, k_start, K, BLOCK_K, INT4, PAIRS),
                            scale_next[:, :, None], zero_next[:, :, None], BLOCK_N, BLOCK_K, TILE_GROUP, PAIRS, MAGIC,
                            ASM)
