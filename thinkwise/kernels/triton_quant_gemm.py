@@ -44,8 +44,9 @@ did not help: K tiles of 64 inside a group of 128 (12-24 warps an SM instead of 
 every Llama-3-8B shape at 64 rows (gate/up 74.1 against 64.8 us, H100), so the tiles are bound
 by each program's serial chain (load, decode, store, fence, wgmma, wait), not by occupancy.
 Under PDL (`pdl`) the GEMV loads its first weight tile(s) before waiting for the previous kernel.
-For a [gate; up] projection every tiling can end in the 16-bit GEMM's SiLU * up epilogue (`triton_gemm.store_tile`; a tile reads matching gate and up rows),
-saving the element-wise launch after each MLP's GEMM. The twin is `quant_gemm_reference`
+For a [gate; up] projection every tiling can end in the 16-bit GEMM's SiLU * up epilogue
+(`triton_gemm.store_tile`; a tile reads matching gate and up rows), saving the element-wise
+launch after each MLP's GEMM. The twin is `quant_gemm_reference`
 (dequantize, then `F.linear`); the dispatch table in `linear_dispatch` times these tilings
 against dequantize-then-cuBLAS per shape and M.
 
