@@ -221,7 +221,8 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     # The same four decoding the next weight tile after issuing this one's dot (`decode_ahead`: the
     # codes come a tile ahead into registers by plain loads). Llama-3-8B int4-g128 at 64 rows on an
     # H100 (gpu_quant_gemm_int4_b64_decode_ahead_h100-20261207.json): gate/up 64.77 us against
-    # 66.33, down 38.94 against 41.46 (n128 k256 w8 sk4); qkv and o stay on the tilings above.
+    # 66.33, down 38.94 against 41.46 (n128 k256 w8 sk4); that H100's start-up table then took them
+    # for o, gate/up and down at 17-64 rows and the plain ones for qkv.
     *(dataclasses.replace(c, decode_ahead=True) for c in (
         QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=4, bf16_pairs=True, weight_b=True),
         QuantGemmConfig(block_n=64, block_k=128, num_warps=4, num_stages=3, split_k=2, bf16_pairs=True, weight_b=True),
