@@ -27,7 +27,7 @@ from thinkwise.kernels.linear_methods import parse_quantization
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("shape", nargs="?", default="qwen3-0.6b", choices=sorted(SHAPES))
 parser.add_argument("--quantization", default="none", help="weights quantized on load: none, int8, int4, ...")
-parser.add_argument("--cprofile", action="store_true", help="also print the top host functions of the timed steps")
+parser.add_argument("--cprofile", action="store_true", help="then profile 30 more steps and print their top host functions")
 args = parser.parse_args()
 shape_name = args.shape
 try:  # before the GPU check and the model building: a typo fails at once
