@@ -126,10 +126,7 @@ class FusingMethod(LinearMethod):
         return self.fused
 
 
-def test_forward_gated_asks_the_method_first_and_honours_the_switch(monkeypatch):
-    # The switch is process-wide and the last engine built sets it (an earlier test may have built
-    # one with THINKWISE_GEMM_EPILOGUE=0): on here, whatever ran before, and restored after.
-    monkeypatch.setattr(linear_dispatch, "_epilogue_fusion", True)
+def test_forward_gated_asks_the_method_first_and_honours_the_switch():
     layer = DispatchLinear(8, 16, bias=False)
     x = torch.randn(2, 8)
     marker = torch.full((2, 8), 7.0)
