@@ -32,13 +32,10 @@ def kernel_switches_restored():
     """The kernels' process-wide switches are set by the last engine built (`kernel_settings`): a
     test that builds one with other settings (THINKWISE_GEMM_EPILOGUE=0, pdl=False, ...) must not
     leave them changed for the tests after it, which then passed or failed by order."""
-    from thinkwise.kernels import cpu_quant_gemm, fused, linear_dispatch, paged_attention, pdl
+    from thinkwise.engine.kernel_settings import kernel_settings_kept
 
-    saved = (paged_attention.ATTENTION_BACKEND, fused.FUSED, linear_dispatch._epilogue_fusion, pdl._enabled,
-             pdl._max_rows, cpu_quant_gemm._prefetch_mib)
-    yield
-    (paged_attention.ATTENTION_BACKEND, fused.FUSED, linear_dispatch._epilogue_fusion, pdl._enabled, pdl._max_rows,
-     cpu_quant_gemm._prefetch_mib) = saved
+    with kernel_settings_kept():
+        yield
 
 
 @pytest.fixture(scope="session", params=ARCHITECTURES)

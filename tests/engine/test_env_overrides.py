@@ -14,14 +14,26 @@ from thinkwise.kernels import linear_dispatch, paged_attention, pdl
 
 @pytest.fixture(autouse=True)
 def clean_environment(monkeypatch):
+    # The kernel settings these tests' engines hand out are put back by conftest's
+    # `kernel_switches_restored` (kernel_settings.kernel_settings_kept).
     for name in ENV_OVERRIDES:
         monkeypatch.delenv(name, raising=False)
-    yield
-    # Kernel settings are process-wide: leave the defaults for the tests that follow.
-    from thinkwise.engine.kernel_settings import apply_kernel_settings
 
-    monkeypatch.undo()
-    apply_kernel_settings(EngineConfig())
+
+def test_kernel_settings_kept_puts_back_every_setting_an_engine_hands_out():
+    from thinkwise.engine.kernel_settings import apply_kernel_settings, kernel_settings_kept
+    from thinkwise.kernels import cpu_quant_gemm, fused
+
+    def now():
+        return (paged_attention.ATTENTION_BACKEND, fused.FUSED, linear_dispatch.epilogue_fusion_enabled(),
+                pdl.enabled(), pdl.max_rows(), cpu_quant_gemm.weight_prefetch_mib())
+
+    before = now()
+    with kernel_settings_kept():
+        apply_kernel_settings(EngineConfig(attention_backend="torch", fused_kernels=False, gemm_epilogue_fusion=False,
+                                           pdl=False, pdl_max_rows=3, cpu_weight_prefetch_mib=1.0))
+        assert now() == ("torch", False, False, False, 3, 1.0)  # every one changed, so each restore is seen
+    assert now() == before
 
 
 def test_every_override_names_a_config_field():

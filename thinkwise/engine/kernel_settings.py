@@ -7,6 +7,9 @@ or captures graphs; the last engine built in a process decides them.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from thinkwise.engine.config import EngineConfig
 from thinkwise.kernels import cpu_quant_gemm, linear_dispatch, paged_attention, pdl
 
@@ -20,3 +23,22 @@ def apply_kernel_settings(config: EngineConfig) -> None:
     linear_dispatch.set_epilogue_fusion(config.gemm_epilogue_fusion)
     pdl.configure(enabled=config.pdl, max_rows=config.pdl_max_rows)
     cpu_quant_gemm.set_weight_prefetch(config.cpu_weight_prefetch_mib)
+
+
+@contextmanager
+def kernel_settings_kept() -> Iterator[None]:
+    """Puts back, on exit, every setting `apply_kernel_settings` hands out, through the same
+    setters (for tests: an engine built inside with other knobs must not change the next test's)."""
+    from thinkwise.kernels import fused
+
+    saved = (paged_attention.ATTENTION_BACKEND, fused.FUSED, linear_dispatch.epilogue_fusion_enabled(), pdl.enabled(),
+             pdl.max_rows(), cpu_quant_gemm.weight_prefetch_mib())
+    try:
+        yield
+    finally:
+        backend, fused_on, epilogue, pdl_on, pdl_rows, prefetch = saved
+        paged_attention.set_attention_backend(backend)
+        fused.set_fused_kernels(fused_on)
+        linear_dispatch.set_epilogue_fusion(epilogue)
+        pdl.configure(enabled=pdl_on, max_rows=pdl_rows)
+        cpu_quant_gemm.set_weight_prefetch(prefetch)
