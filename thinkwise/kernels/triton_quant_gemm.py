@@ -487,6 +487,12 @@ if HAVE_TRITON:
                     partial_ptr, counter_ptr, HAS_BIAS, BLOCK_M, BLOCK_N, EPILOGUE)
 
     @triton.jit
+    def _group_params(s_ptrs, z_ptrs, g, offs_g, K, GROUP: tl.constexpr):
+        """The scales and zeros of groups g + offs_g of a tile's rows (groups past K's: 0)."""
+        ok = (g + offs_g < K // GROUP)[None, :]
+        return tl.load(s_ptrs + g, mask=ok, other=0.0), tl.load(z_ptrs + g, mask=ok, other=0.0)
+
+    @triton.jit
     def _wb_dot(x, w, acc, IEEE: tl.constexpr):
         """acc + x @ w^T, the dequantized weights rounded to x's dtype (fp32 x: IEEE products)."""
         if IEEE:
@@ -532,9 +538,7 @@ if HAVE_TRITON:
         s_ptrs = scale_ptr + rows[:, None] * stride_sn + offs_g[None, :]
         z_ptrs = zero_ptr + rows[:, None] * stride_sn + offs_g[None, :]
         if INT4:  # the first tile's scales and zeros: weights, so read before PDL's wait
-            g_first = k_start // GROUP
-            scale_next = tl.load(s_ptrs + g_first, mask=(g_first + offs_g < K // GROUP)[None, :], other=0.0)
-            zero_next = tl.load(z_ptrs + g_first, mask=(g_first + offs_g < K // GROUP)[None, :], other=0.0)
+            scale_next, zero_next = _group_params(s_ptrs, z_ptrs, k_start // GROUP, offs_g, K, GROUP)
         if PDL:  # x is the previous kernel's output
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -547,9 +551,7 @@ if HAVE_TRITON:
             w = _int4_tile(_load_codes(q_ptr, rows, stride_qn, k_start, K, BLOCK_K, INT4, PAIRS),
                            scale_next[:, :, None], zero_next[:, :, None], BLOCK_N, BLOCK_K, TILE_GROUP, PAIRS, MAGIC,
                            ASM)
-            g_next = (k_start + BLOCK_K) // GROUP
-            scale_next = tl.load(s_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
-            zero_next = tl.load(z_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
+            scale_next, zero_next = _group_params(s_ptrs, z_ptrs, (k_start + BLOCK_K) // GROUP, offs_g, K, GROUP)
             for k in range(k_start, k_end, BLOCK_K):
                 kk = k + tl.arange(0, BLOCK_K)
                 x = tl.load(x_ptrs + kk[None, :], mask=(kk < K)[None, :], other=0.0)
@@ -558,9 +560,7 @@ if HAVE_TRITON:
                 acc = _wb_dot(x, w, acc, IEEE)
                 scale = scale_next[:, :, None]
                 zero = zero_next[:, :, None]
-                g_next = (k + 2 * BLOCK_K) // GROUP
-                scale_next = tl.load(s_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
-                zero_next = tl.load(z_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
+                scale_next, zero_next = _group_params(s_ptrs, z_ptrs, (k + 2 * BLOCK_K) // GROUP, offs_g, K, GROUP)
                 w = _int4_tile(codes, scale, zero, BLOCK_N, BLOCK_K, TILE_GROUP, PAIRS, MAGIC, ASM)
         else:
             for k in range(k_start, k_end, BLOCK_K):
@@ -568,9 +568,8 @@ if HAVE_TRITON:
                 if INT4:
                     scale = scale_next[:, :, None]
                     zero = zero_next[:, :, None]
-                    g_next = (k + BLOCK_K) // GROUP  # the next tile's (past the end: masked, or unused)
-                    scale_next = tl.load(s_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
-                    zero_next = tl.load(z_ptrs + g_next, mask=(g_next + offs_g < K // GROUP)[None, :], other=0.0)
+                    # the next tile's (past the end: masked, or unused)
+                    scale_next, zero_next = _group_params(s_ptrs, z_ptrs, (k + BLOCK_K) // GROUP, offs_g, K, GROUP)
                     w = _int4_tile(codes, scale, zero, BLOCK_N, BLOCK_K, TILE_GROUP, PAIRS, MAGIC, ASM)
                 else:
                     w = _signed_byte(codes, MAGIC)
