@@ -178,6 +178,13 @@ def test_quant_gemm_refuses_an_unknown_projection(value):
     assert "gate_up" in done.stderr  # the error lists the choices
 
 
+@pytest.mark.parametrize("value", ["weightb", "wide;rm -rf /", ""])
+def test_quant_gemm_refuses_an_unknown_sweep(value):
+    done = subprocess.run([sys.executable, "benchmarks/gpu_quant_gemm.py", "--sweep", value], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "invalid choice" in done.stderr and "Traceback" not in done.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the script would run")
 def test_quant_gemm_takes_known_projections_to_the_gpu_check():
     done = subprocess.run([sys.executable, "benchmarks/gpu_quant_gemm.py", "--projections", "qkv, gate_up"], cwd=ROOT,
