@@ -149,6 +149,8 @@ def main() -> None:
                     for config in configs:
                         if (config.word_sums or config.half2 or config.bf16_pairs) and method == "int8":
                             continue  # an int4-only variant
+                        if config.x_quads and method != "int8":
+                            continue  # an int8-only variant
                         if rows > config.max_rows or (not config.use_dot and rows > tq.GEMV_MAX_ROWS):
                             continue
                         if config.use_dot and rows <= tq.GEMV_MAX_ROWS and config not in tq.DEFAULT_CONFIGS:

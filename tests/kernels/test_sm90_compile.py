@@ -88,14 +88,17 @@ QUANT_PATHS = [(False, True, "plain"), (False, True, "x_pairs"), (True, True, "p
                # the fused SiLU * up epilogue ([gate; up] layers)
                (False, True, "plain_silu"), (True, True, "half2_silu"), (False, False, "plain_silu"),
                (True, False, "pairs_silu"), (False, False, "split_k_silu"),
-               (False, True, "plain_prefetch2"), (True, True, "x_pairs_prefetch2")]
+               (False, True, "plain_prefetch2"), (True, True, "x_pairs_prefetch2"),
+               # int8 x as 64-bit quads in the codes' layout (plain, two tiles ahead, SiLU * up)
+               (False, True, "x_quads"), (False, True, "x_quads_prefetch2"), (False, True, "x_quads_silu")]
 
 
 def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
     from thinkwise.kernels import triton_int4_half2 as half2
     from thinkwise.kernels import triton_quant_gemm as tqg
 
-    types = {"x_ptr": "*i32" if variant.startswith(("x_pairs", "half2")) else "*bf16", "w_ptr": "*i32", "q_ptr": "*u8" if int4 else "*i8",
+    types = {"x_ptr": "*i64" if variant.startswith("x_quads") else
+             "*i32" if variant.startswith(("x_pairs", "half2")) else "*bf16", "w_ptr": "*i32", "q_ptr": "*u8" if int4 else "*i8",
              "scale_ptr": "*bf16", "zero_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
              "partial_ptr": "*fp32", "counter_ptr": "*i32"}
     silu = variant.endswith("_silu")
@@ -109,6 +112,7 @@ def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
         kernel = compile_for_sm90(tqg._quant_gemv_kernel, types, dict(common, BLOCK_K=1024,
                                                                       X_PAIRS=variant.startswith("x_pairs"),
                                                                       WORD_SUMS=variant == "word_sums",
+                                                                      X_QUADS=variant.startswith("x_quads"),
                                                                       PREFETCH=2 if variant.endswith("prefetch2") else 1))
     else:
         kernel = compile_for_sm90(tqg._quant_gemm_kernel, types, dict(common, BLOCK_M=16, BLOCK_K=128, IEEE=False,

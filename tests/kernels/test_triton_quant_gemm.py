@@ -33,6 +33,8 @@ SMALL_CONFIGS = [
     QuantGemmConfig(block_n=16, block_k=32, use_dot=False, max_rows=4, half2=True),
     QuantGemmConfig(block_n=16, block_k=32, use_dot=False, max_rows=4, prefetch=2),  # two weight tiles in flight
     QuantGemmConfig(block_n=8, block_k=64, use_dot=False, max_rows=4, x_pairs=True, prefetch=2),
+    QuantGemmConfig(block_n=8, block_k=64, use_dot=False, max_rows=4, x_quads=True),  # int8, bf16 x: 64-bit quads
+    QuantGemmConfig(block_n=4, block_k=128, use_dot=False, max_rows=4, x_quads=True, prefetch=2),
     QuantGemmConfig(block_n=16, block_k=64, weight_b=True),  # x @ W^T: the weights as the dot's B operand
     QuantGemmConfig(block_n=32, block_k=32, magic_decode=True, split_k=2, weight_b=True),
 ]

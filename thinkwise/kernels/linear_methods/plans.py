@@ -100,6 +100,8 @@ def quant_candidates(layer, rows: int, q, scales, zeros, group: int) -> dict[str
     for config in tq.DEFAULT_CONFIGS:
         if rows > config.max_rows or ((config.half2 or config.bf16_pairs) and zeros is None):  # int4-only decodes
             continue
+        if config.x_quads and zeros is not None:  # an int8-only x path (int4 would run the plain GEMV again)
+            continue
         if config.bf16_pairs and scales.dtype not in tq.PAIRS_DTYPES:  # a model in another dtype: a duplicate
             continue
         need = tq.workspace_size(rows, q.shape[0], q.shape[1] * (2 if zeros is not None else 1), group,
