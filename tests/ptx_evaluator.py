@@ -111,6 +111,9 @@ def run_ptx(asm: str, inputs: list[int], outputs: int) -> list[int]:
             for bit in range(32):
                 index = (((a[0] >> bit) & 1) << 2) | (((a[1] >> bit) & 1) << 1) | ((a[2] >> bit) & 1)
                 result |= ((lut >> index) & 1) << bit
+        elif op == "prmt.b32":  # default mode: byte i of d = byte (selector nibble i & 7) of {b, a}
+            pool = a[0] | (a[1] << 32)
+            result = sum(((pool >> (8 * ((a[2] >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
         elif op == "shr.u32":
             result = a[0] >> a[1]
         elif op == "shl.b32":

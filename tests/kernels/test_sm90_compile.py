@@ -113,6 +113,7 @@ def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
                                                                       X_PAIRS=variant.startswith("x_pairs"),
                                                                       WORD_SUMS=variant == "word_sums",
                                                                       X_QUADS=variant.startswith("x_quads"),
+                                                                      ASM=variant.startswith("x_quads"),
                                                                       PREFETCH=2 if variant.endswith("prefetch2") else 1))
     else:
         kernel = compile_for_sm90(tqg._quant_gemm_kernel, types, dict(common, BLOCK_M=16, BLOCK_K=128, IEEE=False,

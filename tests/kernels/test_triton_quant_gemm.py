@@ -256,6 +256,21 @@ def test_int4_word_to_bf16_ptx_every_code_in_every_nibble():
             assert bits == bf16_bits((codes[j] - 8) * scale + zero), (trial, j, bf16(bits))
 
 
+def test_int8_lane_prmt_every_code_in_every_byte():
+    """The x_quads GEMV's PTX decode, run by the evaluator: byte j of a sign-flipped word of
+    int8 codes, in the magic word's mantissa, is the float 2^23 + q + 128 (the kernel then
+    subtracts 2^23 + 128), for every code in every byte."""
+    rng = np.random.default_rng(0)
+    for trial in range(256 * 4):
+        codes = [int(c) for c in rng.integers(-128, 128, 4)]
+        codes[trial % 4] = trial // 4 - 128  # every code in every byte
+        word = sum((c & 0xFF) << (8 * j) for j, c in enumerate(codes))
+        flipped = word ^ 0x80808080
+        for j, asm in enumerate(tq.INT8_LANE_TO_F32):
+            (bits,) = run_ptx(asm, [flipped, tq.INT8_MAGIC_WORD], 1)
+            assert np.uint32(bits).view(np.float32) - np.float32(8388736.0) == codes[j], (trial, j)
+
+
 @needs_triton
 @pytest.mark.parametrize("weight_b", [False, True, "decode_ahead"])
 @pytest.mark.parametrize("split_k", [1, 3])
