@@ -113,7 +113,7 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     # The engine's tilings, the candidates waiting for their first GPU timing, and (wide) a grid.
     grid = [] if args.sweep == "default" else [c for c in wide_configs() if args.sweep == "wide" or c.weight_b]
-    configs = list(dict.fromkeys([*tq.DEFAULT_CONFIGS, *tq.WEIGHT_B_CANDIDATES, *grid]))
+    configs = list(dict.fromkeys([*tq.DEFAULT_CONFIGS, *tq.WEIGHT_B_CANDIDATES, *tq.INT8_GEMV_CANDIDATES, *grid]))
     rows_list = [int(r) for r in args.rows.split(",")]
     results = []
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")

@@ -266,6 +266,15 @@ WEIGHT_B_CANDIDATES: tuple[QuantGemmConfig, ...] = (
 # for the shift-mask-xor decode (`_decode_lane`).
 INT8_LANE_TO_F32 = tuple(f"prmt.b32 $0, $1, $2, {0x7650 + j:#x};" for j in range(4))
 INT8_MAGIC_WORD = 0x4B000000
+# More int8 `x_quads` GEMVs for the benchmarks' candidate runs (`gpu_quant_gemm.py`,
+# `gpu_throughput.py --candidate-tilings`), not yet timed on a GPU: fewer rows and longer K tiles,
+# since on an H100 the 4-row, 2048-byte tiles beat every wider x_quads tile on every Llama-3-8B
+# shape (shorter programs, each with more bytes in flight).
+INT8_GEMV_CANDIDATES: tuple[QuantGemmConfig, ...] = tuple(
+    QuantGemmConfig(block_n=n, block_k=k, num_warps=w, num_stages=2, use_dot=False, max_rows=4, x_quads=True,
+                    prefetch=p)
+    for n, k, w, p in ((4, 4096, 4, 1), (4, 4096, 8, 1), (2, 4096, 4, 1), (4, 2048, 4, 2), (2, 2048, 2, 1),
+                       (8, 2048, 8, 1), (8, 4096, 8, 1)))
 
 if HAVE_TRITON:
     _INT4_WORD_TO_BF16 = tl.constexpr(INT4_WORD_TO_BF16)
