@@ -56,6 +56,11 @@ def wide_configs() -> list[QuantGemmConfig]:
             for pairs, sums in ((False, False), (True, False), (False, True)):
                 configs.append(QuantGemmConfig(block_n, block_k, warps, 2, use_dot=False, max_rows=4, x_pairs=pairs,
                                                word_sums=sums))
+    # int8, x as 64-bit quads: short programs (few rows) with long K tiles, and two tiles ahead
+    for block_n, block_k, warps, ahead in ((4, 4096, 4, 1), (4, 4096, 8, 1), (2, 4096, 4, 1), (4, 2048, 4, 2),
+                                           (8, 4096, 8, 1), (2, 2048, 4, 1), (4, 2048, 8, 1)):
+        configs.append(QuantGemmConfig(block_n, block_k, warps, 2, use_dot=False, max_rows=4, x_quads=True,
+                                       prefetch=ahead))
     for block_n, block_k in ((8, 1024), (16, 2048), (32, 512), (64, 512), (64, 1024)):
         for warps in (4, 8):
             configs.append(QuantGemmConfig(block_n, block_k, warps, 2, use_dot=False, max_rows=4, half2=True))
@@ -113,7 +118,7 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     # The engine's tilings, the candidates waiting for their first GPU timing, and (wide) a grid.
     grid = [] if args.sweep == "default" else [c for c in wide_configs() if args.sweep == "wide" or c.weight_b]
-    configs = list(dict.fromkeys([*tq.DEFAULT_CONFIGS, *tq.WEIGHT_B_CANDIDATES, *tq.INT8_GEMV_CANDIDATES, *grid]))
+    configs = list(dict.fromkeys([*tq.DEFAULT_CONFIGS, *tq.WEIGHT_B_CANDIDATES, *grid]))
     rows_list = [int(r) for r in args.rows.split(",")]
     results = []
     print(f"{torch.cuda.get_device_name()}: copy bandwidth {bandwidth / 1e12:.2f} TB/s")

@@ -117,16 +117,15 @@ def main() -> None:
                              "gains or loses")
     parser.add_argument("--candidate-tilings", action="store_true",
                         help="also offer the quantized GEMM tilings not yet timed on a GPU "
-                             "(triton_quant_gemm.WEIGHT_B_CANDIDATES, INT8_GEMV_CANDIDATES) to the engine's "
-                             "start-up table, whose picks each row's gemm_dispatch records")
+                             "(triton_quant_gemm.WEIGHT_B_CANDIDATES) to the engine's start-up table, whose picks "
+                             "each row's gemm_dispatch records")
     add_output_arguments(parser, "gpu_throughput")
     args = parser.parse_args()
     require_cuda("gpu_throughput.py")
     if args.candidate_tilings:  # an A/B switch of this benchmark: the engine itself offers DEFAULT_CONFIGS only
         from thinkwise.kernels import triton_quant_gemm as tq
 
-        tq.DEFAULT_CONFIGS = tuple(dict.fromkeys([*tq.DEFAULT_CONFIGS, *tq.WEIGHT_B_CANDIDATES,
-                                                  *tq.INT8_GEMV_CANDIDATES]))
+        tq.DEFAULT_CONFIGS = tuple(dict.fromkeys([*tq.DEFAULT_CONFIGS, *tq.WEIGHT_B_CANDIDATES]))
     out = output_path(args, "gpu_throughput")
 
     from transformers import AutoModelForCausalLM

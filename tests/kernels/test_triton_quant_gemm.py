@@ -256,6 +256,29 @@ def test_int4_word_to_bf16_ptx_every_code_in_every_nibble():
             assert bits == bf16_bits((codes[j] - 8) * scale + zero), (trial, j, bf16(bits))
 
 
+@needs_triton
+def test_x_quads_tiles_fall_back_where_x_cannot_be_read_as_quads():
+    """An x_quads tiling on an x whose rows do not start on 8 bytes (a sliced view) or on int4
+    codes takes the plain path and still matches the twin."""
+    device = device_and_check()
+    config = QuantGemmConfig(block_n=8, block_k=64, use_dot=False, max_rows=4, x_quads=True)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 64, generator=g)
+    q, scales = quantize_int8(w, torch.bfloat16)
+    wide = torch.randn(2, 65, generator=g).bfloat16()
+    for x in (wide[:, 1:], wide[:, :64]):  # storage offset 1 (odd row stride too), then aligned start
+        assert tq._int64_quads_ok(x) is False
+        got = triton_quant_gemm(x.to(device), q.to(device), scales.to(device), None, None, 64, config)
+        want = quant_gemm_reference(x.double(), q, scales.double(), None, None, 64)
+        assert rel_error(got.cpu(), want) < 1e-2
+    codes, scales4, zeros = quantize_int4(w, 32, torch.bfloat16)
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    got = triton_quant_gemm(x.to(device), pack_int4(codes).to(device), scales4.to(device), zeros.to(device), None,
+                            32, config)
+    want = quant_gemm_reference(x.double(), pack_int4(codes), scales4.double(), zeros.double(), None, 32)
+    assert rel_error(got.cpu(), want) < 1e-2
+
+
 def test_int8_lane_prmt_every_code_in_every_byte():
     """The x_quads GEMV's PTX decode, run by the evaluator: byte j of a sign-flipped word of
     int8 codes, in the magic word's mantissa, is the float 2^23 + q + 128 (the kernel then

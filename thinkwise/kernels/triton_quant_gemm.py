@@ -194,12 +194,15 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=8, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4, x_pairs=True,
                     prefetch=2),
     QuantGemmConfig(block_n=8, block_k=1024, num_warps=8, num_stages=2, use_dot=False, max_rows=4, prefetch=2),
-    # int8 with x read as 64-bit quads in the codes' own layout (`x_quads`): the shapes of the
-    # int8 winners above, whose x moved through shared memory behind barriers every iteration.
+    # int8 with x read as 64-bit quads in the codes' own layout (`x_quads`): first the shapes of
+    # the int8 winners above (whose x moved through shared memory behind barriers every iteration),
+    # then two shorter ones that won in a second H100 run (gpu_quant_gemm_int8_candidates_b1_h100-
+    # 20261208.json: qkv 10.10 us with 2 rows x 2048, o 7.00 with 8 x 2048; K tiles of 4096 and
+    # two tiles ahead were slower on every Llama-3-8B shape and stay in the wide sweep).
     *(QuantGemmConfig(block_n=n, block_k=k, num_warps=w, num_stages=2, use_dot=False, max_rows=4, x_quads=True,
                       prefetch=p)
       for n, k, w, p in ((16, 512, 4, 1), (8, 1024, 8, 1), (32, 256, 4, 1), (8, 512, 4, 1), (8, 512, 4, 2),
-                         (4, 2048, 4, 1), (16, 1024, 8, 1), (4, 1024, 4, 2))),
+                         (4, 2048, 4, 1), (16, 1024, 8, 1), (4, 1024, 4, 2), (2, 2048, 2, 1), (8, 2048, 8, 1))),
     QuantGemmConfig(block_n=16, block_k=1024, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
     QuantGemmConfig(block_n=32, block_k=1024, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
     QuantGemmConfig(block_n=16, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
@@ -266,16 +269,6 @@ WEIGHT_B_CANDIDATES: tuple[QuantGemmConfig, ...] = (
 # for the shift-mask-xor decode (`_decode_lane`).
 INT8_LANE_TO_F32 = tuple(f"prmt.b32 $0, $1, $2, {0x7650 + j:#x};" for j in range(4))
 INT8_MAGIC_WORD = 0x4B000000
-# More int8 `x_quads` GEMVs for the benchmarks' candidate runs (`gpu_quant_gemm.py`,
-# `gpu_throughput.py --candidate-tilings`), not yet timed on a GPU: fewer rows and longer K tiles,
-# since on an H100 the 4-row, 2048-byte tiles beat every wider x_quads tile on every Llama-3-8B
-# shape (shorter programs, each with more bytes in flight).
-INT8_GEMV_CANDIDATES: tuple[QuantGemmConfig, ...] = tuple(
-    QuantGemmConfig(block_n=n, block_k=k, num_warps=w, num_stages=2, use_dot=False, max_rows=4, x_quads=True,
-                    prefetch=p)
-    for n, k, w, p in ((4, 4096, 4, 1), (4, 4096, 8, 1), (2, 4096, 4, 1), (4, 2048, 4, 2), (2, 2048, 2, 1),
-                       (8, 2048, 8, 1), (8, 4096, 8, 1)))
-
 if HAVE_TRITON:
     _INT4_WORD_TO_BF16 = tl.constexpr(INT4_WORD_TO_BF16)
     _INT8_LANE0, _INT8_LANE1, _INT8_LANE2, _INT8_LANE3 = (tl.constexpr(asm) for asm in INT8_LANE_TO_F32)
