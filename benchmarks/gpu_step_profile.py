@@ -1,6 +1,12 @@
 """Where a decode step's time goes on the GPU: scheduling, the forward (graph), sampling, bookkeeping.
 
     python benchmarks/gpu_step_profile.py [--shape llama3-8b] [--batch 64] [--quantization int8] [--kernels]
+        [--linears]
+
+`--linears` also captures a graph of only the step's linear layers (each layer's q/k/v, o,
+gate/up with its SiLU * up, and down projections, then the LM head, on fixed inputs of the
+batch's rows) and prints its replay time beside the whole graph's: how much of a step the
+weight reads take and how much everything else adds.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ def main() -> None:
     parser.add_argument("--cprofile", action="store_true", help="print the top host functions of the timed steps")
     parser.add_argument("--kernels", action="store_true", help="print the GPU kernels of one graph replay")
     parser.add_argument("--quantization", default="none", help="weights quantized on load: none, int8, int4, ...")
+    parser.add_argument("--linears", action="store_true",
+                        help="also time a graph of only the linear layers (the weight reads of a step)")
     args = parser.parse_args()
     try:  # before the GPU check and the minutes of model building: a typo fails at once
         parse_quantization(args.quantization)
@@ -120,6 +128,8 @@ def main() -> None:
         end.record()
         torch.cuda.synchronize()
         print(f"graph replay alone: {begin.elapsed_time(end) / 32:.3f} ms")
+        if args.linears:
+            print(f"graph of the linear layers alone: {linear_graph_ms(runner.model, config, args.batch):.3f} ms")
         if args.kernels:
             from torch.profiler import ProfilerActivity, profile
 
@@ -133,6 +143,51 @@ def main() -> None:
           f"{args.batch * args.steps / total:.0f} tok/s decode-only; per step: "
           + ", ".join(f"{k} {1e3 * v / args.steps:.2f} ms" for k, v in timings.items()))
     print("graphs captured:", sorted(runner.graph_decoder.graphs))
+
+
+def linear_chain(model, config, rows: int, device: torch.device, dtype: torch.dtype = torch.bfloat16):
+    """A callable running only the model's linear layers in step order (each layer's q/k/v, o,
+    gate/up with SiLU * up, down; then the LM head) on fixed random inputs of `rows` rows,
+    returning their outputs."""
+    hidden = torch.randn(rows, config.hidden_size, device=device, dtype=dtype)
+    heads = torch.randn(rows, model.layers[0].self_attn.q_size, device=device, dtype=dtype)
+    inner = torch.randn(rows, config.intermediate_size, device=device, dtype=dtype)
+
+    def chain() -> list[torch.Tensor]:
+        outs = []
+        for layer in model.layers:
+            outs.append(layer.self_attn.qkv_proj(hidden))
+            outs.append(layer.self_attn.o_proj(heads))
+            outs.append(layer.mlp.gate_up_proj.forward_gated(hidden, "silu"))
+            outs.append(layer.mlp.down_proj(inner))
+        outs.append(model.lm_head(hidden))
+        return outs
+
+    return chain
+
+
+def linear_graph_ms(model, config, rows: int) -> float:
+    """GPU ms of one replay of a CUDA graph holding only `linear_chain` (launched as the engine
+    launches them, PDL included): the step's weight reads without its norms, attention and sampling."""
+    device = torch.device("cuda")
+    chain = linear_chain(model, config, rows, device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side), torch.inference_mode():
+        chain()  # warm-up outside the graph (allocator, lazy compiles)
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        chain()
+    for _ in range(3):
+        graph.replay()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(32):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / 32
 
 
 if __name__ == "__main__":
