@@ -375,7 +375,7 @@ if HAVE_TRITON:
         instead, x comes in another layout and every iteration moved it through shared memory
         behind eight barriers (sm_90 SASS, Triton 3.6: 5.3 instead of 6.6 instructions a
         weight for 8 x 1024 tiles, and no barrier in the loop). With ASM its codes are decoded
-        by `prmt` (INT8_LANE_TO_F32): 4.4 a weight for 8 x 1024, 3.9 for 32 x 256 (from 5.0)."""
+        by `prmt` (INT8_LANE_TO_F32): 4.8 a weight for 8 x 1024, 4.0 for 32 x 256 (from 6.0)."""
         row = tl.program_id(0)
         pid_n = tl.program_id(1)
         rows = tile_rows(pid_n, N, BLOCK_N, EPILOGUE)
