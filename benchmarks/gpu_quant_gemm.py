@@ -56,9 +56,11 @@ def wide_configs() -> list[QuantGemmConfig]:
             for pairs, sums in ((False, False), (True, False), (False, True)):
                 configs.append(QuantGemmConfig(block_n, block_k, warps, 2, use_dot=False, max_rows=4, x_pairs=pairs,
                                                word_sums=sums))
-    # int8, x as 64-bit quads: short programs (few rows) with long K tiles, and two tiles ahead
-    for block_n, block_k, warps, ahead in ((4, 4096, 4, 1), (4, 4096, 8, 1), (2, 4096, 4, 1), (4, 2048, 4, 2),
-                                           (8, 4096, 8, 1), (2, 2048, 4, 1), (4, 2048, 8, 1)):
+    # int8, x as 64-bit quads: the other int8 GEMV shapes, short programs (few rows) with long K
+    # tiles, and two tiles ahead
+    for block_n, block_k, warps, ahead in ((8, 1024, 8, 1), (32, 256, 4, 1), (8, 512, 4, 2), (16, 1024, 8, 1),
+                                           (4, 1024, 4, 2), (4, 4096, 4, 1), (4, 4096, 8, 1), (2, 4096, 4, 1),
+                                           (4, 2048, 4, 2), (8, 4096, 8, 1), (2, 2048, 4, 1), (4, 2048, 8, 1)):
         configs.append(QuantGemmConfig(block_n, block_k, warps, 2, use_dot=False, max_rows=4, x_quads=True,
                                        prefetch=ahead))
     for block_n, block_k in ((8, 1024), (16, 2048), (32, 512), (64, 512), (64, 1024)):

@@ -194,15 +194,13 @@ DEFAULT_CONFIGS: tuple[QuantGemmConfig, ...] = (
     QuantGemmConfig(block_n=8, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4, x_pairs=True,
                     prefetch=2),
     QuantGemmConfig(block_n=8, block_k=1024, num_warps=8, num_stages=2, use_dot=False, max_rows=4, prefetch=2),
-    # int8 with x read as 64-bit quads in the codes' own layout (`x_quads`): first the shapes of
-    # the int8 winners above (whose x moved through shared memory behind barriers every iteration),
-    # then two shorter ones that won in a second H100 run (gpu_quant_gemm_int8_candidates_b1_h100-
-    # 20261208.json: qkv 10.10 us with 2 rows x 2048, o 7.00 with 8 x 2048; K tiles of 4096 and
-    # two tiles ahead were slower on every Llama-3-8B shape and stay in the wide sweep).
-    *(QuantGemmConfig(block_n=n, block_k=k, num_warps=w, num_stages=2, use_dot=False, max_rows=4, x_quads=True,
-                      prefetch=p)
-      for n, k, w, p in ((16, 512, 4, 1), (8, 1024, 8, 1), (32, 256, 4, 1), (8, 512, 4, 1), (8, 512, 4, 2),
-                         (4, 2048, 4, 1), (16, 1024, 8, 1), (4, 1024, 4, 2), (2, 2048, 2, 1), (8, 2048, 8, 1))),
+    # int8 with x read as 64-bit quads in the codes' own layout (`x_quads`; the tiles above moved x
+    # through shared memory behind barriers every iteration): the best at one row of some Llama-3-8B
+    # or Qwen3-0.6B shape in two H100 runs (gpu_quant_gemm_int8_{xquads,candidates}_b1_h100-
+    # 20261208.json; x_quads copies of the other int8 GEMVs above, K tiles of 4096 and two tiles
+    # ahead were second or worse everywhere and are in the wide sweep only).
+    *(QuantGemmConfig(block_n=n, block_k=k, num_warps=w, num_stages=2, use_dot=False, max_rows=4, x_quads=True)
+      for n, k, w in ((16, 512, 4), (8, 512, 4), (4, 2048, 4), (2, 2048, 2), (8, 2048, 8))),
     QuantGemmConfig(block_n=16, block_k=1024, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
     QuantGemmConfig(block_n=32, block_k=1024, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
     QuantGemmConfig(block_n=16, block_k=512, num_warps=4, num_stages=2, use_dot=False, max_rows=4, half2=True),
