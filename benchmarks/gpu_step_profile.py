@@ -168,27 +168,12 @@ def linear_chain(model, config, rows: int, device: torch.device, dtype: torch.dt
 
 def linear_graph_ms(model, config, rows: int) -> float:
     """GPU ms of one replay of a CUDA graph holding only `linear_chain` (launched as the engine
-    launches them, PDL included): the step's weight reads without its norms, attention and sampling."""
-    device = torch.device("cuda")
-    chain = linear_chain(model, config, rows, device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side), torch.inference_mode():
-        chain()  # warm-up outside the graph (allocator, lazy compiles)
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.inference_mode(), torch.cuda.graph(graph):
-        chain()
-    for _ in range(3):
-        graph.replay()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(32):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return begin.elapsed_time(end) / 32
+    launches them, PDL included; the median of `cuda_graph_time_us`'s replays): the step's weight
+    reads without its norms, attention and sampling."""
+    from thinkwise.kernels.linear_dispatch import cuda_graph_time_us
 
+    with torch.inference_mode():
+        return cuda_graph_time_us([linear_chain(model, config, rows, torch.device("cuda"))]) / 1e3
 
 if __name__ == "__main__":
     main()
