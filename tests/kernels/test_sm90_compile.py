@@ -97,8 +97,9 @@ def quant_kernels(int4: bool, gemv: bool, variant: str) -> bool:
     from thinkwise.kernels import triton_int4_half2 as half2
     from thinkwise.kernels import triton_quant_gemm as tqg
 
-    types = {"x_ptr": "*i64" if variant.startswith("x_quads") else
-             "*i32" if variant.startswith(("x_pairs", "half2")) else "*bf16", "w_ptr": "*i32", "q_ptr": "*u8" if int4 else "*i8",
+    x_type = ("*i64" if variant.startswith("x_quads")
+              else "*i32" if variant.startswith(("x_pairs", "half2")) else "*bf16")
+    types = {"x_ptr": x_type, "w_ptr": "*i32", "q_ptr": "*u8" if int4 else "*i8",
              "scale_ptr": "*bf16", "zero_ptr": "*bf16", "bias_ptr": "*bf16", "out_ptr": "*bf16",
              "partial_ptr": "*fp32", "counter_ptr": "*i32"}
     silu = variant.endswith("_silu")

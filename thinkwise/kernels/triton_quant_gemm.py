@@ -157,8 +157,9 @@ class QuantGemmConfig:
 
     @property
     def name(self) -> str:
-        extra = (f"_sk{self.split_k}" if self.split_k > 1 else "") + ("_xp" if self.x_pairs else "") + ("_xq" if self.x_quads else "") + \
-            ("_mg" if self.magic_decode else "") + ("_ws" if self.word_sums else "") + \
+        extra = (f"_sk{self.split_k}" if self.split_k > 1 else "") + ("_xp" if self.x_pairs else "") + \
+            ("_xq" if self.x_quads else "") + ("_mg" if self.magic_decode else "") + \
+            ("_ws" if self.word_sums else "") + \
             ("_h2" if self.half2 else "") + ("_p2" if self.bf16_pairs else "") + \
             (f"_pf{self.prefetch}" if self.prefetch != 1 else "") + ("_wb" if self.weight_b else "") + \
             ("_da" if self.decode_ahead else "")
@@ -267,6 +268,7 @@ WEIGHT_B_CANDIDATES: tuple[QuantGemmConfig, ...] = (
 # for the shift-mask-xor decode (`_decode_lane`).
 INT8_LANE_TO_F32 = tuple(f"prmt.b32 $0, $1, $2, {0x7650 + j:#x};" for j in range(4))
 INT8_MAGIC_WORD = 0x4B000000
+
 if HAVE_TRITON:
     _INT4_WORD_TO_BF16 = tl.constexpr(INT4_WORD_TO_BF16)
     _INT8_LANE0, _INT8_LANE1, _INT8_LANE2, _INT8_LANE3 = (tl.constexpr(asm) for asm in INT8_LANE_TO_F32)
