@@ -271,7 +271,7 @@ INT8_MAGIC_WORD = 0x4B000000
 
 if HAVE_TRITON:
     _INT4_WORD_TO_BF16 = tl.constexpr(INT4_WORD_TO_BF16)
-    _INT8_LANE0, _INT8_LANE1, _INT8_LANE2, _INT8_LANE3 = (tl.constexpr(asm) for asm in INT8_LANE_TO_F32)
+    _INT8_LANES = tl.constexpr(INT8_LANE_TO_F32)
     _INT8_MAGIC_WORD = tl.constexpr(INT8_MAGIC_WORD)
 
     @triton.jit
@@ -318,18 +318,8 @@ if HAVE_TRITON:
         """Code j of every int32 word of int8 codes as an exact float32: by one `prmt` of the
         sign-flipped word (`flipped`, INT8_LANE_TO_F32) where PTX runs, else `_decode_lane`."""
         if ASM:
-            if j == 0:
-                bits = tl.inline_asm_elementwise(_INT8_LANE0, "=r,r,r", [flipped, magic], dtype=tl.int32,
-                                                 is_pure=True, pack=1)
-            elif j == 1:
-                bits = tl.inline_asm_elementwise(_INT8_LANE1, "=r,r,r", [flipped, magic], dtype=tl.int32,
-                                                 is_pure=True, pack=1)
-            elif j == 2:
-                bits = tl.inline_asm_elementwise(_INT8_LANE2, "=r,r,r", [flipped, magic], dtype=tl.int32,
-                                                 is_pure=True, pack=1)
-            else:
-                bits = tl.inline_asm_elementwise(_INT8_LANE3, "=r,r,r", [flipped, magic], dtype=tl.int32,
-                                                 is_pure=True, pack=1)
+            bits = tl.inline_asm_elementwise(_INT8_LANES[j], "=r,r,r", [flipped, magic], dtype=tl.int32, is_pure=True,
+                                             pack=1)
             value = bits.to(tl.float32, bitcast=True) - 8388736.0
         else:
             value = _decode_lane(words, j, False)
@@ -391,10 +381,11 @@ if HAVE_TRITON:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         x_row = x_ptr + row * stride_xm
-        x_quad = tl.zeros([BLOCK_N, 1], dtype=tl.int32) + offs_w[None, :]  # X_QUADS: word i's quad, every row
-        # The prmt's magic word as a value the compiler cannot fold (K >> 31 is 0 for any real K):
-        # folded, ptxas takes it as the immediate and re-materializes the byte selector per use.
-        magic = tl.zeros([BLOCK_N, WORDS], dtype=tl.int32) + (_INT8_MAGIC_WORD | (K >> 31))
+        if X_QUADS:
+            x_quad = tl.zeros([BLOCK_N, 1], dtype=tl.int32) + offs_w[None, :]  # word i's quad, every row
+            # The prmt's magic word as a value the compiler cannot fold (K >> 31 is 0 for any real K):
+            # folded, ptxas takes it as the immediate and re-materializes the byte selector per use.
+            magic = tl.zeros([BLOCK_N, WORDS], dtype=tl.int32) + (_INT8_MAGIC_WORD | (K >> 31))
         acc = tl.zeros([BLOCK_N, WORDS], dtype=tl.float32)
         for k in range(0, K, BLOCK_K):
             words = words_next
